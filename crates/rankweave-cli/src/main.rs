@@ -1,0 +1,4 @@
+//! The `rankweave` command.
+fn main() {
+    println!("rankweave");
+}

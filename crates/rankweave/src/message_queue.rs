@@ -1,0 +1,1 @@
+//! message_queue (to be built).

@@ -1,0 +1,3 @@
+//! Operating-system specifics behind small safe interfaces.
+
+pub mod shm;

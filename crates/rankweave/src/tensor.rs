@@ -1,0 +1,1 @@
+//! tensor (to be built).
