@@ -1,0 +1,157 @@
+//! Synchronization primitives shared by the shared-memory code: the one
+//! import point for atomics and the waiting strategy.
+//!
+//! Every atomic the shared-memory transport and the message queue use comes
+//! from [`atomic`], so a model-checking build (loom) can swap them in one
+//! place, the way crossbeam's `primitive::sync` does.
+//!
+//! Waiting ([`Backoff`]) goes through three stages, because ranks often
+//! outnumber cores (8 ranks on 2 cores must not crawl):
+//! 1. spin: about [`SPIN_LIMIT`] iterations with a CPU spin hint, for the
+//!    sub-microsecond case where the peer is running on another core;
+//! 2. yield: [`YIELD_LIMIT`] calls to `yield_now`, which hand the core to a
+//!    runnable peer sharing it;
+//! 3. sleep: intervals that double from [`SLEEP_MIN`] up to [`SLEEP_MAX`],
+//!    and up to [`IDLE_SLEEP_MAX`] once the wait has lasted [`LONG_IDLE`]
+//!    (an idle reader polling between requests costs almost nothing).
+//!
+//! Every wait is bounded by a deadline; callers turn an expired deadline into
+//! an [`Error::Timeout`](crate::Error::Timeout) that names the operation,
+//! the group and the late peer.
+
+use std::time::{Duration, Instant};
+
+/// The atomics the shared-memory code uses (one import point, see the module docs).
+pub(crate) mod atomic {
+    pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
+}
+
+/// Spin iterations before the first yield.
+pub(crate) const SPIN_LIMIT: u32 = 100;
+/// `yield_now` calls before the first sleep.
+pub(crate) const YIELD_LIMIT: u32 = 64;
+/// First sleep interval.
+pub(crate) const SLEEP_MIN: Duration = Duration::from_micros(8);
+/// Longest sleep interval during an ordinary wait.
+pub(crate) const SLEEP_MAX: Duration = Duration::from_millis(1);
+/// After waiting this long, the wait counts as idle and may sleep longer.
+pub(crate) const LONG_IDLE: Duration = Duration::from_secs(1);
+/// Longest sleep interval during an idle wait.
+pub(crate) const IDLE_SLEEP_MAX: Duration = Duration::from_millis(5);
+
+/// Progressive backoff for a polling wait: spin, then yield, then sleep.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    step: u32,
+    sleep: Duration,
+    started: Option<Instant>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backoff {
+    /// A fresh backoff at the spinning stage.
+    pub(crate) fn new() -> Self {
+        Backoff { step: 0, sleep: SLEEP_MIN, started: None }
+    }
+
+    /// True while still in the spinning stage (callers may skip the deadline
+    /// check there: it costs more than one spin).
+    #[inline]
+    pub(crate) fn is_spinning(&self) -> bool {
+        self.step < SPIN_LIMIT
+    }
+
+    /// Waits a little, longer with every call.
+    #[inline]
+    pub(crate) fn snooze(&mut self) {
+        if self.step < SPIN_LIMIT {
+            self.step += 1;
+            std::hint::spin_loop();
+            return;
+        }
+        self.snooze_slow();
+    }
+
+    #[cold]
+    fn snooze_slow(&mut self) {
+        if self.step < SPIN_LIMIT + YIELD_LIMIT {
+            if self.step == SPIN_LIMIT {
+                self.started = Some(Instant::now());
+            }
+            self.step += 1;
+            std::thread::yield_now();
+            return;
+        }
+        std::thread::sleep(self.sleep);
+        let cap = match self.started {
+            Some(t) if t.elapsed() >= LONG_IDLE => IDLE_SLEEP_MAX,
+            _ => SLEEP_MAX,
+        };
+        self.sleep = (self.sleep * 2).min(cap);
+    }
+}
+
+/// Polls `ready` with a [`Backoff`] until it returns true or `deadline`
+/// passes. Returns whether `ready` came true. `ready` is always tried at
+/// least once, even with a deadline in the past.
+#[inline]
+#[allow(dead_code)] // used by the message queue
+pub(crate) fn wait_until(deadline: Instant, mut ready: impl FnMut() -> bool) -> bool {
+    let mut backoff = Backoff::new();
+    loop {
+        if ready() {
+            return true;
+        }
+        if !backoff.is_spinning() && Instant::now() >= deadline {
+            return ready();
+        }
+        backoff.snooze();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn wait_until_sees_a_store_from_another_thread() {
+        let flag = Arc::new(atomic::AtomicU64::new(0));
+        let f2 = flag.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            f2.store(7, atomic::Ordering::Release);
+        });
+        let ok = wait_until(Instant::now() + Duration::from_secs(10), || flag.load(atomic::Ordering::Acquire) == 7);
+        assert!(ok);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn wait_until_gives_up_at_the_deadline() {
+        let start = Instant::now();
+        let ok = wait_until(start + Duration::from_millis(30), || false);
+        assert!(!ok);
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(30), "{waited:?}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+
+    #[test]
+    fn backoff_sleeps_grow_and_stay_capped() {
+        let mut b = Backoff::new();
+        for _ in 0..(SPIN_LIMIT + YIELD_LIMIT) {
+            b.snooze();
+        }
+        assert_eq!(b.sleep, SLEEP_MIN);
+        for _ in 0..12 {
+            b.snooze();
+        }
+        assert_eq!(b.sleep, SLEEP_MAX);
+    }
+}

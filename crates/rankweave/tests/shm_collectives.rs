@@ -1,0 +1,262 @@
+//! Shared-memory collectives with ranks as threads, checked against a
+//! straightforward reference on exactly representable data.
+
+use half::{bf16, f16};
+use rankweave::transport::shm::{ShmComm, ShmOptions};
+use rankweave::{DType, Error, HashStore, ReduceOp};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Small slots (two 2 KiB halves) so that a few thousand bytes already take
+/// several pipelined segments.
+fn small_opts() -> ShmOptions {
+    ShmOptions { slot_bytes: 4096, timeout: Duration::from_secs(20), ..Default::default() }
+}
+
+/// Runs `f` on `n` ranks (threads) sharing one communicator; returns their results in rank order.
+fn spawn<T: Send + 'static>(
+    n: usize,
+    opts: ShmOptions,
+    f: impl Fn(&mut ShmComm) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    static GROUP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let group = format!("test{}", GROUP.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let store = Arc::new(HashStore::new());
+    let f = Arc::new(f);
+    let handles: Vec<_> = (0..n)
+        .map(|r| {
+            let (store, f, opts, group) = (store.clone(), f.clone(), opts.clone(), group.clone());
+            std::thread::spawn(move || {
+                let mut comm = ShmComm::create(r, n, &group, &*store, "shm", &opts).expect("create");
+                f(&mut comm)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("rank panicked")).collect()
+}
+
+/// Value of element `i` on rank `r`: small integers so every reduction is exact.
+fn value(r: usize, i: usize, op: ReduceOp, dtype: DType) -> f64 {
+    if op == ReduceOp::Prod {
+        return (1 + (r + i) % 2) as f64;
+    }
+    let v = ((r * 3 + i * 5) % 4) as f64 + 1.0;
+    if dtype == DType::U8 {
+        v
+    } else {
+        v - 2.0
+    }
+}
+
+fn encode(dtype: DType, vals: &[f64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(vals.len() * dtype.size());
+    for &v in vals {
+        match dtype {
+            DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+            DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
+            DType::I8 => out.extend_from_slice(&(v as i8).to_le_bytes()),
+            DType::U8 => out.push(v as u8),
+            DType::I32 => out.extend_from_slice(&(v as i32).to_le_bytes()),
+            DType::I64 => out.extend_from_slice(&(v as i64).to_le_bytes()),
+        }
+    }
+    out
+}
+
+/// The expected result of reducing element `i` over `n` ranks.
+fn expected(n: usize, i: usize, op: ReduceOp, dtype: DType) -> Vec<u8> {
+    let vals: Vec<f64> = (0..n).map(|r| value(r, i, op, dtype)).collect();
+    let v = match op {
+        ReduceOp::Sum | ReduceOp::Avg => vals.iter().sum(),
+        ReduceOp::Prod => vals.iter().product(),
+        ReduceOp::Min => vals.iter().copied().fold(f64::INFINITY, f64::min),
+        ReduceOp::Max => vals.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    };
+    if op != ReduceOp::Avg {
+        return encode(dtype, &[v]);
+    }
+    let nf = n as f32;
+    match dtype {
+        DType::F32 => ((v as f32) / nf).to_le_bytes().to_vec(),
+        DType::F64 => (v / n as f64).to_le_bytes().to_vec(),
+        DType::F16 => f16::from_f32(v as f32 / nf).to_le_bytes().to_vec(),
+        DType::BF16 => bf16::from_f32(v as f32 / nf).to_le_bytes().to_vec(),
+        // Integers: truncating division.
+        _ => encode(dtype, &[((v as i64) / n as i64) as f64]),
+    }
+}
+
+const COUNTS: [usize; 6] = [0, 1, 7, 1000, 3001, 12];
+
+#[test]
+fn all_reduce_matches_reference_every_dtype_op_and_world_size() {
+    for n in 1..=6 {
+        let results = spawn(n, small_opts(), move |comm| {
+            let mut out = Vec::new();
+            for dtype in DType::ALL {
+                for op in ReduceOp::ALL {
+                    for count in COUNTS {
+                        let vals: Vec<f64> = (0..count).map(|i| value(comm.rank(), i, op, dtype)).collect();
+                        let mut buf = encode(dtype, &vals);
+                        comm.all_reduce(&mut buf, dtype, op).expect("all_reduce");
+                        out.push(buf);
+                    }
+                }
+            }
+            out
+        });
+        let mut k = 0;
+        for dtype in DType::ALL {
+            for op in ReduceOp::ALL {
+                for count in COUNTS {
+                    let want: Vec<u8> = (0..count).flat_map(|i| expected(n, i, op, dtype)).collect();
+                    for (r, res) in results.iter().enumerate() {
+                        assert!(
+                            res[k] == want,
+                            "n={n} {dtype} {op} count={count}: rank {r} differs from the reference"
+                        );
+                    }
+                    k += 1;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn all_reduce_large_buffer_with_default_slots_is_bitwise_identical() {
+    // Non-exact float data: ranks must still agree bit for bit.
+    let count = 700_001; // 2.8 MB of f32: two segments of 1 MiB and a tail.
+    let results = spawn(3, ShmOptions { timeout: Duration::from_secs(30), ..Default::default() }, move |comm| {
+        let r = comm.rank() as f32;
+        let vals: Vec<f32> = (0..count).map(|i| (i as f32 * 0.37 + r * 1.31).sin()).collect();
+        let mut buf = bytemuck::cast_slice::<f32, u8>(&vals).to_vec();
+        comm.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+        buf
+    });
+    assert!(results.iter().all(|b| *b == results[0]));
+    let got: &[f32] = bytemuck::cast_slice(&results[0]);
+    for i in [0, 1, 262_143, 262_144, 500_000, count - 1] {
+        // Same order as the communicator: rank 0 + rank 1, then + rank 2.
+        let x = |r: f32| (i as f32 * 0.37 + r * 1.31).sin();
+        assert_eq!(got[i], (x(0.0) + x(1.0)) + x(2.0), "element {i}");
+    }
+}
+
+#[test]
+fn all_gather_broadcast_reduce_scatter_barrier() {
+    for n in 1..=6 {
+        let results = spawn(n, small_opts(), move |comm| {
+            let r = comm.rank();
+            let mut out = Vec::new();
+            for s in [0usize, 1, 5, 48, 49, 1000, 5000] {
+                let input: Vec<u8> = (0..s).map(|i| (i * 7 + r * 13) as u8).collect();
+                let mut gathered = vec![0u8; n * s];
+                comm.all_gather(&input, &mut gathered).unwrap();
+                out.push(gathered);
+                for root in 0..n {
+                    let mut buf: Vec<u8> = if r == root { input.clone() } else { vec![0xee; s] };
+                    comm.broadcast(&mut buf, root).unwrap();
+                    out.push(buf);
+                }
+                // reduce_scatter of i32 blocks of s elements.
+                let vals: Vec<i32> = (0..n * s).map(|i| (i as i32) * 3 + r as i32).collect();
+                let mut rs = vec![0i32; s];
+                comm.reduce_scatter(
+                    bytemuck::cast_slice(&vals),
+                    bytemuck::cast_slice_mut(&mut rs),
+                    DType::I32,
+                    ReduceOp::Sum,
+                )
+                .unwrap();
+                out.push(bytemuck::cast_slice(&rs).to_vec());
+                comm.barrier().unwrap();
+            }
+            out
+        });
+        for (r, res) in results.iter().enumerate() {
+            let mut k = 0;
+            for s in [0usize, 1, 5, 48, 49, 1000, 5000] {
+                let input = |q: usize| -> Vec<u8> { (0..s).map(|i| (i * 7 + q * 13) as u8).collect() };
+                let want: Vec<u8> = (0..n).flat_map(input).collect();
+                assert_eq!(res[k], want, "all_gather n={n} s={s} rank {r}");
+                k += 1;
+                for root in 0..n {
+                    assert_eq!(res[k], input(root), "broadcast n={n} s={s} root {root} rank {r}");
+                    k += 1;
+                }
+                let want: Vec<i32> =
+                    (0..s).map(|i| (0..n).map(|q| ((r * s + i) as i32) * 3 + q as i32).sum()).collect();
+                assert_eq!(res[k], bytemuck::cast_slice::<i32, u8>(&want), "reduce_scatter n={n} s={s} rank {r}");
+                k += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_late_rank_is_named_in_the_timeout() {
+    let opts = ShmOptions { timeout: Duration::from_millis(300), ..small_opts() };
+    let results = spawn(3, opts, |comm| {
+        if comm.rank() == 2 {
+            return None; // never calls the collective
+        }
+        let mut buf = vec![0u8; 8];
+        let err = comm.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err();
+        let again = comm.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err();
+        Some((err, again))
+    });
+    for (err, again) in results.into_iter().flatten() {
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        assert_eq!(err.peer(), Some(2), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("all_reduce") && msg.contains("rank(s) [2]"), "{msg}");
+        assert!(matches!(again, Error::Poisoned { .. }), "{again}");
+    }
+}
+
+#[test]
+fn different_collectives_are_a_mismatch_not_garbage() {
+    let results = spawn(2, small_opts(), |comm| {
+        if comm.rank() == 0 {
+            let mut buf = vec![0u8; 8];
+            comm.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err()
+        } else {
+            let mut out = vec![0u8; 32];
+            comm.all_gather(&[1u8; 16], &mut out).unwrap_err()
+        }
+    });
+    for (r, err) in results.iter().enumerate() {
+        assert!(matches!(err, Error::Mismatch { .. }), "{err}");
+        assert_eq!(err.peer(), Some(1 - r));
+        assert!(err.to_string().contains("all_gather of 16 bytes"), "{err}");
+    }
+}
+
+#[test]
+fn the_segment_name_is_gone_once_every_rank_attached() {
+    let names = spawn(3, small_opts(), |comm| {
+        comm.barrier().unwrap();
+        comm.segment_name().to_string()
+    });
+    assert!(names.iter().all(|n| *n == names[0]));
+    assert!(names[0].starts_with(&format!("/rankweave-{}-", rankweave::sys::shm::job_id())), "{}", names[0]);
+    assert!(!std::path::Path::new(&format!("/dev/shm{}", names[0])).exists());
+}
+
+#[test]
+fn different_slot_sizes_are_rejected() {
+    let store = Arc::new(HashStore::new());
+    let s2 = store.clone();
+    let t = std::thread::spawn(move || {
+        ShmComm::create(0, 2, "slots", &*s2, "k", &ShmOptions { timeout: Duration::from_millis(500), ..small_opts() })
+            .unwrap_err()
+    });
+    let err =
+        ShmComm::create(1, 2, "slots", &*store, "k", &ShmOptions { slot_bytes: 2048, ..small_opts() }).unwrap_err();
+    assert!(err.to_string().contains("slot"), "{err}");
+    let err0 = t.join().unwrap();
+    assert_eq!(err0.peer(), Some(1), "{err0}");
+}
