@@ -141,6 +141,25 @@ impl ShmSegment {
         Self::map(name, len, true)
     }
 
+    /// Creates a segment named `/rankweave-<job>-<purpose>-<n>` with a
+    /// process-wide counter `n`, skipping names that already exist (left by an
+    /// earlier process of the same job id).
+    pub fn create_unique(purpose: &str, len: usize) -> Result<Self> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        check_free_space(len as u64)?;
+        let mut last = None;
+        for _ in 0..16 {
+            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = segment_name(&format!("{purpose}-{n}"));
+            match Self::map(&name, len, true) {
+                Ok(seg) => return Ok(seg),
+                Err(Error::SharedMemory(m)) if m.contains("EEXIST") => last = Some(m),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::SharedMemory(format!("no free segment name for {purpose}: {}", last.unwrap_or_default())))
+    }
+
     /// Opens an existing segment of at least `len` bytes.
     pub fn open(name: &str, len: usize) -> Result<Self> {
         Self::map(name, len, false)

@@ -49,7 +49,7 @@ use crate::reduce::ReduceOp;
 use crate::store::Store;
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::Backoff;
-use crate::sys::shm::{segment_name, ShmSegment};
+use crate::sys::shm::ShmSegment;
 use crate::transport::OpCode;
 use std::time::{Duration, Instant};
 
@@ -100,8 +100,6 @@ pub fn segment_bytes(size: usize, slot_bytes: usize) -> usize {
     let slot = ShmOptions { slot_bytes, ..Default::default() }.slot();
     HEADER + size * 2 * LINE + size * slot
 }
-
-static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One rank's handle on a group's shared-memory collectives.
 #[derive(Debug)]
@@ -195,17 +193,7 @@ impl ShmComm {
         let slot = opts.slot();
         let len = segment_bytes(size, slot);
         let seg = if rank == 0 {
-            let mut tries = 0;
-            let seg = loop {
-                let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let name = segment_name(&format!("{group}-{n}"));
-                match ShmSegment::create(&name, len) {
-                    Ok(s) => break s,
-                    // A name left by an earlier process with the same job id.
-                    Err(e) if tries < 8 && e.to_string().contains("EEXIST") => tries += 1,
-                    Err(e) => return Err(e),
-                }
-            };
+            let seg = ShmSegment::create_unique(group, len)?;
             let words = [MAGIC, VERSION, size as u64, slot as u64];
             // SAFETY: the segment is at least HEADER (64) bytes, page aligned,
             // and nobody else knows its name yet.
