@@ -260,3 +260,53 @@ fn different_slot_sizes_are_rejected() {
     let err0 = t.join().unwrap();
     assert_eq!(err0.peer(), Some(1), "{err0}");
 }
+
+/// Many mixed collectives of mixed sizes back to back, more ranks than
+/// cores: exercises the reuse of slot halves and inline lines across
+/// operations of different shapes.
+#[test]
+fn mixed_sequence_stress() {
+    let n = 4;
+    let results = spawn(n, small_opts(), move |comm| {
+        let r = comm.rank();
+        let mut seed = 12345u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        for it in 0..1500 {
+            let kind = next() % 4;
+            let count = match next() % 4 {
+                0 => next() % 12,
+                1 => next() % 100,
+                2 => next() % 3000,
+                _ => 1 + next() % 40,
+            };
+            let input = |q: usize| -> Vec<i32> { (0..count).map(|i| (i * 31 + q * 7 + it) as i32).collect() };
+            match kind {
+                0 => {
+                    let mut buf = input(r);
+                    comm.all_reduce(bytemuck::cast_slice_mut(&mut buf), DType::I32, ReduceOp::Sum).unwrap();
+                    let all: Vec<Vec<i32>> = (0..n).map(input).collect();
+                    let want: Vec<i32> = (0..count).map(|i| all.iter().map(|v| v[i]).sum()).collect();
+                    assert_eq!(buf, want, "all_reduce it={it} count={count} rank {r}");
+                }
+                1 => {
+                    let mut out = vec![0i32; n * count];
+                    comm.all_gather(bytemuck::cast_slice(&input(r)), bytemuck::cast_slice_mut(&mut out)).unwrap();
+                    let want: Vec<i32> = (0..n).flat_map(input).collect();
+                    assert_eq!(out, want, "all_gather it={it} count={count} rank {r}");
+                }
+                2 => {
+                    let root = it % n;
+                    let mut buf = if r == root { input(r) } else { vec![-1; count] };
+                    comm.broadcast(bytemuck::cast_slice_mut(&mut buf), root).unwrap();
+                    assert_eq!(buf, input(root), "broadcast it={it} count={count} rank {r}");
+                }
+                _ => comm.barrier().unwrap(),
+            }
+        }
+        true
+    });
+    assert!(results.into_iter().all(|ok| ok));
+}

@@ -61,6 +61,8 @@ const LINE: usize = 64;
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
 const VERSION: u64 = 1;
+/// Interval of the warning that names the ranks a step waits for.
+const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Default bytes per rank slot (two halves of 1 MiB).
 pub const DEFAULT_SLOT_BYTES: usize = 2 << 20;
@@ -359,6 +361,7 @@ impl ShmComm {
 
         let start = Instant::now();
         let deadline = start + self.timeout;
+        let mut next_warn = start + WARN_INTERVAL;
         let mut next = 0;
         let mut backoff = Backoff::new();
         while next < self.size {
@@ -367,9 +370,20 @@ impl ShmComm {
                 next += 1;
                 continue;
             }
-            if !backoff.is_spinning() && Instant::now() >= deadline {
-                let late: Vec<usize> =
-                    (0..self.size).filter(|&j| self.line_step(j, p).load(Ordering::Acquire) < e).collect();
+            let now = if backoff.is_spinning() { None } else { Some(Instant::now()) };
+            if now.is_some_and(|t| t >= next_warn) {
+                next_warn += WARN_INTERVAL;
+                tracing::warn!(
+                    group = %self.group,
+                    "{} on rank {} has waited {:.0?} for rank(s) {:?}",
+                    op.name(),
+                    self.rank,
+                    start.elapsed(),
+                    self.late(p, e)
+                );
+            }
+            if now.is_some_and(|t| t >= deadline) {
+                let late = self.late(p, e);
                 if !late.is_empty() {
                     let err = Error::timeout(
                         self.ctx(op).with_peer(late[0]),
@@ -392,6 +406,11 @@ impl ShmComm {
             }
         }
         Ok(())
+    }
+
+    /// Ranks whose line `p` has not reached step `e`.
+    fn late(&self, p: usize, e: u64) -> Vec<usize> {
+        (0..self.size).filter(|&j| self.line_step(j, p).load(Ordering::Acquire) < e).collect()
     }
 
     /// Returns once every rank entered.
