@@ -367,9 +367,26 @@ fn serve_connection(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
         End::Closed | End::Stopping => {}
         End::Bad(why) => {
             tracing::warn!(addr = %shared.addr, %peer, "closing store connection: {why}");
+            linger_close(&mut stream);
         }
     }
     let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Closes the sending side, then discards what the client still sends for a
+/// moment: closing a socket with unread input makes the kernel send a reset,
+/// which can destroy the error reply before the client reads it.
+fn linger_close(stream: &mut TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 64 * 1024;
+    while left > 0 {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
 }
 
 fn serve_frames(shared: &Shared, stream: &mut TcpStream) -> End {
