@@ -1,4 +1,5 @@
-//! The TCP store client: one connection, one request at a time.
+//! The TCP store client: one request at a time per connection, a small pool
+//! of connections per handle.
 
 use super::server::{token_from_env, TcpStoreServer};
 use crate::error::{Context, Error, Result};
@@ -20,20 +21,23 @@ fn reply_margin(t: Duration) -> Duration {
     Duration::from_secs(1).saturating_add(t / 50)
 }
 
-struct Conn {
-    stream: TcpStream,
-    /// Set once the stream's framing can no longer be trusted (a read timed
-    /// out half-way, the server went away): every later call fails fast.
-    broken: Option<String>,
-}
+/// Idle connections kept per handle; more are opened on demand and closed
+/// after use.
+const MAX_IDLE: usize = 4;
+/// Longest single attempt to open an extra connection.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A [`Store`] client talking to a [`TcpStoreServer`]. Thread-safe: calls
-/// from several threads are serialized over the one connection (a thread
-/// blocked in `get` holds the connection until it returns).
+/// A [`Store`] client talking to a [`TcpStoreServer`]. Thread-safe: each
+/// call borrows a connection from the handle's pool (opening one when all
+/// are busy), so a thread blocked in `get` never holds up another thread's
+/// `set` on the same handle. A connection whose reply failed or timed out is
+/// discarded, never reused.
 pub struct TcpStore {
-    conn: Mutex<Conn>,
+    idle: Mutex<Vec<TcpStream>>,
+    host: String,
     addr: String,
     port: u16,
+    token: Option<Vec<u8>>,
     timeout: Mutex<Duration>,
     /// The in-process server when this handle is the master; it lives as
     /// long as the handle.
@@ -147,17 +151,18 @@ impl TcpStore {
         loop {
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             match try_connect(host, port, remaining) {
-                Ok(stream) => {
+                Ok(mut stream) => {
                     let store = TcpStore {
-                        conn: Mutex::new(Conn { stream, broken: None }),
+                        idle: Mutex::new(Vec::new()),
+                        host: host.to_string(),
                         addr: addr.clone(),
                         port,
+                        token: token.map(<[u8]>::to_vec),
                         timeout: Mutex::new(timeout),
                         server,
                     };
-                    if let Some(t) = token {
-                        store.authenticate(t)?;
-                    }
+                    store.authenticate(&mut stream)?;
+                    store.lock_idle().push(stream);
                     return Ok(store);
                 }
                 Err(e) => last_err = Some(e),
@@ -176,14 +181,35 @@ impl TcpStore {
         }
     }
 
-    fn authenticate(&self, token: &[u8]) -> Result<()> {
-        let t = self.timeout();
-        match self.call("store.auth", &Request::Auth { token: token.to_vec() }, t) {
-            Ok(Response::Ok) => Ok(()),
-            Ok(Response::Unauthorized(m)) => Err(Error::Unauthorized(format!("store server at {}: {m}", self.addr))),
-            Ok(other) => Err(self.unexpected("store.auth", &other)),
-            Err(e) => Err(e),
+    /// Presents the token (if any) on a fresh connection.
+    fn authenticate(&self, stream: &mut TcpStream) -> Result<()> {
+        let Some(token) = &self.token else { return Ok(()) };
+        let op = "store.auth";
+        let frame = protocol::encode_request(&Request::Auth { token: token.clone() })?;
+        let wait = self.timeout();
+        match exchange(stream, &frame, Instant::now().checked_add(wait)) {
+            Ok(Ok(Response::Ok)) => Ok(()),
+            Ok(Ok(Response::Unauthorized(m))) => {
+                Err(Error::Unauthorized(format!("store server at {}: {m}", self.addr)))
+            }
+            Ok(Ok(other)) => Err(self.unexpected(op, &other)),
+            Ok(Err(e)) => Err(Error::protocol(self.ctx(op), e.to_string())),
+            Err(e) => Err(self.io_error(op, e, wait)),
         }
+    }
+
+    /// Opens one more connection (a single attempt: the server is known to
+    /// have been up).
+    fn open(&self, op: &str) -> Result<TcpStream> {
+        let mut stream =
+            try_connect(&self.host, self.port, Some(self.timeout().min(RECONNECT_TIMEOUT))).map_err(|e| {
+                Error::PeerLost {
+                    ctx: self.ctx(op),
+                    detail: format!("cannot reach store server at {}: {e}", self.addr),
+                }
+            })?;
+        self.authenticate(&mut stream)?;
+        Ok(stream)
     }
 
     /// The server's port (the one picked when the master asked for port 0).
@@ -205,10 +231,10 @@ impl TcpStore {
         Context { op: op.into(), group: self.addr.clone(), ..Default::default() }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Conn> {
-        // A panic while holding the lock leaves at worst a half-used stream,
-        // which `broken` covers; the guard itself is still sound.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_idle(&self) -> MutexGuard<'_, Vec<TcpStream>> {
+        // The pool only holds whole, idle connections; a panic elsewhere
+        // cannot leave it inconsistent.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn unexpected(&self, op: &str, resp: &Response) -> Error {
@@ -224,38 +250,40 @@ impl TcpStore {
                 reply_wait,
                 format!("a reply from store server at {} (server hung or unreachable)", self.addr),
             ),
-            K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::NotConnected => {
+            K::UnexpectedEof
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::ConnectionRefused
+            | K::BrokenPipe
+            | K::NotConnected => {
                 Error::PeerLost { ctx: self.ctx(op), detail: format!("store server at {} went away: {e}", self.addr) }
             }
             _ => Error::io(self.ctx(op), e),
         }
     }
 
-    /// Sends one request and reads its reply, waiting at most `reply_wait`
-    /// for the reply.
+    /// Sends one request on a pooled connection and reads its reply,
+    /// waiting at most `reply_wait` for it.
     fn call(&self, op: &str, req: &Request, reply_wait: Duration) -> Result<Response> {
         let frame = protocol::encode_request(req)?;
-        let mut conn = self.lock();
-        if let Some(why) = &conn.broken {
-            return Err(Error::PeerLost {
-                ctx: self.ctx(op),
-                detail: format!("connection to store server at {} is unusable after: {why}", self.addr),
-            });
-        }
-        let deadline = Instant::now().checked_add(reply_wait);
-        let result = exchange(&mut conn.stream, &frame, deadline);
-        match result {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => {
-                let err = Error::protocol(self.ctx(op), e.to_string());
-                conn.broken = Some(err.to_string());
-                Err(err)
+        let pooled = self.lock_idle().pop();
+        let mut stream = match pooled {
+            Some(s) => s,
+            None => self.open(op)?,
+        };
+        match exchange(&mut stream, &frame, Instant::now().checked_add(reply_wait)) {
+            Ok(Ok(resp)) => {
+                // An unauthorized connection is being closed by the server.
+                if !matches!(resp, Response::Unauthorized(_)) {
+                    let mut idle = self.lock_idle();
+                    if idle.len() < MAX_IDLE {
+                        idle.push(stream);
+                    }
+                }
+                Ok(resp)
             }
-            Err(e) => {
-                let err = self.io_error(op, e, reply_wait);
-                conn.broken = Some(err.to_string());
-                Err(err)
-            }
+            Ok(Err(e)) => Err(Error::protocol(self.ctx(op), e.to_string())),
+            Err(e) => Err(self.io_error(op, e, reply_wait)),
         }
     }
 
