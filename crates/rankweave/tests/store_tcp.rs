@@ -571,7 +571,8 @@ fn init_errors_name_the_variable() {
 
 /// The real environment, in a child process: the parent is rank 0, the child
 /// (this test binary, re-run with only `env_child`) is rank 1 and reads
-/// MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK from its env.
+/// MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK and
+/// RANKWEAVE_TOKEN from its env.
 #[test]
 fn env_init_across_processes() {
     let env = env_of(&[
@@ -579,6 +580,7 @@ fn env_init_across_processes() {
         ("MASTER_PORT", "0".into()),
         ("RANK", "0".into()),
         ("WORLD_SIZE", "2".into()),
+        ("RANKWEAVE_TOKEN", "child-token".into()),
     ]);
     let r0 = rendezvous_with_env("env://", None, None, T, &env).unwrap();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -589,11 +591,15 @@ fn env_init_across_processes() {
         .env("RANK", "1")
         .env("WORLD_SIZE", "2")
         .env("LOCAL_RANK", "1")
-        .env_remove("RANKWEAVE_TOKEN")
+        .env("RANKWEAVE_TOKEN", "child-token")
         .output()
         .unwrap();
     assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(r0.store.get_timeout("child", T).unwrap(), b"rank 1 of 2, local 1");
+    // The server really required the token.
+    let port = r0.master_port;
+    let stray = TcpStore::builder("127.0.0.1", port).token(None).timeout(T).connect().unwrap();
+    assert!(matches!(stray.get("child"), Err(Error::Unauthorized(_))));
 }
 
 #[test]

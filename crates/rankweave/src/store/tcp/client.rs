@@ -71,8 +71,9 @@ impl TcpStoreBuilder {
         self.token = Some(token.filter(|t| !t.is_empty()).map(<[u8]>::to_vec));
         self
     }
-    /// Host the server in this process (binding `host:port`, port 0 picks a
-    /// free one) and connect to it.
+    /// Host the server in this process on `port` (0 picks a free one) and
+    /// connect to it. The server listens on `host` when it is a loopback
+    /// address, else on every interface (as torch does).
     pub fn master(mut self, is_master: bool) -> Self {
         self.is_master = is_master;
         self
@@ -84,19 +85,29 @@ impl TcpStoreBuilder {
         if !self.is_master {
             return TcpStore::connect_inner(&self.host, self.port, self.timeout, token.as_deref(), None);
         }
-        let bind = join_host_port(&self.host, self.port);
-        let server = match TcpStoreServer::builder().token(token.as_deref()).bind(&bind) {
-            Ok(s) => s,
-            // The name may resolve to an address of another interface family
-            // or not be local under that name: listen everywhere instead.
-            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::AddrNotAvailable => {
-                tracing::debug!(addr = %bind, "cannot bind master address, listening on all interfaces");
-                TcpStoreServer::builder().token(token.as_deref()).bind(&join_host_port("0.0.0.0", self.port))?
-            }
-            Err(e) => return Err(e),
-        };
+        let bind = join_host_port(&listen_host(&self.host), self.port);
+        let server = TcpStoreServer::builder().token(token.as_deref()).bind(&bind)?;
         let port = server.port();
         TcpStore::connect_inner(&self.host, port, self.timeout, token.as_deref(), Some(server))
+    }
+}
+
+/// Where the master's server listens. A loopback host is kept (nothing
+/// outside this machine can connect then); any other name or address gets
+/// the wildcard of its family, as torch does, because the name the other
+/// nodes use for this host may resolve to a different interface here.
+fn listen_host(host: &str) -> String {
+    let addrs: Vec<SocketAddr> = match (host, 0u16).to_socket_addrs() {
+        Ok(a) => a.collect(),
+        // Let the bind report the unresolvable name.
+        Err(_) => return host.to_string(),
+    };
+    if !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()) {
+        host.to_string()
+    } else if addrs.iter().any(SocketAddr::is_ipv4) || addrs.is_empty() {
+        "0.0.0.0".into()
+    } else {
+        "::".into()
     }
 }
 
@@ -451,5 +462,25 @@ impl Store for TcpStore {
 
     fn describe(&self) -> String {
         self.addr.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{join_host_port, listen_host};
+
+    #[test]
+    fn loopback_hosts_stay_private() {
+        assert_eq!(listen_host("127.0.0.1"), "127.0.0.1");
+        assert_eq!(listen_host("::1"), "::1");
+        assert_eq!(listen_host("10.1.2.3"), "0.0.0.0");
+        assert_eq!(listen_host("fd00::5"), "::");
+    }
+
+    #[test]
+    fn host_port_joining() {
+        assert_eq!(join_host_port("::1", 5), "[::1]:5");
+        assert_eq!(join_host_port("[::1]", 5), "[::1]:5");
+        assert_eq!(join_host_port("node", 5), "node:5");
     }
 }

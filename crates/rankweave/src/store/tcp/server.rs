@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 const CONN_STACK: usize = 256 * 1024;
 /// How long writes to a client may block before the connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection may take to authenticate when a token is required,
+/// so that stray connections cannot hold threads forever.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for connection threads to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -391,6 +394,9 @@ fn linger_close(stream: &mut TcpStream) {
 
 fn serve_frames(shared: &Shared, stream: &mut TcpStream) -> End {
     let mut authed = shared.token.is_none();
+    if !authed {
+        let _ = stream.set_read_timeout(Some(AUTH_TIMEOUT));
+    }
     loop {
         let head = match read_header(stream) {
             Ok(Some(h)) => h,
@@ -432,6 +438,7 @@ fn serve_frames(shared: &Shared, stream: &mut TcpStream) -> End {
                 return End::Bad("wrong authentication token".into());
             }
             authed = true;
+            let _ = stream.set_read_timeout(None);
             if let Err(e) = send(stream, &Response::Ok) {
                 return End::Bad(format!("write failed: {e}"));
             }
