@@ -82,6 +82,11 @@ impl TcpStoreBuilder {
     /// starts, until the timeout).
     pub fn connect(self) -> Result<TcpStore> {
         let token = self.token.clone().unwrap_or_else(token_from_env);
+        if !self.is_master && self.port == 0 {
+            return Err(Error::invalid(
+                "store port 0: only the master can pick a free port; clients need the real one",
+            ));
+        }
         if !self.is_master {
             return TcpStore::connect_inner(&self.host, self.port, self.timeout, token.as_deref(), None);
         }

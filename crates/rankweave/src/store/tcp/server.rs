@@ -247,10 +247,15 @@ impl TcpStoreServer {
         // Taking the map lock orders the flag before any waiter's next check.
         drop(self.shared.lock_map());
         self.shared.changed.notify_all();
-        // Wake the accept thread with a connection of our own.
-        let _ = TcpStream::connect_timeout(&wake_addr(self.shared.addr), Duration::from_secs(1));
-        if accept.join().is_err() {
-            tracing::warn!(addr = %self.shared.addr, "store accept thread panicked");
+        // Wake the accept thread with a connection of our own. If that fails
+        // the thread exits at its next accept; joining it could hang.
+        match TcpStream::connect_timeout(&wake_addr(self.shared.addr), Duration::from_secs(1)) {
+            Ok(_) => {
+                if accept.join().is_err() {
+                    tracing::warn!(addr = %self.shared.addr, "store accept thread panicked");
+                }
+            }
+            Err(e) => tracing::warn!(addr = %self.shared.addr, error = %e, "cannot wake the store accept thread"),
         }
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         let mut conns = self.shared.lock_conns();
