@@ -24,7 +24,14 @@ pub fn install() -> std::io::Result<()> {
     for sig in FORWARDED {
         // SAFETY: `on_signal` is async-signal-safe (one relaxed atomic store)
         // and the previous handler is not needed afterwards.
-        unsafe { sigaction(sig, &action) }.map_err(std::io::Error::from)?;
+        let old = unsafe { sigaction(sig, &action) }.map_err(std::io::Error::from)?;
+        if old.handler() == SigHandler::SigIgn && sig != Signal::SIGTERM {
+            // Started with SIGINT/SIGHUP ignored (a background job, nohup):
+            // keep ignoring it, as a shell would.
+            let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+            // SAFETY: restoring the ignore disposition installs no handler.
+            unsafe { sigaction(sig, &ignore) }.map_err(std::io::Error::from)?;
+        }
     }
     Ok(())
 }
