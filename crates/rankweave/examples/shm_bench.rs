@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
+    if std::env::var("SHM_BENCH_PCT").is_ok() {
+        let p = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
+        eprintln!("  p10 {:.3} p25 {:.3} p50 {:.3} p75 {:.3} p90 {:.3}", p(0.1), p(0.25), p(0.5), p(0.75), p(0.9));
+    }
     v[v.len() / 2]
 }
 
@@ -102,6 +106,19 @@ fn main() {
         });
         let busbw = bytes as f64 / (us * 1e-6) * 2.0 * (n - 1) as f64 / n as f64 / 1e9;
         println!("shm_all_reduce_f32_sum,{n},{bytes},{us:.3},{busbw:.3}");
+    }
+
+    // More ranks than cores: must not crawl.
+    for n in [4usize, 8] {
+        for bytes in [8usize, 1 << 20] {
+            let iters = if bytes == 8 { 5000 } else { 100 };
+            let states: Vec<(ShmComm, Vec<u8>)> = comms(n).into_iter().map(|c| (c, vec![0u8; bytes])).collect();
+            let us = run_ranks(states, iters, iters / 10, |(c, buf)| {
+                c.all_reduce(buf, DType::F32, ReduceOp::Sum).unwrap();
+            });
+            let busbw = bytes as f64 / (us * 1e-6) * 2.0 * (n - 1) as f64 / n as f64 / 1e9;
+            println!("shm_all_reduce_f32_sum,{n},{bytes},{us:.3},{busbw:.3}");
+        }
     }
 
     for readers in [1usize, 3] {
