@@ -140,5 +140,19 @@ fn main() {
             }
         });
         println!("mq_broadcast_object,{},{len},{us:.3},", readers + 1);
+
+        let (w, h) = MessageQueue::new_writer(readers, 0, 4 << 20, 6, o.clone()).unwrap();
+        let mut qs = vec![w];
+        qs.extend((1..=readers).map(|r| MessageQueue::from_handle(&h, r, o.clone()).unwrap()));
+        let big = Arc::new(vec![b'x'; 1 << 20]);
+        let us = run_ranks(qs, 500, 50, move |q| {
+            if q.is_writer() {
+                q.enqueue_bytes(&big).unwrap();
+            } else {
+                // A copy out, as a Python reader's bytes object would be.
+                assert_eq!(q.dequeue_bytes().unwrap().len(), 1 << 20);
+            }
+        });
+        println!("mq_enqueue_bytes,{},{},{us:.3},{:.3}", readers + 1, 1 << 20, (1 << 20) as f64 / us / 1e3);
     }
 }

@@ -310,3 +310,73 @@ fn mixed_sequence_stress() {
     });
     assert!(results.into_iter().all(|ok| ok));
 }
+
+#[test]
+fn gather_scatter_reduce_all_to_all() {
+    for n in 1..=5 {
+        let results = spawn(n, small_opts(), move |comm| {
+            let r = comm.rank();
+            let mut out: Vec<Vec<u8>> = Vec::new();
+            for s in [0usize, 3, 48, 700, 4100] {
+                let block =
+                    |q: usize, j: usize| -> Vec<u8> { (0..s).map(|i| (i * 3 + q * 11 + j * 5) as u8).collect() };
+                for root in 0..n {
+                    let mut g = vec![0u8; n * s];
+                    comm.gather(&block(r, 0), (r == root).then_some(&mut g[..]), root).unwrap();
+                    out.push(if r == root { g } else { Vec::new() });
+                    let input: Vec<u8> = (0..n).flat_map(|j| block(r, j)).collect();
+                    let mut o = vec![0u8; s];
+                    comm.scatter((r == root).then_some(&input[..]), &mut o, root).unwrap();
+                    out.push(o);
+                    let mut red: Vec<i64> = (0..s).map(|i| (i + r) as i64).collect();
+                    comm.reduce(bytemuck::cast_slice_mut(&mut red), DType::I64, ReduceOp::Max, root).unwrap();
+                    out.push(if r == root { bytemuck::cast_slice(&red).to_vec() } else { Vec::new() });
+                }
+                let input: Vec<u8> = (0..n).flat_map(|j| block(r, j)).collect();
+                let mut o = vec![0u8; n * s];
+                comm.all_to_all(&input, &mut o).unwrap();
+                out.push(o);
+            }
+            out
+        });
+        for (r, res) in results.iter().enumerate() {
+            let mut k = 0;
+            for s in [0usize, 3, 48, 700, 4100] {
+                let block =
+                    |q: usize, j: usize| -> Vec<u8> { (0..s).map(|i| (i * 3 + q * 11 + j * 5) as u8).collect() };
+                for root in 0..n {
+                    let want: Vec<u8> = if r == root { (0..n).flat_map(|q| block(q, 0)).collect() } else { Vec::new() };
+                    assert_eq!(res[k], want, "gather n={n} s={s} root={root} rank {r}");
+                    assert_eq!(res[k + 1], block(root, r), "scatter n={n} s={s} root={root} rank {r}");
+                    let want: Vec<i64> = (0..s).map(|i| (i + n - 1) as i64).collect();
+                    let want = if r == root { bytemuck::cast_slice(&want).to_vec() } else { Vec::new() };
+                    assert_eq!(res[k + 2], want, "reduce n={n} s={s} root={root} rank {r}");
+                    k += 3;
+                }
+                let want: Vec<u8> = (0..n).flat_map(|q| block(q, r)).collect();
+                assert_eq!(res[k], want, "all_to_all n={n} s={s} rank {r}");
+                k += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_errors_not_panics() {
+    let results = spawn(2, small_opts(), |comm| {
+        let mut five = [0u8; 5];
+        let e1 = comm.all_reduce(&mut five, DType::F32, ReduceOp::Sum).unwrap_err();
+        let e2 = comm.broadcast(&mut five, 2).unwrap_err();
+        let e3 = comm.all_gather(&[1, 2], &mut five).unwrap_err();
+        let e4 = comm.scatter(None, &mut five, 7).unwrap_err();
+        // Nothing was sent: the communicator still works.
+        comm.barrier().unwrap();
+        (e1, e2, e3, e4)
+    });
+    for (r, (e1, e2, e3, e4)) in results.into_iter().enumerate() {
+        assert!(matches!(e1, Error::InvalidArgument(_)), "{e1}");
+        assert!(matches!(e2, Error::InvalidArgument(_)), "{e2}");
+        assert!(matches!(e3, Error::InvalidArgument(_)), "{e3}");
+        assert!(matches!(e4, Error::InvalidArgument(_)), "rank {r}: {e4}");
+    }
+}

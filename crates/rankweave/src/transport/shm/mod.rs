@@ -30,6 +30,10 @@
 //! - all_gather, broadcast: write, step, read; one step per segment.
 //! - reduce_scatter: each rank writes the matching segment of every output
 //!   block, step, reduces its own block's segments in rank order.
+//! - reduce: the all_reduce algorithm (every rank gets the result; in
+//!   shared memory that costs the root nothing extra).
+//! - gather, scatter, all_to_all: write, step, read what is addressed to
+//!   this rank (scatter and all_to_all carry `n` blocks per slot half).
 //! - barrier: one step.
 //!
 //! Every step carries a descriptor (operation, dtype, reduce op, length):
@@ -120,23 +124,28 @@ pub struct ShmComm {
 }
 
 /// A step's descriptor: what the rank is doing, compared across ranks.
-fn desc(op: OpCode, dtype: Option<DType>, rop: Option<ReduceOp>, len: usize) -> u64 {
+/// Bits: operation (8), dtype (4), reduce op (4), root (8), length (40).
+fn desc(op: OpCode, dtype: Option<DType>, rop: Option<ReduceOp>, root: Option<usize>, len: usize) -> u64 {
     let d = dtype.map_or(0xf, |d| d.code() as u64);
     let r = rop.map_or(0xf, |r| r as u64);
-    ((op as u64) << 56) | (d << 52) | (r << 48) | (len as u64 & ((1 << 48) - 1))
+    let root = root.map_or(0xff, |x| x.min(0xfe) as u64);
+    ((op as u64) << 56) | (d << 52) | (r << 48) | (root << 40) | (len as u64 & LEN_MASK)
 }
+
+const LEN_MASK: u64 = (1 << 40) - 1;
 
 fn describe(desc: u64) -> String {
     let op = OpCode::from_u8((desc >> 56) as u8).map_or("?", |o| o.name());
-    let mut s = format!("{op} of {} bytes", desc & ((1 << 48) - 1));
-    if op == OpCode::Broadcast.name() {
-        return s + &format!(" from root {}", (desc >> 48) & 0xff);
-    }
+    let mut s = format!("{op} of {} bytes", desc & LEN_MASK);
     if let Some(d) = DType::from_code(((desc >> 52) & 0xf) as u8) {
         s += &format!(" of {d}");
     }
     if let Some(r) = ReduceOp::ALL.get(((desc >> 48) & 0xf) as usize) {
         s += &format!(" ({r})");
+    }
+    let root = (desc >> 40) & 0xff;
+    if root != 0xff {
+        s += &format!(" with root {root}");
     }
     s
 }
@@ -233,7 +242,7 @@ impl ShmComm {
             unit: 0,
             poisoned: None,
         };
-        comm.step(OpCode::Hello, desc(OpCode::Hello, None, None, 0), None)?;
+        comm.step(OpCode::Hello, desc(OpCode::Hello, None, None, None, 0), None)?;
         // Everyone has the mapping: the name is no longer needed.
         comm.seg.unlink();
         Ok(comm)
@@ -419,26 +428,50 @@ impl ShmComm {
         if self.size == 1 {
             return Ok(());
         }
-        self.step(OpCode::Barrier, desc(OpCode::Barrier, None, None, 0), None)
+        self.step(OpCode::Barrier, desc(OpCode::Barrier, None, None, None, 0), None)
     }
 
     /// In-place all_reduce of `buf` (elements of `dtype`); every rank gets
     /// bitwise identical results, reduced in rank order.
     pub fn all_reduce(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-        const OP: OpCode = OpCode::AllReduce;
+        self.all_reduce_as(OpCode::AllReduce, None, buf, dtype, op)
+    }
+
+    /// In-place reduce to rank `root`: the result is defined on `root`
+    /// (the other ranks get it too: the all_reduce algorithm costs the same
+    /// in shared memory).
+    pub fn reduce(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+        self.all_reduce_as(OpCode::Reduce, Some(root), buf, dtype, op)
+    }
+
+    fn all_reduce_as(
+        &mut self,
+        code: OpCode,
+        root: Option<usize>,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
         self.check()?;
         let es = dtype.size();
         if buf.len() % es != 0 {
-            return Err(Error::invalid(format!("all_reduce of {} bytes is not a whole number of {dtype}", buf.len())));
+            return Err(Error::invalid(format!(
+                "{} of {} bytes is not a whole number of {dtype}",
+                code.name(),
+                buf.len()
+            )));
+        }
+        if let Some(root) = root {
+            self.check_root(root)?;
         }
         let n = self.size;
         if n == 1 {
             return Ok(());
         }
-        let d = desc(OP, Some(dtype), Some(op), buf.len());
+        let d = desc(code, Some(dtype), Some(op), root, buf.len());
         let len = buf.len();
         if len <= INLINE_BYTES {
-            self.step(OP, d, Some(buf))?;
+            self.step(code, d, Some(buf))?;
             let p = (self.step & 1) as usize;
             buf.copy_from_slice(self.inline(0, p, len));
             for j in 1..n {
@@ -452,7 +485,7 @@ impl ShmComm {
         if len <= self.direct_max {
             let u = self.next_unit();
             self.write_slot(u, 0, buf);
-            self.step(OP, d, None)?;
+            self.step(code, d, None)?;
             buf.copy_from_slice(self.slot(0, u, 0, len));
             for j in 1..n {
                 kernels::reduce_into(buf, self.slot(j, u, 0, len), dtype, op);
@@ -467,7 +500,7 @@ impl ShmComm {
             let c = self.half.min(len - off);
             let u = self.next_unit();
             self.write_slot(u, 0, &buf[off..off + c]);
-            self.step(OP, d, None)?;
+            self.step(code, d, None)?;
             let (lo, hi) = share(c, es, n, self.rank);
             if lo < hi {
                 let mine = &mut buf[off + lo..off + hi];
@@ -481,7 +514,7 @@ impl ShmComm {
                 // Own slot, own share: only this rank reads it during step A.
                 self.write_slot(u, lo, mine);
             }
-            self.step(OP, d, None)?;
+            self.step(code, d, None)?;
             for j in (0..n).filter(|&j| j != self.rank) {
                 let (lo, hi) = share(c, es, n, j);
                 if lo < hi {
@@ -493,17 +526,158 @@ impl ShmComm {
         Ok(())
     }
 
+    fn check_root(&self, root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(Error::invalid(format!("root {root} in a group of {}", self.size)));
+        }
+        Ok(())
+    }
+
+    /// gather to `root`: `output` (root only, `size * input.len()` bytes)
+    /// receives every rank's input in rank order.
+    pub fn gather(&mut self, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
+        const OP: OpCode = OpCode::Gather;
+        self.check()?;
+        self.check_root(root)?;
+        let (n, s, me) = (self.size, input.len(), self.rank);
+        let mut output = match (me == root, output) {
+            (true, Some(o)) if o.len() == n * s => Some(o),
+            (true, o) => {
+                return Err(Error::invalid(format!(
+                    "gather root needs an output of {n} x {s} bytes, got {:?}",
+                    o.map(|o| o.len())
+                )))
+            }
+            (false, _) => None,
+        };
+        if let Some(o) = output.as_deref_mut() {
+            o[me * s..(me + 1) * s].copy_from_slice(input);
+        }
+        if n == 1 {
+            return Ok(());
+        }
+        let d = desc(OP, None, None, Some(root), s);
+        let mut off = 0;
+        loop {
+            let c = self.half.min(s - off);
+            let u = self.next_unit();
+            if me != root {
+                self.write_slot(u, 0, &input[off..off + c]);
+            }
+            self.step(OP, d, None)?;
+            if let Some(o) = output.as_deref_mut() {
+                for j in (0..n).filter(|&j| j != me) {
+                    o[j * s + off..j * s + off + c].copy_from_slice(self.slot(j, u, 0, c));
+                }
+            }
+            off += c;
+            if off >= s {
+                return Ok(());
+            }
+        }
+    }
+
+    /// scatter from `root`: block `r` of `input` (root only, `size *
+    /// output.len()` bytes) lands in rank `r`'s `output`.
+    pub fn scatter(&mut self, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
+        const OP: OpCode = OpCode::Scatter;
+        self.check()?;
+        self.check_root(root)?;
+        let (n, s, me) = (self.size, output.len(), self.rank);
+        let input = match (me == root, input) {
+            (true, Some(i)) if i.len() == n * s => Some(i),
+            (true, i) => {
+                return Err(Error::invalid(format!(
+                    "scatter root needs an input of {n} x {s} bytes, got {:?}",
+                    i.map(|i| i.len())
+                )))
+            }
+            (false, _) => None,
+        };
+        if let Some(i) = input {
+            output.copy_from_slice(&i[me * s..(me + 1) * s]);
+        }
+        if n == 1 {
+            return Ok(());
+        }
+        let d = desc(OP, None, None, Some(root), s);
+        let c_max = self.block_segment(n)?;
+        let mut off = 0;
+        loop {
+            let c = c_max.min(s - off);
+            let u = self.next_unit();
+            if let Some(i) = input {
+                for j in 0..n {
+                    self.write_slot(u, j * c, &i[j * s + off..j * s + off + c]);
+                }
+            }
+            self.step(OP, d, None)?;
+            if me != root {
+                output[off..off + c].copy_from_slice(self.slot(root, u, me * c, c));
+            }
+            off += c;
+            if off >= s {
+                return Ok(());
+            }
+        }
+    }
+
+    /// all_to_all: block `j` of this rank's `input` lands in block `rank`
+    /// of rank `j`'s `output`; both `size * S` bytes.
+    pub fn all_to_all(&mut self, input: &[u8], output: &mut [u8]) -> Result<()> {
+        const OP: OpCode = OpCode::AllToAll;
+        self.check()?;
+        let (n, me) = (self.size, self.rank);
+        if input.len() != output.len() || input.len() % n != 0 {
+            return Err(Error::invalid(format!(
+                "all_to_all of {} input and {} output bytes over {n} ranks",
+                input.len(),
+                output.len()
+            )));
+        }
+        let s = input.len() / n;
+        output[me * s..(me + 1) * s].copy_from_slice(&input[me * s..(me + 1) * s]);
+        if n == 1 {
+            return Ok(());
+        }
+        let d = desc(OP, None, None, None, s);
+        let c_max = self.block_segment(n)?;
+        let mut off = 0;
+        loop {
+            let c = c_max.min(s - off);
+            let u = self.next_unit();
+            for j in 0..n {
+                self.write_slot(u, j * c, &input[j * s + off..j * s + off + c]);
+            }
+            self.step(OP, d, None)?;
+            for j in (0..n).filter(|&j| j != me) {
+                output[j * s + off..j * s + off + c].copy_from_slice(self.slot(j, u, me * c, c));
+            }
+            off += c;
+            if off >= s {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Bytes per block and segment when a slot half carries `n` blocks.
+    fn block_segment(&self, n: usize) -> Result<usize> {
+        let c = ((self.half / n) / LINE * LINE).max((self.half / n) / 8 * 8);
+        if c == 0 {
+            return Err(Error::invalid(format!("shm slots of {} bytes are too small for {n} ranks", self.slot)));
+        }
+        Ok(c)
+    }
+
     /// In-place broadcast of `buf` from rank `root`.
     pub fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
         const OP: OpCode = OpCode::Broadcast;
         self.check()?;
-        if root >= self.size {
-            return Err(Error::invalid(format!("broadcast root {root} in a group of {}", self.size)));
-        }
+        self.check_root(root)?;
         if self.size == 1 {
             return Ok(());
         }
-        let d = desc(OP, None, None, buf.len()) & !(0xff << 48) | ((root as u64 & 0xff) << 48);
+        let d = desc(OP, None, None, Some(root), buf.len());
         let len = buf.len();
         if len <= INLINE_BYTES {
             let me = self.rank == root;
@@ -546,7 +720,7 @@ impl ShmComm {
         if n == 1 {
             return Ok(());
         }
-        let d = desc(OP, None, None, s);
+        let d = desc(OP, None, None, None, s);
         if s <= INLINE_BYTES {
             self.step(OP, d, Some(input))?;
             let p = (self.step & 1) as usize;
@@ -586,12 +760,9 @@ impl ShmComm {
             output.copy_from_slice(input);
             return Ok(());
         }
-        let d = desc(OP, Some(dtype), Some(op), s);
+        let d = desc(OP, Some(dtype), Some(op), None, s);
         // Per segment, every rank writes c bytes of each of the n blocks.
-        let c_max = ((self.half / n) / LINE * LINE).max((self.half / n) / es * es);
-        if c_max == 0 {
-            return Err(Error::invalid(format!("shm slots of {} bytes are too small for {n} ranks", self.slot)));
-        }
+        let c_max = self.block_segment(n)?;
         let mut off = 0;
         loop {
             let c = c_max.min(s - off);
