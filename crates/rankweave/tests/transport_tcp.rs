@@ -319,3 +319,40 @@ fn world_of_one_opens_no_socket_and_rejects_peers() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+fn exchange_over(listen_host: &'static str) {
+    let store: SharedStore = Arc::new(HashStore::new());
+    let hs: Vec<_> = (0..2)
+        .map(|r| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let o = GroupOptions { listen_host: listen_host.into(), ..opts(T) };
+                let g = ProcessGroup::new_world(store, r, 2, o).unwrap();
+                let mut buf = [0u8; 2];
+                let tag = Tag::new(OpCode::SendRecv, 1);
+                g.transport().send_recv(1 - r, tag, &[r as u8, 9], 1 - r, tag, &mut buf, soon(20)).unwrap();
+                assert_eq!(buf, [1 - r as u8, 9]);
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    let published = String::from_utf8(store.get("rankweave/world:0/tcp/addr/0").unwrap()).unwrap();
+    let addr: std::net::SocketAddr = published.parse().unwrap();
+    assert!(!addr.ip().is_unspecified(), "a wildcard address was published: {published}");
+}
+
+#[test]
+fn wildcard_listen_host_publishes_a_reachable_address() {
+    exchange_over("0.0.0.0");
+}
+
+#[test]
+fn ipv6_loopback_works_where_available() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipped");
+        return;
+    }
+    exchange_over("::1");
+}
