@@ -267,3 +267,25 @@ fn shared_memory_transport_is_reported_unsupported() {
     let o = GroupOptions { transport: TransportKind::Shm, ..opts() };
     assert!(matches!(ProcessGroup::new_world(store, 0, 1, o), Err(Error::Unsupported(_))));
 }
+
+#[test]
+fn destroy_from_another_thread_interrupts_a_blocked_receive() {
+    let done = Arc::new(std::sync::Barrier::new(2));
+    spawn(2, move |g| {
+        if g.rank() == 0 {
+            let closer = {
+                let g = g.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    g.destroy();
+                })
+            };
+            let start = Instant::now();
+            let e = g.recv(&mut [0u8; 4], 1).unwrap_err();
+            assert!(matches!(e, Error::Poisoned { .. }), "{e}");
+            assert!(start.elapsed() < Duration::from_secs(5));
+            closer.join().unwrap();
+        }
+        done.wait();
+    });
+}

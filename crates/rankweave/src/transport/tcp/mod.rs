@@ -365,6 +365,10 @@ impl TcpTransport {
             Ok(()) => return Ok(()),
             Err(f) => f,
         };
+        if let Some(cause) = self.poison.get() {
+            // Closed from another thread while this operation waited.
+            return Err(Error::Poisoned { group: self.name.clone(), cause: cause.clone() });
+        }
         let describe_out = |t: Tag, o: &Outgoing<'_>| {
             format!("sending {} seq {} to rank {} ({} of {} bytes sent)", t.op.name(), t.seq, o.peer, o.sent, o.total())
         };
