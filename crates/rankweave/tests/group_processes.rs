@@ -23,7 +23,9 @@ fn worker() {
     let Ok(scenario) = std::env::var(ROLE) else { return };
     let (rank, n, port) = (env_usize("RANK"), env_usize("WORLD_SIZE"), env_usize("RW_STORE_PORT"));
     let timeout = Duration::from_secs(30);
-    let store: SharedStore = Arc::new(TcpStore::connect("127.0.0.1", port as u16, timeout).unwrap());
+    // With RW_STORE_MASTER, rank 0 hosts the store (as `rankweave launch` jobs do).
+    let master = std::env::var("RW_STORE_MASTER").is_ok() && rank == 0;
+    let store: SharedStore = Arc::new(TcpStore::new("127.0.0.1", port as u16, master, timeout).unwrap());
     let opts = GroupOptions { timeout, transport: TransportKind::Tcp, listen_host: "127.0.0.1".into() };
     let g = ProcessGroup::new_world(store, rank, n, opts).unwrap();
     match scenario.as_str() {
@@ -39,8 +41,8 @@ fn worker() {
             }
             println!("rank {rank} ok");
         }
-        "kill" => {
-            let victim = n - 1;
+        "kill" | "kill0" => {
+            let victim = if scenario == "kill0" { 0 } else { n - 1 };
             let (to, from) = ((rank + 1) % n, (rank + n - 1) % n);
             let data = vec![rank as u8; 1 << 20];
             let mut buf = vec![0u8; 1 << 20];
@@ -70,21 +72,40 @@ struct Outcome {
 }
 
 fn launch(n: usize, scenario: &str) -> Outcome {
-    let server = TcpStoreServer::bind("127.0.0.1:0").unwrap();
+    launch_with(n, scenario, false)
+}
+
+/// Runs `n` workers; the store is served by this process, or by rank 0 when
+/// `rank0_hosts_store`.
+fn launch_with(n: usize, scenario: &str, rank0_hosts_store: bool) -> Outcome {
+    let mut server = None;
+    let port = if rank0_hosts_store {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    } else {
+        server.insert(TcpStoreServer::bind("127.0.0.1:0").unwrap()).port()
+    };
     let exe = std::env::current_exe().unwrap();
     let start = Instant::now();
     let children: Vec<_> = (0..n)
         .map(|rank| {
-            Command::new(&exe)
-                .args(["--exact", "worker", "--nocapture", "--test-threads=1"])
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--exact", "worker", "--nocapture", "--test-threads=1"])
                 .env(ROLE, scenario)
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", n.to_string())
-                .env("RW_STORE_PORT", server.port().to_string())
+                .env("RW_STORE_PORT", port.to_string())
                 .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+                .stderr(Stdio::piped());
+            cmd
+        })
+        .collect();
+    let children: Vec<_> = children
+        .into_iter()
+        .map(|mut c| {
+            if rank0_hosts_store {
+                c.env("RW_STORE_MASTER", "1");
+            }
+            c.spawn().unwrap()
         })
         .collect();
     let mut codes = Vec::new();
@@ -94,6 +115,7 @@ fn launch(n: usize, scenario: &str) -> Outcome {
         codes.push(out.status.code());
         output.push(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
     }
+    drop(server);
     Outcome { codes, output, elapsed: start.elapsed() }
 }
 
@@ -116,6 +138,18 @@ fn a_killed_process_fails_every_survivor_naming_it() {
     for rank in 0..n - 1 {
         assert_eq!(o.codes[rank], Some(0), "rank {rank}:\n{}", o.output[rank]);
         assert!(o.output[rank].contains(&format!("(peer rank {})", n - 1)), "{}", o.output[rank]);
+    }
+    assert!(o.elapsed < Duration::from_secs(20), "took {:?}", o.elapsed);
+}
+
+#[test]
+fn killing_the_rank_that_hosts_the_store_still_fails_survivors_promptly() {
+    let n = 3;
+    let o = launch_with(n, "kill0", true);
+    assert_eq!(o.codes[0], None, "rank 0 died by a signal:\n{}", o.output[0]);
+    for rank in 1..n {
+        assert_eq!(o.codes[rank], Some(0), "rank {rank}:\n{}", o.output[rank]);
+        assert!(o.output[rank].contains("(peer rank 0)"), "{}", o.output[rank]);
     }
     assert!(o.elapsed < Duration::from_secs(20), "took {:?}", o.elapsed);
 }

@@ -258,3 +258,30 @@ pub(crate) fn write_small(sock: &Socket, bytes: &[u8], deadline: Instant) -> io:
     }
     Ok(())
 }
+
+/// Reads and discards `n` bytes from `sock` by `deadline`.
+pub(crate) fn skip(sock: &Socket, mut n: u64, deadline: Instant) -> io::Result<()> {
+    let mut scratch = [0u8; 4096];
+    let mut s = sock;
+    while n > 0 {
+        let want = n.min(scratch.len() as u64) as usize;
+        match s.read(&mut scratch[..want]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
+            Ok(k) => n -= k as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+                }
+                match nix::poll::poll(&mut [PollFd::new(sock.as_fd(), PollFlags::POLLIN)], poll_timeout(deadline, now))
+                {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(io::Error::from(e)),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -7,13 +7,17 @@
 //! failures.
 //!
 //! Failure propagation: when an operation fails (a peer lost, a timeout, a
-//! mismatch), this rank poisons the transport, records
-//! `(kind, culprit, reporter, reason)` under `tcp/abort` in the group store
-//! (first writer wins), sends an ABORT frame carrying the same to every peer
-//! whose stream is at a frame boundary, and shuts every socket down. A rank
+//! mismatch), this rank poisons the transport, sends an ABORT frame carrying
+//! `(kind, culprit, reporter, reason)` to every peer whose stream is at a
+//! frame boundary, records the same under `tcp/abort` in the group store
+//! (first writer wins), and shuts every socket down. A rank
 //! that reads an ABORT frame, or whose peer vanishes after an abort was
 //! recorded, fails naming the original culprit and aborts in turn, so every
-//! rank of the group errors promptly. Later calls return [`Error::Poisoned`].
+//! rank of the group errors promptly. A rank whose *send* to an aborted peer
+//! fails reads that peer's pending ABORT frame from the other direction of
+//! the connection (skipping frames it had not read yet), so the original
+//! culprit is named even when the store died with it. Later calls return
+//! [`Error::Poisoned`].
 
 pub mod header;
 mod io;
@@ -79,6 +83,9 @@ pub struct TcpTransport {
     /// `mid_frame[p]`: a frame to `p` was started and not finished, so an
     /// ABORT frame may not be written to `p` (it would land inside the payload).
     mid_frame: Vec<AtomicBool>,
+    /// `in_mid_frame[p]`: a frame from `p` was partly read, so the next bytes
+    /// from `p` are not a header.
+    in_mid_frame: Vec<AtomicBool>,
     poison: OnceLock<String>,
 }
 
@@ -121,6 +128,7 @@ impl TcpTransport {
             store,
             peers,
             mid_frame: (0..size).map(|_| AtomicBool::new(false)).collect(),
+            in_mid_frame: (0..size).map(|_| AtomicBool::new(false)).collect(),
             poison: OnceLock::new(),
         })
     }
@@ -180,7 +188,6 @@ impl TcpTransport {
         }
         tracing::debug!(group = %self.name, rank = self.rank, "aborting: {err}");
         let payload = info.encode();
-        let _ = self.store.compare_set(ABORT_KEY, b"", &payload);
         let hdr = Header { kind: FrameKind::Abort, group_id: self.group_id, seq: 0, len: payload.len() as u64 };
         let mut frame = hdr.encode().to_vec();
         frame.extend_from_slice(&payload);
@@ -192,6 +199,10 @@ impl TcpTransport {
                 }
             }
         }
+        // Frames first (they need no store, which may have died with the
+        // culprit); the record before the shutdown, so that a peer seeing EOF
+        // from this rank finds it.
+        let _ = self.store.compare_set(ABORT_KEY, b"", &payload);
         self.shutdown_all();
     }
 
@@ -229,6 +240,26 @@ impl TcpTransport {
         AbortInfo::decode(&raw).filter(|i| i.reporter != self.rank as u64)
     }
 
+    /// An ABORT frame `peer` sent before going away, when this rank had not
+    /// read that far: frames ahead of it are skipped. Only when the stream
+    /// from `peer` is at a frame boundary; gives up after [`ABORT_GRACE`].
+    fn abort_waiting_from(&self, peer: usize) -> Option<AbortInfo> {
+        if self.in_mid_frame[peer].swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        let sock = self.peers[peer].as_ref()?;
+        let deadline = Instant::now() + ABORT_GRACE;
+        loop {
+            let raw = io::read_small(sock, Vec::new(), HEADER_LEN, deadline).ok()?;
+            let h = decode_header(&raw).ok()?;
+            if h.kind == FrameKind::Abort {
+                let payload = io::read_small(sock, Vec::new(), h.len as usize, deadline).ok()?;
+                return AbortInfo::decode(&payload);
+            }
+            io::skip(sock, h.len, deadline).ok()?;
+        }
+    }
+
     /// Turns a socket error with `peer` into an error naming it (or the
     /// culprit of an abort recorded by another rank).
     fn socket_failure(&self, ctx: Context, peer: usize, e: std::io::Error, doing: String) -> Failure {
@@ -245,7 +276,7 @@ impl TcpTransport {
         if !lost {
             return Error::io(ctx.with_peer(peer), e).into();
         }
-        if let Some(info) = self.recorded_abort() {
+        if let Some(info) = self.abort_waiting_from(peer).or_else(|| self.recorded_abort()) {
             return self.failure_from_abort(ctx, &info);
         }
         Error::PeerLost { ctx: ctx.with_peer(peer), detail: format!("rank {peer} lost: {e} while {doing}") }.into()
@@ -360,6 +391,9 @@ impl TcpTransport {
             if o.done() {
                 self.mid_frame[o.peer].store(false, Ordering::Relaxed);
             }
+        }
+        if let Some((_, i)) = &inc {
+            self.in_mid_frame[i.peer].store(i.progress() > 0 && !i.done(), Ordering::Relaxed);
         }
         let fault = match res {
             Ok(()) => return Ok(()),
