@@ -298,6 +298,7 @@ fn stray_connections_are_rejected_and_the_mesh_still_forms() {
     });
     let other_err = other.join().unwrap().unwrap_err();
     assert!(matches!(other_err, Error::Protocol { .. }), "{other_err}");
+    assert!(other_err.to_string().contains("rank 0 of group stray:0 rejected the handshake"), "{other_err}");
     let s1 = store.clone();
     let rank1 = std::thread::spawn(move || TcpTransport::connect(s1, 1, 2, "stray:0", gid, "127.0.0.1", soon(20)));
     let (t0, t1) = (rank0.join().unwrap().unwrap(), rank1.join().unwrap().unwrap());

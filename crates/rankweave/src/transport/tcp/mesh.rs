@@ -17,7 +17,7 @@
 //! resolves the host name and takes the first non-loopback address, else
 //! loopback.
 
-use super::header::{FrameKind, Header, HEADER_LEN};
+use super::header::{AbortInfo, AbortKind, FrameKind, Header, HEADER_LEN};
 use super::io::{read_small, write_small};
 use crate::error::{Context, Error, Result};
 use crate::store::Store;
@@ -118,19 +118,48 @@ fn hello(group_id: u64, seq: u64, from: usize, to: usize, size: usize) -> Vec<u8
     v
 }
 
+/// Why a handshake failed.
+enum HelloError {
+    /// The socket failed, closed or timed out.
+    Io(io::Error),
+    /// The bytes were not a valid hello of this group.
+    Bad(String),
+}
+
+impl std::fmt::Display for HelloError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HelloError::Io(e) => write!(f, "{e}"),
+            HelloError::Bad(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<String> for HelloError {
+    fn from(s: String) -> Self {
+        HelloError::Bad(s)
+    }
+}
+
 /// Reads a Hello frame; returns `(from, to, size, seq)`.
-fn read_hello(sock: &Socket, group_id: u64, deadline: Instant) -> std::result::Result<[u64; 4], String> {
-    let raw = read_small(sock, Vec::new(), HEADER_LEN + HELLO_LEN, deadline).map_err(|e| e.to_string())?;
-    let h = super::header::decode_header(&raw[..HEADER_LEN]).map_err(|e| e.to_string())?;
+fn read_hello(sock: &Socket, group_id: u64, deadline: Instant) -> std::result::Result<[u64; 4], HelloError> {
+    let raw = read_small(sock, Vec::new(), HEADER_LEN, deadline).map_err(HelloError::Io)?;
+    let h = super::header::decode_header(&raw).map_err(|e| e.to_string())?;
+    if h.kind == FrameKind::Abort {
+        let payload = read_small(sock, Vec::new(), h.len as usize, deadline).map_err(HelloError::Io)?;
+        let reason = AbortInfo::decode(&payload).map(|i| i.reason).unwrap_or_default();
+        return Err(format!("connection refused by the peer: {reason}").into());
+    }
     if h.kind != FrameKind::Op(OpCode::Hello) || h.len != HELLO_LEN as u64 {
-        return Err(format!("expected a hello frame, got {} of {} bytes", h.kind.name(), h.len));
+        return Err(format!("expected a hello frame, got {} of {} bytes", h.kind.name(), h.len).into());
     }
     if h.group_id != group_id {
-        return Err(format!("hello for group id {:#x}, this group is {group_id:#x}", h.group_id));
+        return Err(format!("hello for group id {:#x}, this group is {group_id:#x}", h.group_id).into());
     }
+    let raw = read_small(sock, Vec::new(), HELLO_LEN, deadline).map_err(HelloError::Io)?;
     let f = |i: usize| {
         let mut a = [0u8; 8];
-        a.copy_from_slice(&raw[HEADER_LEN + 8 * i..HEADER_LEN + 8 * i + 8]);
+        a.copy_from_slice(&raw[8 * i..8 * i + 8]);
         u64::from_le_bytes(a)
     };
     Ok([f(0), f(1), f(2), h.seq])
@@ -215,7 +244,31 @@ fn accept_one(
     sock.set_nonblocking(true).map_err(|e| e.to_string())?;
     tune(&sock).map_err(|e| e.to_string())?;
     let deadline = spec.deadline.min(Instant::now() + HELLO_GRACE);
-    let [from, to, size, _] = read_hello(&sock, spec.group_id, deadline)?;
+    let res = check_hello(spec, &sock, peers, deadline);
+    if let Err(why) = &res {
+        // Tell a rankweave dialer why (an ABORT frame); others just see the close.
+        let info = AbortInfo {
+            kind: AbortKind::Other,
+            culprit: spec.rank as u64,
+            reporter: spec.rank as u64,
+            reason: format!("rank {} of group {} rejected the handshake: {why}", spec.rank, spec.name),
+        };
+        let payload = info.encode();
+        let hdr = Header { kind: FrameKind::Abort, group_id: spec.group_id, seq: 0, len: payload.len() as u64 };
+        let mut frame = hdr.encode().to_vec();
+        frame.extend_from_slice(&payload);
+        let _ = write_small(&sock, &frame, Instant::now() + Duration::from_millis(100));
+    }
+    res.map(|from| (from, sock))
+}
+
+fn check_hello(
+    spec: &MeshSpec<'_>,
+    sock: &Socket,
+    peers: &[Option<Socket>],
+    deadline: Instant,
+) -> std::result::Result<usize, String> {
+    let [from, to, size, _] = read_hello(sock, spec.group_id, deadline).map_err(|e| e.to_string())?;
     let from = from as usize;
     if to as usize != spec.rank || size as usize != spec.size {
         return Err(format!(
@@ -230,8 +283,8 @@ fn accept_one(
         return Err(format!("duplicate connection from rank {from}"));
     }
     let ack = hello(spec.group_id, 1, spec.rank, from, spec.size);
-    write_small(&sock, &ack, deadline).map_err(|e| format!("answering hello: {e}"))?;
-    Ok((from, sock))
+    write_small(sock, &ack, deadline).map_err(|e| format!("answering hello: {e}"))?;
+    Ok(from)
 }
 
 /// Connects to lower rank `peer`, retrying refused connects until the deadline.
@@ -281,10 +334,14 @@ fn dial(spec: &MeshSpec<'_>, peer: usize, start: Instant) -> Result<Socket> {
                         spec.ctx("connect").with_peer(peer),
                         format!("rank {peer} at {addr} answered as rank {from} (to {to}, size {size})"),
                     )),
-                    Err(why) if why.contains("timed out") => {
+                    Err(HelloError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
                         Err(spec.timeout_err(start, Some(peer), format!("rank {peer} to answer the handshake")))
                     }
-                    Err(why) => Err(Error::protocol(spec.ctx("connect").with_peer(peer), why)),
+                    Err(HelloError::Io(e)) => Err(Error::PeerLost {
+                        ctx: spec.ctx("connect").with_peer(peer),
+                        detail: format!("rank {peer} lost: {e} during the handshake (at {addr})"),
+                    }),
+                    Err(HelloError::Bad(why)) => Err(Error::protocol(spec.ctx("connect").with_peer(peer), why)),
                 };
             }
             Err(e) => {
