@@ -8,6 +8,34 @@ use std::io::Write;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+/// Counts allocations per thread, to check the hot path allocates nothing.
+struct CountingAlloc;
+
+thread_local! {
+    static ALLOCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: forwards every call unchanged to the system allocator; the counter
+// is a const-initialized thread-local without a destructor.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+fn allocations() -> u64 {
+    ALLOCS.with(|c| c.get())
+}
+
 fn opts(timeout: Duration) -> GroupOptions {
     GroupOptions { timeout, transport: TransportKind::Tcp, listen_host: "127.0.0.1".into() }
 }
@@ -356,4 +384,23 @@ fn ipv6_loopback_works_where_available() {
         return;
     }
     exchange_over("::1");
+}
+
+#[test]
+fn steady_state_exchanges_allocate_nothing() {
+    spawn(3, T, |g| {
+        let t = g.transport();
+        let me = g.rank();
+        let (to, from) = ((me + 1) % 3, (me + 2) % 3);
+        let data = pattern(me, 1 << 20);
+        let mut buf = vec![0u8; 1 << 20];
+        let deadline = soon(20);
+        let before = allocations();
+        for step in 0..50u64 {
+            let tag = Tag::new(OpCode::ReduceScatter, step);
+            let len = if step % 2 == 0 { 1 << 20 } else { 8 };
+            t.send_recv(to, tag, &data[..len], from, tag, &mut buf[..len], deadline).unwrap();
+        }
+        assert_eq!(allocations() - before, 0, "rank {me} allocated on the hot path");
+    });
 }

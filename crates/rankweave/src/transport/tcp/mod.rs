@@ -283,7 +283,8 @@ impl TcpTransport {
     }
 
     fn check_header(&self, tag: Tag, inc: &mut Incoming<'_>) -> HeaderVerdict {
-        let ctx = self.ctx(tag);
+        // Built only on failure: the success path allocates nothing.
+        let ctx = || self.ctx(tag);
         let peer = inc.peer;
         let h = match decode_header(&inc.hdr) {
             Ok(h) => h,
@@ -293,7 +294,7 @@ impl TcpTransport {
                     other => other.to_string(),
                 };
                 return HeaderVerdict::Reject(
-                    Error::protocol(ctx.with_peer(peer), format!("from rank {peer}: {detail}")).into(),
+                    Error::protocol(ctx().with_peer(peer), format!("from rank {peer}: {detail}")).into(),
                 );
             }
         };
@@ -308,14 +309,14 @@ impl TcpTransport {
                 reporter: peer as u64,
                 reason: "aborted (unreadable reason)".into(),
             });
-            return HeaderVerdict::Reject(Box::new(self.failure_from_abort(ctx, &info)));
+            return HeaderVerdict::Reject(Box::new(self.failure_from_abort(ctx(), &info)));
         }
         let want = (tag.op.name(), tag.seq, inc.buf.len() as u64);
         let got = (h.kind.name(), h.seq, h.len);
         if h.group_id != self.group_id {
             return HeaderVerdict::Reject(
                 Error::Mismatch {
-                    ctx: ctx.with_peer(peer),
+                    ctx: ctx().with_peer(peer),
                     detail: format!(
                         "rank {} expected group id {:#x} from rank {peer}, got {:#x}",
                         self.rank, self.group_id, h.group_id
@@ -327,7 +328,7 @@ impl TcpTransport {
         if h.kind != FrameKind::Op(tag.op) || h.seq != tag.seq || h.len != inc.buf.len() as u64 {
             return HeaderVerdict::Reject(
                 Error::Mismatch {
-                    ctx: ctx.with_peer(peer),
+                    ctx: ctx().with_peer(peer),
                     detail: format!(
                         "rank {} expected {} seq {} of {} bytes from rank {peer}, got {} seq {} of {} bytes",
                         self.rank, want.0, want.1, want.2, got.0, got.1, got.2
