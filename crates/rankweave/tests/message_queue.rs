@@ -1,6 +1,8 @@
 //! The shared-memory broadcaster with readers as threads (and one real child
 //! process killed with SIGKILL).
 
+mod common;
+
 use rankweave::message_queue::{Handle, MessageQueue, MqOptions};
 use rankweave::Error;
 use serde::{Deserialize, Serialize};
@@ -309,4 +311,43 @@ fn a_sigkilled_reader_process_does_not_wedge_the_writer() {
     assert!(start.elapsed() < Duration::from_secs(5));
     assert!(matches!(err, Error::PeerLost { .. }), "{err}");
     assert_eq!(err.peer(), Some(1));
+}
+
+#[test]
+fn create_from_process_group_with_one_to_four_readers() {
+    for n in 2..=5 {
+        let writer = n - 2; // not always rank 0
+        let got = common::run_group(n, |pg| {
+            let q = MessageQueue::create_from_process_group(&pg, 1024, 4, writer).unwrap();
+            let h = q.handle().clone();
+            let mut seen = Vec::new();
+            for m in 0..50usize {
+                let obj = (m, "x".repeat(m * 37)); // grows past the chunk: overflow
+                if pg.rank() == writer {
+                    q.broadcast_object(Some(obj)).unwrap();
+                } else {
+                    let got: (usize, String) = q.broadcast_object(None).unwrap();
+                    assert_eq!(got, obj);
+                    seen.push(got.0);
+                }
+            }
+            (h, seen)
+        });
+        for (r, (h, seen)) in got.iter().enumerate() {
+            assert_eq!(h.writer_rank, writer);
+            let mut readers = h.local_reader_ranks.clone();
+            readers.sort_unstable();
+            assert_eq!(readers, (0..n).filter(|&q| q != writer).collect::<Vec<_>>(), "all threads share a node");
+            assert!(h.remote_reader_ranks.is_empty());
+            if r != writer {
+                assert_eq!(*seen, (0..50).collect::<Vec<_>>());
+            }
+        }
+    }
+}
+
+#[test]
+fn same_node_as_sees_every_thread_rank() {
+    let got = common::run_group(3, |pg| rankweave::message_queue::same_node_as(&pg, 1).unwrap());
+    assert!(got.iter().all(|v| *v == vec![true; 3]));
 }

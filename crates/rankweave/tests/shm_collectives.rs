@@ -1,6 +1,8 @@
 //! Shared-memory collectives with ranks as threads, checked against a
 //! straightforward reference on exactly representable data.
 
+mod common;
+
 use half::{bf16, f16};
 use rankweave::transport::shm::{ShmComm, ShmOptions};
 use rankweave::{DType, Error, HashStore, ReduceOp};
@@ -378,5 +380,58 @@ fn bad_arguments_are_errors_not_panics() {
         assert!(matches!(e2, Error::InvalidArgument(_)), "{e2}");
         assert!(matches!(e3, Error::InvalidArgument(_)), "{e3}");
         assert!(matches!(e4, Error::InvalidArgument(_)), "rank {r}: {e4}");
+    }
+}
+
+/// The shared-memory collectives against the TCP ones (a real process group
+/// over an in-process store) on the same inputs, including random floats
+/// where only the reduction order decides the bits.
+#[test]
+fn shm_matches_the_tcp_process_group() {
+    for n in 1..=6 {
+        common::run_group(n, |pg| {
+            let r = pg.rank();
+            let mut comm = ShmComm::create(r, n, pg.name(), &*pg.store(), "shm-vs-tcp", &small_opts()).unwrap();
+            for dtype in DType::ALL {
+                for op in ReduceOp::ALL {
+                    for count in [0, 1, 7, 1000] {
+                        let input = common::input(dtype, op, r, count);
+                        let (mut a, mut b) = (input.clone(), input);
+                        pg.all_reduce_bytes(&mut a, dtype, op).unwrap();
+                        comm.all_reduce(&mut b, dtype, op).unwrap();
+                        assert!(a == b, "n={n} {dtype} {op} count={count} rank {r}");
+                        assert!(a == common::expected(dtype, op, n, count), "n={n} {dtype} {op} count={count}");
+                    }
+                }
+            }
+            // Random f32 data with two ranks: both reduce in the same order.
+            if n <= 2 {
+                let mut rng = common::Rng(0x9e37_79b9 + r as u64);
+                let vals: Vec<f32> = (0..3000).map(|_| (rng.next_u64() % 1_000_000) as f32 * 1.37e-3).collect();
+                let (mut a, mut b) = (vals.clone(), vals);
+                pg.all_reduce(&mut a, ReduceOp::Sum).unwrap();
+                comm.all_reduce(bytemuck::cast_slice_mut(&mut b), DType::F32, ReduceOp::Sum).unwrap();
+                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "random f32 n={n}");
+            }
+            for s in [0usize, 5, 1000, 5000] {
+                let input = common::pattern(r, s, 3);
+                let mut a = vec![0u8; n * s];
+                let mut b = vec![0u8; n * s];
+                pg.all_gather_bytes(&input, &mut a).unwrap();
+                comm.all_gather(&input, &mut b).unwrap();
+                assert_eq!(a, b, "all_gather n={n} s={s}");
+                let root = s % n;
+                let (mut a, mut b) = (input.clone(), input.clone());
+                pg.broadcast_bytes(&mut a, root).unwrap();
+                comm.broadcast(&mut b, root).unwrap();
+                assert_eq!(a, b, "broadcast n={n} s={s}");
+                let big = common::input(DType::I32, ReduceOp::Sum, r, n * s);
+                let mut a = vec![0u8; 4 * s];
+                let mut b = vec![0u8; 4 * s];
+                pg.reduce_scatter_bytes(&big, &mut a, DType::I32, ReduceOp::Sum).unwrap();
+                comm.reduce_scatter(&big, &mut b, DType::I32, ReduceOp::Sum).unwrap();
+                assert_eq!(a, b, "reduce_scatter n={n} s={s}");
+            }
+        });
     }
 }

@@ -45,11 +45,9 @@
 //! Rank 0 unlinks the segment's name as soon as every rank has attached, so
 //! nothing stays in `/dev/shm` even when ranks are killed later.
 
-mod kernels;
-
 use crate::dtype::DType;
 use crate::error::{Context, Error, Result};
-use crate::reduce::ReduceOp;
+use crate::reduce::{finish_avg, reduce_into, ReduceOp};
 use crate::store::Store;
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::Backoff;
@@ -475,10 +473,10 @@ impl ShmComm {
             let p = (self.step & 1) as usize;
             buf.copy_from_slice(self.inline(0, p, len));
             for j in 1..n {
-                kernels::reduce_into(buf, self.inline(j, p, len), dtype, op);
+                reduce_into(buf, self.inline(j, p, len), dtype, op);
             }
             if op == ReduceOp::Avg {
-                kernels::finish_avg(buf, dtype, n);
+                finish_avg(buf, dtype, n);
             }
             return Ok(());
         }
@@ -488,10 +486,10 @@ impl ShmComm {
             self.step(code, d, None)?;
             buf.copy_from_slice(self.slot(0, u, 0, len));
             for j in 1..n {
-                kernels::reduce_into(buf, self.slot(j, u, 0, len), dtype, op);
+                reduce_into(buf, self.slot(j, u, 0, len), dtype, op);
             }
             if op == ReduceOp::Avg {
-                kernels::finish_avg(buf, dtype, n);
+                finish_avg(buf, dtype, n);
             }
             return Ok(());
         }
@@ -506,10 +504,10 @@ impl ShmComm {
                 let mine = &mut buf[off + lo..off + hi];
                 mine.copy_from_slice(self.slot(0, u, lo, hi - lo));
                 for j in 1..n {
-                    kernels::reduce_into(mine, self.slot(j, u, lo, hi - lo), dtype, op);
+                    reduce_into(mine, self.slot(j, u, lo, hi - lo), dtype, op);
                 }
                 if op == ReduceOp::Avg {
-                    kernels::finish_avg(mine, dtype, n);
+                    finish_avg(mine, dtype, n);
                 }
                 // Own slot, own share: only this rank reads it during step A.
                 self.write_slot(u, lo, mine);
@@ -774,10 +772,10 @@ impl ShmComm {
             let out = &mut output[off..off + c];
             out.copy_from_slice(self.slot(0, u, r * c, c));
             for j in 1..n {
-                kernels::reduce_into(out, self.slot(j, u, r * c, c), dtype, op);
+                reduce_into(out, self.slot(j, u, r * c, c), dtype, op);
             }
             if op == ReduceOp::Avg {
-                kernels::finish_avg(out, dtype, n);
+                finish_avg(out, dtype, n);
             }
             off += c;
             if off >= s {
