@@ -131,11 +131,27 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(chunks: usize, chunk_bytes: usize, readers: usize) -> Layout {
+    /// The geometry, or an error when it does not fit in memory (a handle
+    /// from elsewhere may carry anything).
+    fn new(chunks: usize, chunk_bytes: usize, readers: usize) -> Result<Layout> {
+        let too_big = || {
+            Error::invalid(format!(
+                "message queue of {chunks} chunks of {chunk_bytes} bytes for {readers} readers is too large"
+            ))
+        };
+        if chunks == 0 {
+            return Err(Error::invalid("message queue with 0 chunks"));
+        }
+        // Every length below stays under 2^62: no overflow anywhere.
+        const MAX: usize = 1 << 40;
+        if chunks > MAX / 64 || chunk_bytes > MAX || readers > MAX / 64 {
+            return Err(too_big());
+        }
         let stride = (CHUNK_HEADER + chunk_bytes).div_ceil(LINE) * LINE;
-        let flags = HEADER + chunks * stride;
+        let flags = chunks.checked_mul(stride).and_then(|x| x.checked_add(HEADER)).ok_or_else(too_big)?;
         let reader_stride = (chunks * 8).div_ceil(LINE) * LINE;
-        Layout { chunks, chunk_bytes, stride, readers, flags, reader_stride, len: flags + readers * reader_stride }
+        let len = readers.checked_mul(reader_stride).and_then(|x| x.checked_add(flags)).ok_or_else(too_big)?;
+        Ok(Layout { chunks, chunk_bytes, stride, readers, flags, reader_stride, len })
     }
 }
 
@@ -327,7 +343,7 @@ impl MessageQueue {
         let shm = if local_reader_ranks.is_empty() {
             None
         } else {
-            let layout = Layout::new(max_chunks, max_chunk_bytes, local_reader_ranks.len());
+            let layout = Layout::new(max_chunks, max_chunk_bytes, local_reader_ranks.len())?;
             let seg = ShmSegment::create_unique("mq", layout.len)?;
             let words = [MAGIC, local_reader_ranks.len() as u64, max_chunks as u64, max_chunk_bytes as u64];
             // SAFETY: the fresh segment has at least HEADER bytes and nobody else knows its name yet.
@@ -378,7 +394,7 @@ impl MessageQueue {
         }
         let shm = match (index, &handle.segment) {
             (Some(_), Some(name)) => {
-                let layout = Layout::new(handle.max_chunks, handle.max_chunk_bytes, handle.local_reader_ranks.len());
+                let layout = Layout::new(handle.max_chunks, handle.max_chunk_bytes, handle.local_reader_ranks.len())?;
                 let seg = ShmSegment::open(name, layout.len)?;
                 let mut words = [0u64; 4];
                 // SAFETY: the segment has at least HEADER bytes; the writer

@@ -263,6 +263,12 @@ fn handles_round_trip_and_reject_garbage() {
     assert_eq!(Handle::from_bytes(&h.to_bytes()).unwrap(), h);
     assert!(Handle::from_bytes(&[0xff; 3]).is_err());
     assert!(MessageQueue::from_handle(&h, 9, opts()).is_err());
+    // A handle with absurd sizes is an error, not a panic or an allocation.
+    for (chunks, bytes) in [(usize::MAX, 1), (1, usize::MAX), (1 << 30, 1 << 30), (0, 8)] {
+        let bad = Handle { max_chunks: chunks, max_chunk_bytes: bytes, ..h.clone() };
+        assert!(MessageQueue::from_handle(&bad, 1, opts()).is_err(), "{chunks} x {bytes}");
+    }
+    assert!(MessageQueue::new_writer(1, 0, usize::MAX, 2, opts()).is_err());
 }
 
 /// Child-process entry: a reader that reads two messages and then hangs

@@ -249,6 +249,16 @@ fn the_segment_name_is_gone_once_every_rank_attached() {
 }
 
 #[test]
+fn absurd_slot_sizes_are_errors() {
+    let store = HashStore::new();
+    for slot_bytes in [usize::MAX, usize::MAX / 2] {
+        let opts = ShmOptions { slot_bytes, ..small_opts() };
+        assert!(matches!(ShmComm::create(0, 2, "absurd", &store, "k", &opts), Err(Error::InvalidArgument(_))));
+    }
+    assert_eq!(rankweave::transport::shm::segment_bytes(usize::MAX, 4096), None);
+}
+
+#[test]
 fn different_slot_sizes_are_rejected() {
     let store = Arc::new(HashStore::new());
     let s2 = store.clone();

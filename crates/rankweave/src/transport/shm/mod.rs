@@ -95,14 +95,16 @@ impl Default for ShmOptions {
 
 impl ShmOptions {
     fn slot(&self) -> usize {
-        self.slot_bytes.max(2 * LINE).div_ceil(2 * LINE) * 2 * LINE
+        // Saturates; segment_bytes then reports the overflow.
+        self.slot_bytes.max(2 * LINE).checked_next_multiple_of(2 * LINE).unwrap_or(usize::MAX)
     }
 }
 
 /// Bytes of the segment for `size` ranks with `slot_bytes` per slot.
-pub fn segment_bytes(size: usize, slot_bytes: usize) -> usize {
-    let slot = ShmOptions { slot_bytes, ..Default::default() }.slot();
-    HEADER + size * 2 * LINE + size * slot
+/// `None` when it does not fit in the address space.
+pub fn segment_bytes(size: usize, slot_bytes: usize) -> Option<usize> {
+    let slot = slot_bytes.max(2 * LINE).checked_next_multiple_of(2 * LINE)?;
+    size.checked_mul(2 * LINE + slot)?.checked_add(HEADER)
 }
 
 /// One rank's handle on a group's shared-memory collectives.
@@ -200,7 +202,8 @@ impl ShmComm {
             return Err(Error::invalid(format!("shm communicator rank {rank} of {size}")));
         }
         let slot = opts.slot();
-        let len = segment_bytes(size, slot);
+        let len = segment_bytes(size, slot)
+            .ok_or_else(|| Error::invalid(format!("{size} shm slots of {slot} bytes do not fit in memory")))?;
         let seg = if rank == 0 {
             let seg = ShmSegment::create_unique(group, len)?;
             let words = [MAGIC, VERSION, size as u64, slot as u64];
