@@ -33,6 +33,9 @@
 //! The writer's wait has a deadline ([`MqOptions::timeout`]) and a periodic
 //! warning ([`MqOptions::warn_interval`]); both name the readers that have
 //! not read yet. A reader whose socket closed is reported as lost at once.
+//! A reader's own timeout ([`MqOptions::read_timeout`]) with nothing
+//! received leaves the queue intact: call `dequeue` again. Any other error
+//! poisons the queue ([`Error::Poisoned`] afterwards); build a new one.
 
 use crate::error::{Context, Error, Result};
 use crate::group::ProcessGroup;
@@ -284,6 +287,32 @@ fn write_full(sock: &mut TcpStream, parts: &[&[u8]], timeout: Duration, ctx: imp
         })?;
     }
     Ok(())
+}
+
+/// Waits up to `timeout` (`None`: for ever) until `sock` has bytes to read
+/// (or hit EOF, which the read that follows reports).
+fn wait_readable(sock: &TcpStream, timeout: Option<Duration>, ctx: impl Fn() -> Context) -> Result<()> {
+    let start = Instant::now();
+    let deadline = timeout.map(|t| start + t);
+    let mut b = [0u8; 1];
+    loop {
+        let left = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::timeout(ctx(), start.elapsed(), "the next message"));
+                }
+                Some(left)
+            }
+            None => None,
+        };
+        sock.set_read_timeout(left).map_err(|e| Error::io(ctx(), e))?;
+        match sock.peek(&mut b) {
+            Ok(_) => return Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(io_err(ctx(), e)),
+        }
+    }
 }
 
 /// True when the peer of `sock` hung up (EOF or reset). The peer never sends
@@ -625,7 +654,16 @@ impl MessageQueue {
     pub fn dequeue_with<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         let mut g = self.ready_lock()?;
         let r = match &mut g.role {
-            Role::Reader(r) => self.read_message(r, f),
+            Role::Reader(r) => {
+                let before = r.seq;
+                let res = self.read_message(r, f);
+                // Nothing arrived before the reader's timeout: the queue is
+                // intact and the caller may simply try again.
+                if matches!(res, Err(Error::Timeout { .. })) && r.seq == before {
+                    return res;
+                }
+                res
+            }
             Role::Writer(_) => {
                 Err(Error::invalid(format!("rank {} is the writer of {}; it cannot dequeue", self.rank, self.name())))
             }
@@ -778,6 +816,10 @@ impl MessageQueue {
         let (shm, i) = match (&r.shm, r.index) {
             (Some(shm), Some(i)) => (shm, i),
             _ => {
+                if let Err(e) = wait_readable(&r.sock, self.opts.read_timeout, ctx) {
+                    r.seq -= 1; // nothing consumed: the caller may retry
+                    return Err(e);
+                }
                 let bytes = self.read_frame(&mut r.sock, m)?;
                 return Ok(f(&bytes));
             }
@@ -805,6 +847,7 @@ impl MessageQueue {
                         }
                     }
                     if deadline.is_some_and(|d| now >= d) {
+                        r.seq -= 1; // nothing consumed: the caller may retry
                         return Err(Error::timeout(
                             ctx(),
                             start.elapsed(),
@@ -856,7 +899,9 @@ impl MessageQueue {
     fn read_frame(&self, sock: &mut TcpStream, m: u64) -> Result<Vec<u8>> {
         let writer = self.handle.writer_rank;
         let ctx = || self.ctx("mq.dequeue", Some(writer));
-        let deadline = self.opts.read_timeout.map(|t| Instant::now() + t);
+        // The frame is announced (shared-memory overflow) or already waited
+        // for (remote readers): give it the full operation timeout.
+        let deadline = Some(Instant::now() + self.opts.timeout);
         let mut header = [0u8; 16];
         read_full(sock, &mut header, deadline, ctx)?;
         let seq = u64::from_le_bytes(header[..8].try_into().unwrap_or([0; 8]));

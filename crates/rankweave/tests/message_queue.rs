@@ -357,3 +357,32 @@ fn same_node_as_sees_every_thread_rank() {
     let got = common::run_group(3, |pg| rankweave::message_queue::same_node_as(&pg, 1).unwrap());
     assert!(got.iter().all(|v| *v == vec![true; 3]));
 }
+
+#[test]
+fn a_reader_timeout_can_be_retried() {
+    let o = MqOptions { read_timeout: Some(Duration::from_millis(50)), ..opts() };
+    let (w, readers) = queue(1, 1, 64, 2, o);
+    let ts: Vec<_> = readers
+        .into_iter()
+        .map(|q| {
+            std::thread::spawn(move || {
+                let mut timeouts = 0;
+                loop {
+                    match q.dequeue_bytes() {
+                        Ok(b) => return (timeouts, b),
+                        Err(Error::Timeout { .. }) => timeouts += 1,
+                        Err(e) => panic!("reader {}: {e}", q.rank()),
+                    }
+                }
+            })
+        })
+        .collect();
+    w.wait_until_ready().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    w.enqueue_bytes(b"late but fine").unwrap();
+    for t in ts {
+        let (timeouts, b) = t.join().unwrap();
+        assert!(timeouts >= 1);
+        assert_eq!(b, b"late but fine");
+    }
+}
