@@ -23,10 +23,11 @@
 //! - all_reduce, small (up to `ShmOptions::direct_all_reduce_bytes`): inputs
 //!   into the slots, one step, every rank reduces all inputs (`n * S` read).
 //! - all_reduce, large: per segment of one half: write input (S), step A,
-//!   reduce this rank's `1/n` share of every slot in rank order and store it
-//!   back into its own slot (`S + S/n`), step B, copy the other shares out
-//!   (`S`). Each element is computed by exactly one rank in a fixed order,
-//!   so every rank ends with bitwise identical results.
+//!   reduce this rank's `1/n` share: its own input, then every other slot in
+//!   rank order (`S`), store it back into its own slot (`S/n`), step B, copy
+//!   the other shares out (`S - S/n`). Each element is computed by exactly
+//!   one rank in a fixed order, so every rank ends with bitwise identical
+//!   results.
 //! - all_gather, broadcast: write, step, read; one step per segment.
 //! - reduce_scatter: each rank writes the matching segment of every output
 //!   block, step, reduces its own block's segments in rank order.
@@ -433,7 +434,7 @@ impl ShmComm {
     }
 
     /// In-place all_reduce of `buf` (elements of `dtype`); every rank gets
-    /// bitwise identical results, reduced in rank order.
+    /// bitwise identical results (see the module docs for the order).
     pub fn all_reduce(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         self.all_reduce_as(OpCode::AllReduce, None, buf, dtype, op)
     }
@@ -504,9 +505,10 @@ impl ShmComm {
             self.step(code, d, None)?;
             let (lo, hi) = share(c, es, n, self.rank);
             if lo < hi {
+                // `mine` still holds this rank's input: combine the others
+                // into it in rank order (saves a copy of the share).
                 let mine = &mut buf[off + lo..off + hi];
-                mine.copy_from_slice(self.slot(0, u, lo, hi - lo));
-                for j in 1..n {
+                for j in (0..n).filter(|&j| j != self.rank) {
                     reduce_into(mine, self.slot(j, u, lo, hi - lo), dtype, op);
                 }
                 if op == ReduceOp::Avg {
