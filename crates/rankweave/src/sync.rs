@@ -75,6 +75,13 @@ impl Backoff {
         self.step < SPIN_LIMIT
     }
 
+    /// Skips the spinning stage: the awaited peer cannot run while we spin
+    /// (it last ran on our core), so hand the core over at once.
+    #[inline]
+    pub(crate) fn skip_spin(&mut self) {
+        self.step = self.step.max(SPIN_LIMIT);
+    }
+
     /// Waits a little, longer with every call.
     #[inline]
     pub(crate) fn snooze(&mut self) {
@@ -100,6 +107,16 @@ impl Backoff {
         let cap = if started.elapsed() >= LONG_IDLE { IDLE_SLEEP_MAX } else { SLEEP_MAX };
         self.sleep = (self.sleep * 2).min(cap);
     }
+}
+
+/// The CPU this thread runs on now (`u32::MAX` when unknown); a hint only,
+/// the thread may migrate right after.
+#[inline]
+pub(crate) fn current_cpu() -> u32 {
+    // SAFETY: sched_getcpu takes no arguments and only reads the CPU number
+    // (vDSO on Linux); it returns -1 on failure, which maps to u32::MAX.
+    let c = unsafe { nix::libc::sched_getcpu() };
+    u32::try_from(c).unwrap_or(u32::MAX)
 }
 
 /// Polls `ready` with a [`Backoff`] until it returns true or `deadline`

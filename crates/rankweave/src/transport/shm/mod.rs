@@ -6,10 +6,13 @@
 //!   ([`ShmSegment`]), created by rank 0 and opened by the others.
 //! - **step**: one synchronization point. Each rank owns two control cache
 //!   lines (one per step parity); at step `e` it writes its line `e % 2`
-//!   (optional inline payload, an op descriptor, then the step number with
-//!   Release) and waits until every rank's line `e % 2` shows step `e`
+//!   (optional inline payload, an op descriptor, the CPU it runs on, then
+//!   the step number with Release) and waits until every rank's line `e % 2` shows step `e`
 //!   (Acquire). A step is therefore a barrier that can carry up to
 //!   [`INLINE_BYTES`] bytes per rank in the same cache line as the flag.
+//!   A rank waiting for a peer that last signalled from the waiter's own
+//!   CPU skips spinning and yields at once: that peer cannot run meanwhile
+//!   (ranks outnumbering cores).
 //! - **slot**: each rank's data area of `slot_bytes`, split into two
 //!   **halves**; consecutive transfer units alternate halves.
 //! - **unit**: one use of the slot halves (write, step, read). A rank writes
@@ -51,19 +54,21 @@ use crate::error::{Context, Error, Result};
 use crate::reduce::{finish_avg, reduce_into, ReduceOp};
 use crate::store::Store;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::Backoff;
+use crate::sync::{current_cpu, Backoff};
 use crate::sys::shm::ShmSegment;
 use crate::transport::OpCode;
 use std::time::{Duration, Instant};
 
-/// Inline payload bytes per control line (a 64-byte line minus the step and
-/// the descriptor).
-pub const INLINE_BYTES: usize = 48;
+/// Inline payload bytes per control line (a 64-byte line minus the step,
+/// the descriptor and the CPU hint).
+pub const INLINE_BYTES: usize = 40;
+/// Offset of the inline payload in a control line.
+const INLINE_AT: usize = 24;
 
 const LINE: usize = 64;
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 /// Interval of the warning that names the ranks a step waits for.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -315,6 +320,12 @@ impl ShmComm {
         unsafe { &*self.line(j, p).add(8).cast::<AtomicU64>() }
     }
 
+    /// The CPU rank `j` ran on when it last signalled on line `p` (a hint).
+    fn line_cpu(&self, j: usize, p: usize) -> &AtomicU64 {
+        // SAFETY: as above, 16 bytes from the line start.
+        unsafe { &*self.line(j, p).add(16).cast::<AtomicU64>() }
+    }
+
     /// Inline payload of rank `j`'s line `p`, read side.
     fn inline(&self, j: usize, p: usize, len: usize) -> &[u8] {
         assert!(len <= INLINE_BYTES);
@@ -322,7 +333,7 @@ impl ShmComm {
         // the caller reads only after the Acquire load of that line's step
         // and before its own next step, while the owner writes them again
         // only two steps later (see the module docs).
-        unsafe { std::slice::from_raw_parts(self.line(j, p).add(16), len) }
+        unsafe { std::slice::from_raw_parts(self.line(j, p).add(INLINE_AT), len) }
     }
 
     /// Start of half `u % 2` of rank `j`'s slot.
@@ -361,19 +372,22 @@ impl ShmComm {
         let p = (e & 1) as usize;
         if let Some(data) = inline {
             assert!(data.len() <= INLINE_BYTES);
-            // SAFETY: this rank's own line, bytes 16..64; readers of step e-2
+            // SAFETY: this rank's own line, bytes 24..64; readers of step e-2
             // are done (they signalled step e-1 before we got here).
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.line(self.rank, p).add(16), data.len()) };
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.line(self.rank, p).add(INLINE_AT), data.len()) };
         }
         self.line_desc(self.rank, p).store(d, Ordering::Relaxed);
+        let my_cpu = current_cpu();
+        self.line_cpu(self.rank, p).store(my_cpu as u64, Ordering::Relaxed);
         // Release: publishes the inline bytes, the descriptor and every slot
         // write of this step; pairs with the Acquire load below on the peers.
         self.line_step(self.rank, p).store(e, Ordering::Release);
 
-        let start = Instant::now();
-        let deadline = start + self.timeout;
-        let mut next_warn = start + WARN_INTERVAL;
+        // The clock starts after the spinning stage: most steps end before.
+        let mut start: Option<Instant> = None;
+        let mut warn_after = WARN_INTERVAL;
         let mut next = 0;
+        let mut hinted = usize::MAX;
         let mut backoff = Backoff::new();
         while next < self.size {
             // Acquire: pairs with the Release store of the step on rank `next`.
@@ -381,27 +395,37 @@ impl ShmComm {
                 next += 1;
                 continue;
             }
-            let now = if backoff.is_spinning() { None } else { Some(Instant::now()) };
-            if now.is_some_and(|t| t >= next_warn) {
-                next_warn += WARN_INTERVAL;
-                tracing::warn!(
-                    group = %self.group,
-                    "{} on rank {} has waited {:.0?} for rank(s) {:?}",
-                    op.name(),
-                    self.rank,
-                    start.elapsed(),
-                    self.late(p, e)
-                );
+            if hinted != next {
+                hinted = next;
+                // Where the late rank signalled its previous step (the other
+                // line). If that is our core, it cannot run while we spin.
+                if my_cpu != u32::MAX && self.line_cpu(next, 1 - p).load(Ordering::Relaxed) == my_cpu as u64 {
+                    backoff.skip_spin();
+                }
             }
-            if now.is_some_and(|t| t >= deadline) {
-                let late = self.late(p, e);
-                if !late.is_empty() {
-                    let err = Error::timeout(
-                        self.ctx(op).with_peer(late[0]),
-                        start.elapsed(),
-                        format!("rank(s) {late:?} to arrive at step {e} of the shared-memory segment"),
+            if !backoff.is_spinning() {
+                let now = Instant::now();
+                let waited = now - *start.get_or_insert(now);
+                if waited >= warn_after {
+                    warn_after += WARN_INTERVAL;
+                    tracing::warn!(
+                        group = %self.group,
+                        "{} on rank {} has waited {waited:.0?} for rank(s) {:?}",
+                        op.name(),
+                        self.rank,
+                        self.late(p, e)
                     );
-                    return Err(self.fail(err));
+                }
+                if waited >= self.timeout {
+                    let late = self.late(p, e);
+                    if !late.is_empty() {
+                        let err = Error::timeout(
+                            self.ctx(op).with_peer(late[0]),
+                            waited,
+                            format!("rank(s) {late:?} to arrive at step {e} of the shared-memory segment"),
+                        );
+                        return Err(self.fail(err));
+                    }
                 }
             }
             backoff.snooze();
