@@ -946,7 +946,7 @@ impl MessageQueue {
         if writer_rank >= n {
             return Err(Error::invalid(format!("writer rank {writer_rank} in a group of {n}")));
         }
-        let same = same_node_as(group, writer_rank)?;
+        let same = in_the_same_node_as(group, writer_rank)?;
         let mut handle_bytes = Vec::new();
         let mut writer = None;
         if me == writer_rank {
@@ -981,9 +981,9 @@ impl MessageQueue {
 /// segment holding a random word, every rank tries to read it back, and the
 /// answers are all-gathered. Inside containers without a shared `/dev/shm`
 /// this reads as "another node", which is what shared memory needs.
-pub fn same_node_as(group: &ProcessGroup, src: usize) -> Result<Vec<bool>> {
+pub fn in_the_same_node_as(group: &ProcessGroup, src: usize) -> Result<Vec<bool>> {
     let (me, n) = (group.rank(), group.size());
-    let ctx = || Context::new("same_node_as", group.name(), me).with_peer(src);
+    let ctx = || Context::new("in_the_same_node_as", group.name(), me).with_peer(src);
     let word = token();
     let probe = if me == src {
         let seg = ShmSegment::create_unique("probe", 64)?;

@@ -353,8 +353,8 @@ fn create_from_process_group_with_one_to_four_readers() {
 }
 
 #[test]
-fn same_node_as_sees_every_thread_rank() {
-    let got = common::run_group(3, |pg| rankweave::message_queue::same_node_as(&pg, 1).unwrap());
+fn in_the_same_node_as_sees_every_thread_rank() {
+    let got = common::run_group(3, |pg| rankweave::message_queue::in_the_same_node_as(&pg, 1).unwrap());
     assert!(got.iter().all(|v| *v == vec![true; 3]));
 }
 
