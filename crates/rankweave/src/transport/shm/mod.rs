@@ -25,10 +25,10 @@
 //!   rank reduces all `n` inputs itself in rank order.
 //! - all_reduce, small (up to `ShmOptions::direct_all_reduce_bytes`): inputs
 //!   into the slots, one step, every rank reduces all inputs (`n * S` read).
-//! - all_reduce, large: per segment of one half: write input (S), step A,
-//!   reduce this rank's `1/n` share: its own input, then every other slot in
-//!   rank order (`S`), store it back into its own slot (`S/n`), step B, copy
-//!   the other shares out (`S - S/n`). Each element is computed by exactly
+//! - all_reduce, large: per segment of one half: write the input but this
+//!   rank's own `1/n` share (`S - S/n`), step A, reduce the own share: its
+//!   own input, then every other slot in rank order (`S`), store it into its
+//!   own slot (`S/n`), step B, copy the other shares out (`S - S/n`). Each element is computed by exactly
 //!   one rank in a fixed order, so every rank ends with bitwise identical
 //!   results.
 //! - all_gather, broadcast: write, step, read; one step per segment.
@@ -525,9 +525,12 @@ impl ShmComm {
         while off < len {
             let c = self.half.min(len - off);
             let u = self.next_unit();
-            self.write_slot(u, 0, &buf[off..off + c]);
-            self.step(code, d, None)?;
             let (lo, hi) = share(c, es, n, self.rank);
+            // Publish every share but our own: nobody else reads it before
+            // step B, when it holds the result.
+            self.write_slot(u, 0, &buf[off..off + lo]);
+            self.write_slot(u, hi, &buf[off + hi..off + c]);
+            self.step(code, d, None)?;
             if lo < hi {
                 // `mine` still holds this rank's input: combine the others
                 // into it in rank order (saves a copy of the share).
