@@ -561,10 +561,12 @@ impl GroupCoordinator {
         if self.world_size() == 1 {
             return obj.ok_or_else(missing);
         }
+        if obj.is_none() && self.rank_in_group() == src {
+            return Err(missing());
+        }
         let g = self.groups()?;
         self.check_collective(&g, op, |f| f.arg(src as i64))?;
-        if self.rank_in_group() == src {
-            let obj = obj.ok_or_else(missing)?;
+        if let (true, Some(obj)) = (self.rank_in_group() == src, obj) {
             self.broadcast_blob(&g, Some(codec::encode_object(&obj)?), src, op)?;
             Ok(obj)
         } else {
@@ -648,13 +650,15 @@ impl GroupCoordinator {
             return tensor_dict.cloned().ok_or_else(missing);
         }
         self.check_rank(op, "src", src)?;
-        let g = self.groups()?;
-        self.check_collective(&g, op, |f| f.arg(src as i64))?;
-        if self.rank_in_group() == src {
-            let dict = tensor_dict.ok_or_else(missing)?;
-            for t in dict.tensors() {
+        let is_src = self.rank_in_group() == src;
+        if is_src {
+            for t in tensor_dict.ok_or_else(missing)?.tensors() {
                 t.check_cpu()?;
             }
+        }
+        let g = self.groups()?;
+        self.check_collective(&g, op, |f| f.arg(src as i64))?;
+        if let (true, Some(dict)) = (is_src, tensor_dict) {
             let (meta, _) = codec::encode_dict_metadata(dict)?;
             self.broadcast_blob(&g, Some(meta), src, op)?;
             let mut out = dict.clone();

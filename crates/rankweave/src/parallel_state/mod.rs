@@ -3,7 +3,7 @@
 //!
 //! [`ParallelState`] is an explicit value that owns the groups, so several
 //! independent states can live in one process (ranks as threads in tests).
-//! The seed's free functions ([`init_distributed_environment`],
+//! The seed's free functions (`init_distributed_environment`,
 //! [`initialize_model_parallel`], [`get_tp_group`], ...) are thin wrappers
 //! over one process-wide state, [`global_state`].
 //!
