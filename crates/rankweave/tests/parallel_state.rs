@@ -177,8 +177,16 @@ fn process_wide_free_functions() {
     ps::destroy_model_parallel();
     ps::destroy_distributed_environment();
     assert!(matches!(ps::get_tp_group(), Err(Error::NotInitialized(_))));
-    let fresh: SharedStore = Arc::new(PrefixStore::new("again", store));
-    ps::init_distributed_environment_with_store(fresh, 1, 0, 0).unwrap();
+    drop(store);
+    // A fresh init through the seed's entry point (a TCP store on a free port).
+    assert!(matches!(
+        ps::init_distributed_environment(1, 0, "tcp://127.0.0.1:0", -1, "nccl"),
+        Err(Error::Unsupported(_))
+    ));
+    ps::init_distributed_environment(1, 0, "tcp://127.0.0.1:0", -1, "gloo").unwrap();
+    ps::init_distributed_environment(1, 0, "tcp://127.0.0.1:0", -1, "gloo").unwrap();
+    assert!(ps::init_distributed_environment(2, 0, "tcp://127.0.0.1:0", -1, "gloo").is_err());
+    assert_eq!(ps::get_world_group().unwrap().local_rank(), 0);
     ps::initialize_model_parallel_with(ModelParallelConfig::new(1, 1), None).unwrap();
     assert!(ps::model_parallel_is_initialized());
     ps::destroy_model_parallel();

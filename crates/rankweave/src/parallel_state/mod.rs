@@ -3,7 +3,7 @@
 //!
 //! [`ParallelState`] is an explicit value that owns the groups, so several
 //! independent states can live in one process (ranks as threads in tests).
-//! The seed's free functions (`init_distributed_environment`,
+//! The seed's free functions ([`init_distributed_environment`],
 //! [`initialize_model_parallel`], [`get_tp_group`], ...) are thin wrappers
 //! over one process-wide state, [`global_state`].
 //!
@@ -61,6 +61,9 @@ struct State {
     dp: Option<GroupCoordinator>,
     tp_patched: bool,
     backend: String,
+    /// The rendezvous store when this state made it (rank 0's handle keeps
+    /// the store server alive).
+    store: Option<SharedStore>,
     layout: Option<Layout>,
 }
 
@@ -99,10 +102,6 @@ fn check_backend(backend: &str) -> Result<String> {
             Err(Error::Unsupported(format!("backend `{other}`: this build runs CPU process groups only; use `gloo`")))
         }
     }
-}
-
-fn local_rank_from_env() -> Option<usize> {
-    std::env::var("LOCAL_RANK").ok()?.trim().parse().ok()
 }
 
 impl ParallelState {
@@ -170,17 +169,44 @@ impl ParallelState {
         Ok(())
     }
 
-    /// Resolves the seed's `local_rank == -1`: `LOCAL_RANK` with `env://`,
-    /// else the rank.
-    pub fn resolve_local_rank(local_rank: isize, init_method: &str, rank: usize) -> usize {
-        if local_rank >= 0 {
-            return local_rank as usize;
+    /// The seed's `init_distributed_environment`: meets the other ranks
+    /// through `init_method` (`env://` or `tcp://host:port`; see
+    /// [`crate::store::init::rendezvous`]) and builds the world group.
+    ///
+    /// `world_size` and `rank` of `-1` come from the environment (`env://`).
+    /// `local_rank == -1` means `LOCAL_RANK` (0 when unset) with `env://`,
+    /// else the rank. Called again once initialized, it only checks that the
+    /// world size matches.
+    pub fn init_distributed_environment(
+        &self,
+        world_size: isize,
+        rank: isize,
+        init_method: &str,
+        local_rank: isize,
+        backend: &str,
+    ) -> Result<()> {
+        let backend = check_backend(backend)?;
+        if let Some(w) = self.lock().world.clone() {
+            return if world_size >= 0 { check_same_world(&w, world_size as usize) } else { Ok(()) };
         }
-        if init_method == "env://" {
-            local_rank_from_env().unwrap_or(rank)
+        let rv = crate::store::init::rendezvous(
+            init_method,
+            usize::try_from(rank).ok(),
+            usize::try_from(world_size).ok(),
+            crate::store::default_timeout(),
+        )?;
+        let local_rank = if local_rank >= 0 {
+            local_rank as usize
+        } else if init_method.trim() == "env://" {
+            rv.local_rank.unwrap_or(0)
         } else {
-            rank
-        }
+            rv.rank
+        };
+        self.init_world_with_store(rv.store.clone(), rv.world_size, rv.rank, local_rank, GroupOptions::default())?;
+        let mut s = self.lock();
+        s.backend = backend;
+        s.store = Some(rv.store);
+        Ok(())
     }
 
     /// True once the world group exists.
@@ -344,6 +370,7 @@ impl ParallelState {
             w.destroy();
         }
         s.world_pg = None;
+        s.store = None;
     }
 }
 
@@ -385,6 +412,17 @@ impl Drop for TpGroupPatch<'_> {
 pub fn global_state() -> &'static ParallelState {
     static GLOBAL: OnceLock<ParallelState> = OnceLock::new();
     GLOBAL.get_or_init(ParallelState::new_global)
+}
+
+/// [`ParallelState::init_distributed_environment`] on the process-wide state.
+pub fn init_distributed_environment(
+    world_size: isize,
+    rank: isize,
+    init_method: &str,
+    local_rank: isize,
+    backend: &str,
+) -> Result<()> {
+    global_state().init_distributed_environment(world_size, rank, init_method, local_rank, backend)
 }
 
 /// [`ParallelState::init_world_with_store`] on the process-wide state.
@@ -490,9 +528,7 @@ mod tests {
     }
 
     #[test]
-    fn local_rank_resolution() {
-        assert_eq!(ParallelState::resolve_local_rank(3, "env://", 5), 3);
-        assert_eq!(ParallelState::resolve_local_rank(-1, "tcp://127.0.0.1:1", 5), 5);
+    fn backends() {
         assert_eq!(check_backend("GLOO").unwrap(), "gloo");
         assert!(matches!(check_backend("nccl"), Err(Error::Unsupported(_))));
     }
