@@ -112,4 +112,8 @@ fn four_processes_tp2_pp2() {
         .map(|(r, o)| format!("rank {r}: {}\n{}", o.status, String::from_utf8_lossy(&o.stderr)))
         .collect();
     assert!(failed.is_empty(), "workers failed:\n{}", failed.join("\n"));
+    for (rank, o) in &outs {
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains("1 passed"), "rank {rank} did not run the worker:\n{stdout}");
+    }
 }
