@@ -8,6 +8,7 @@
 //! checks that it is the matching half (`send` for `recv`, ...).
 
 use crate::dtype::DType;
+use crate::reduce::ReduceOp;
 
 /// Size of an encoded fingerprint on the wire.
 pub(crate) const FP_BYTES: usize = 64;
@@ -224,6 +225,15 @@ impl Fingerprint {
             parts.push(format!("{name} {}", self.arg));
         }
         match op {
+            Some(CoordOp::AllReduce) => {
+                // Sum is the seed's only reduction: name the others.
+                let red = usize::try_from(self.arg).ok().and_then(|i| ReduceOp::ALL.get(i));
+                match red {
+                    Some(ReduceOp::Sum) => {}
+                    Some(r) => parts.push(format!("op {r}")),
+                    None => parts.push(format!("op #{}", self.arg)),
+                }
+            }
             Some(CoordOp::Gather) => parts.push(format!("dim {}", self.arg2)),
             Some(CoordOp::BroadcastObjectList) => parts.push(format!("{} objects", self.arg2)),
             _ => {}
@@ -319,6 +329,14 @@ mod tests {
         assert_eq!(
             msg,
             "rank 1 called all_gather(shape [4, 8], float32, dim 0) while ranks 0, 2 called all_reduce(shape [4, 8], float32)"
+        );
+        let max = Fingerprint::new(CoordOp::AllReduce, 0).tensor(DType::F32, &[4, 8]).arg(ReduceOp::Max as i64);
+        let (_, msg) = compare(&[ar.clone(), max]).unwrap();
+        assert!(
+            msg.contains(
+                "all_reduce(shape [4, 8], float32, op max) while rank 0 called all_reduce(shape [4, 8], float32)"
+            ),
+            "{msg}"
         );
         let later = Fingerprint::new(CoordOp::AllReduce, 1).tensor(DType::F32, &[4, 8]);
         let (_, msg) = compare(&[ar, later]).unwrap();

@@ -429,7 +429,7 @@ impl GroupCoordinator {
         }
         input.check_cpu()?;
         let g = self.groups()?;
-        self.check_collective(&g, CoordOp::AllReduce, |f| f.tensor(input.dtype(), input.shape()).arg(op as i64))?;
+        self.check_collective(&g, CoordOp::AllReduce, |f| f.tensor(input.dtype(), input.shape()).arg(op_index(op)))?;
         let dtype = input.dtype();
         g.device.all_reduce_bytes(input.as_bytes_mut(), dtype, op)?;
         Ok(input)
@@ -446,7 +446,8 @@ impl GroupCoordinator {
         let d = normalize_dim(dim, input.shape())?;
         input.check_cpu()?;
         let g = self.groups()?;
-        self.check_collective(&g, CoordOp::AllGather, |f| f.tensor(input.dtype(), input.shape()).arg(dim as i64))?;
+        // The normalized dim, so that -1 and ndim - 1 compare equal.
+        self.check_collective(&g, CoordOp::AllGather, |f| f.tensor(input.dtype(), input.shape()).arg(d as i64))?;
         let mut shape = vec![n];
         shape.extend_from_slice(input.shape());
         let mut out = Tensor::zeros(shape, input.dtype())?;
@@ -466,7 +467,7 @@ impl GroupCoordinator {
         input.check_cpu()?;
         let g = self.groups()?;
         self.check_collective(&g, CoordOp::Gather, |f| {
-            f.tensor(input.dtype(), input.shape()).arg(dst as i64).arg2(dim as i32)
+            f.tensor(input.dtype(), input.shape()).arg(dst as i64).arg2(d as i32)
         })?;
         if self.rank_in_group() == dst {
             let mut shape = vec![n];
@@ -791,6 +792,11 @@ impl GroupCoordinator {
         self.inner.groups.write().unwrap_or_else(|e| e.into_inner()).take();
         self.inner.mq_broadcaster.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
+}
+
+/// Position of `op` in [`ReduceOp::ALL`], as fingerprints carry it.
+fn op_index(op: ReduceOp) -> i64 {
+    ReduceOp::ALL.iter().position(|o| *o == op).unwrap_or(0) as i64
 }
 
 /// Attaches `ctx` to a serialization error that lacks one.
