@@ -53,6 +53,15 @@ pub struct Layout {
 ///
 /// `world` must equal `tp * pp * dp`; the error names the numbers, as the
 /// seed's does.
+///
+/// ```
+/// use rankweave::parallel_state::model_parallel_layout;
+/// let l = model_parallel_layout(8, 2, 4, 1)?;
+/// assert_eq!(l.tp_groups, vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]);
+/// assert_eq!(l.pp_groups, vec![vec![0, 2, 4, 6], vec![1, 3, 5, 7]]);
+/// println!("{l}");
+/// # Ok::<(), rankweave::Error>(())
+/// ```
 pub fn model_parallel_layout(world: usize, tp: usize, pp: usize, dp: usize) -> Result<Layout> {
     if tp == 0 || pp == 0 || dp == 0 {
         return Err(Error::invalid(format!(

@@ -11,6 +11,25 @@
 //! then `initialize_model_parallel` (or `ensure_model_parallel_initialized`),
 //! then the work, then `destroy_model_parallel` and
 //! `destroy_distributed_environment` (after which a fresh init works).
+//!
+//! ```
+//! use rankweave::parallel_state::ParallelState;
+//! use rankweave::tensor::Tensor;
+//! use rankweave::HashStore;
+//! use std::sync::Arc;
+//!
+//! // A world of one over an in-process store (threads or real processes
+//! // use the same calls with more ranks).
+//! let state = ParallelState::init_with_store(Arc::new(HashStore::new()), 1, 0, 0)?;
+//! state.initialize_model_parallel(1, 1, None)?;
+//! let tp = state.get_tp_group()?;
+//! assert_eq!(tp.unique_name(), "tp:0");
+//! let x = tp.all_reduce(Tensor::vec1(&[1.0f32, 2.0]))?;
+//! assert_eq!(x.as_slice::<f32>()?, &[1.0, 2.0]);
+//! state.destroy_model_parallel();
+//! state.destroy_distributed_environment();
+//! # Ok::<(), rankweave::Error>(())
+//! ```
 
 mod layout;
 
