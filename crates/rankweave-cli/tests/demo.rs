@@ -50,8 +50,24 @@ fn demo(args: &[&str]) -> Run {
     Run { code: status.code(), stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
 }
 
-const TINY: [&str; 12] =
-    ["--hidden", "64", "--heads", "4", "--layers", "2", "--vocab", "128", "--tokens", "4", "--prompt-len", "3"];
+/// A model small enough for the debug build; seed 3 generates four different
+/// tokens, so the KV cache sees varied inputs.
+const TINY: [&str; 14] = [
+    "--hidden",
+    "64",
+    "--heads",
+    "4",
+    "--layers",
+    "2",
+    "--vocab",
+    "128",
+    "--tokens",
+    "4",
+    "--prompt-len",
+    "3",
+    "--seed",
+    "3",
+];
 
 fn check_layout(tp: usize, pp: usize) {
     let (tp_s, pp_s) = (tp.to_string(), pp.to_string());
@@ -67,6 +83,8 @@ fn check_layout(tp: usize, pp: usize) {
         assert!(r.stdout.contains(&format!("rank {rank}: tp group")), "rank {rank} missing: {all}");
     }
     assert!(r.stdout.contains("tokens/s"), "{all}");
+    assert!(r.stdout.contains("single-process reference: "), "{all}");
+    assert!(r.stdout.contains("tokens [44, 102, 19, 122]"), "the seeded model changed: {all}");
     if (tp, pp) == (2, 2) {
         assert!(r.stdout.contains("groups: tp [0, 1] [2, 3]; pp [0, 2] [1, 3]"), "{all}");
         assert!(
@@ -102,6 +120,20 @@ fn tp2_pp2() {
 #[test]
 fn tp4_pp1() {
     check_layout(4, 1);
+}
+
+#[test]
+fn fail_is_reported_with_a_non_zero_exit() {
+    // Summing two TP partials rounds differently from one full dot product,
+    // so a zero tolerance must fail (while the tokens still agree).
+    let mut args = vec!["--tp", "2", "--pp", "1", "--tolerance", "0"];
+    args.extend_from_slice(&TINY);
+    let r = demo(&args);
+    let all = format!("stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert_eq!(r.code, Some(1), "{all}");
+    assert!(r.stdout.contains("[0] FAIL: max |logit difference|"), "{all}");
+    assert!(!r.stdout.contains("token ids differ"), "{all}");
+    assert!(!r.stdout.contains("PASS"), "{all}");
 }
 
 #[test]
