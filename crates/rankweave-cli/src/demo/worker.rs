@@ -337,3 +337,37 @@ fn verify(args: &DemoArgs, cfg: &ModelConfig, prompt: &[i64], got: &Generation) 
         Ok(1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matrices_round_trip_through_tensors() {
+        let x = Array2::from_shape_fn((3, 4), |(i, j)| (10 * i + j) as f32);
+        let t = to_tensor(&x).unwrap();
+        assert_eq!(t.shape(), &[3, 4]);
+        assert_eq!(t.to_vec::<f32>().unwrap()[..5], [0.0, 1.0, 2.0, 3.0, 10.0]);
+        assert_eq!(to_array(&t).unwrap(), x);
+        // A transposed view is copied in logical order.
+        let xt = x.t().to_owned();
+        assert_eq!(to_array(&to_tensor(&x.t().to_owned()).unwrap()).unwrap(), xt);
+        let bad = Tensor::from_vec(vec![1.0f32; 6], vec![6]).unwrap();
+        assert!(to_array(&bad).unwrap_err().to_string().contains("expected a 2-D tensor"));
+    }
+
+    #[test]
+    fn op_times_count_calls_per_op() {
+        let t = OpTimes::default();
+        assert_eq!(t.time(Op::AllReduce, || 7), 7);
+        t.time(Op::AllReduce, || ());
+        t.time(Op::RecvDict, || std::thread::sleep(Duration::from_millis(2)));
+        let s = t.snapshot();
+        assert_eq!(s[0].1, 2);
+        assert_eq!(s[4].1, 1);
+        assert!(s[4].0 >= Duration::from_millis(2));
+        assert_eq!(s[1].1 + s[2].1 + s[3].1, 0);
+        t.reset();
+        assert!(t.snapshot().iter().all(|&(d, n)| d.is_zero() && n == 0));
+    }
+}
