@@ -358,11 +358,18 @@ fn leftover_shared_memory_of_the_job_is_removed() {
 #[test]
 fn demo_passes() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankweave"));
-    cmd.args(["demo", "--nproc", "3"]).env_remove("RANKWEAVE_JOB_ID");
+    // A tiny three-stage pipeline; tests/demo.rs covers the other layouts.
+    let tiny = ["--hidden", "32", "--heads", "2", "--layers", "3", "--vocab", "64", "--tokens", "3"];
+    cmd.args(["demo", "--nproc", "3", "--tp", "1", "--pp", "3"]).args(tiny).env_remove("RANKWEAVE_JOB_ID");
     let r = run(cmd);
     assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
-    assert_eq!(r.stdout.lines().filter(|l| l.ends_with("environment ok")).count(), 3, "{}", r.stdout);
-    assert!(r.stdout.lines().any(|l| l.starts_with("PASS")), "{}", r.stdout);
+    assert_eq!(
+        r.stdout.lines().filter(|l| l.contains("] rank ") && l.contains(": tp group")).count(),
+        3,
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.lines().any(|l| l.starts_with("[0] PASS")), "{}", r.stdout);
 }
 
 #[test]
