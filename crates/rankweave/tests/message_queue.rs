@@ -386,3 +386,10 @@ fn a_reader_timeout_can_be_retried() {
         assert_eq!(b, b"late but fine");
     }
 }
+
+#[test]
+fn queues_and_communicators_can_be_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<MessageQueue>();
+    send_sync::<rankweave::transport::shm::ShmComm>();
+}
