@@ -3,6 +3,8 @@
 //! per-call times, the maximum over ranks).
 //!
 //! `cargo run --release -p rankweave --example shm_bench`
+//! (`SHM_BENCH_SIZES=8,1024` picks the all_reduce sizes,
+//! `SHM_BENCH_DIRECT=BYTES` the largest all_reduce on the one-step path).
 
 use rankweave::message_queue::{MessageQueue, MqOptions};
 use rankweave::transport::shm::{ShmComm, ShmOptions};
@@ -57,7 +59,10 @@ fn comms(n: usize) -> Vec<ShmComm> {
         .map(|r| {
             let store = store.clone();
             std::thread::spawn(move || {
-                let opts = ShmOptions { timeout: Duration::from_secs(60), ..Default::default() };
+                let mut opts = ShmOptions { timeout: Duration::from_secs(60), ..Default::default() };
+                if let Some(b) = std::env::var("SHM_BENCH_DIRECT").ok().and_then(|v| v.parse().ok()) {
+                    opts.direct_all_reduce_bytes = b;
+                }
                 ShmComm::create(r, n, "bench", &*store, "k", &opts).unwrap()
             })
         })
@@ -91,7 +96,11 @@ fn small() -> Small {
 
 fn main() {
     println!("op,ranks,bytes,median_us,busbw_GBps");
-    for bytes in [8usize, 1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20] {
+    let sizes: Vec<usize> = match std::env::var("SHM_BENCH_SIZES") {
+        Ok(v) => v.split(',').filter_map(|s| s.parse().ok()).collect(),
+        Err(_) => vec![8, 1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20],
+    };
+    for bytes in sizes {
         let n = 2;
         let iters = if bytes <= 1 << 16 { 20000 } else { (256 << 20) / bytes }.max(20);
         let states: Vec<(ShmComm, Vec<u8>)> = comms(n)
