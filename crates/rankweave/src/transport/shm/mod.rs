@@ -46,6 +46,10 @@
 //! timeout gets [`Error::Timeout`] naming every late rank. After either, the
 //! communicator is poisoned (see [`Error::Poisoned`]).
 //!
+//! Each rank also records its pid: a waiting step checks every 100 ms that
+//! the late ranks' processes still exist and reports a vanished one as
+//! [`Error::PeerLost`] at once instead of at the timeout.
+//!
 //! Rank 0 unlinks the segment's name as soon as every rank has attached, so
 //! nothing stays in `/dev/shm` even when ranks are killed later.
 
@@ -66,9 +70,13 @@ pub const INLINE_BYTES: usize = 40;
 const INLINE_AT: usize = 24;
 
 const LINE: usize = 64;
+/// Control bytes per rank: two step lines and one line about the process.
+const CTRL: usize = 3 * LINE;
+/// How often a waiting step checks that late ranks' processes still exist.
+const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 2;
+const VERSION: u64 = 3;
 /// Interval of the warning that names the ranks a step waits for.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -111,7 +119,7 @@ impl ShmOptions {
 /// `None` when it does not fit in the address space.
 pub fn segment_bytes(size: usize, slot_bytes: usize) -> Option<usize> {
     let slot = slot_bytes.max(2 * LINE).checked_next_multiple_of(2 * LINE)?;
-    size.checked_mul(2 * LINE + slot)?.checked_add(HEADER)
+    size.checked_mul(CTRL + slot)?.checked_add(HEADER)
 }
 
 /// One rank's handle on a group's shared-memory collectives.
@@ -155,6 +163,12 @@ fn describe(desc: u64) -> String {
         s += &format!(" with root {root}");
     }
     s
+}
+
+/// The inode of this process's pid namespace (0 when unknown).
+fn pid_namespace() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino())
 }
 
 /// Splits `len` bytes of `esize`-byte elements into `n` shares aligned to
@@ -250,6 +264,9 @@ impl ShmComm {
             unit: 0,
             poisoned: None,
         };
+        comm.info(rank, 0).store(std::process::id() as u64, Ordering::Relaxed);
+        comm.info(rank, 1).store(pid_namespace(), Ordering::Relaxed);
+        // The hello step's Release store publishes the process line.
         comm.step(OpCode::Hello, desc(OpCode::Hello, None, None, None, 0), None)?;
         // Everyone has the mapping: the name is no longer needed.
         comm.seg.unlink();
@@ -307,7 +324,7 @@ impl ShmComm {
     fn line(&self, j: usize, p: usize) -> *mut u8 {
         debug_assert!(j < self.size && p < 2);
         // SAFETY: HEADER + (j*2+p+1)*LINE <= segment length by construction.
-        unsafe { self.seg.as_ptr().add(HEADER + (j * 2 + p) * LINE) }
+        unsafe { self.seg.as_ptr().add(HEADER + j * CTRL + p * LINE) }
     }
 
     fn line_step(&self, j: usize, p: usize) -> &AtomicU64 {
@@ -319,6 +336,34 @@ impl ShmComm {
     fn line_desc(&self, j: usize, p: usize) -> &AtomicU64 {
         // SAFETY: as above, 8 bytes further.
         unsafe { &*self.line(j, p).add(8).cast::<AtomicU64>() }
+    }
+
+    /// Rank `j`'s process: word 0 its pid, word 1 its pid namespace.
+    fn info(&self, j: usize, w: usize) -> &AtomicU64 {
+        debug_assert!(j < self.size && w < 2);
+        // SAFETY: the third line of rank j's control block, 8-byte aligned,
+        // inside the mapping, only accessed atomically.
+        unsafe { &*self.seg.as_ptr().add(HEADER + j * CTRL + 2 * LINE + w * 8).cast::<AtomicU64>() }
+    }
+
+    /// A late rank whose process no longer exists, if any. Only ranks in our
+    /// pid namespace can be checked (a pid means nothing across namespaces),
+    /// and a killed process counts as gone once it has been reaped.
+    fn vanished(&self, mut late: impl Iterator<Item = usize>) -> Option<usize> {
+        let me = std::process::id() as u64;
+        let ns = self.info(self.rank, 1).load(Ordering::Relaxed);
+        if ns == 0 {
+            return None;
+        }
+        late.find(|&j| {
+            let pid = self.info(j, 0).load(Ordering::Relaxed);
+            pid != 0
+                && pid != me
+                && self.info(j, 1).load(Ordering::Relaxed) == ns
+                && i32::try_from(pid).is_ok_and(|pid| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH)
+                })
+        })
     }
 
     /// The CPU rank `j` ran on when it last signalled on line `p` (a hint).
@@ -340,7 +385,7 @@ impl ShmComm {
     /// Start of half `u % 2` of rank `j`'s slot.
     fn slot_ptr(&self, j: usize, u: u64) -> *mut u8 {
         // SAFETY: slots follow the control lines; j < size, the half fits.
-        unsafe { self.seg.as_ptr().add(HEADER + self.size * 2 * LINE + j * self.slot + (u as usize & 1) * self.half) }
+        unsafe { self.seg.as_ptr().add(HEADER + self.size * CTRL + j * self.slot + (u as usize & 1) * self.half) }
     }
 
     /// Read view of `len` bytes at `off` in half `u % 2` of rank `j`'s slot.
@@ -387,6 +432,7 @@ impl ShmComm {
         // The clock starts after the spinning stage: most steps end before.
         let mut start: Option<Instant> = None;
         let mut warn_after = WARN_INTERVAL;
+        let mut check_after = LIVENESS_EVERY;
         let mut next = 0;
         let mut hinted = usize::MAX;
         let mut backoff = Backoff::new();
@@ -416,6 +462,16 @@ impl ShmComm {
                         self.rank,
                         self.late(p, e)
                     );
+                }
+                if waited >= check_after {
+                    check_after = waited + LIVENESS_EVERY;
+                    if let Some(j) = self.vanished(self.late(p, e).into_iter()) {
+                        let err = Error::PeerLost {
+                            ctx: self.ctx(op).with_peer(j),
+                            detail: format!("the process of rank {j} exited before step {e}"),
+                        };
+                        return Err(self.fail(err));
+                    }
                 }
                 if waited >= self.timeout {
                     let late = self.late(p, e);
