@@ -66,8 +66,9 @@ pub struct MqOptions {
     /// Longest a reader waits for the next message; `None` waits for ever
     /// (an idle worker waiting for its next request), still warning.
     pub read_timeout: Option<Duration>,
-    /// Interval of the warning that names the readers (or the writer) being
-    /// waited for.
+    /// Interval of the writer's warning that names the readers it waits for
+    /// (readers waiting for the writer only log at debug level: idle is
+    /// normal for them).
     pub warn_interval: Duration,
     /// Address the writer's listener binds to (port 0: the OS picks).
     pub listen_host: String,
@@ -856,7 +857,10 @@ impl MessageQueue {
                     }
                     if now >= next_warn {
                         next_warn = now + self.opts.warn_interval;
-                        tracing::warn!(queue = %self.name(), "reader rank {} has waited {:.0?} for message {m} from writer rank {writer}", self.rank, start.elapsed());
+                        // An idle reader is normal (a worker between
+                        // requests): say so only at debug level. A dead
+                        // writer is caught by the hang-up check above.
+                        tracing::debug!(queue = %self.name(), "reader rank {} has waited {:.0?} for message {m} from writer rank {writer}", self.rank, start.elapsed());
                     }
                 }
                 backoff.snooze();
