@@ -393,3 +393,17 @@ fn queues_and_communicators_can_be_shared_across_threads() {
     send_sync::<MessageQueue>();
     send_sync::<rankweave::transport::shm::ShmComm>();
 }
+
+#[test]
+fn a_wildcard_listener_advertises_a_reachable_address() {
+    let o = MqOptions { listen_host: "0.0.0.0".into(), ..opts() };
+    let (w, readers) = queue(0, 1, 64, 2, o);
+    assert!(!w.handle().addr.starts_with("0.0.0.0"), "{}", w.handle().addr);
+    let hs = spawn_readers(readers, 20, 64);
+    for m in 0..20 {
+        w.enqueue_bytes(&message(m, 64)).unwrap();
+    }
+    for h in hs {
+        assert_eq!(h.join().unwrap(), 20);
+    }
+}
