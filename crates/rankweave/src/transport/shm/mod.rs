@@ -222,7 +222,8 @@ impl ShmComm {
         if size == 0 || rank >= size {
             return Err(Error::invalid(format!("shm communicator rank {rank} of {size}")));
         }
-        let slot = opts.slot();
+        // A group of one never moves data: keep its segment tiny.
+        let slot = if size == 1 { 2 * LINE } else { opts.slot() };
         let len = segment_bytes(size, slot)
             .ok_or_else(|| Error::invalid(format!("{size} shm slots of {slot} bytes do not fit in memory")))?;
         let seg = if rank == 0 {
