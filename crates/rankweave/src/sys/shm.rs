@@ -145,16 +145,18 @@ impl ShmSegment {
         Self::map(name, len, true)
     }
 
-    /// Creates a segment named `/rankweave-<job>-<purpose>-<n>` with a
+    /// Creates a segment named `/rankweave-<job>-<purpose>-<pid>-<n>` with a
     /// process-wide counter `n`, skipping names that already exist (left by an
-    /// earlier process of the same job id).
+    /// earlier process of the same job id and a recycled pid).
     pub fn create_unique(purpose: &str, len: usize) -> Result<Self> {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         check_free_space(len as u64)?;
         let mut last = None;
         for _ in 0..16 {
             let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let name = segment_name(&format!("{purpose}-{n}"));
+            // The pid keeps processes apart: every TP group may be called
+            // `tp:0`, and each process counts from 0.
+            let name = segment_name(&format!("{purpose}-{}-{n}", std::process::id()));
             match Self::map(&name, len, true) {
                 Ok(seg) => return Ok(seg),
                 Err(Error::SharedMemory(m)) if m.contains("EEXIST") => last = Some(m),
