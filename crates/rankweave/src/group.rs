@@ -60,6 +60,32 @@ impl Default for GroupOptions {
 /// the group is poisoned (every member is told, see
 /// [`crate::transport::tcp`]): later calls return [`Error::Poisoned`]; drop
 /// or [`ProcessGroup::destroy`] it and build a new one.
+///
+/// ```
+/// use rankweave::{GroupOptions, HashStore, ProcessGroup, ReduceOp, SharedStore};
+/// use std::sync::Arc;
+///
+/// // Two ranks as threads meeting at an in-process store.
+/// let store: SharedStore = Arc::new(HashStore::new());
+/// let ranks: Vec<_> = (0..2)
+///     .map(|rank: usize| {
+///         let store = store.clone();
+///         std::thread::spawn(move || -> rankweave::Result<()> {
+///             let world = ProcessGroup::new_world(store, rank, 2, GroupOptions::default())?;
+///             let mut x = [rank as f32 + 1.0; 4];
+///             world.all_reduce(&mut x, ReduceOp::Sum)?;
+///             assert_eq!(x, [3.0; 4]);
+///             let pair = world.new_group(&[1, 0], "pair")?.expect("every rank is a member");
+///             assert_eq!((pair.name(), pair.rank()), ("pair:0", 1 - rank));
+///             Ok(())
+///         })
+///     })
+///     .collect();
+/// for r in ranks {
+///     r.join().unwrap()?;
+/// }
+/// # Ok::<(), rankweave::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct ProcessGroup {
     inner: Arc<Inner>,
