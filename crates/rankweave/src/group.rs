@@ -370,7 +370,19 @@ impl ProcessGroup {
         let OpState { seq, scratch, .. } = &mut *state;
         let mut comm =
             Comm { transport: &inner.transport, seq: *seq, deadline: Instant::now() + inner.opts.timeout, scratch };
+        // A panic inside the algorithm leaves the streams mid-operation: close
+        // the group so that peers and later calls fail instead of desynchronizing.
+        struct CloseOnPanic<'a>(&'a TcpTransport);
+        impl Drop for CloseOnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.close();
+                }
+            }
+        }
+        let guard = CloseOnPanic(&inner.transport);
         let res = f(&mut comm);
+        drop(guard);
         if let Err(e) = &res {
             inner.transport.abort(e);
         }

@@ -426,3 +426,14 @@ fn a_rank_leaving_mid_all_reduce_fails_every_survivor_naming_it() {
         assert!(at.saturating_duration_since(left) < Duration::from_secs(3), "rank {r} took too long");
     }
 }
+
+#[test]
+fn a_panic_inside_an_operation_closes_the_group() {
+    spawn(2, |g| {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            g.with_comm(|_| -> rankweave::Result<()> { panic!("bug in an algorithm") })
+        }));
+        assert!(caught.is_err());
+        assert!(matches!(g.barrier(), Err(Error::Poisoned { .. })));
+    });
+}
