@@ -303,7 +303,9 @@ impl ProcessGroup {
     pub fn timeout(&self) -> Duration {
         self.inner.opts.timeout
     }
-    /// The transport collectives use in this group.
+    /// The transport collectives use in this group. Today always
+    /// [`TransportKind::Tcp`]: `Auto` resolves to TCP until the shared-memory
+    /// transport is wired into groups, and `Shm` is refused at creation.
     pub fn transport_kind(&self) -> TransportKind {
         TransportKind::Tcp
     }
