@@ -54,7 +54,6 @@ fn wrong_output_length_is_rejected() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_all_gather() {
     for n in [1, 2, 3, 4] {
         run_group(n, |pg| {

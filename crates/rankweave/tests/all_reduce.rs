@@ -188,7 +188,6 @@ fn dropped_peer_is_lost() {
 
 /// The same matrix through real process groups (TCP between threads).
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_all_reduce() {
     for n in [1, 2, 3, 4] {
         run_group(n, |pg| {
@@ -206,5 +205,24 @@ fn group_all_reduce() {
             pg.all_reduce_bytes(&mut big, DType::F32, ReduceOp::Sum).unwrap();
             assert!(big == expected(DType::F32, ReduceOp::Sum, n, LARGE));
         });
+    }
+}
+
+/// Over TCP: rank 0 all_reduces 10 elements, rank 1 12 (and a large pair
+/// on the ring path): both ranks return an error promptly, no hang.
+#[test]
+fn group_mismatched_sizes_fail_on_both_ranks() {
+    for (a, b) in [(10usize, 12usize), (100_000, 100_001)] {
+        let start = std::time::Instant::now();
+        let res = run_group(2, |pg| {
+            let mut buf = vec![1.0f32; if pg.rank() == 0 { a } else { b }];
+            pg.all_reduce(&mut buf, ReduceOp::Sum)
+        });
+        assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+        for (r, e) in res.iter().enumerate() {
+            let e = e.as_ref().unwrap_err();
+            assert!(e.poisons_group(), "rank {r}: {e}");
+        }
+        assert!(res.iter().any(|e| matches!(e, Err(Error::Mismatch { .. }))), "{res:?}");
     }
 }

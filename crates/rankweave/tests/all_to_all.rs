@@ -51,7 +51,6 @@ fn wrong_lengths_are_rejected() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_all_to_all() {
     for n in [1, 2, 3, 4] {
         run_group(n, |pg| {

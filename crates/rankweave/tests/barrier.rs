@@ -51,7 +51,6 @@ fn missing_rank_times_out() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_barrier() {
     for n in [1, 2, 3, 5] {
         let entered = AtomicUsize::new(0);

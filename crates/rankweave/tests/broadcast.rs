@@ -58,7 +58,6 @@ fn bad_root_is_rejected() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_broadcast() {
     for n in [1, 2, 3, 4] {
         run_group(n, |pg| {

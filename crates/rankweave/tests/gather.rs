@@ -53,7 +53,6 @@ fn root_without_output_is_rejected() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_gather() {
     for n in [1, 2, 3, 4] {
         run_group(n, |pg| {

@@ -58,7 +58,6 @@ fn matrix_large_count() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_reduce() {
     for n in [1, 2, 3, 4] {
         run_group(n, |pg| {

@@ -53,7 +53,6 @@ fn root_input_length_is_checked() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_scatter() {
     for n in [1, 2, 3, 4] {
         run_group(n, |pg| {

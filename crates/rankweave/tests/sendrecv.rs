@@ -82,7 +82,6 @@ fn recv_deadline() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_send_recv() {
     for n in [2, 3, 4] {
         run_group(n, |pg| {
