@@ -322,10 +322,22 @@ macro_rules! int_kernel {
             }
             #[inline(always)]
             fn div_n(buf: &mut [$t], n: usize) {
-                // In i64 so that n > <$t>::MAX (e.g. 200 ranks on i8) still divides.
-                let n = i64::try_from(n).unwrap_or(i64::MAX);
-                for x in buf.iter_mut() {
-                    *x = (*x as i64 / n) as $t;
+                if std::mem::size_of::<$t>() <= 4 {
+                    // Truncating division through f64, which vectorizes
+                    // (integer division does not): for |x| < 2^53 the f64
+                    // quotient is off by less than 2^-53 * |x| / n < 1 / n,
+                    // the least distance from a non-integer x / n to an
+                    // integer, so truncation gives exactly x / n.
+                    let nf = n as f64;
+                    for x in buf.iter_mut() {
+                        *x = (*x as f64 / nf).trunc() as $t;
+                    }
+                } else {
+                    // In i64 so that any n (even above <$t>::MAX) divides.
+                    let n = i64::try_from(n).unwrap_or(i64::MAX);
+                    for x in buf.iter_mut() {
+                        *x = (*x as i64 / n) as $t;
+                    }
                 }
             }
         }
@@ -529,6 +541,22 @@ mod tests {
         let mut b = bytes(&[3.0f32, -1.5]);
         finish_avg(&mut b, DType::F32, 3);
         assert_eq!(bytemuck::cast_slice::<u8, f32>(&b), &[1.0, -0.5]);
+    }
+
+    #[test]
+    fn int_avg_truncates_exactly() {
+        for n in [2usize, 3, 7, 8, 100, 255, 256, 1000, 1 << 40] {
+            let v: Vec<i8> = (i8::MIN..=i8::MAX).collect();
+            let mut b = bytes(&v);
+            finish_avg(&mut b, DType::I8, n);
+            let want: Vec<i8> = v.iter().map(|x| (*x as i64 / n as i64) as i8).collect();
+            assert_eq!(bytemuck::cast_slice::<u8, i8>(&b), &want[..], "n={n}");
+            let v: Vec<i32> = [i32::MIN, i32::MIN + 1, -7, -1, 0, 1, 5, 6, 7, 1 << 30, i32::MAX - 1, i32::MAX].to_vec();
+            let mut b = bytes(&v);
+            finish_avg(&mut b, DType::I32, n);
+            let want: Vec<i32> = v.iter().map(|x| (*x as i64 / n as i64) as i32).collect();
+            assert_eq!(bytemuck::cast_slice::<u8, i32>(&b), &want[..], "n={n}");
+        }
     }
 
     #[test]
