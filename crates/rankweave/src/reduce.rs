@@ -81,10 +81,12 @@ impl std::str::FromStr for ReduceOp {
 // With `-C target-cpu=native` on this machine (AVX-512) the f32 Sum loop
 // also used `vaddps` on zmm registers.
 //
-// Measured on this (shared, loaded) 2-core machine with a release build,
-// 1 MiB buffers, GB/s of input: f32 Sum ~16, f32 Max ~10, bf16 Sum ~2.2-3.7,
-// f16 Sum ~0.8-1.3 (integer conversion, no F16C), memcpy ~15-20. Run
-// `cargo bench -p rankweave --bench reduce` for the full table.
+// Measured with `cargo bench -p rankweave --bench reduce` (1 MiB, GB/s of
+// input, on this shared 2-core machine under load, so +-30%): f32 Sum 20,
+// Max 31; f64 Sum 19; bf16 Sum 8, Max 15; f16 Sum 2.5, Prod 1.0 (integer
+// conversions, no F16C); i32 Sum 15; memcpy of the same bytes 12-22. All
+// but f16 reduce at about memcpy speed, well above what the transports
+// move.
 // ---------------------------------------------------------------------------
 
 /// Elements per stack chunk for the unaligned path.
