@@ -55,7 +55,7 @@ fn wrong_output_length_is_rejected() {
 
 #[test]
 fn group_all_gather() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5, 8] {
         run_group(n, |pg| {
             for count in [0usize, 1, 7, 1000, 100_000] {
                 let want: Vec<u8> = (0..n).flat_map(|k| pattern(k, count, count)).collect();

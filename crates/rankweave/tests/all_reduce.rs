@@ -189,7 +189,7 @@ fn dropped_peer_is_lost() {
 /// The same matrix through real process groups (TCP between threads).
 #[test]
 fn group_all_reduce() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5, 8] {
         run_group(n, |pg| {
             let r = pg.rank();
             for dtype in DType::ALL {

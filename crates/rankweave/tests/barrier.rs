@@ -52,7 +52,7 @@ fn missing_rank_times_out() {
 
 #[test]
 fn group_barrier() {
-    for n in [1, 2, 3, 5] {
+    for n in [1, 2, 3, 5, 8] {
         let entered = AtomicUsize::new(0);
         run_group(n, |pg| {
             for round in 0..5 {

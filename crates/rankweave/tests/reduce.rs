@@ -59,7 +59,7 @@ fn matrix_large_count() {
 
 #[test]
 fn group_reduce() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5, 8] {
         run_group(n, |pg| {
             for dtype in DType::ALL {
                 for op in ReduceOp::ALL {

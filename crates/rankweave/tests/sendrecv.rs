@@ -83,7 +83,7 @@ fn recv_deadline() {
 
 #[test]
 fn group_send_recv() {
-    for n in [2, 3, 4] {
+    for n in [2, 3, 4, 7] {
         run_group(n, |pg| {
             let (r, n) = (pg.rank(), pg.size());
             for len in [0usize, 1, 7, 1000, 1 << 20] {
