@@ -226,3 +226,25 @@ fn group_mismatched_sizes_fail_on_both_ranks() {
         assert!(res.iter().any(|e| matches!(e, Err(Error::Mismatch { .. }))), "{res:?}");
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Any world size, length and segment size: the ring and recursive
+    /// doubling give the exact result.
+    #[test]
+    fn any_shape(n in 1usize..=8, count in 0usize..3000, seg in 1usize..400, d in 0usize..8, o in 0usize..5) {
+        let (dtype, op) = (DType::ALL[d], ReduceOp::ALL[o]);
+        let want = expected(dtype, op, n, count);
+        let got = run_mem(n, |rk| {
+            let mut a = input(dtype, op, rk.rank(), count);
+            collectives::all_reduce_ring_with(&mut rk.comm(), &mut a, dtype, op, seg).unwrap();
+            let mut b = input(dtype, op, rk.rank(), count);
+            collectives::all_reduce_recursive_doubling(&mut rk.comm(), &mut b, dtype, op).unwrap();
+            (a, b)
+        });
+        for (r, (a, b)) in got.iter().enumerate() {
+            proptest::prop_assert!(a == &want, "ring rank {}: {}", r, first_diff(a, &want, dtype.size()));
+            proptest::prop_assert!(b == &want, "rd rank {}: {}", r, first_diff(b, &want, dtype.size()));
+        }
+    }
+}
