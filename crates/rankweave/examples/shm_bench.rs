@@ -130,6 +130,37 @@ fn main() {
         }
     }
 
+    // One-way latency: ping-pong over two queues, half the round trip.
+    {
+        let o = MqOptions {
+            timeout: Duration::from_secs(60),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let (a, ha) = MessageQueue::new_writer(1, 0, 4 << 20, 6, o.clone()).unwrap();
+        let (b, hb) = MessageQueue::new_writer(1, 0, 4 << 20, 6, o.clone()).unwrap();
+        let a_reader = MessageQueue::from_handle(&ha, 1, o.clone()).unwrap();
+        let b_reader = MessageQueue::from_handle(&hb, 1, o).unwrap();
+        let iters = 20000;
+        let echo = std::thread::spawn(move || {
+            for _ in 0..iters + 1000 {
+                let s: Small = a_reader.dequeue().unwrap();
+                b.enqueue(&s).unwrap();
+            }
+        });
+        let mut t = Vec::with_capacity(iters);
+        for i in 0..iters + 1000 {
+            let t0 = Instant::now();
+            a.enqueue(&small()).unwrap();
+            let _: Small = b_reader.dequeue().unwrap();
+            if i >= 1000 {
+                t.push(t0.elapsed().as_secs_f64() * 1e6 / 2.0);
+            }
+        }
+        echo.join().unwrap();
+        println!("mq_object_one_way_pingpong,2,{},{:.3},", postcard::to_allocvec(&small()).unwrap().len(), median(t));
+    }
+
     for readers in [1usize, 3] {
         let o = MqOptions {
             timeout: Duration::from_secs(60),
