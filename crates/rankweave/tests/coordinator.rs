@@ -357,3 +357,29 @@ fn debug_detail_reports_mismatched_collectives() {
         assert_eq!(e.peer(), Some(1));
     }
 }
+
+#[test]
+fn debug_detail_reports_mismatched_point_to_point_calls() {
+    let out = run_ranks(2, |rank, store| {
+        let s = rankweave::parallel_state::ParallelState::new();
+        let short = rankweave::GroupOptions { timeout: std::time::Duration::from_secs(5), ..coord_common::opts() };
+        s.init_world_with_store(store, 2, rank, rank, short).unwrap();
+        let w = world(&s);
+        w.set_debug_detail(true);
+        if rank == 0 {
+            // The receiver refuses after the fingerprint; whatever happens to
+            // this send (buffered or timed out), it must not hang.
+            let _ = w.send(&Tensor::zeros([4], DType::F32).unwrap(), Some(1));
+            None
+        } else {
+            Some(w.recv(&[4, 2], DType::F32, Some(0)).unwrap_err())
+        }
+    });
+    let e = out[1].as_ref().unwrap();
+    assert!(matches!(e, Error::Mismatch { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("rank 0 called send(shape [4], float32) while rank 1 called recv(shape [4, 2], float32)"),
+        "{msg}"
+    );
+}
