@@ -25,3 +25,4 @@ pub use error::{Context, Error, Result};
 pub use group::{GroupOptions, ProcessGroup, TransportKind};
 pub use reduce::ReduceOp;
 pub use store::{HashStore, PrefixStore, SharedStore, Store};
+pub use store::{Rendezvous, TcpStore, TcpStoreServer};

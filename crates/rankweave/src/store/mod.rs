@@ -5,10 +5,15 @@
 //! (`tcp` module) serves ranks in other processes and on other hosts.
 
 mod hash;
+pub mod init;
 mod prefix;
+pub mod protocol;
+pub mod tcp;
 
 pub use hash::HashStore;
+pub use init::{rendezvous, Rendezvous};
 pub use prefix::PrefixStore;
+pub use tcp::{TcpStore, TcpStoreServer};
 
 use crate::error::Result;
 use std::sync::Arc;

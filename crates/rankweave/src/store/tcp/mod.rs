@@ -1,0 +1,15 @@
+//! The TCP rendezvous store: a server ([`TcpStoreServer`]) that rank 0 or the
+//! launcher hosts, and a client ([`TcpStore`]) every rank uses.
+//!
+//! The wire format is described in [`crate::store::protocol`]. One
+//! connection carries one request at a time; the server gives every
+//! connection its own thread, so a client blocked in `get` or `wait` never
+//! delays another. With `RANKWEAVE_TOKEN` set (or a token given to the
+//! builders), both sides authenticate each connection first.
+
+mod client;
+mod server;
+
+pub(crate) use client::join_host_port;
+pub use client::{TcpStore, TcpStoreBuilder};
+pub use server::{TcpStoreServer, TcpStoreServerBuilder};
