@@ -407,7 +407,8 @@ impl Config {
 /// Runs `rankweave bench`. Returns the process exit code: 0 when every
 /// value checked out, 1 when some were wrong (or a spawned rank failed
 /// with that code). Communication failures are errors.
-pub fn run(args: &BenchArgs) -> Result<i32> {
+pub fn run(args: impl std::borrow::Borrow<BenchArgs>) -> Result<i32> {
+    let args: &BenchArgs = args.borrow();
     if args.op.trim().eq_ignore_ascii_case("plot") {
         return run_plot(args);
     }
@@ -439,14 +440,20 @@ fn run_spawner(cfg: &Config) -> Result<i32> {
 }
 
 fn rendezvous(cfg: &Config) -> Result<(SharedStore, usize, usize)> {
-    let _ = cfg.timeout;
-    Err(Error::Unsupported(
-        "env:// rendezvous is not available in this build yet; run the benchmark after the store lands".into(),
-    ))
+    let rv = rankweave::store::init::rendezvous("env://", None, None, cfg.timeout).map_err(|e| match e {
+        Error::InvalidArgument(m) => {
+            Error::invalid(format!("{m}; run under `rankweave launch`, or pass --nproc N to start N local ranks"))
+        }
+        other => other,
+    })?;
+    Ok((rv.store, rv.rank, rv.world_size))
 }
 
 fn run_worker(cfg: &Config) -> Result<i32> {
     let (store, rank, world) = rendezvous(cfg)?;
+    if let Some(code) = injected_failure(rank) {
+        return Ok(code);
+    }
     let progress = rank == 0 && cfg.csv.is_none() && cfg.json.is_none() && std::io::stderr().is_terminal();
     let mut out = Out::new(rank == 0, progress);
     let mut records = Vec::new();
@@ -467,6 +474,18 @@ fn run_worker(cfg: &Config) -> Result<i32> {
         }
     }
     Ok(if wrong > 0 { 1 } else { 0 })
+}
+
+/// Fault injection for the spawner's tests: with
+/// `RANKWEAVE_BENCH_FAIL_RANK=R`, rank R says so and exits with code 3
+/// right after the rendezvous, leaving its peers waiting for it.
+fn injected_failure(rank: usize) -> Option<i32> {
+    let r = std::env::var("RANKWEAVE_BENCH_FAIL_RANK").ok()?;
+    if r.trim().parse::<usize>().ok()? != rank {
+        return None;
+    }
+    eprintln!("rank {rank}: failing on purpose (RANKWEAVE_BENCH_FAIL_RANK={rank})");
+    Some(3)
 }
 
 /// Rank 0's output: stdout lines, and a progress line on a terminal.
