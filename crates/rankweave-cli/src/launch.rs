@@ -1,0 +1,516 @@
+//! `rankweave launch`: start the workers of one node and supervise them.
+//!
+//! torchrun's job for any program: every worker gets `RANK`, `LOCAL_RANK`,
+//! `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `GROUP_RANK` (the node rank),
+//! `MASTER_ADDR`, `MASTER_PORT`, `RANKWEAVE_JOB_ID` and, with more than one
+//! worker per node, `OMP_NUM_THREADS=1` unless it is already set.
+//!
+//! Supervision: each worker runs in its own process group. When one exits
+//! non-zero or dies from a signal, or the launcher gets SIGINT, SIGTERM or
+//! SIGHUP, every other worker's group gets SIGTERM, then SIGKILL after the
+//! grace period (at once on a second signal). The launcher exits with the
+//! first failed worker's code (128 + signal for a signal) or 128 + the signal
+//! it received. When a worker ends, whatever is left in its process group is
+//! killed, so nothing it started outlives the job. Finally the shared-memory
+//! segments named `rankweave-<job>-*` in `/dev/shm` are removed.
+//!
+//! With several nodes each node runs its own launcher; a failure is not
+//! propagated across nodes by the launcher (the workers' own timeouts do).
+
+mod adopt;
+mod output;
+mod signals;
+
+use output::{Forwarders, Stream};
+use rankweave::{Context, Error, Result};
+use std::ffi::OsString;
+use std::hash::{BuildHasher, Hasher};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// Master port used by default when there is more than one node.
+pub const DEFAULT_MULTINODE_PORT: u16 = 29500;
+
+/// How often the supervisor polls its workers and the signal flag.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Arguments of `rankweave launch`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example:\n  rankweave launch --nproc-per-node 4 -- sh -c 'echo rank $RANK of $WORLD_SIZE'")]
+pub struct LaunchArgs {
+    /// Worker processes to start on this node.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: usize,
+    /// Number of nodes in the job.
+    #[arg(long, value_name = "M", default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index, 0 <= K < M (exported as GROUP_RANK).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of rank 0's node, where the rendezvous store listens.
+    #[arg(long, value_name = "A", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Rendezvous port [default: a free port on one node, 29500 on several; 0 picks a free one].
+    #[arg(long, value_name = "P")]
+    pub master_port: Option<u16>,
+    /// Seconds between SIGTERM and SIGKILL when stopping workers.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    pub grace: f64,
+    /// Pass worker output through untouched instead of prefixing lines with `[rank] `.
+    #[arg(long)]
+    pub no_prefix: bool,
+    /// The program to run and its arguments (after `--`).
+    #[arg(value_name = "PROGRAM", trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<OsString>,
+}
+
+/// A validated description of one node's share of a job.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Workers on this node (at least 1).
+    pub nproc_per_node: usize,
+    /// Nodes in the job (at least 1).
+    pub nnodes: usize,
+    /// This node's index.
+    pub node_rank: usize,
+    /// `MASTER_ADDR` for the workers.
+    pub master_addr: String,
+    /// `MASTER_PORT`; `None` or 0 picks the default.
+    pub master_port: Option<u16>,
+    /// Time between SIGTERM and SIGKILL.
+    pub grace: Duration,
+    /// Prefix worker output lines with `[rank] `.
+    pub prefix: bool,
+    /// Program to run.
+    pub program: OsString,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+}
+
+impl JobSpec {
+    /// Checks the arguments; every problem is an `InvalidArgument` (exit 2).
+    pub fn from_args(a: LaunchArgs) -> Result<Self> {
+        if a.nproc_per_node == 0 {
+            return Err(Error::invalid("--nproc-per-node must be at least 1"));
+        }
+        if a.nnodes == 0 {
+            return Err(Error::invalid("--nnodes must be at least 1"));
+        }
+        if a.node_rank >= a.nnodes {
+            return Err(Error::invalid(format!(
+                "--node-rank {} is out of range for --nnodes {} (valid: 0..={})",
+                a.node_rank,
+                a.nnodes,
+                a.nnodes - 1
+            )));
+        }
+        if a.nproc_per_node.checked_mul(a.nnodes).is_none() {
+            return Err(Error::invalid("--nproc-per-node times --nnodes overflows"));
+        }
+        if a.master_addr.is_empty() {
+            return Err(Error::invalid("--master-addr must not be empty"));
+        }
+        if !a.grace.is_finite() || a.grace < 0.0 || a.grace > 86_400.0 {
+            return Err(Error::invalid(format!("--grace {} must be between 0 and 86400 seconds", a.grace)));
+        }
+        let mut command = a.command.into_iter();
+        let program = command.next().ok_or_else(|| {
+            Error::invalid("no program given; usage: rankweave launch --nproc-per-node N -- PROGRAM ARGS...")
+        })?;
+        Ok(JobSpec {
+            nproc_per_node: a.nproc_per_node,
+            nnodes: a.nnodes,
+            node_rank: a.node_rank,
+            master_addr: a.master_addr,
+            master_port: a.master_port,
+            grace: Duration::from_secs_f64(a.grace),
+            prefix: !a.no_prefix,
+            program,
+            args: command.collect(),
+        })
+    }
+
+    /// Total number of ranks in the job.
+    pub fn world_size(&self) -> usize {
+        self.nproc_per_node * self.nnodes
+    }
+}
+
+/// Runs `rankweave launch`; returns the exit code.
+pub fn run(args: LaunchArgs) -> Result<i32> {
+    run_job(&JobSpec::from_args(args)?)
+}
+
+/// Starts the workers of `spec`, supervises them until all have ended and
+/// cleans up; returns the launcher's exit code (0 when every worker exited 0).
+pub fn run_job(spec: &JobSpec) -> Result<i32> {
+    signals::install().map_err(|e| Error::io(Context::op("launch: install signal handlers"), e))?;
+    adopt::become_subreaper();
+    let port = match spec.master_port {
+        Some(p) if p != 0 => p,
+        _ if spec.nnodes > 1 && spec.master_port.is_none() => DEFAULT_MULTINODE_PORT,
+        _ => free_port()?,
+    };
+    let job = job_id();
+    tracing::info!(job, port, world = spec.world_size(), "launching {} workers", spec.nproc_per_node);
+
+    let mut forwarders = Forwarders::new();
+    let mut workers: Vec<Worker> = Vec::with_capacity(spec.nproc_per_node);
+    let mut code = None;
+    for local_rank in 0..spec.nproc_per_node {
+        let rank = spec.node_rank * spec.nproc_per_node + local_rank;
+        match spawn_worker(spec, local_rank, port, &job) {
+            Ok(mut child) => {
+                if spec.prefix {
+                    if let Some(out) = child.stdout.take() {
+                        forwarders.spawn(out, Stream::Stdout, rank, true);
+                    }
+                    if let Some(err) = child.stderr.take() {
+                        forwarders.spawn(err, Stream::Stderr, rank, true);
+                    }
+                }
+                let pid = Pid::from_raw(child.id() as i32);
+                workers.push(Worker { rank, pid, child, status: None });
+            }
+            Err(e) => {
+                output::message(&format!(
+                    "cannot start {:?} for rank {rank}: {e}; stopping {} started workers",
+                    spec.program,
+                    workers.len()
+                ));
+                code = Some(match e.kind() {
+                    std::io::ErrorKind::NotFound => 127,
+                    std::io::ErrorKind::PermissionDenied => 126,
+                    _ => 1,
+                });
+                break;
+            }
+        }
+    }
+    let code = match code {
+        None => supervise(&mut workers, spec.grace),
+        Some(code) => {
+            kill_and_reap(&mut workers);
+            code
+        }
+    };
+    let stray = adopt::kill_adopted(Duration::from_secs(2));
+    if stray > 0 {
+        tracing::warn!("killed {stray} processes the workers left running outside their process groups");
+    }
+    forwarders.finish(Duration::from_secs(2));
+    let removed = remove_job_segments(&job);
+    if removed > 0 {
+        tracing::info!(job, "removed {removed} shared-memory segments left in /dev/shm");
+    }
+    Ok(code)
+}
+
+/// The environment one worker gets on top of the launcher's.
+pub fn worker_env(spec: &JobSpec, local_rank: usize, port: u16, job: &str) -> Vec<(&'static str, String)> {
+    let rank = spec.node_rank * spec.nproc_per_node + local_rank;
+    let mut env = vec![
+        ("RANK", rank.to_string()),
+        ("LOCAL_RANK", local_rank.to_string()),
+        ("WORLD_SIZE", spec.world_size().to_string()),
+        ("LOCAL_WORLD_SIZE", spec.nproc_per_node.to_string()),
+        ("GROUP_RANK", spec.node_rank.to_string()),
+        ("MASTER_ADDR", spec.master_addr.clone()),
+        ("MASTER_PORT", port.to_string()),
+        ("RANKWEAVE_JOB_ID", job.to_string()),
+    ];
+    if spec.nproc_per_node > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
+        env.push(("OMP_NUM_THREADS", "1".to_string()));
+    }
+    env
+}
+
+fn spawn_worker(spec: &JobSpec, local_rank: usize, port: u16, job: &str) -> std::io::Result<Child> {
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args).envs(worker_env(spec, local_rank, port, job)).stdin(Stdio::null());
+    // Its own process group: signals reach everything the worker started,
+    // and a terminal's Ctrl-C reaches only the launcher, which forwards it.
+    cmd.process_group(0);
+    let launcher = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing
+    // and touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            // If the launcher is SIGKILLed the worker dies with it...
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // ...including when that happened before the line above.
+            if nix::unistd::getppid() != launcher {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    if spec.prefix {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    cmd.spawn()
+}
+
+/// A port nobody listens on right now (bind 127.0.0.1:0, read, drop).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| Error::io(Context::op("launch: pick a free master port"), e))?;
+    let addr = listener.local_addr().map_err(|e| Error::io(Context::op("launch: pick a free master port"), e))?;
+    Ok(addr.port())
+}
+
+/// Whether `id` is usable in shared-memory names (the library's rule).
+fn valid_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// `RANKWEAVE_JOB_ID` from the environment when it is valid, else a fresh
+/// 10-character alphanumeric id.
+pub fn job_id() -> String {
+    match std::env::var("RANKWEAVE_JOB_ID") {
+        Ok(id) if valid_job_id(&id) => id,
+        Ok(id) => {
+            tracing::warn!("ignoring RANKWEAVE_JOB_ID={id:?} (letters, digits and _ only); using a fresh id");
+            new_job_id()
+        }
+        Err(_) => new_job_id(),
+    }
+}
+
+fn new_job_id() -> String {
+    // RandomState is seeded from the OS; mix in pid and time so two launches
+    // in one process differ as well.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    h.write_u128(nanos);
+    let mut x = h.finish();
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    (0..10)
+        .map(|_| {
+            let c = ALPHABET[(x % 36) as usize] as char;
+            x /= 36;
+            c
+        })
+        .collect()
+}
+
+/// Removes `/dev/shm/rankweave-<job>-*`; returns how many were removed.
+pub fn remove_job_segments(job: &str) -> usize {
+    let prefix = format!("rankweave-{job}-");
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else { return 0 };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if name.to_str().is_some_and(|n| n.starts_with(&prefix)) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!("cannot remove {}: {e}", entry.path().display()),
+            }
+        }
+    }
+    removed
+}
+
+/// One started worker.
+#[derive(Debug)]
+struct Worker {
+    rank: usize,
+    pid: Pid,
+    child: Child,
+    /// Set once the worker has been reaped.
+    status: Option<ExitStatus>,
+}
+
+impl Worker {
+    /// Reaps the worker if it has ended. Before reaping, whatever is left in
+    /// its process group is killed: until the zombie is reaped its pid (the
+    /// group id) cannot be reused, so the kill cannot hit a stranger.
+    fn poll(&mut self) -> Option<ExitStatus> {
+        if self.status.is_some() {
+            return self.status;
+        }
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::Pid(self.pid), flags) {
+            Ok(WaitStatus::StillAlive) => return None,
+            Ok(_) => {
+                let _ = killpg(self.pid, Signal::SIGKILL);
+            }
+            // E.g. a real-time signal nix cannot name; try_wait decides.
+            Err(_) => {}
+        }
+        match self.child.try_wait() {
+            Ok(Some(status)) => self.status = Some(status),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("rank {} (pid {}): wait failed: {e}; counting it as failed", self.rank, self.pid);
+                self.status = Some(ExitStatus::from_raw(1 << 8));
+            }
+        }
+        self.status
+    }
+
+    /// Sends `sig` to the worker's process group (to the worker alone if it
+    /// left its group).
+    fn signal(&self, sig: Signal) {
+        if self.status.is_none() && killpg(self.pid, sig).is_err() {
+            let _ = kill(self.pid, sig);
+        }
+    }
+}
+
+fn signal_all(workers: &mut [Worker], sig: Signal) {
+    for w in workers.iter_mut() {
+        if w.poll().is_none() {
+            w.signal(sig);
+        }
+    }
+}
+
+/// SIGKILL to every worker's group, then reap them all.
+fn kill_and_reap(workers: &mut [Worker]) {
+    signal_all(workers, Signal::SIGKILL);
+    while workers.iter_mut().any(|w| w.poll().is_none()) {
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The exit code for a worker status: its code, or 128 + signal.
+fn status_code(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 1,
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(s)) => match Signal::try_from(s) {
+            Ok(sig) => format!("was killed by signal {s} ({})", sig.as_str()),
+            Err(_) => format!("was killed by signal {s}"),
+        },
+        (None, None) => format!("ended with status {status}"),
+    }
+}
+
+/// Waits for every worker; stops them all on the first failure or on a
+/// forwarded signal. Returns the launcher's exit code.
+fn supervise(workers: &mut [Worker], grace: Duration) -> i32 {
+    let mut code = 0;
+    let mut stopping = false;
+    let mut kill_at: Option<Instant> = None;
+    let mut killed = false;
+    let pids: Vec<Pid> = workers.iter().map(|w| w.pid).collect();
+    loop {
+        adopt::reap_adopted(&pids);
+        let mut failed: Option<(usize, Pid, ExitStatus)> = None;
+        let mut running = 0;
+        for w in workers.iter_mut() {
+            match (w.status.is_some(), w.poll()) {
+                (false, Some(status)) if !status.success() && failed.is_none() => {
+                    failed = Some((w.rank, w.pid, status));
+                }
+                (_, None) => running += 1,
+                _ => {}
+            }
+        }
+        let signal = signals::take();
+        if !stopping {
+            let reason = match (failed, signal) {
+                (Some((rank, pid, status)), _) => {
+                    code = status_code(status);
+                    Some(format!("rank {rank} (pid {pid}) {}", describe(status)))
+                }
+                (None, Some(sig)) => {
+                    code = 128 + sig as i32;
+                    Some(format!("received {}", sig.as_str()))
+                }
+                (None, None) => None,
+            };
+            if let Some(reason) = reason {
+                stopping = true;
+                let others = if failed.is_some() { "other " } else { "" };
+                let plural = if running == 1 { "" } else { "s" };
+                output::message(&format!("{reason}; stopping {running} {others}worker{plural}"));
+                signal_all(workers, Signal::SIGTERM);
+                kill_at = Some(Instant::now() + grace);
+            }
+        } else if signal.is_some() && !killed {
+            // A second signal while stopping: no more grace.
+            kill_at = Some(Instant::now());
+        }
+        if running == 0 {
+            return code;
+        }
+        if let Some(t) = kill_at {
+            if !killed && Instant::now() >= t {
+                killed = true;
+                signal_all(workers, Signal::SIGKILL);
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(n: usize, nnodes: usize, node_rank: usize, cmd: &[&str]) -> LaunchArgs {
+        LaunchArgs {
+            nproc_per_node: n,
+            nnodes,
+            node_rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: None,
+            grace: 5.0,
+            no_prefix: false,
+            command: cmd.iter().map(OsString::from).collect(),
+        }
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        for a in [args(0, 1, 0, &["true"]), args(1, 0, 0, &["true"]), args(2, 2, 2, &["true"]), args(2, 1, 0, &[])] {
+            assert!(matches!(JobSpec::from_args(a), Err(Error::InvalidArgument(_))));
+        }
+        let mut a = args(1, 1, 0, &["true"]);
+        a.grace = -1.0;
+        assert!(matches!(JobSpec::from_args(a), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn ranks_follow_node_rank() {
+        let spec = JobSpec::from_args(args(3, 2, 1, &["prog", "x"])).unwrap();
+        assert_eq!(spec.world_size(), 6);
+        assert_eq!(spec.args, vec![OsString::from("x")]);
+        let env = worker_env(&spec, 2, 1234, "j1");
+        let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("RANK"), Some("5"));
+        assert_eq!(get("LOCAL_RANK"), Some("2"));
+        assert_eq!(get("WORLD_SIZE"), Some("6"));
+        assert_eq!(get("LOCAL_WORLD_SIZE"), Some("3"));
+        assert_eq!(get("GROUP_RANK"), Some("1"));
+        assert_eq!(get("MASTER_PORT"), Some("1234"));
+        assert_eq!(get("RANKWEAVE_JOB_ID"), Some("j1"));
+    }
+
+    #[test]
+    fn fresh_job_ids_are_short_alphanumeric_and_differ() {
+        let a = new_job_id();
+        let b = new_job_id();
+        assert_eq!(a.len(), 10);
+        assert!(valid_job_id(&a));
+        assert_ne!(a, b);
+        assert!(!valid_job_id("a-b"));
+        assert!(!valid_job_id(""));
+    }
+}

@@ -1,0 +1,379 @@
+//! Integration tests for `rankweave launch` and `rankweave demo`: they run
+//! the real binary with `sh` workers.
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Every test run is killed after this long so a bug cannot hang the suite.
+const GUARD: Duration = Duration::from_secs(40);
+
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+fn launcher(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankweave"));
+    cmd.arg("launch").args(args).env_remove("RANKWEAVE_JOB_ID").env_remove("RUST_LOG");
+    cmd
+}
+
+/// Spawns `cmd`, calls `during(pid)` while it runs, and collects its output.
+fn run_with(mut cmd: Command, during: impl FnOnce(Pid)) -> Run {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn rankweave");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).unwrap();
+        s
+    });
+    during(Pid::from_raw(child.id() as i32));
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > GUARD {
+            let _ = child.kill();
+            panic!("rankweave did not finish within {GUARD:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = start.elapsed();
+    Run { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap(), elapsed }
+}
+
+fn run(cmd: Command) -> Run {
+    run_with(cmd, |_| {})
+}
+
+/// A fresh scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let p = std::env::temp_dir().join(format!("rankweave-launch-test-{}-{name}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Pids written by workers into files of `dir`.
+fn recorded_pids(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn assert_all_gone(pids: &[i32]) {
+    // The launcher has exited and reaped its workers; allow the kernel a
+    // moment to finish tearing down grandchildren.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let survivors: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    assert!(survivors.is_empty(), "worker processes survived the launcher: {survivors:?}");
+}
+
+/// Splits `[rank] rest` lines; panics on an unprefixed line.
+fn by_rank(text: &str) -> BTreeMap<usize, Vec<String>> {
+    let mut map: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for line in text.lines() {
+        let rest = line.strip_prefix('[').unwrap_or_else(|| panic!("unprefixed line {line:?}"));
+        let (rank, body) = rest.split_once("] ").unwrap_or_else(|| panic!("bad prefix in {line:?}"));
+        map.entry(rank.parse().unwrap()).or_default().push(body.to_string());
+    }
+    map
+}
+
+const ENV_SCRIPT: &str = "echo $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $GROUP_RANK $MASTER_ADDR $MASTER_PORT \
+                          ${OMP_NUM_THREADS:-unset} $RANKWEAVE_JOB_ID";
+
+#[test]
+fn every_rank_gets_its_environment() {
+    let mut cmd = launcher(&["--nproc-per-node", "3", "--", "sh", "-c", ENV_SCRIPT]);
+    cmd.env_remove("OMP_NUM_THREADS");
+    let r = run(cmd);
+    assert!(r.status.success(), "{r:?}", r = r.stderr);
+    let lines = by_rank(&r.stdout);
+    assert_eq!(lines.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
+    let mut ports = Vec::new();
+    let mut jobs = Vec::new();
+    for (rank, body) in &lines {
+        assert_eq!(body.len(), 1);
+        let f: Vec<&str> = body[0].split(' ').collect();
+        assert_eq!(f.len(), 9, "{body:?}");
+        let r = rank.to_string();
+        assert_eq!(&f[..6], &[r.as_str(), r.as_str(), "3", "3", "0", "127.0.0.1"]);
+        ports.push(f[6].parse::<u16>().unwrap());
+        assert_eq!(f[7], "1", "OMP_NUM_THREADS=1 with more than one worker");
+        assert!(!f[8].is_empty() && f[8].chars().all(|c| c.is_ascii_alphanumeric()), "job id {:?}", f[8]);
+        jobs.push(f[8].to_string());
+    }
+    assert!(ports[0] != 0 && ports.iter().all(|&p| p == ports[0]), "{ports:?}");
+    assert!(jobs.iter().all(|j| *j == jobs[0]));
+}
+
+#[test]
+fn multi_node_ranks_and_defaults() {
+    let mut cmd = launcher(&[
+        "--nproc-per-node",
+        "2",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "10.1.2.3",
+        "--",
+        "sh",
+        "-c",
+        ENV_SCRIPT,
+    ]);
+    cmd.env("OMP_NUM_THREADS", "7");
+    let r = run(cmd);
+    assert!(r.status.success(), "{}", r.stderr);
+    let lines = by_rank(&r.stdout);
+    assert_eq!(lines.keys().copied().collect::<Vec<_>>(), vec![2, 3]);
+    for (rank, body) in &lines {
+        let f: Vec<&str> = body[0].split(' ').collect();
+        let lr = (rank - 2).to_string();
+        let r = rank.to_string();
+        assert_eq!(&f[..8], &[r.as_str(), lr.as_str(), "4", "2", "1", "10.1.2.3", "29500", "7"]);
+    }
+
+    // One worker: no OMP_NUM_THREADS; an explicit port is used as given.
+    let mut cmd = launcher(&["--nproc-per-node", "1", "--master-port", "1234", "--", "sh", "-c", ENV_SCRIPT]);
+    cmd.env_remove("OMP_NUM_THREADS");
+    let r = run(cmd);
+    assert!(r.status.success(), "{}", r.stderr);
+    let f: Vec<String> = by_rank(&r.stdout)[&0][0].split(' ').map(String::from).collect();
+    assert_eq!(&f[..8], &["0", "0", "1", "1", "0", "127.0.0.1", "1234", "unset"]);
+}
+
+#[test]
+fn job_id_from_environment_is_reused() {
+    let mut cmd = launcher(&["--nproc-per-node", "2", "--", "sh", "-c", "echo $RANKWEAVE_JOB_ID"]);
+    cmd.env("RANKWEAVE_JOB_ID", "given_42");
+    let r = run(cmd);
+    assert!(r.status.success(), "{}", r.stderr);
+    let lines = by_rank(&r.stdout);
+    assert_eq!(lines[&0], vec!["given_42"]);
+    assert_eq!(lines[&1], vec!["given_42"]);
+}
+
+#[test]
+fn output_is_prefixed_line_by_line_under_load() {
+    const LINES: usize = 400;
+    let script = format!(
+        "i=0; while [ $i -lt {LINES} ]; do echo \"out $RANK $i abcdefghijklmnopqrstuvwxyz0123456789\"; \
+         echo \"err $RANK $i\" >&2; i=$((i+1)); done; printf \"tail $RANK\"; printf \"etail $RANK\" >&2"
+    );
+    let r = run(launcher(&["--nproc-per-node", "4", "--", "sh", "-c", &script]));
+    assert!(r.status.success(), "{}", r.stderr);
+    for (text, kind, tail) in [(&r.stdout, "out", "tail"), (&r.stderr, "err", "etail")] {
+        let lines = by_rank(text);
+        assert_eq!(lines.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3], "{kind}");
+        for (rank, body) in lines {
+            assert_eq!(body.len(), LINES + 1, "rank {rank} {kind}");
+            for (i, line) in body[..LINES].iter().enumerate() {
+                let mut want = format!("{kind} {rank} {i}");
+                if kind == "out" {
+                    want.push_str(" abcdefghijklmnopqrstuvwxyz0123456789");
+                }
+                assert_eq!(line, &want);
+            }
+            // The last fragment had no newline and still arrives, prefixed.
+            assert_eq!(body[LINES], format!("{tail} {rank}"));
+        }
+    }
+}
+
+#[test]
+fn no_prefix_passes_output_through() {
+    let r = run(launcher(&["--no-prefix", "--nproc-per-node", "2", "--", "sh", "-c", "echo plain$RANK"]));
+    assert!(r.status.success(), "{}", r.stderr);
+    let mut lines: Vec<&str> = r.stdout.lines().collect();
+    lines.sort();
+    assert_eq!(lines, vec!["plain0", "plain1"]);
+}
+
+#[test]
+fn failing_rank_stops_the_others_and_sets_the_exit_code() {
+    let dir = Scratch::new("fail");
+    // Ranks 0, 2, 3 record their pid and a background child's pid, then
+    // wait; rank 1 exits 3 once all of them are ready.
+    let script = format!(
+        "D={d}; if [ $RANK = 1 ]; then for r in 0 2 3; do while [ ! -s $D/bg$r ]; do sleep 0.02; done; done; exit 3; fi; \
+         echo $$ > $D/w$RANK; sleep 30 & echo $! > $D/bg$RANK; wait",
+        d = dir.path()
+    );
+    let r = run(launcher(&["--nproc-per-node", "4", "--", "sh", "-c", &script]));
+    assert_eq!(r.status.code(), Some(3), "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(10), "took {:?}", r.elapsed);
+    let msg: Vec<&str> = r.stderr.lines().filter(|l| l.starts_with("rankweave launch:")).collect();
+    assert_eq!(msg.len(), 1, "{}", r.stderr);
+    assert!(msg[0].contains("rank 1 (pid ") && msg[0].contains("exited with code 3"), "{}", msg[0]);
+    assert!(msg[0].contains("stopping 3 other workers"), "{}", msg[0]);
+    let pids = recorded_pids(&dir.0);
+    assert_eq!(pids.len(), 6);
+    assert_all_gone(&pids);
+}
+
+#[test]
+fn death_by_signal_exits_128_plus_signal() {
+    let script = "if [ $RANK = 0 ]; then sleep 0.1; kill -9 $$; fi; exec sleep 30";
+    let r = run(launcher(&["--nproc-per-node", "2", "--", "sh", "-c", script]));
+    assert_eq!(r.status.code(), Some(128 + 9), "{}", r.stderr);
+    assert!(r.stderr.contains("rank 0 (pid ") && r.stderr.contains("signal 9 (SIGKILL)"), "{}", r.stderr);
+    assert!(r.elapsed < Duration::from_secs(10));
+}
+
+#[test]
+fn workers_ignoring_sigterm_are_killed_after_the_grace_period() {
+    let dir = Scratch::new("grace");
+    let script = format!(
+        "D={d}; if [ $RANK = 0 ]; then while [ ! -s $D/w1 ] || [ ! -s $D/w2 ]; do sleep 0.02; done; exit 5; fi; \
+         trap '' TERM; echo $$ > $D/w$RANK; exec sleep 30",
+        d = dir.path()
+    );
+    let r = run(launcher(&["--nproc-per-node", "3", "--grace", "1", "--", "sh", "-c", &script]));
+    assert_eq!(r.status.code(), Some(5), "{}", r.stderr);
+    assert!(r.elapsed >= Duration::from_millis(900), "SIGKILL came before the grace period: {:?}", r.elapsed);
+    assert!(r.elapsed < Duration::from_secs(10), "took {:?}", r.elapsed);
+    let pids = recorded_pids(&dir.0);
+    assert_eq!(pids.len(), 2);
+    assert_all_gone(&pids);
+}
+
+#[test]
+fn sigterm_to_the_launcher_is_forwarded() {
+    let dir = Scratch::new("sigterm");
+    let script = format!("echo $$ > {d}/w$RANK; exec sleep 30", d = dir.path());
+    let cmd = launcher(&["--nproc-per-node", "3", "--", "sh", "-c", &script]);
+    let mut sent = Instant::now();
+    let r = run_with(cmd, |pid| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while recorded_pids(&dir.0).len() < 3 {
+            assert!(Instant::now() < deadline, "workers did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sent = Instant::now();
+        kill(pid, Signal::SIGTERM).unwrap();
+    });
+    assert_eq!(r.status.code(), Some(128 + 15), "{}", r.stderr);
+    assert!(sent.elapsed() < Duration::from_secs(5), "launcher took {:?} after SIGTERM", sent.elapsed());
+    assert!(r.stderr.contains("received SIGTERM; stopping 3 workers"), "{}", r.stderr);
+    assert_all_gone(&recorded_pids(&dir.0));
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    let cases: &[&[&str]] = &[
+        &["--nproc-per-node", "0", "--", "true"],
+        &["--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "2", "--", "true"],
+        &["--nproc-per-node", "1", "--nnodes", "0", "--", "true"],
+        &["--nproc-per-node", "2"],
+        &["--nproc-per-node", "2", "--"],
+        &["--nproc-per-node", "x", "--", "true"],
+        &["--nproc-per-node", "1", "--grace", "nan", "--", "true"],
+        &["--", "true"],
+    ];
+    for args in cases {
+        let r = run(launcher(args));
+        assert_eq!(r.status.code(), Some(2), "{args:?}: {}", r.stderr);
+        assert!(!r.stderr.trim().is_empty(), "{args:?}: no message");
+        assert!(r.stdout.is_empty(), "{args:?}: {}", r.stdout);
+    }
+}
+
+#[test]
+fn missing_program_exits_127() {
+    let r = run(launcher(&["--nproc-per-node", "2", "--", "/nonexistent/rankweave-no-such-program"]));
+    assert_eq!(r.status.code(), Some(127), "{}", r.stderr);
+    assert!(r.stderr.contains("cannot start"), "{}", r.stderr);
+}
+
+#[test]
+fn leftover_shared_memory_of_the_job_is_removed() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm; skipping");
+        return;
+    }
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let job = format!("t{}x{nanos}", std::process::id());
+    // Another job whose id shares our id as a prefix keeps its segment.
+    let other = shm.join(format!("rankweave-{job}2-keep"));
+    std::fs::write(&other, b"x").unwrap();
+    let script = "touch /dev/shm/rankweave-${RANKWEAVE_JOB_ID}-seg$RANK; if [ $RANK = 1 ]; then kill -9 $$; fi";
+    let mut cmd = launcher(&["--nproc-per-node", "2", "--", "sh", "-c", script]);
+    cmd.env("RANKWEAVE_JOB_ID", &job);
+    let r = run(cmd);
+    assert_eq!(r.status.code(), Some(137), "{}", r.stderr);
+    for rank in 0..2 {
+        let seg = shm.join(format!("rankweave-{job}-seg{rank}"));
+        assert!(!seg.exists(), "{} was left behind", seg.display());
+    }
+    assert!(other.exists(), "another job's segment was removed");
+    std::fs::remove_file(&other).unwrap();
+}
+
+#[test]
+fn demo_passes() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankweave"));
+    cmd.args(["demo", "--nproc", "3"]).env_remove("RANKWEAVE_JOB_ID");
+    let r = run(cmd);
+    assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout.lines().filter(|l| l.ends_with("environment ok")).count(), 3, "{}", r.stdout);
+    assert!(r.stdout.lines().any(|l| l.starts_with("PASS")), "{}", r.stdout);
+}
+
+#[test]
+fn placeholders_say_not_built_yet() {
+    for sub in ["bench", "topology"] {
+        let r = run({
+            let mut c = Command::new(env!("CARGO_BIN_EXE_rankweave"));
+            c.arg(sub);
+            c
+        });
+        assert_eq!(r.status.code(), Some(2));
+        assert!(r.stderr.contains("not built yet"), "{}", r.stderr);
+    }
+}
