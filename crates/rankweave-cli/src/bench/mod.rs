@@ -37,6 +37,21 @@ use std::time::Duration;
     rankweave launch --nproc-per-node 4 -- rankweave bench all_gather -e 16M --transport shm\n  \
     rankweave bench plot results/*.csv --only all_reduce --mode loop -o all_reduce.svg")]
 pub struct BenchArgs {
+    /// The options, boxed so the CLI's command enum stays small.
+    #[command(flatten)]
+    pub opts: Box<BenchOptions>,
+}
+
+impl std::ops::Deref for BenchArgs {
+    type Target = BenchOptions;
+    fn deref(&self) -> &BenchOptions {
+        &self.opts
+    }
+}
+
+/// The options of `rankweave bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchOptions {
     /// Operation(s), comma-separated: all_reduce, all_gather, reduce_scatter,
     /// broadcast, reduce, gather, all_to_all, sendrecv, bcast_obj, mq;
     /// `anchors` (the five the anchor benchmarks measure) or `all`.
@@ -310,7 +325,7 @@ pub struct Config {
 
 impl Config {
     /// Validates `args` for a measuring run.
-    pub fn from_args(a: &BenchArgs) -> Result<Config> {
+    pub fn from_args(a: &BenchOptions) -> Result<Config> {
         if !a.files.is_empty() {
             return Err(Error::invalid(format!(
                 "unexpected argument `{}`: only `rankweave bench plot` takes files (use --compare to draw CSVs beside a run)",
@@ -408,7 +423,7 @@ impl Config {
 /// value checked out, 1 when some were wrong (or a spawned rank failed
 /// with that code). Communication failures are errors.
 pub fn run(args: impl std::borrow::Borrow<BenchArgs>) -> Result<i32> {
-    let args: &BenchArgs = args.borrow();
+    let args: &BenchOptions = &args.borrow().opts;
     if args.op.trim().eq_ignore_ascii_case("plot") {
         return run_plot(args);
     }
@@ -761,7 +776,7 @@ fn write_outputs(cfg: &Config, records: &[Record]) -> Result<()> {
     Ok(())
 }
 
-fn run_plot(a: &BenchArgs) -> Result<i32> {
+fn run_plot(a: &BenchOptions) -> Result<i32> {
     let output =
         a.plot.clone().or_else(|| a.redop.as_ref().map(PathBuf::from)).ok_or_else(|| {
             Error::invalid("`rankweave bench plot` needs an output file: -o FILE.svg or --plot FILE.svg")
@@ -817,8 +832,8 @@ mod tests {
         bench: BenchArgs,
     }
 
-    fn args(s: &str) -> BenchArgs {
-        Cli::try_parse_from(std::iter::once("bench").chain(s.split_whitespace())).unwrap().bench
+    fn args(s: &str) -> BenchOptions {
+        *Cli::try_parse_from(std::iter::once("bench").chain(s.split_whitespace())).unwrap().bench.opts
     }
 
     #[test]

@@ -308,7 +308,7 @@ pub struct Table {
 pub fn table_header(title: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "#\n# {title}");
-    let _ = writeln!(s, "#{:>61}{:>36}", "out-of-place                       ", "in-place                       ");
+    let _ = writeln!(s, "#{:47}{:^34}{:^34}", "", "out-of-place", "in-place");
     let _ = writeln!(
         s,
         "#{:>11} {:>12} {:>9} {:>6} {:>5}  {:>9} {:>7} {:>7} {:>6}  {:>9} {:>7} {:>7} {:>6}",
