@@ -565,7 +565,37 @@ pub enum BenchObject {
     /// The anchors' small dict.
     Small(SmallObject),
     /// The anchors' large object: `b"x" * 2**20`.
-    Big(Vec<u8>),
+    Big(Blob),
+}
+
+/// Raw bytes that serialize as one byte string (length, then the bytes), as
+/// Python pickles a `bytes` object, instead of element by element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob(pub Vec<u8>);
+
+impl Serialize for Blob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Blob, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Blob;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> std::result::Result<Blob, E> {
+                Ok(Blob(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> std::result::Result<Blob, E> {
+                Ok(Blob(v))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
 }
 
 /// Which of the two anchor objects.
@@ -585,7 +615,7 @@ impl ObjSize {
     pub fn object(self) -> BenchObject {
         match self {
             ObjSize::Small => BenchObject::Small(SmallObject::anchor()),
-            ObjSize::Big => BenchObject::Big(vec![b'x'; 1 << 20]),
+            ObjSize::Big => BenchObject::Big(Blob(vec![b'x'; 1 << 20])),
         }
     }
 
@@ -749,6 +779,9 @@ mod tests {
             let obj = s.object();
             let bytes = encode(&obj).unwrap();
             assert_eq!(decode(&bytes).unwrap(), obj);
+            if s == ObjSize::Big {
+                assert!(bytes.len() < (1 << 20) + 8, "one byte string: {}", bytes.len());
+            }
         }
         assert!(decode(&[0xff, 0xff, 0xff]).is_err());
         assert!(decode(&[]).is_err());
