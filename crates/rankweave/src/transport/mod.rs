@@ -6,6 +6,7 @@
 //! length) so that a receiver detects a peer that runs another collective or
 //! another size, and reports it instead of hanging or corrupting data.
 
+pub mod mem;
 pub mod tcp;
 
 use crate::error::Result;

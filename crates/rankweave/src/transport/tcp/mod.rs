@@ -1,1 +1,492 @@
 //! The TCP transport: a full mesh of sockets between the ranks of a group.
+//!
+//! Files: `header` (the 32-byte frame header and ABORT payload), `mesh`
+//! (listen, publish, connect, handshake), `io` (nonblocking frame I/O driven
+//! by `poll(2)` with a deadline), and this module, which checks headers,
+//! turns socket failures into errors naming the peer, and propagates
+//! failures.
+//!
+//! Failure propagation: when an operation fails (a peer lost, a timeout, a
+//! mismatch), this rank poisons the transport, sends an ABORT frame carrying
+//! `(kind, culprit, reporter, reason)` to every peer whose stream is at a
+//! frame boundary, records the same under `tcp/abort` in the group store
+//! (first writer wins), and shuts every socket down. A rank
+//! that reads an ABORT frame, or whose peer vanishes after an abort was
+//! recorded, fails naming the original culprit and aborts in turn, so every
+//! rank of the group errors promptly. A rank whose *send* to an aborted peer
+//! fails reads that peer's pending ABORT frame from the other direction of
+//! the connection (skipping frames it had not read yet), so the original
+//! culprit is named even when the store died with it. Later calls return
+//! [`Error::Poisoned`].
+
+pub mod header;
+mod io;
+mod mesh;
+
+pub use header::{decode_header, AbortInfo, AbortKind, FrameKind, Header, HEADER_LEN};
+pub use mesh::{advertised_ip, SOCKET_BUFFER};
+
+use crate::error::{Context, Error, Result};
+use crate::store::SharedStore;
+use crate::transport::{Tag, Transport};
+use io::{DriveFault, HeaderVerdict, Incoming, Outgoing, ReadFault};
+use socket2::Socket;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const ABORT_KEY: &str = "tcp/abort";
+/// How long a failing rank spends delivering ABORT frames.
+const ABORT_GRACE: Duration = Duration::from_millis(200);
+
+/// 64-bit FNV-1a of a group's store namespace: the group id in every header.
+pub fn group_id_of(namespace: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in namespace.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// An error plus, when it came from another rank's abort, that abort to pass on.
+pub(crate) struct Failure {
+    err: Error,
+    forward: Option<AbortInfo>,
+}
+
+impl From<Error> for Failure {
+    fn from(err: Error) -> Self {
+        Failure { err, forward: None }
+    }
+}
+
+impl From<Error> for Box<Failure> {
+    fn from(err: Error) -> Self {
+        Box::new(Failure { err, forward: None })
+    }
+}
+
+/// A full mesh of TCP connections between the ranks of one group.
+///
+/// Callers serialize operations (the [`crate::ProcessGroup`] does); the
+/// transport itself keeps no per-operation state between calls except the
+/// poison flag.
+pub struct TcpTransport {
+    rank: usize,
+    size: usize,
+    name: String,
+    group_id: u64,
+    store: SharedStore,
+    peers: Vec<Option<Socket>>,
+    /// `mid_frame[p]`: a frame to `p` was started and not finished, so an
+    /// ABORT frame may not be written to `p` (it would land inside the payload).
+    mid_frame: Vec<AtomicBool>,
+    /// `in_mid_frame[p]`: a frame from `p` was partly read, so the next bytes
+    /// from `p` are not a header.
+    in_mid_frame: Vec<AtomicBool>,
+    poison: OnceLock<String>,
+}
+
+impl std::fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("name", &self.name)
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("poisoned", &self.poison.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpTransport {
+    /// Builds the mesh of group `name` (rank `rank` of `size`): binds
+    /// `{listen_host}:0`, publishes the address in `store` (which must be
+    /// namespaced for this group; keys `tcp/*` are used), connects to every
+    /// peer and checks each with a handshake carrying `group_id`. Fails at
+    /// `deadline` naming the missing peer. `size == 1` opens no socket.
+    pub fn connect(
+        store: SharedStore,
+        rank: usize,
+        size: usize,
+        name: &str,
+        group_id: u64,
+        listen_host: &str,
+        deadline: Instant,
+    ) -> Result<TcpTransport> {
+        if size == 0 || rank >= size {
+            return Err(Error::invalid(format!("rank {rank} is not in a group of size {size}")));
+        }
+        let spec = mesh::MeshSpec { store: &*store, rank, size, name, group_id, listen_host, deadline };
+        let peers = mesh::build(&spec)?;
+        Ok(TcpTransport {
+            rank,
+            size,
+            name: name.to_owned(),
+            group_id,
+            store,
+            peers,
+            mid_frame: (0..size).map(|_| AtomicBool::new(false)).collect(),
+            in_mid_frame: (0..size).map(|_| AtomicBool::new(false)).collect(),
+            poison: OnceLock::new(),
+        })
+    }
+
+    /// The group id carried in every header.
+    pub fn group_id(&self) -> u64 {
+        self.group_id
+    }
+
+    /// Why the transport is unusable, once an operation failed or it was closed.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poison.get().map(String::as_str)
+    }
+
+    /// Shuts every connection down (peers see EOF); later calls return
+    /// [`Error::Poisoned`]. Idempotent. Sockets are closed on drop.
+    pub fn close(&self) {
+        let _ = self.poison.set("group destroyed".into());
+        self.shutdown_all();
+    }
+
+    fn shutdown_all(&self) {
+        for s in self.peers.iter().flatten() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Marks the transport failed by `err` and tells every peer (see the
+    /// module docs). Called by the group when an algorithm fails outside the
+    /// transport; a no-op when already poisoned or when `err` does not poison.
+    pub fn abort(&self, err: &Error) {
+        if !err.poisons_group() || self.poison.get().is_some() {
+            return;
+        }
+        let info = self.abort_info(err);
+        self.poison_and_notify(err, info);
+    }
+
+    fn abort_info(&self, err: &Error) -> AbortInfo {
+        let (kind, reason) = match err {
+            Error::PeerLost { ctx, detail } => {
+                let prefix = format!("rank {} lost: ", ctx.peer.unwrap_or(self.rank));
+                (AbortKind::Lost, detail.strip_prefix(&prefix).unwrap_or(detail).to_string())
+            }
+            Error::Timeout { ctx, waited, detail } => {
+                (AbortKind::Timeout, format!("{} timed out after {waited:?} waiting for {detail}", ctx.op))
+            }
+            Error::Mismatch { detail, .. } => (AbortKind::Mismatch, detail.clone()),
+            other => (AbortKind::Other, other.to_string()),
+        };
+        AbortInfo { kind, culprit: err.peer().unwrap_or(self.rank) as u64, reporter: self.rank as u64, reason }
+    }
+
+    fn poison_and_notify(&self, err: &Error, info: AbortInfo) {
+        if self.poison.set(err.to_string()).is_err() {
+            return;
+        }
+        tracing::debug!(group = %self.name, rank = self.rank, "aborting: {err}");
+        let payload = info.encode();
+        let hdr = Header { kind: FrameKind::Abort, group_id: self.group_id, seq: 0, len: payload.len() as u64 };
+        let mut frame = hdr.encode().to_vec();
+        frame.extend_from_slice(&payload);
+        let deadline = Instant::now() + ABORT_GRACE;
+        for (p, s) in self.peers.iter().enumerate() {
+            if let Some(s) = s {
+                if !self.mid_frame[p].load(Ordering::Relaxed) {
+                    let _ = io::write_small(s, &frame, deadline);
+                }
+            }
+        }
+        // Frames first (they need no store, which may have died with the
+        // culprit); the record before the shutdown, so that a peer seeing EOF
+        // from this rank finds it.
+        let _ = self.store.compare_set(ABORT_KEY, b"", &payload);
+        self.shutdown_all();
+    }
+
+    /// Records the failure, aborts the group and returns the error.
+    fn fail(&self, f: Failure) -> Error {
+        if f.err.poisons_group() && self.poison.get().is_none() {
+            let info = f.forward.unwrap_or_else(|| self.abort_info(&f.err));
+            self.poison_and_notify(&f.err, info);
+        }
+        f.err
+    }
+
+    fn ctx(&self, tag: Tag) -> Context {
+        Context::new(tag.op.name(), self.name.as_str(), self.rank)
+    }
+
+    fn failure_from_abort(&self, ctx: Context, info: &AbortInfo) -> Failure {
+        let culprit = usize::try_from(info.culprit).unwrap_or(usize::MAX);
+        let detail =
+            format!("rank {} {}: reported by rank {}: {}", info.culprit, info.kind.verb(), info.reporter, info.reason);
+        let ctx = ctx.with_peer(culprit);
+        let err = match info.kind {
+            AbortKind::Mismatch => Error::Mismatch { ctx, detail },
+            _ => Error::PeerLost { ctx, detail },
+        };
+        Failure { err, forward: Some(info.clone()) }
+    }
+
+    /// The abort another rank recorded in the store, if any.
+    fn recorded_abort(&self) -> Option<AbortInfo> {
+        if !self.store.check(&[ABORT_KEY]).ok()? {
+            return None;
+        }
+        let raw = self.store.get_timeout(ABORT_KEY, Duration::from_millis(500)).ok()?;
+        AbortInfo::decode(&raw).filter(|i| i.reporter != self.rank as u64)
+    }
+
+    /// An ABORT frame `peer` sent before going away, when this rank had not
+    /// read that far: frames ahead of it are skipped. Only when the stream
+    /// from `peer` is at a frame boundary; gives up after [`ABORT_GRACE`].
+    fn abort_waiting_from(&self, peer: usize) -> Option<AbortInfo> {
+        if self.in_mid_frame[peer].swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        let sock = self.peers[peer].as_ref()?;
+        let deadline = Instant::now() + ABORT_GRACE;
+        loop {
+            let raw = io::read_small(sock, Vec::new(), HEADER_LEN, deadline).ok()?;
+            let h = decode_header(&raw).ok()?;
+            if h.kind == FrameKind::Abort {
+                let payload = io::read_small(sock, Vec::new(), h.len as usize, deadline).ok()?;
+                return AbortInfo::decode(&payload);
+            }
+            io::skip(sock, h.len, deadline).ok()?;
+        }
+    }
+
+    /// Turns a socket error with `peer` into an error naming it (or the
+    /// culprit of an abort recorded by another rank).
+    fn socket_failure(&self, ctx: Context, peer: usize, e: std::io::Error, doing: String) -> Failure {
+        use std::io::ErrorKind as K;
+        let lost = matches!(
+            e.kind(),
+            K::UnexpectedEof
+                | K::ConnectionReset
+                | K::BrokenPipe
+                | K::ConnectionAborted
+                | K::NotConnected
+                | K::WriteZero
+        );
+        if !lost {
+            return Error::io(ctx.with_peer(peer), e).into();
+        }
+        if let Some(info) = self.abort_waiting_from(peer).or_else(|| self.recorded_abort()) {
+            return self.failure_from_abort(ctx, &info);
+        }
+        Error::PeerLost { ctx: ctx.with_peer(peer), detail: format!("rank {peer} lost: {e} while {doing}") }.into()
+    }
+
+    fn check_header(&self, tag: Tag, inc: &mut Incoming<'_>) -> HeaderVerdict {
+        // Built only on failure: the success path allocates nothing.
+        let ctx = || self.ctx(tag);
+        let peer = inc.peer;
+        let h = match decode_header(&inc.hdr) {
+            Ok(h) => h,
+            Err(e) => {
+                let detail = match e {
+                    Error::Protocol { detail, .. } => detail,
+                    other => other.to_string(),
+                };
+                return HeaderVerdict::Reject(
+                    Error::protocol(ctx().with_peer(peer), format!("from rank {peer}: {detail}")).into(),
+                );
+            }
+        };
+        if h.kind == FrameKind::Abort {
+            let have = inc.buf[..inc.got.min(h.len as usize)].to_vec();
+            let deadline = Instant::now() + ABORT_GRACE;
+            let info =
+                io::read_small(inc.sock, have, h.len as usize, deadline).ok().and_then(|b| AbortInfo::decode(&b));
+            let info = info.unwrap_or(AbortInfo {
+                kind: AbortKind::Other,
+                culprit: peer as u64,
+                reporter: peer as u64,
+                reason: "aborted (unreadable reason)".into(),
+            });
+            return HeaderVerdict::Reject(Box::new(self.failure_from_abort(ctx(), &info)));
+        }
+        let want = (tag.op.name(), tag.seq, inc.buf.len() as u64);
+        let got = (h.kind.name(), h.seq, h.len);
+        if h.group_id != self.group_id {
+            return HeaderVerdict::Reject(
+                Error::Mismatch {
+                    ctx: ctx().with_peer(peer),
+                    detail: format!(
+                        "rank {} expected group id {:#x} from rank {peer}, got {:#x}",
+                        self.rank, self.group_id, h.group_id
+                    ),
+                }
+                .into(),
+            );
+        }
+        if h.kind != FrameKind::Op(tag.op) || h.seq != tag.seq || h.len != inc.buf.len() as u64 {
+            return HeaderVerdict::Reject(
+                Error::Mismatch {
+                    ctx: ctx().with_peer(peer),
+                    detail: format!(
+                        "rank {} expected {} seq {} of {} bytes from rank {peer}, got {} seq {} of {} bytes",
+                        self.rank, want.0, want.1, want.2, got.0, got.1, got.2
+                    ),
+                }
+                .into(),
+            );
+        }
+        HeaderVerdict::Accept
+    }
+
+    fn ready(&self, tag: Tag, peers: &[usize]) -> Result<()> {
+        if let Some(cause) = self.poison.get() {
+            return Err(Error::Poisoned { group: self.name.clone(), cause: cause.clone() });
+        }
+        for &p in peers {
+            if p >= self.size || p == self.rank {
+                return Err(Error::invalid(format!(
+                    "{}: peer rank {p} is invalid for rank {} of a group of size {}",
+                    tag.op.name(),
+                    self.rank,
+                    self.size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn sock(&self, peer: usize) -> &Socket {
+        match &self.peers[peer] {
+            Some(s) => s,
+            None => unreachable!("peer {peer} validated by ready()"),
+        }
+    }
+
+    fn header(&self, tag: Tag, len: usize) -> [u8; HEADER_LEN] {
+        Header { kind: FrameKind::Op(tag.op), group_id: self.group_id, seq: tag.seq, len: len as u64 }.encode()
+    }
+
+    /// Runs one send and/or receive to completion; maps every fault to an
+    /// error naming the peer.
+    fn exchange(
+        &self,
+        send: Option<(usize, Tag, &[u8])>,
+        recv: Option<(usize, Tag, &mut [u8])>,
+        deadline: Instant,
+    ) -> Result<()> {
+        let start = Instant::now();
+        let mut out = send.map(|(p, t, d)| (t, Outgoing::new(p, self.sock(p), self.header(t, d.len()), d)));
+        let recv_tag = recv.as_ref().map(|r| r.1);
+        let mut inc = recv.map(|(p, t, b)| (t, Incoming::new(p, self.sock(p), b)));
+        if let Some((_, o)) = &out {
+            self.mid_frame[o.peer].store(true, Ordering::Relaxed);
+        }
+        let mut check = |i: &mut Incoming<'_>| match recv_tag {
+            Some(t) => self.check_header(t, i),
+            None => HeaderVerdict::Accept,
+        };
+        let res = io::drive(out.as_mut().map(|(_, o)| o), inc.as_mut().map(|(_, i)| i), &mut check, deadline);
+        if let Some((_, o)) = &out {
+            if o.done() {
+                self.mid_frame[o.peer].store(false, Ordering::Relaxed);
+            }
+        }
+        if let Some((_, i)) = &inc {
+            self.in_mid_frame[i.peer].store(i.progress() > 0 && !i.done(), Ordering::Relaxed);
+        }
+        let fault = match res {
+            Ok(()) => return Ok(()),
+            Err(f) => f,
+        };
+        if let Some(cause) = self.poison.get() {
+            // Closed from another thread while this operation waited.
+            return Err(Error::Poisoned { group: self.name.clone(), cause: cause.clone() });
+        }
+        let describe_out = |t: Tag, o: &Outgoing<'_>| {
+            format!("sending {} seq {} to rank {} ({} of {} bytes sent)", t.op.name(), t.seq, o.peer, o.sent, o.total())
+        };
+        let describe_in = |t: Tag, i: &Incoming<'_>| {
+            format!(
+                "receiving {} seq {} from rank {} ({} of {} bytes received)",
+                t.op.name(),
+                t.seq,
+                i.peer,
+                i.progress(),
+                HEADER_LEN + i.buf.len()
+            )
+        };
+        let failure = match fault {
+            DriveFault::Send(e) => {
+                let (t, o) = out.as_ref().map(|(t, o)| (*t, o)).expect("send fault implies a send");
+                self.socket_failure(self.ctx(t), o.peer, e, describe_out(t, o))
+            }
+            DriveFault::Recv(ReadFault::Rejected(f)) => *f,
+            DriveFault::Recv(ReadFault::Io(e)) => {
+                let (t, i) = inc.as_ref().map(|(t, i)| (*t, i)).expect("recv fault implies a recv");
+                self.socket_failure(self.ctx(t), i.peer, e, describe_in(t, i))
+            }
+            DriveFault::Timeout => {
+                // Blame the receive when it is unfinished: a peer that never
+                // sends is the usual culprit; else the peer not reading.
+                let (t, peer, what) = match (&out, &inc) {
+                    (_, Some((t, i))) if !i.done() => (*t, i.peer, describe_in(*t, i)),
+                    (Some((t, o)), _) => (*t, o.peer, describe_out(*t, o)),
+                    (None, Some((t, i))) => (*t, i.peer, describe_in(*t, i)),
+                    (None, None) => unreachable!("timeout with nothing to do"),
+                };
+                Error::timeout(self.ctx(t).with_peer(peer), start.elapsed(), what).into()
+            }
+            DriveFault::Poll(e) => {
+                let t = out.as_ref().map(|(t, _)| *t).or(recv_tag).expect("an operation");
+                Error::io(self.ctx(t), e).into()
+            }
+        };
+        Err(self.fail(failure))
+    }
+}
+
+impl Transport for TcpTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn group_name(&self) -> &str {
+        &self.name
+    }
+
+    fn send(&self, peer: usize, tag: Tag, data: &[u8], deadline: Instant) -> Result<()> {
+        self.ready(tag, &[peer])?;
+        self.exchange(Some((peer, tag, data)), None, deadline)
+    }
+
+    fn recv(&self, peer: usize, tag: Tag, buf: &mut [u8], deadline: Instant) -> Result<()> {
+        self.ready(tag, &[peer])?;
+        self.exchange(None, Some((peer, tag, buf)), deadline)
+    }
+
+    fn send_recv(
+        &self,
+        to: usize,
+        send_tag: Tag,
+        data: &[u8],
+        from: usize,
+        recv_tag: Tag,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<()> {
+        self.ready(send_tag, &[to, from])?;
+        self.exchange(Some((to, send_tag, data)), Some((from, recv_tag, buf)), deadline)
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.shutdown_all();
+    }
+}

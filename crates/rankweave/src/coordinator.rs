@@ -1,1 +1,0 @@
-//! coordinator (to be built).

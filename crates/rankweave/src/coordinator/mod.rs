@@ -1,0 +1,832 @@
+//! [`GroupCoordinator`]: the seed's operations on tensors, objects and tensor
+//! dicts over one group of ranks.
+//!
+//! A coordinator owns two process groups over the same ranks, as the seed
+//! does: a CPU group for metadata, objects and barriers, and a device group
+//! for tensors. Both are CPU groups in this build. Ranks passed to methods
+//! (`src`, `dst`) are positions in the group (`rank_in_group`), as in the
+//! seed; [`GroupCoordinator::rank`] and [`GroupCoordinator::ranks`] are
+//! global ranks.
+//!
+//! A group of one short-circuits where the seed does: `all_reduce`,
+//! `all_gather`, `gather`, `broadcast`, `broadcast_object(_list)` and the
+//! tensor-dict operations return their input without communicating.
+//!
+//! With `RANKWEAVE_DEBUG=detail` (read when the coordinator is created, or
+//! [`GroupCoordinator::set_debug_detail`] on every rank), each operation
+//! first checks that all ranks make the same call, and returns
+//! [`Error::Mismatch`] naming the ranks that differ.
+//!
+//! After any error that [poisons](Error::poisons_group) a group, call
+//! [`GroupCoordinator::destroy`] on every rank and build new groups.
+
+mod fingerprint;
+mod wire;
+
+pub use wire::in_the_same_node_as;
+
+use crate::dtype::DType;
+use crate::error::{Context, Error, Result};
+use crate::group::ProcessGroup;
+use crate::reduce::ReduceOp;
+use crate::tensor::codec::{self, DecodeLimits, MetadataEntry};
+use crate::tensor::{normalize_dim, Tensor, TensorDict, TensorDictValue};
+use fingerprint::{CoordOp, Fingerprint, FP_BYTES};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+/// Hands out the seed's unique group names: `tp:0`, `tp:1`, ...
+///
+/// Every rank creates groups in the same order, so each rank's own counter
+/// yields the same name for the same group. A [`crate::parallel_state::ParallelState`]
+/// owns one; [`UniqueNames::global`] is the process-wide one.
+#[derive(Debug, Default)]
+pub struct UniqueNames(Mutex<HashMap<String, usize>>);
+
+impl UniqueNames {
+    /// A fresh counter set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The process-wide counters (the seed's `_group_name_counter`).
+    pub fn global() -> &'static UniqueNames {
+        static GLOBAL: OnceLock<UniqueNames> = OnceLock::new();
+        GLOBAL.get_or_init(UniqueNames::new)
+    }
+
+    /// `name:N` with `N` counting per name from 0.
+    pub fn next(&self, name: &str) -> String {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(name.to_string()).or_insert(0);
+        let out = format!("{name}:{n}");
+        *n += 1;
+        out
+    }
+}
+
+/// How to build a [`GroupCoordinator`] beyond its ranks.
+#[derive(Debug, Clone, Default)]
+pub struct CoordinatorOptions {
+    /// Base name; the unique name is `name:N` (`anonymous` when `None`).
+    pub group_name: Option<String>,
+    /// Broadcast objects from group rank 0 through the shared-memory
+    /// message queue (the seed enables it for the TP group).
+    pub use_message_queue_broadcaster: bool,
+    /// Where unique names come from; [`UniqueNames::global`] when `None`.
+    pub names: Option<Arc<UniqueNames>>,
+    /// Limits on what peers may declare (object sizes, tensor shapes).
+    pub limits: Option<DecodeLimits>,
+}
+
+/// A broadcaster of byte blobs from group rank 0 (the shared-memory message
+/// queue plugs in here).
+pub(crate) trait ObjectBroadcaster: Send + Sync {
+    /// On group rank 0 `data` is `Some`; every rank gets the bytes back.
+    fn broadcast_bytes(&self, data: Option<&[u8]>) -> Result<Vec<u8>>;
+}
+
+#[derive(Clone)]
+struct Groups {
+    cpu: ProcessGroup,
+    device: ProcessGroup,
+}
+
+struct Inner {
+    unique_name: String,
+    rank: usize,
+    ranks: Vec<usize>,
+    local_rank: usize,
+    rank_in_group: usize,
+    groups: RwLock<Option<Groups>>,
+    debug_detail: AtomicBool,
+    calls: AtomicU64,
+    use_message_queue_broadcaster: bool,
+    mq_broadcaster: Mutex<Option<Arc<dyn ObjectBroadcaster>>>,
+    limits: DecodeLimits,
+}
+
+/// A group of ranks and every operation the seed runs over it.
+///
+/// Cheap to clone: clones share the groups (and [`GroupCoordinator::destroy`]).
+#[derive(Clone)]
+pub struct GroupCoordinator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for GroupCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCoordinator")
+            .field("unique_name", &self.inner.unique_name)
+            .field("rank", &self.inner.rank)
+            .field("ranks", &self.inner.ranks)
+            .field("rank_in_group", &self.inner.rank_in_group)
+            .field("local_rank", &self.inner.local_rank)
+            .field("destroyed", &self.is_destroyed())
+            .finish()
+    }
+}
+
+/// True when `RANKWEAVE_DEBUG` asks for detail checks.
+pub fn debug_detail_from_env() -> bool {
+    std::env::var("RANKWEAVE_DEBUG").is_ok_and(|v| v.trim().eq_ignore_ascii_case("detail"))
+}
+
+/// Validates `group_ranks` against a world of `world_size` ranks and finds
+/// the list holding `rank`: `(index of the list, position in it)`.
+pub fn find_own_group(group_ranks: &[Vec<usize>], world_size: usize, rank: usize) -> Result<(usize, usize)> {
+    let mut found = None;
+    for (g, ranks) in group_ranks.iter().enumerate() {
+        if ranks.is_empty() {
+            return Err(Error::invalid(format!("group list {g} is empty; every group needs at least one rank")));
+        }
+        for (i, &r) in ranks.iter().enumerate() {
+            if r >= world_size {
+                return Err(Error::invalid(format!(
+                    "group list {g} names rank {r}; expected ranks below the world size {world_size}"
+                )));
+            }
+            if ranks[..i].contains(&r) {
+                return Err(Error::invalid(format!("group list {g} names rank {r} twice")));
+            }
+            if r == rank {
+                if let Some((g0, _)) = found {
+                    return Err(Error::invalid(format!(
+                        "rank {rank} appears in group lists {g0} and {g}; expected exactly one"
+                    )));
+                }
+                found = Some((g, i));
+            }
+        }
+    }
+    found.ok_or_else(|| Error::invalid(format!("rank {rank} is in none of the group lists {group_ranks:?}")))
+}
+
+impl GroupCoordinator {
+    /// Builds a coordinator: for every list of `group_ranks` (global ranks),
+    /// in order, creates a device group and a CPU group over `world`; this
+    /// rank keeps the pair of the list it belongs to. Every rank of `world`
+    /// must call it with the same lists.
+    pub fn new(
+        world: &ProcessGroup,
+        group_ranks: &[Vec<usize>],
+        local_rank: usize,
+        opts: CoordinatorOptions,
+    ) -> Result<GroupCoordinator> {
+        let rank = world.global_rank();
+        let (own, rank_in_group) = find_own_group(group_ranks, world.size(), rank)?;
+        let base = opts.group_name.as_deref().unwrap_or("anonymous");
+        let unique_name = match &opts.names {
+            Some(n) => n.next(base),
+            None => UniqueNames::global().next(base),
+        };
+        // World-relative ranks: `new_group` takes ranks in `world`'s numbering.
+        let to_world = |ranks: &[usize]| -> Result<Vec<usize>> {
+            ranks
+                .iter()
+                .map(|g| {
+                    world.global_ranks().iter().position(|w| w == g).ok_or_else(|| {
+                        Error::invalid(format!("global rank {g} is not a member of world group {}", world.name()))
+                    })
+                })
+                .collect()
+        };
+        let mut mine = None;
+        let cpu_name = format!("{base}_cpu");
+        for (g, ranks) in group_ranks.iter().enumerate() {
+            let wr = to_world(ranks)?;
+            let device = world.new_group(&wr, base)?;
+            let cpu = world.new_group(&wr, &cpu_name)?;
+            if g == own {
+                match (device, cpu) {
+                    (Some(device), Some(cpu)) => mine = Some(Groups { cpu, device }),
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "new_group did not return a group for member rank {rank} of {ranks:?}"
+                        )))
+                    }
+                }
+            }
+        }
+        let groups = mine.ok_or_else(|| Error::invalid(format!("rank {rank} found no group")))?;
+        let ranks = group_ranks[own].clone();
+        // The shared-memory message queue attaches here once available; until
+        // then objects travel over the CPU group.
+        let mq_broadcaster: Option<Arc<dyn ObjectBroadcaster>> = None;
+        Ok(GroupCoordinator {
+            inner: Arc::new(Inner {
+                unique_name,
+                rank,
+                ranks,
+                local_rank,
+                rank_in_group,
+                groups: RwLock::new(Some(groups)),
+                debug_detail: AtomicBool::new(debug_detail_from_env()),
+                calls: AtomicU64::new(0),
+                use_message_queue_broadcaster: opts.use_message_queue_broadcaster,
+                mq_broadcaster: Mutex::new(mq_broadcaster),
+                limits: opts.limits.unwrap_or_else(DecodeLimits::from_env),
+            }),
+        })
+    }
+
+    // ----- accessors -------------------------------------------------------
+
+    /// This process's global rank.
+    pub fn rank(&self) -> usize {
+        self.inner.rank
+    }
+    /// The members' global ranks, in group order.
+    pub fn ranks(&self) -> &[usize] {
+        &self.inner.ranks
+    }
+    /// Number of ranks in the group.
+    pub fn world_size(&self) -> usize {
+        self.inner.ranks.len()
+    }
+    /// The local rank (device index on this node).
+    pub fn local_rank(&self) -> usize {
+        self.inner.local_rank
+    }
+    /// This rank's position in the group.
+    pub fn rank_in_group(&self) -> usize {
+        self.inner.rank_in_group
+    }
+    /// The unique name, e.g. `tp:0`.
+    pub fn unique_name(&self) -> &str {
+        &self.inner.unique_name
+    }
+    /// Global rank of the first member.
+    pub fn first_rank(&self) -> usize {
+        self.inner.ranks[0]
+    }
+    /// Global rank of the last member.
+    pub fn last_rank(&self) -> usize {
+        self.inner.ranks[self.inner.ranks.len() - 1]
+    }
+    /// True on the first member.
+    pub fn is_first_rank(&self) -> bool {
+        self.rank() == self.first_rank()
+    }
+    /// True on the last member.
+    pub fn is_last_rank(&self) -> bool {
+        self.rank() == self.last_rank()
+    }
+    /// Global rank of the member after this one (wrapping).
+    pub fn next_rank(&self) -> usize {
+        self.inner.ranks[(self.rank_in_group() + 1) % self.world_size()]
+    }
+    /// Global rank of the member before this one (wrapping).
+    pub fn prev_rank(&self) -> usize {
+        let n = self.world_size();
+        self.inner.ranks[(self.rank_in_group() + n - 1) % n]
+    }
+    /// The CPU group (metadata, objects, barriers).
+    pub fn cpu_group(&self) -> Result<ProcessGroup> {
+        Ok(self.groups()?.cpu)
+    }
+    /// The device group (tensors); a CPU group in this build.
+    pub fn device_group(&self) -> Result<ProcessGroup> {
+        Ok(self.groups()?.device)
+    }
+    /// Whether this coordinator was built to broadcast objects through the
+    /// shared-memory message queue.
+    pub fn uses_message_queue_broadcaster(&self) -> bool {
+        self.inner.use_message_queue_broadcaster
+    }
+    /// True after [`GroupCoordinator::destroy`].
+    pub fn is_destroyed(&self) -> bool {
+        self.inner.groups.read().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+    /// Whether debug-detail mismatch checks are on.
+    pub fn debug_detail(&self) -> bool {
+        self.inner.debug_detail.load(Ordering::Relaxed)
+    }
+    /// Turns debug-detail mismatch checks on or off. Every rank of the group
+    /// must make the same choice before its next operation.
+    pub fn set_debug_detail(&self, on: bool) {
+        self.inner.debug_detail.store(on, Ordering::Relaxed)
+    }
+    /// The decode limits applied to what peers send.
+    pub fn limits(&self) -> DecodeLimits {
+        self.inner.limits
+    }
+
+    fn groups(&self) -> Result<Groups> {
+        self.inner
+            .groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| Error::NotInitialized(format!("group {} was destroyed", self.inner.unique_name)))
+    }
+
+    fn ctx(&self, op: CoordOp) -> Context {
+        Context::new(op.name(), self.unique_name(), self.rank_in_group())
+    }
+
+    fn check_rank(&self, op: CoordOp, what: &str, r: usize) -> Result<()> {
+        if r >= self.world_size() {
+            return Err(Error::invalid(format!(
+                "{}: invalid {what} rank ({r}) for group {} of size {}; expected 0 <= {what} < {}",
+                op.name(),
+                self.unique_name(),
+                self.world_size(),
+                self.world_size()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_peer(&self, op: CoordOp, what: &str, r: usize) -> Result<()> {
+        self.check_rank(op, what, r)?;
+        if r == self.rank_in_group() {
+            return Err(Error::invalid(format!(
+                "{}: invalid {what} rank ({r}): it is this rank's own position in group {}; expected another rank",
+                op.name(),
+                self.unique_name()
+            )));
+        }
+        Ok(())
+    }
+
+    // ----- debug-detail checks ---------------------------------------------
+
+    fn next_fingerprint(&self, op: CoordOp) -> Fingerprint {
+        Fingerprint::new(op, self.inner.calls.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// All-gathers `fp` on the CPU group and fails on any difference.
+    fn check_collective(&self, g: &Groups, op: CoordOp, build: impl FnOnce(Fingerprint) -> Fingerprint) -> Result<()> {
+        if !self.debug_detail() {
+            return Ok(());
+        }
+        let fp = build(self.next_fingerprint(op));
+        let n = self.world_size();
+        let mut all = vec![0u8; n * FP_BYTES];
+        g.cpu.all_gather_bytes(&fp.encode(), &mut all)?;
+        let fps: Vec<Fingerprint> = all
+            .chunks_exact(FP_BYTES)
+            .map(|c| {
+                let mut a = [0u8; FP_BYTES];
+                a.copy_from_slice(c);
+                Fingerprint::decode(&a)
+            })
+            .collect();
+        match fingerprint::compare(&fps) {
+            None => Ok(()),
+            Some((peer, detail)) => Err(Error::Mismatch {
+                ctx: self.ctx(op).with_peer(peer),
+                detail: format!("{detail} (group {}, global ranks {:?})", self.unique_name(), self.ranks()),
+            }),
+        }
+    }
+
+    /// Point-to-point check: the sender sends its fingerprint, the receiver
+    /// compares it with its own call.
+    fn check_p2p(
+        &self,
+        g: &Groups,
+        op: CoordOp,
+        peer: usize,
+        sending: bool,
+        build: impl FnOnce(Fingerprint) -> Fingerprint,
+    ) -> Result<()> {
+        if !self.debug_detail() {
+            return Ok(());
+        }
+        let fp = build(Fingerprint::new(op, 0));
+        if sending {
+            return g.cpu.send_bytes(&fp.encode(), peer);
+        }
+        let mut buf = [0u8; FP_BYTES];
+        g.cpu.recv_bytes(&mut buf, peer)?;
+        let theirs = Fingerprint::decode(&buf);
+        match fingerprint::compare_p2p(&fp, self.rank_in_group(), &theirs, peer) {
+            None => Ok(()),
+            Some(detail) => Err(Error::Mismatch {
+                ctx: self.ctx(op).with_peer(peer),
+                detail: format!("{detail} (group {}, global ranks {:?})", self.unique_name(), self.ranks()),
+            }),
+        }
+    }
+
+    // ----- tensors ---------------------------------------------------------
+
+    /// Sums `input` over the group and returns it (in place; the seed's
+    /// `all_reduce`). A group of one returns `input` untouched.
+    pub fn all_reduce(&self, input: Tensor) -> Result<Tensor> {
+        self.all_reduce_with(input, ReduceOp::Sum)
+    }
+
+    /// [`GroupCoordinator::all_reduce`] with another reduction.
+    pub fn all_reduce_with(&self, mut input: Tensor, op: ReduceOp) -> Result<Tensor> {
+        if self.world_size() == 1 {
+            return Ok(input);
+        }
+        input.check_cpu()?;
+        let g = self.groups()?;
+        self.check_collective(&g, CoordOp::AllReduce, |f| f.tensor(input.dtype(), input.shape()).arg(op_index(op)))?;
+        let dtype = input.dtype();
+        g.device.all_reduce_bytes(input.as_bytes_mut(), dtype, op)?;
+        Ok(input)
+    }
+
+    /// Gathers every rank's `input` along `dim` (negative counts from the
+    /// end): the output's `dim` is `world_size` times longer, in rank order.
+    /// A group of one returns a copy of `input`.
+    pub fn all_gather(&self, input: &Tensor, dim: isize) -> Result<Tensor> {
+        let n = self.world_size();
+        if n == 1 {
+            return Ok(input.clone());
+        }
+        let d = normalize_dim(dim, input.shape())?;
+        input.check_cpu()?;
+        let g = self.groups()?;
+        // The normalized dim, so that -1 and ndim - 1 compare equal.
+        self.check_collective(&g, CoordOp::AllGather, |f| f.tensor(input.dtype(), input.shape()).arg(d as i64))?;
+        let mut shape = vec![n];
+        shape.extend_from_slice(input.shape());
+        let mut out = Tensor::zeros(shape, input.dtype())?;
+        g.device.all_gather_bytes(input.as_bytes(), out.as_bytes_mut())?;
+        out.unstack_into_dim(d)
+    }
+
+    /// Gathers every rank's `input` along `dim` on group rank `dst`, which
+    /// gets `Some`; the others get `None`. A group of one returns a copy.
+    pub fn gather(&self, input: &Tensor, dst: usize, dim: isize) -> Result<Option<Tensor>> {
+        let n = self.world_size();
+        if n == 1 {
+            return Ok(Some(input.clone()));
+        }
+        let d = normalize_dim(dim, input.shape())?;
+        self.check_rank(CoordOp::Gather, "dst", dst)?;
+        input.check_cpu()?;
+        let g = self.groups()?;
+        self.check_collective(&g, CoordOp::Gather, |f| {
+            f.tensor(input.dtype(), input.shape()).arg(dst as i64).arg2(d as i32)
+        })?;
+        if self.rank_in_group() == dst {
+            let mut shape = vec![n];
+            shape.extend_from_slice(input.shape());
+            let mut out = Tensor::zeros(shape, input.dtype())?;
+            g.device.gather_bytes(input.as_bytes(), Some(out.as_bytes_mut()), dst)?;
+            Ok(Some(out.unstack_into_dim(d)?))
+        } else {
+            g.device.gather_bytes(input.as_bytes(), None, dst)?;
+            Ok(None)
+        }
+    }
+
+    /// Broadcasts `input` from group rank `src` (every rank passes a tensor
+    /// of the same shape and dtype) and returns it.
+    pub fn broadcast(&self, mut input: Tensor, src: usize) -> Result<Tensor> {
+        self.check_rank(CoordOp::Broadcast, "src", src)?;
+        if self.world_size() == 1 {
+            return Ok(input);
+        }
+        input.check_cpu()?;
+        let g = self.groups()?;
+        self.check_collective(&g, CoordOp::Broadcast, |f| f.tensor(input.dtype(), input.shape()).arg(src as i64))?;
+        g.device.broadcast_bytes(input.as_bytes_mut(), src)?;
+        Ok(input)
+    }
+
+    /// Sends `tensor` to group rank `dst` (default: the next rank).
+    pub fn send(&self, tensor: &Tensor, dst: Option<usize>) -> Result<()> {
+        let dst = dst.unwrap_or((self.rank_in_group() + 1) % self.world_size());
+        self.check_peer(CoordOp::Send, "dst", dst)?;
+        tensor.check_cpu()?;
+        let g = self.groups()?;
+        self.check_p2p(&g, CoordOp::Send, dst, true, |f| f.tensor(tensor.dtype(), tensor.shape()))?;
+        if tensor.nbytes() > 0 {
+            g.device.send_bytes(tensor.as_bytes(), dst)?;
+        }
+        Ok(())
+    }
+
+    /// Receives a tensor of `shape` and `dtype` from group rank `src`
+    /// (default: the previous rank).
+    pub fn recv(&self, shape: &[usize], dtype: DType, src: Option<usize>) -> Result<Tensor> {
+        let n = self.world_size();
+        let src = src.unwrap_or((self.rank_in_group() + n - 1) % n);
+        self.check_peer(CoordOp::Recv, "src", src)?;
+        let mut t = Tensor::zeros(shape.to_vec(), dtype)?;
+        let g = self.groups()?;
+        self.check_p2p(&g, CoordOp::Recv, src, false, |f| f.tensor(dtype, shape))?;
+        if t.nbytes() > 0 {
+            g.device.recv_bytes(t.as_bytes_mut(), src)?;
+        }
+        Ok(t)
+    }
+
+    /// Blocks until every rank of the group reached the barrier (CPU group).
+    pub fn barrier(&self) -> Result<()> {
+        let g = self.groups()?;
+        self.check_collective(&g, CoordOp::Barrier, |f| f)?;
+        g.cpu.barrier()
+    }
+
+    // ----- objects ---------------------------------------------------------
+
+    /// Broadcasts bytes from `src` over the CPU group (or the message queue).
+    fn broadcast_blob(&self, g: &Groups, data: Option<Vec<u8>>, src: usize, op: CoordOp) -> Result<Vec<u8>> {
+        let mq = self.inner.mq_broadcaster.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(mq) = mq {
+            if src != 0 {
+                return Err(Error::invalid(format!(
+                    "{}: the message queue broadcaster of group {} only supports src = 0, got {src}",
+                    op.name(),
+                    self.unique_name()
+                )));
+            }
+            return mq.broadcast_bytes(data.as_deref());
+        }
+        wire::broadcast_blob(&g.cpu, data, src, &self.inner.limits)
+    }
+
+    /// Broadcasts an object from group rank `src`, which passes `Some(obj)`;
+    /// every rank returns the source's value.
+    pub fn broadcast_object<T: Serialize + DeserializeOwned>(&self, obj: Option<T>, src: usize) -> Result<T> {
+        let op = CoordOp::BroadcastObject;
+        self.check_rank(op, "src", src)?;
+        let missing = || {
+            Error::invalid(format!(
+                "broadcast_object: the src rank ({src}) of group {} must pass Some(object)",
+                self.unique_name()
+            ))
+        };
+        if self.world_size() == 1 {
+            return obj.ok_or_else(missing);
+        }
+        if obj.is_none() && self.rank_in_group() == src {
+            return Err(missing());
+        }
+        let g = self.groups()?;
+        self.check_collective(&g, op, |f| f.arg(src as i64))?;
+        if let (true, Some(obj)) = (self.rank_in_group() == src, obj) {
+            self.broadcast_blob(&g, Some(codec::encode_object(&obj)?), src, op)?;
+            Ok(obj)
+        } else {
+            let bytes = self.broadcast_blob(&g, None, src, op)?;
+            codec::decode_object(&bytes).map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))
+        }
+    }
+
+    /// Broadcasts a list of objects from group rank `src` into `obj_list` on
+    /// every rank; all ranks pass lists of the same length.
+    pub fn broadcast_object_list<T: Serialize + DeserializeOwned>(&self, obj_list: &mut [T], src: usize) -> Result<()> {
+        let op = CoordOp::BroadcastObjectList;
+        self.check_rank(op, "src", src)?;
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let g = self.groups()?;
+        let len = obj_list.len();
+        self.check_collective(&g, op, |f| f.arg(src as i64).arg2(len.min(i32::MAX as usize) as i32))?;
+        if self.rank_in_group() == src {
+            wire::broadcast_blob(&g.device, Some(codec::encode_object(&*obj_list)?), src, &self.inner.limits)?;
+        } else {
+            let bytes = wire::broadcast_blob(&g.device, None, src, &self.inner.limits)?;
+            let got: Vec<T> = codec::decode_object(&bytes).map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))?;
+            if got.len() != len {
+                return Err(Error::invalid(format!(
+                    "broadcast_object_list: src rank {src} sent {} objects but this rank's list holds {len}; \
+                     expected lists of equal length",
+                    got.len()
+                )));
+            }
+            for (slot, v) in obj_list.iter_mut().zip(got) {
+                *slot = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends an object to group rank `dst`: its size, then its bytes, over
+    /// the CPU group. `dst` must be another rank of the group.
+    pub fn send_object<T: Serialize + ?Sized>(&self, obj: &T, dst: usize) -> Result<()> {
+        let op = CoordOp::SendObject;
+        self.check_peer(op, "dst", dst)?;
+        let g = self.groups()?;
+        self.check_p2p(&g, op, dst, true, |f| f)?;
+        wire::send_blob(&g.cpu, &codec::encode_object(obj)?, dst)
+    }
+
+    /// Receives an object sent by group rank `src` with
+    /// [`GroupCoordinator::send_object`].
+    pub fn recv_object<T: DeserializeOwned>(&self, src: usize) -> Result<T> {
+        let op = CoordOp::RecvObject;
+        self.check_peer(op, "src", src)?;
+        let g = self.groups()?;
+        self.check_p2p(&g, op, src, false, |f| f)?;
+        let bytes = wire::recv_blob(&g.cpu, src, &self.inner.limits)?;
+        codec::decode_object(&bytes).map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))
+    }
+
+    // ----- tensor dicts ----------------------------------------------------
+
+    fn build_tensor(&self, m: &crate::tensor::TensorMetadata, op: CoordOp) -> Result<Tensor> {
+        m.zeros().map_err(|e| match e {
+            Error::Unsupported(d) => Error::Unsupported(format!("{} in group {}: {d}", op.name(), self.unique_name())),
+            other => other,
+        })
+    }
+
+    /// Broadcasts a tensor dict from group rank `src` (which passes `Some`):
+    /// its metadata as one object, then each non-empty tensor. Every rank
+    /// returns the dict. A group of one returns a copy of `tensor_dict`.
+    pub fn broadcast_tensor_dict(&self, tensor_dict: Option<&TensorDict>, src: usize) -> Result<TensorDict> {
+        let op = CoordOp::BroadcastTensorDict;
+        let missing = || {
+            Error::invalid(format!(
+                "broadcast_tensor_dict: the src rank ({src}) of group {} must pass Some(tensor dict)",
+                self.unique_name()
+            ))
+        };
+        if self.world_size() == 1 {
+            return tensor_dict.cloned().ok_or_else(missing);
+        }
+        self.check_rank(op, "src", src)?;
+        let is_src = self.rank_in_group() == src;
+        if is_src {
+            for t in tensor_dict.ok_or_else(missing)?.tensors() {
+                t.check_cpu()?;
+            }
+        }
+        let g = self.groups()?;
+        self.check_collective(&g, op, |f| f.arg(src as i64))?;
+        if let (true, Some(dict)) = (is_src, tensor_dict) {
+            let (meta, _) = codec::encode_dict_metadata(dict)?;
+            self.broadcast_blob(&g, Some(meta), src, op)?;
+            let mut out = dict.clone();
+            for (_, v) in out.iter_mut() {
+                if let TensorDictValue::Tensor(t) = v {
+                    if t.numel() > 0 {
+                        g.cpu.broadcast_bytes(t.as_bytes_mut(), src)?;
+                    }
+                }
+            }
+            Ok(out)
+        } else {
+            let bytes = self.broadcast_blob(&g, None, src, op)?;
+            let meta = codec::decode_metadata(&bytes, &self.inner.limits)
+                .map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))?;
+            let mut out = TensorDict::new();
+            for (key, entry) in meta {
+                match entry {
+                    MetadataEntry::Tensor(m) => {
+                        let mut t = self.build_tensor(&m, op)?;
+                        if t.numel() > 0 {
+                            g.cpu.broadcast_bytes(t.as_bytes_mut(), src)?;
+                        }
+                        out.insert(key, t);
+                    }
+                    MetadataEntry::Value(v) => {
+                        out.insert(key, v);
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    /// Sends a tensor dict to group rank `dst` (default: the next rank):
+    /// metadata, then each non-empty tensor. With an `all_gather_group` of
+    /// size `k`, a tensor whose element count divides by `k` is sent as this
+    /// rank's `1/k` slice of `reshape(k, -1)`; the receivers rebuild it with
+    /// `all_gather`. A group of one sends nothing.
+    pub fn send_tensor_dict(
+        &self,
+        tensor_dict: &TensorDict,
+        dst: Option<usize>,
+        all_gather_group: Option<&GroupCoordinator>,
+    ) -> Result<()> {
+        let op = CoordOp::SendTensorDict;
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let (k, r) = all_gather_group.map_or((1, 0), |a| (a.world_size(), a.rank_in_group()));
+        let dst = dst.unwrap_or((self.rank_in_group() + 1) % self.world_size());
+        self.check_peer(op, "dst", dst)?;
+        for t in tensor_dict.tensors() {
+            t.check_cpu()?;
+        }
+        let g = self.groups()?;
+        self.check_p2p(&g, op, dst, true, |f| f)?;
+        let (meta, tensors) = codec::encode_dict_metadata(tensor_dict)?;
+        wire::send_blob(&g.cpu, &meta, dst)?;
+        for t in tensors {
+            if t.numel() == 0 {
+                continue;
+            }
+            let bytes = t.as_bytes();
+            if all_gather_group.is_some() && t.numel() % k == 0 {
+                let part = bytes.len() / k;
+                g.cpu.send_bytes(&bytes[r * part..(r + 1) * part], dst)?;
+            } else {
+                g.cpu.send_bytes(bytes, dst)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives a tensor dict sent with [`GroupCoordinator::send_tensor_dict`]
+    /// by group rank `src` (default: the previous rank), passing the same
+    /// `all_gather_group` as the sender. A group of one returns `None`.
+    pub fn recv_tensor_dict(
+        &self,
+        src: Option<usize>,
+        all_gather_group: Option<&GroupCoordinator>,
+    ) -> Result<Option<TensorDict>> {
+        let op = CoordOp::RecvTensorDict;
+        let n = self.world_size();
+        if n == 1 {
+            return Ok(None);
+        }
+        let k = all_gather_group.map_or(1, |a| a.world_size());
+        let src = src.unwrap_or((self.rank_in_group() + n - 1) % n);
+        self.check_peer(op, "src", src)?;
+        let g = self.groups()?;
+        self.check_p2p(&g, op, src, false, |f| f)?;
+        let bytes = wire::recv_blob(&g.cpu, src, &self.inner.limits)?;
+        let meta =
+            codec::decode_metadata(&bytes, &self.inner.limits).map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))?;
+        let mut out = TensorDict::new();
+        for (key, entry) in meta {
+            match entry {
+                MetadataEntry::Tensor(m) => {
+                    let mut t = self.build_tensor(&m, op)?;
+                    if t.numel() > 0 {
+                        match all_gather_group {
+                            Some(ag) if t.numel() % k == 0 => {
+                                let mut part = Tensor::zeros([t.numel() / k], t.dtype())?;
+                                g.cpu.recv_bytes(part.as_bytes_mut(), src)?;
+                                t = ag.all_gather(&part, 0)?.into_shape(m.shape.clone())?;
+                            }
+                            _ => g.cpu.recv_bytes(t.as_bytes_mut(), src)?,
+                        }
+                    }
+                    out.insert(key, t);
+                }
+                MetadataEntry::Value(v) => {
+                    out.insert(key, v);
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Answers, for every rank of this group, whether it shares a node
+    /// (shared memory and host name) with group rank `source_rank`.
+    pub fn in_the_same_node_as(&self, source_rank: usize) -> Result<Vec<bool>> {
+        in_the_same_node_as(&self.cpu_group()?, source_rank)
+    }
+
+    /// Releases both groups and the message queue. Later operations fail
+    /// with [`Error::NotInitialized`]; accessors keep working. Idempotent.
+    pub fn destroy(&self) {
+        self.inner.groups.write().unwrap_or_else(|e| e.into_inner()).take();
+        self.inner.mq_broadcaster.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// Position of `op` in [`ReduceOp::ALL`], as fingerprints carry it.
+fn op_index(op: ReduceOp) -> i64 {
+    ReduceOp::ALL.iter().position(|o| *o == op).unwrap_or(0) as i64
+}
+
+/// Attaches `ctx` to a serialization error that lacks one.
+fn with_ctx(e: Error, ctx: Context) -> Error {
+    match e {
+        Error::Serialization { detail, .. } => Error::Serialization { ctx, detail },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_names_count_per_name() {
+        let n = UniqueNames::new();
+        assert_eq!(n.next("tp"), "tp:0");
+        assert_eq!(n.next("tp"), "tp:1");
+        assert_eq!(n.next("pp"), "pp:0");
+    }
+
+    #[test]
+    fn group_lists_are_validated() {
+        let lists = vec![vec![0, 1], vec![2, 3]];
+        assert_eq!(find_own_group(&lists, 4, 3).unwrap(), (1, 1));
+        assert!(find_own_group(&lists, 3, 0).unwrap_err().to_string().contains("below the world size 3"));
+        assert!(find_own_group(&[vec![0, 0]], 2, 0).is_err());
+        assert!(find_own_group(&[vec![0, 1], vec![1]], 2, 1).unwrap_err().to_string().contains("exactly one"));
+        assert!(find_own_group(&[vec![0]], 2, 1).unwrap_err().to_string().contains("none of the group lists"));
+        assert!(find_own_group(&[vec![]], 2, 1).is_err());
+    }
+}

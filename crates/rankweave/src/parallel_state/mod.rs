@@ -1,0 +1,554 @@
+//! The model-parallel state: world, tensor-, pipeline- and data-parallel
+//! groups.
+//!
+//! [`ParallelState`] is an explicit value that owns the groups, so several
+//! independent states can live in one process (ranks as threads in tests).
+//! The seed's free functions ([`init_distributed_environment`],
+//! [`initialize_model_parallel`], [`get_tp_group`], ...) are thin wrappers
+//! over one process-wide state, [`global_state`].
+//!
+//! The typical sequence, as in the seed: `init_distributed_environment`,
+//! then `initialize_model_parallel` (or `ensure_model_parallel_initialized`),
+//! then the work, then `destroy_model_parallel` and
+//! `destroy_distributed_environment` (after which a fresh init works).
+//!
+//! ```
+//! use rankweave::parallel_state::ParallelState;
+//! use rankweave::tensor::Tensor;
+//! use rankweave::HashStore;
+//! use std::sync::Arc;
+//!
+//! // A world of one over an in-process store (threads or real processes
+//! // use the same calls with more ranks).
+//! let state = ParallelState::init_with_store(Arc::new(HashStore::new()), 1, 0, 0)?;
+//! state.initialize_model_parallel(1, 1, None)?;
+//! let tp = state.get_tp_group()?;
+//! assert_eq!(tp.unique_name(), "tp:0");
+//! let x = tp.all_reduce(Tensor::vec1(&[1.0f32, 2.0]))?;
+//! assert_eq!(x.as_slice::<f32>()?, &[1.0, 2.0]);
+//! state.destroy_model_parallel();
+//! state.destroy_distributed_environment();
+//! # Ok::<(), rankweave::Error>(())
+//! ```
+
+mod layout;
+
+pub use crate::coordinator::in_the_same_node_as;
+pub use layout::{model_parallel_layout, Layout, RankPosition};
+
+use crate::coordinator::{CoordinatorOptions, GroupCoordinator, UniqueNames};
+use crate::error::{Error, Result};
+use crate::group::{GroupOptions, ProcessGroup};
+use crate::store::SharedStore;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+/// Sizes of the model-parallel dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelParallelConfig {
+    /// Tensor-parallel size.
+    pub tensor_model_parallel_size: usize,
+    /// Pipeline-parallel size.
+    pub pipeline_model_parallel_size: usize,
+    /// Data-parallel size (1 in the seed).
+    pub data_parallel_size: usize,
+}
+
+impl Default for ModelParallelConfig {
+    fn default() -> Self {
+        ModelParallelConfig { tensor_model_parallel_size: 1, pipeline_model_parallel_size: 1, data_parallel_size: 1 }
+    }
+}
+
+impl ModelParallelConfig {
+    /// The seed's configuration: `tp x pp`, no data parallelism.
+    pub fn new(tp: usize, pp: usize) -> Self {
+        ModelParallelConfig { tensor_model_parallel_size: tp, pipeline_model_parallel_size: pp, data_parallel_size: 1 }
+    }
+    /// With a data-parallel dimension.
+    pub fn with_dp(mut self, dp: usize) -> Self {
+        self.data_parallel_size = dp;
+        self
+    }
+}
+
+#[derive(Default)]
+struct State {
+    world_pg: Option<ProcessGroup>,
+    world: Option<GroupCoordinator>,
+    tp: Option<GroupCoordinator>,
+    pp: Option<GroupCoordinator>,
+    dp: Option<GroupCoordinator>,
+    tp_patched: bool,
+    backend: String,
+    /// The rendezvous store when this state made it (rank 0's handle keeps
+    /// the store server alive).
+    store: Option<SharedStore>,
+    layout: Option<Layout>,
+}
+
+/// One rank's distributed state: the world group and the model-parallel
+/// groups built over it.
+pub struct ParallelState {
+    state: Mutex<State>,
+    names: Option<Arc<UniqueNames>>,
+}
+
+impl std::fmt::Debug for ParallelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.lock();
+        f.debug_struct("ParallelState")
+            .field("world", &s.world)
+            .field("tp", &s.tp)
+            .field("pp", &s.pp)
+            .field("dp", &s.dp)
+            .field("tp_patched", &s.tp_patched)
+            .finish()
+    }
+}
+
+impl Default for ParallelState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The backends this build runs: both groups of every coordinator are CPU
+/// groups. Empty means "the world's backend" / "gloo".
+fn check_backend(backend: &str) -> Result<String> {
+    match backend.trim().to_ascii_lowercase().as_str() {
+        "" | "gloo" | "cpu" => Ok("gloo".into()),
+        other => {
+            Err(Error::Unsupported(format!("backend `{other}`: this build runs CPU process groups only; use `gloo`")))
+        }
+    }
+}
+
+impl ParallelState {
+    /// An uninitialized state with its own group-name counters.
+    pub fn new() -> Self {
+        ParallelState { state: Mutex::new(State::default()), names: Some(Arc::new(UniqueNames::new())) }
+    }
+
+    /// The process-wide state's constructor: names come from
+    /// [`UniqueNames::global`], as the seed's module-level counter.
+    fn new_global() -> Self {
+        ParallelState { state: Mutex::new(State::default()), names: None }
+    }
+
+    /// A state whose world group is built over an existing store (ranks as
+    /// threads over a [`crate::HashStore`], or a store already rendezvoused).
+    pub fn init_with_store(store: SharedStore, world_size: usize, rank: usize, local_rank: usize) -> Result<Self> {
+        let s = ParallelState::new();
+        s.init_world_with_store(store, world_size, rank, local_rank, GroupOptions::default())?;
+        Ok(s)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the state as consistent as
+        // the last completed assignment; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn opts(&self, name: &str, mq: bool) -> CoordinatorOptions {
+        CoordinatorOptions {
+            group_name: Some(name.into()),
+            use_message_queue_broadcaster: mq,
+            names: self.names.clone(),
+            limits: None,
+        }
+    }
+
+    /// Builds the world group over `store` (every rank calls it). Calling it
+    /// again with the same world size is a no-op; another size is an error.
+    pub fn init_world_with_store(
+        &self,
+        store: SharedStore,
+        world_size: usize,
+        rank: usize,
+        local_rank: usize,
+        opts: GroupOptions,
+    ) -> Result<()> {
+        let mut s = self.lock();
+        if let Some(w) = &s.world {
+            return check_same_world(w, world_size);
+        }
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::invalid(format!(
+                "rank {rank} and world_size {world_size}: expected 0 <= rank < world_size"
+            )));
+        }
+        let pg = ProcessGroup::new_world(store, rank, world_size, opts)?;
+        let ranks: Vec<usize> = (0..world_size).collect();
+        let world = GroupCoordinator::new(&pg, &[ranks], local_rank, self.opts("world", false))?;
+        s.world_pg = Some(pg);
+        s.world = Some(world);
+        if s.backend.is_empty() {
+            s.backend = "gloo".into();
+        }
+        Ok(())
+    }
+
+    /// The seed's `init_distributed_environment`: meets the other ranks
+    /// through `init_method` (`env://` or `tcp://host:port`; see
+    /// [`crate::store::init::rendezvous`]) and builds the world group.
+    ///
+    /// `world_size` and `rank` of `-1` come from the environment (`env://`).
+    /// `local_rank == -1` means `LOCAL_RANK` (0 when unset) with `env://`,
+    /// else the rank. Called again once initialized, it only checks that the
+    /// world size matches.
+    pub fn init_distributed_environment(
+        &self,
+        world_size: isize,
+        rank: isize,
+        init_method: &str,
+        local_rank: isize,
+        backend: &str,
+    ) -> Result<()> {
+        let backend = check_backend(backend)?;
+        if let Some(w) = self.lock().world.clone() {
+            return if world_size >= 0 { check_same_world(&w, world_size as usize) } else { Ok(()) };
+        }
+        let rv = crate::store::init::rendezvous(
+            init_method,
+            usize::try_from(rank).ok(),
+            usize::try_from(world_size).ok(),
+            crate::store::default_timeout(),
+        )?;
+        let local_rank = if local_rank >= 0 {
+            local_rank as usize
+        } else if init_method.trim() == "env://" {
+            rv.local_rank.unwrap_or(0)
+        } else {
+            rv.rank
+        };
+        self.init_world_with_store(rv.store.clone(), rv.world_size, rv.rank, local_rank, GroupOptions::default())?;
+        let mut s = self.lock();
+        s.backend = backend;
+        s.store = Some(rv.store);
+        Ok(())
+    }
+
+    /// True once the world group exists.
+    pub fn is_initialized(&self) -> bool {
+        self.lock().world.is_some()
+    }
+
+    /// The backend the world was initialized with (`gloo`).
+    pub fn backend(&self) -> Option<String> {
+        let s = self.lock();
+        s.world.as_ref().map(|_| s.backend.clone())
+    }
+
+    /// The seed's `initialize_model_parallel(tp, pp, backend)`.
+    pub fn initialize_model_parallel(&self, tp: usize, pp: usize, backend: Option<&str>) -> Result<()> {
+        self.initialize_model_parallel_with(ModelParallelConfig::new(tp, pp), backend)
+    }
+
+    /// Builds the TP, PP and DP groups (layout DP x PP x TP; see
+    /// [`model_parallel_layout`]). Every rank of the world calls it.
+    pub fn initialize_model_parallel_with(&self, config: ModelParallelConfig, backend: Option<&str>) -> Result<()> {
+        let mut s = self.lock();
+        let (world_pg, world) = match (&s.world_pg, &s.world) {
+            (Some(pg), Some(w)) => (pg.clone(), w.clone()),
+            _ => {
+                return Err(Error::NotInitialized(
+                    "world group is not initialized; call init_distributed_environment first".into(),
+                ))
+            }
+        };
+        if let Some(b) = backend {
+            check_backend(b)?;
+        }
+        let layout = model_parallel_layout(
+            world.world_size(),
+            config.tensor_model_parallel_size,
+            config.pipeline_model_parallel_size,
+            config.data_parallel_size,
+        )?;
+        if s.tp.is_some() {
+            return Err(Error::AlreadyInitialized("tensor model parallel group is already initialized".into()));
+        }
+        if s.pp.is_some() {
+            return Err(Error::AlreadyInitialized("pipeline model parallel group is already initialized".into()));
+        }
+        let local_rank = world.local_rank();
+        // The message-queue broadcaster is only used in the TP group.
+        let tp = GroupCoordinator::new(&world_pg, &layout.tp_groups, local_rank, self.opts("tp", true))?;
+        let pp = GroupCoordinator::new(&world_pg, &layout.pp_groups, local_rank, self.opts("pp", false))?;
+        let dp = GroupCoordinator::new(&world_pg, &layout.dp_groups, local_rank, self.opts("dp", false))?;
+        s.tp = Some(tp);
+        s.pp = Some(pp);
+        s.dp = Some(dp);
+        s.layout = Some(layout);
+        Ok(())
+    }
+
+    /// Builds the model-parallel groups if they do not exist, else checks
+    /// that they have the expected sizes.
+    pub fn ensure_model_parallel_initialized(&self, tp: usize, pp: usize, backend: Option<&str>) -> Result<()> {
+        if !self.model_parallel_is_initialized() {
+            return self.initialize_model_parallel(tp, pp, backend);
+        }
+        let tp_size = self.get_tensor_model_parallel_world_size()?;
+        if tp_size != tp {
+            return Err(Error::AlreadyInitialized(format!(
+                "tensor parallel group already initialized, but of unexpected size: \
+                 get_tensor_model_parallel_world_size()={tp_size} vs. tensor_model_parallel_size={tp}"
+            )));
+        }
+        let pp_size = self.get_pp_group()?.world_size();
+        if pp_size != pp {
+            return Err(Error::AlreadyInitialized(format!(
+                "pipeline parallel group already initialized, but of unexpected size: \
+                 pp_world_size={pp_size} vs. pipeline_model_parallel_size={pp}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// True once the TP and PP groups exist.
+    pub fn model_parallel_is_initialized(&self) -> bool {
+        let s = self.lock();
+        s.tp.is_some() && s.pp.is_some()
+    }
+
+    /// The layout the model-parallel groups were built from.
+    pub fn layout(&self) -> Option<Layout> {
+        self.lock().layout.clone()
+    }
+
+    /// The world group.
+    pub fn get_world_group(&self) -> Result<GroupCoordinator> {
+        self.lock().world.clone().ok_or_else(|| Error::NotInitialized("world group is not initialized".into()))
+    }
+    /// The tensor-parallel group.
+    pub fn get_tp_group(&self) -> Result<GroupCoordinator> {
+        self.lock()
+            .tp
+            .clone()
+            .ok_or_else(|| Error::NotInitialized("tensor model parallel group is not initialized".into()))
+    }
+    /// Alias of [`ParallelState::get_tp_group`], kept as in the seed.
+    pub fn get_tensor_model_parallel_group(&self) -> Result<GroupCoordinator> {
+        self.get_tp_group()
+    }
+    /// The pipeline-parallel group.
+    pub fn get_pp_group(&self) -> Result<GroupCoordinator> {
+        self.lock()
+            .pp
+            .clone()
+            .ok_or_else(|| Error::NotInitialized("pipeline model parallel group is not initialized".into()))
+    }
+    /// Alias of [`ParallelState::get_pp_group`], kept as in the seed.
+    pub fn get_pipeline_model_parallel_group(&self) -> Result<GroupCoordinator> {
+        self.get_pp_group()
+    }
+    /// The data-parallel group.
+    pub fn get_dp_group(&self) -> Result<GroupCoordinator> {
+        self.lock().dp.clone().ok_or_else(|| Error::NotInitialized("data parallel group is not initialized".into()))
+    }
+    /// Size of the TP group.
+    pub fn get_tensor_model_parallel_world_size(&self) -> Result<usize> {
+        Ok(self.get_tp_group()?.world_size())
+    }
+    /// This rank's position in the TP group.
+    pub fn get_tensor_model_parallel_rank(&self) -> Result<usize> {
+        Ok(self.get_tp_group()?.rank_in_group())
+    }
+
+    /// Replaces the TP group until the returned guard is dropped (also when
+    /// unwinding from a panic), then restores the previous one. Patching an
+    /// already patched state is an error.
+    pub fn patch_tensor_parallel_group(&self, tp_group: GroupCoordinator) -> Result<TpGroupPatch<'_>> {
+        let mut s = self.lock();
+        if s.tp_patched {
+            return Err(Error::invalid("patch_tensor_parallel_group: the tensor parallel group is already patched"));
+        }
+        let old =
+            s.tp.clone()
+                .ok_or_else(|| Error::NotInitialized("tensor model parallel group is not initialized".into()))?;
+        s.tp = Some(tp_group);
+        s.tp_patched = true;
+        Ok(TpGroupPatch { state: self, old: Some(old) })
+    }
+
+    /// Destroys the TP, PP and DP groups; `initialize_model_parallel` may be
+    /// called again afterwards.
+    pub fn destroy_model_parallel(&self) {
+        let mut s = self.lock();
+        for g in [s.tp.take(), s.pp.take(), s.dp.take()].into_iter().flatten() {
+            g.destroy();
+        }
+        s.layout = None;
+    }
+
+    /// Destroys the world group; a fresh `init_*` works afterwards.
+    pub fn destroy_distributed_environment(&self) {
+        let mut s = self.lock();
+        if let Some(w) = s.world.take() {
+            w.destroy();
+        }
+        s.world_pg = None;
+        s.store = None;
+    }
+}
+
+fn check_same_world(w: &GroupCoordinator, world_size: usize) -> Result<()> {
+    if w.world_size() != world_size {
+        return Err(Error::AlreadyInitialized(format!(
+            "world group already initialized with a different world size ({} ranks, now asked for {world_size})",
+            w.world_size()
+        )));
+    }
+    Ok(())
+}
+
+/// Restores the previous TP group when dropped; see
+/// [`ParallelState::patch_tensor_parallel_group`].
+#[must_use = "the TP group is restored as soon as the guard is dropped"]
+pub struct TpGroupPatch<'a> {
+    state: &'a ParallelState,
+    old: Option<GroupCoordinator>,
+}
+
+impl std::fmt::Debug for TpGroupPatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpGroupPatch").field("restores", &self.old).finish()
+    }
+}
+
+impl Drop for TpGroupPatch<'_> {
+    fn drop(&mut self) {
+        let mut s = self.state.lock();
+        s.tp = self.old.take();
+        s.tp_patched = false;
+    }
+}
+
+// ----- the seed's free functions over one process-wide state ---------------
+
+/// The process-wide state behind the free functions.
+pub fn global_state() -> &'static ParallelState {
+    static GLOBAL: OnceLock<ParallelState> = OnceLock::new();
+    GLOBAL.get_or_init(ParallelState::new_global)
+}
+
+/// [`ParallelState::init_distributed_environment`] on the process-wide state.
+pub fn init_distributed_environment(
+    world_size: isize,
+    rank: isize,
+    init_method: &str,
+    local_rank: isize,
+    backend: &str,
+) -> Result<()> {
+    global_state().init_distributed_environment(world_size, rank, init_method, local_rank, backend)
+}
+
+/// [`ParallelState::init_world_with_store`] on the process-wide state.
+pub fn init_distributed_environment_with_store(
+    store: SharedStore,
+    world_size: usize,
+    rank: usize,
+    local_rank: usize,
+) -> Result<()> {
+    global_state().init_world_with_store(store, world_size, rank, local_rank, GroupOptions::default())
+}
+
+/// [`ParallelState::initialize_model_parallel`] on the process-wide state.
+pub fn initialize_model_parallel(tp: usize, pp: usize, backend: Option<&str>) -> Result<()> {
+    global_state().initialize_model_parallel(tp, pp, backend)
+}
+
+/// [`ParallelState::initialize_model_parallel_with`] on the process-wide state.
+pub fn initialize_model_parallel_with(config: ModelParallelConfig, backend: Option<&str>) -> Result<()> {
+    global_state().initialize_model_parallel_with(config, backend)
+}
+
+/// [`ParallelState::ensure_model_parallel_initialized`] on the process-wide state.
+pub fn ensure_model_parallel_initialized(tp: usize, pp: usize, backend: Option<&str>) -> Result<()> {
+    global_state().ensure_model_parallel_initialized(tp, pp, backend)
+}
+
+/// [`ParallelState::model_parallel_is_initialized`] on the process-wide state.
+pub fn model_parallel_is_initialized() -> bool {
+    global_state().model_parallel_is_initialized()
+}
+
+/// The process-wide world group.
+pub fn get_world_group() -> Result<GroupCoordinator> {
+    global_state().get_world_group()
+}
+
+/// The process-wide tensor-parallel group.
+pub fn get_tp_group() -> Result<GroupCoordinator> {
+    global_state().get_tp_group()
+}
+
+/// Alias of [`get_tp_group`], kept as in the seed.
+pub fn get_tensor_model_parallel_group() -> Result<GroupCoordinator> {
+    get_tp_group()
+}
+
+/// The process-wide pipeline-parallel group.
+pub fn get_pp_group() -> Result<GroupCoordinator> {
+    global_state().get_pp_group()
+}
+
+/// Alias of [`get_pp_group`], kept as in the seed.
+pub fn get_pipeline_model_parallel_group() -> Result<GroupCoordinator> {
+    get_pp_group()
+}
+
+/// The process-wide data-parallel group.
+pub fn get_dp_group() -> Result<GroupCoordinator> {
+    global_state().get_dp_group()
+}
+
+/// Size of the process-wide TP group.
+pub fn get_tensor_model_parallel_world_size() -> Result<usize> {
+    global_state().get_tensor_model_parallel_world_size()
+}
+
+/// This rank's position in the process-wide TP group.
+pub fn get_tensor_model_parallel_rank() -> Result<usize> {
+    global_state().get_tensor_model_parallel_rank()
+}
+
+/// [`ParallelState::patch_tensor_parallel_group`] on the process-wide state.
+pub fn patch_tensor_parallel_group(tp_group: GroupCoordinator) -> Result<TpGroupPatch<'static>> {
+    global_state().patch_tensor_parallel_group(tp_group)
+}
+
+/// [`ParallelState::destroy_model_parallel`] on the process-wide state.
+pub fn destroy_model_parallel() {
+    global_state().destroy_model_parallel()
+}
+
+/// [`ParallelState::destroy_distributed_environment`] on the process-wide state.
+pub fn destroy_distributed_environment() {
+    global_state().destroy_distributed_environment()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uninitialized_state_says_so() {
+        let s = ParallelState::new();
+        assert!(!s.is_initialized());
+        assert!(!s.model_parallel_is_initialized());
+        let e = s.get_tp_group().unwrap_err().to_string();
+        assert!(e.contains("tensor model parallel group is not initialized"), "{e}");
+        assert!(matches!(s.get_world_group(), Err(Error::NotInitialized(_))));
+        assert!(matches!(s.initialize_model_parallel(1, 1, None), Err(Error::NotInitialized(_))));
+        s.destroy_model_parallel();
+        s.destroy_distributed_environment();
+    }
+
+    #[test]
+    fn backends() {
+        assert_eq!(check_backend("GLOO").unwrap(), "gloo");
+        assert!(matches!(check_backend("nccl"), Err(Error::Unsupported(_))));
+    }
+}

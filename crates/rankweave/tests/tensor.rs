@@ -1,0 +1,111 @@
+//! The tensor type and tensor dicts through the public API.
+
+use rankweave::tensor::{Device, Tensor, TensorDict, TensorDictValue, Value};
+use rankweave::{DType, Error};
+
+fn iota(shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    Tensor::from_vec((0..n as i64).collect::<Vec<_>>(), shape.to_vec()).unwrap()
+}
+
+#[test]
+fn all_gather_epilogue_matches_seed_movedim_reshape() {
+    // What GroupCoordinator::all_gather does with a (world, *input) buffer:
+    // movedim(0, dim) then reshape with dim multiplied by world.
+    let world = 3;
+    let input = [2usize, 3, 4];
+    let blocks: Vec<Tensor> = (0..world)
+        .map(|r| {
+            let n: usize = input.iter().product();
+            Tensor::from_vec((0..n as i64).map(|i| r as i64 * 1000 + i).collect::<Vec<_>>(), input.to_vec()).unwrap()
+        })
+        .collect();
+    let refs: Vec<&Tensor> = blocks.iter().collect();
+    let stacked = Tensor::cat(&refs, 0).unwrap().into_shape([world, 2, 3, 4]).unwrap();
+    for dim in [0isize, 1, 2, -1, -2, -3] {
+        let d = if dim < 0 { dim + 3 } else { dim } as usize;
+        let mut expect_shape = input.to_vec();
+        expect_shape[d] *= world;
+        let by_movedim = stacked.movedim(0, d as isize).unwrap().into_shape(expect_shape.clone()).unwrap();
+        let by_cat = Tensor::cat(&refs, dim).unwrap();
+        assert_eq!(by_movedim, by_cat, "dim {dim}");
+        assert_eq!(stacked.clone().unstack_into_dim(d).unwrap(), by_cat, "dim {dim}");
+        assert_eq!(by_cat.shape(), expect_shape.as_slice());
+    }
+    // Spot values: along the last dim, rank 1's block follows rank 0's.
+    let last = Tensor::cat(&refs, -1).unwrap();
+    assert_eq!(&last.as_slice::<i64>().unwrap()[..12], &[0, 1, 2, 3, 1000, 1001, 1002, 1003, 2000, 2001, 2002, 2003]);
+}
+
+#[test]
+fn slicing_for_the_all_gather_group() {
+    // send_tensor_dict sends reshape(k, -1)[r]; the receiver all-gathers dim 0.
+    let t = iota(&[4, 6]);
+    let k = 3;
+    let parts: Vec<Tensor> = (0..k).map(|r| t.reshape(&[k as isize, -1]).unwrap().select(0, r).unwrap()).collect();
+    assert_eq!(parts[1].shape(), &[8]);
+    assert_eq!(parts[1].as_slice::<i64>().unwrap(), &[8, 9, 10, 11, 12, 13, 14, 15]);
+    let refs: Vec<&Tensor> = parts.iter().collect();
+    assert_eq!(Tensor::cat(&refs, 0).unwrap().into_shape([4, 6]).unwrap(), t);
+}
+
+#[test]
+fn reshape_errors_say_what_was_expected() {
+    let t = iota(&[2, 3]);
+    let e = t.reshape(&[4, -1]).unwrap_err().to_string();
+    assert!(e.contains("shape [2, 3]") && e.contains("6 elements") && e.contains("[4, -1]"), "{e}");
+    let e = t.narrow(0, 1, 5).unwrap_err().to_string();
+    assert!(e.contains("expected start + len <= 2"), "{e}");
+    let e = Tensor::cat(&[&t, &iota(&[3, 3])], 1).unwrap_err().to_string();
+    assert!(e.contains("tensor 1"), "{e}");
+}
+
+#[test]
+fn every_dtype_has_typed_views() {
+    for dt in DType::ALL {
+        let t = Tensor::from_f64(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [2, 3], dt).unwrap();
+        assert_eq!(t.dtype(), dt);
+        assert_eq!(t.nbytes(), 6 * dt.size());
+        assert_eq!(t.numel(), 6);
+        let moved = t.movedim(1, 0).unwrap();
+        assert_eq!(moved.to_f64_vec(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0], "{dt}");
+        assert_eq!(Tensor::from_bytes(t.as_bytes(), [3, 2], dt).unwrap(), t.reshape(&[3, 2]).unwrap());
+    }
+    let t = Tensor::from_vec(vec![i64::MAX, -1], [2]).unwrap();
+    assert_eq!(t.as_slice::<i64>().unwrap(), &[i64::MAX, -1]);
+    assert!(matches!(t.as_slice::<f64>(), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn devices_other_than_cpu_are_refused() {
+    assert!(matches!(Tensor::zeros_on([2], DType::F32, Device::Cuda(1)), Err(Error::Unsupported(_))));
+    assert_eq!(Device::Cuda(1).to_string(), "cuda:1");
+    assert_eq!(Device::Cpu.type_name(), "cpu");
+    assert!(iota(&[1]).to_device(Device::Cpu).unwrap().is_cpu());
+}
+
+#[test]
+fn tensor_dict_mixed_entries() {
+    let mut d: TensorDict =
+        [("a", TensorDictValue::from(1i64)), ("b", Tensor::vec1(&[1u8, 2]).into())].into_iter().collect();
+    d.insert("c", Value::List(vec!["x".into(), Value::None, 2.5f64.into()]));
+    d.insert("empty", Tensor::zeros([0, 4], DType::BF16).unwrap());
+    assert_eq!(d.keys().collect::<Vec<_>>(), ["a", "b", "c", "empty"]);
+    assert_eq!(d.tensors().count(), 2);
+    let (meta, tensors) = d.split();
+    assert_eq!(meta.len(), 4);
+    assert_eq!(tensors[1].shape(), &[0, 4]);
+    let entries = d.clone().into_entries();
+    assert_eq!(entries[0].0, "a");
+    assert_eq!(d.into_iter().count(), 4);
+}
+
+#[cfg(feature = "ndarray")]
+#[test]
+fn ndarray_round_trip() {
+    let a = ndarray::Array::from_shape_vec((2, 2, 2), (0..8).map(|x| x as f64).collect()).unwrap();
+    let t = Tensor::from(&a);
+    assert_eq!(t.shape(), &[2, 2, 2]);
+    let b: ndarray::ArrayD<f64> = (&t).try_into().unwrap();
+    assert_eq!(b, a.into_dyn());
+}
