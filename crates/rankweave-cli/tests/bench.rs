@@ -32,7 +32,6 @@ fn text(o: &Output) -> String {
 const COLUMNS: &str = "impl,op,mode,world_size,bytes,iters,median_us,mean_us,min_us,algbw_GBps,busbw_GBps,note";
 
 #[test]
-#[ignore = "needs the ProcessGroup: un-ignored once transport and collectives are merged"]
 fn all_reduce_over_two_processes_writes_the_anchor_csv() {
     let csv = tmp("ar.csv");
     let o = run(&[
@@ -79,7 +78,6 @@ fn all_reduce_over_two_processes_writes_the_anchor_csv() {
 }
 
 #[test]
-#[ignore = "needs the ProcessGroup: un-ignored once transport and collectives are merged"]
 fn every_operation_at_three_ranks_in_both_modes_with_json_and_plot() {
     let (json, svg) = (tmp("all.json"), tmp("all.svg"));
     let o = run(&[
@@ -192,4 +190,39 @@ fn a_failing_rank_fails_the_run_and_its_output_is_shown() {
     assert!(err.contains("rank 1 of 2 failed (exit code 3)"), "{}", text(&o));
     assert!(err.contains("RANKWEAVE_BENCH_FAIL_RANK"), "rank 1's own message is shown: {}", text(&o));
     assert!(t.elapsed() < std::time::Duration::from_secs(30), "the other rank was stopped");
+}
+
+#[test]
+fn runs_under_the_launcher() {
+    let csv = tmp("launch.csv");
+    let exe = env!("CARGO_BIN_EXE_rankweave");
+    let o = run(&[
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        exe,
+        "bench",
+        "all_reduce,broadcast",
+        "-e",
+        "1K",
+        "-f",
+        "16",
+        "-n",
+        "2",
+        "-w",
+        "0",
+        "-r",
+        "1",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("[0] # Out of bounds values : 0 OK"), "rank 0 prints, prefixed: {}", text(&o));
+    assert!(!out.contains("[1] #"), "only rank 0 prints the table: {}", text(&o));
+    let body = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(body.lines().next(), Some(COLUMNS));
+    assert_eq!(body.lines().count(), 1 + 2 * 2, "8 B and 128 B for each op: {body}");
+    assert!(body.lines().skip(1).all(|l| l.starts_with("rankweave-auto,") && l.contains(",loop,2,")), "{body}");
 }
