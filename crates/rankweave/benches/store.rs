@@ -1,10 +1,13 @@
-//! Store micro-benchmarks: set, get and add on the in-process store.
+//! Store micro-benchmarks: set, get, add and check on the in-process store
+//! and on the TCP store over loopback.
 //!
 //! Run with `cargo bench -p rankweave --bench store`. Each operation is
 //! measured on a warm store (the key exists), so the numbers are the cost of
-//! one request: a lock and a hash-map access for the in-process store.
+//! one request: a lock and a hash-map access for the in-process store, one
+//! request/reply round trip to a server in this process for the TCP store.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rankweave::store::TcpStore;
 use rankweave::{HashStore, Store};
 use std::hint::black_box;
 use std::time::Duration;
@@ -34,5 +37,10 @@ fn hash_store(c: &mut Criterion) {
     store_ops(c, "hash", &store);
 }
 
-criterion_group!(benches, hash_store);
+fn tcp_store(c: &mut Criterion) {
+    let store = TcpStore::new("127.0.0.1", 0, true, Duration::from_secs(30)).expect("start a TCP store on 127.0.0.1");
+    store_ops(c, "tcp", &store);
+}
+
+criterion_group!(benches, hash_store, tcp_store);
 criterion_main!(benches);
