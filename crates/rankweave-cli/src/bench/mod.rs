@@ -478,7 +478,13 @@ fn run_worker(cfg: &Config) -> Result<i32> {
         let opts = GroupOptions { timeout: cfg.timeout, transport: t, ..GroupOptions::default() };
         let group = ProcessGroup::new_world(gstore, rank, world, opts)?;
         let label = format!("rankweave-{}", transport_name(t));
-        let (recs, w) = run_suite(&group, cfg, &label, transport_name(t), &mut out)?;
+        let used = group.transport_kind();
+        let shown = if used == t {
+            transport_name(t).to_string()
+        } else {
+            format!("{}(uses-{})", transport_name(t), transport_name(used))
+        };
+        let (recs, w) = run_suite(&group, cfg, &label, &shown, &mut out)?;
         records.extend(recs);
         wrong += w;
     }
