@@ -1,15 +1,30 @@
-//! `rankweave topology`: the model-parallel layout (placeholder until its issue lands).
+//! `rankweave topology`: prints the model-parallel layout for given sizes.
+//!
+//! A pure computation (no ranks are started): which global ranks form each
+//! tensor-, pipeline- and data-parallel group, and each rank's position.
+
+use rankweave::parallel_state::model_parallel_layout;
 
 /// Arguments of `rankweave topology`.
 #[derive(Debug, clap::Args)]
 pub struct TopologyArgs {
-    /// Arguments for the future topology printer (ignored for now).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    pub rest: Vec<String>,
+    /// Number of ranks in the world.
+    #[arg(long)]
+    pub world: usize,
+    /// Tensor-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Pipeline-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Data-parallel size.
+    #[arg(long, default_value_t = 1)]
+    pub dp: usize,
 }
 
 /// Runs `rankweave topology`; returns the exit code.
-pub fn run(_args: TopologyArgs) -> rankweave::Result<i32> {
-    eprintln!("rankweave topology: not built yet");
-    Ok(2)
+pub fn run(args: TopologyArgs) -> rankweave::Result<i32> {
+    let layout = model_parallel_layout(args.world, args.tp, args.pp, args.dp)?;
+    print!("{layout}");
+    Ok(0)
 }

@@ -358,22 +358,36 @@ fn leftover_shared_memory_of_the_job_is_removed() {
 #[test]
 fn demo_passes() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankweave"));
-    cmd.args(["demo", "--nproc", "3"]).env_remove("RANKWEAVE_JOB_ID");
+    // A tiny three-stage pipeline; tests/demo.rs covers the other layouts.
+    let tiny = ["--hidden", "32", "--heads", "2", "--layers", "3", "--vocab", "64", "--tokens", "3"];
+    cmd.args(["demo", "--nproc", "3", "--tp", "1", "--pp", "3"]).args(tiny).env_remove("RANKWEAVE_JOB_ID");
     let r = run(cmd);
     assert!(r.status.success(), "{}\n{}", r.stdout, r.stderr);
-    assert_eq!(r.stdout.lines().filter(|l| l.ends_with("environment ok")).count(), 3, "{}", r.stdout);
-    assert!(r.stdout.lines().any(|l| l.starts_with("PASS")), "{}", r.stdout);
+    assert_eq!(
+        r.stdout.lines().filter(|l| l.contains("] rank ") && l.contains(": tp group")).count(),
+        3,
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.lines().any(|l| l.starts_with("[0] PASS")), "{}", r.stdout);
 }
 
 #[test]
-fn placeholders_say_not_built_yet() {
-    for sub in ["bench", "topology"] {
-        let r = run({
-            let mut c = Command::new(env!("CARGO_BIN_EXE_rankweave"));
-            c.arg(sub);
-            c
-        });
-        assert_eq!(r.status.code(), Some(2));
-        assert!(r.stderr.contains("not built yet"), "{}", r.stderr);
+fn topology_prints_the_seed_layout() {
+    let r = run({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rankweave"));
+        c.args(["topology", "--world", "8", "--tp", "2", "--pp", "4"]);
+        c
+    });
+    assert!(r.status.success(), "{}", r.stderr);
+    for g in ["[0, 1]", "[2, 3]", "[4, 5]", "[6, 7]", "[0, 2, 4, 6]", "[1, 3, 5, 7]"] {
+        assert!(r.stdout.contains(g), "missing group {g} in:\n{}", r.stdout);
     }
+    let bad = run({
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rankweave"));
+        c.args(["topology", "--world", "8", "--tp", "3", "--pp", "2"]);
+        c
+    });
+    assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
+    assert!(bad.stderr.contains("8") && bad.stderr.contains("3") && bad.stderr.contains("2"), "{}", bad.stderr);
 }

@@ -60,6 +60,32 @@ impl Default for GroupOptions {
 /// the group is poisoned (every member is told, see
 /// [`crate::transport::tcp`]): later calls return [`Error::Poisoned`]; drop
 /// or [`ProcessGroup::destroy`] it and build a new one.
+///
+/// ```
+/// use rankweave::{GroupOptions, HashStore, ProcessGroup, ReduceOp, SharedStore};
+/// use std::sync::Arc;
+///
+/// // Two ranks as threads meeting at an in-process store.
+/// let store: SharedStore = Arc::new(HashStore::new());
+/// let ranks: Vec<_> = (0..2)
+///     .map(|rank: usize| {
+///         let store = store.clone();
+///         std::thread::spawn(move || -> rankweave::Result<()> {
+///             let world = ProcessGroup::new_world(store, rank, 2, GroupOptions::default())?;
+///             let mut x = [rank as f32 + 1.0; 4];
+///             world.all_reduce(&mut x, ReduceOp::Sum)?;
+///             assert_eq!(x, [3.0; 4]);
+///             let pair = world.new_group(&[1, 0], "pair")?.expect("every rank is a member");
+///             assert_eq!((pair.name(), pair.rank()), ("pair:0", 1 - rank));
+///             Ok(())
+///         })
+///     })
+///     .collect();
+/// for r in ranks {
+///     r.join().unwrap()?;
+/// }
+/// # Ok::<(), rankweave::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct ProcessGroup {
     inner: Arc<Inner>,
@@ -277,7 +303,9 @@ impl ProcessGroup {
     pub fn timeout(&self) -> Duration {
         self.inner.opts.timeout
     }
-    /// The transport collectives use in this group.
+    /// The transport collectives use in this group. Today always
+    /// [`TransportKind::Tcp`]: `Auto` resolves to TCP until the shared-memory
+    /// transport is wired into groups, and `Shm` is refused at creation.
     pub fn transport_kind(&self) -> TransportKind {
         TransportKind::Tcp
     }
@@ -344,7 +372,19 @@ impl ProcessGroup {
         let OpState { seq, scratch, .. } = &mut *state;
         let mut comm =
             Comm { transport: &inner.transport, seq: *seq, deadline: Instant::now() + inner.opts.timeout, scratch };
+        // A panic inside the algorithm leaves the streams mid-operation: close
+        // the group so that peers and later calls fail instead of desynchronizing.
+        struct CloseOnPanic<'a>(&'a TcpTransport);
+        impl Drop for CloseOnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.close();
+                }
+            }
+        }
+        let guard = CloseOnPanic(&inner.transport);
         let res = f(&mut comm);
+        drop(guard);
         if let Err(e) = &res {
             inner.transport.abort(e);
         }

@@ -16,6 +16,7 @@ pub mod message_queue;
 pub mod parallel_state;
 pub mod reduce;
 pub mod store;
+mod sync;
 pub mod sys;
 pub mod tensor;
 pub mod transport;

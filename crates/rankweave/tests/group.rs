@@ -1,6 +1,8 @@
 //! Process groups as threads over an in-process store: world creation,
 //! `new_group` memberships and unique names, validation, point-to-point,
-//! independence of groups, poisoning and destroy.
+//! independence of groups, poisoning and destroy; then every collective end
+//! to end over TCP, two groups from two threads, mismatches and a rank
+//! leaving mid-all_reduce.
 
 use rankweave::transport::{OpCode, Tag};
 use rankweave::{DType, Error, GroupOptions, HashStore, ProcessGroup, ReduceOp, SharedStore, TransportKind};
@@ -287,5 +289,151 @@ fn destroy_from_another_thread_interrupts_a_blocked_receive() {
             closer.join().unwrap();
         }
         done.wait();
+    });
+}
+
+// ---- Collectives end to end over TCP (the algorithms from collectives/) ----
+
+#[test]
+fn all_reduce_sums_exactly_for_world_sizes_1_to_8() {
+    for n in 1..=8usize {
+        let out = spawn(n, move |g| {
+            let r = g.rank() as f32;
+            let mut x: Vec<f32> = (0..1000).map(|i| r * 1000.0 + i as f32).collect();
+            g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+            let mut m = [g.rank() as i64 * 3 - 7];
+            g.all_reduce(&mut m, ReduceOp::Max).unwrap();
+            (x, m[0])
+        });
+        let tri = (n * (n - 1) / 2) as f32;
+        let want: Vec<f32> = (0..1000).map(|i| tri * 1000.0 + (n * i) as f32).collect();
+        for (x, m) in out {
+            assert_eq!(x, want, "world size {n}");
+            assert_eq!(m, (n as i64 - 1) * 3 - 7);
+        }
+    }
+}
+
+#[test]
+fn large_all_reduce_is_bitwise_identical_on_every_rank() {
+    let out = spawn(3, |g| {
+        let r = g.rank();
+        let mut x: Vec<f32> = (0..(1 << 20)).map(|i| ((i * 7 + r * 13) % 1024) as f32 * 0.25).collect();
+        g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+        x
+    });
+    for (i, v) in out[0].iter().enumerate().step_by(997) {
+        let want: f32 = (0..3).map(|r| ((i * 7 + r * 13) % 1024) as f32 * 0.25).sum();
+        assert_eq!(*v, want, "element {i}");
+    }
+    assert!(out.iter().all(|x| x == &out[0]));
+}
+
+#[test]
+fn every_collective_over_tcp_at_world_size_3() {
+    spawn(3, |g| {
+        let (n, r) = (g.size(), g.rank() as i32);
+        let mut b = [r; 4];
+        g.broadcast(&mut b, 2).unwrap();
+        assert_eq!(b, [2; 4]);
+        let mut all = [0i32; 6];
+        g.all_gather(&[r, r * 10], &mut all).unwrap();
+        assert_eq!(all, [0, 0, 1, 10, 2, 20]);
+        let mut gathered = [0i32; 3];
+        let out = (g.rank() == 1).then_some(&mut gathered[..]);
+        g.gather(&[r + 5], out, 1).unwrap();
+        if g.rank() == 1 {
+            assert_eq!(gathered, [5, 6, 7]);
+        }
+        let src = [100, 101, 102, 103, 104, 105];
+        let mut mine = [0i32; 2];
+        g.scatter((g.rank() == 0).then_some(&src[..]), &mut mine, 0).unwrap();
+        assert_eq!(mine, [100 + 2 * r, 101 + 2 * r]);
+        let mut red = [r + 1, 2];
+        g.reduce(&mut red, ReduceOp::Prod, 0).unwrap();
+        if g.rank() == 0 {
+            assert_eq!(red, [6, 8]);
+        }
+        let input: Vec<i64> = (0..6).map(|i| i * 10 + r as i64).collect();
+        let mut rs = [0i64; 2];
+        g.reduce_scatter(&input, &mut rs, ReduceOp::Sum).unwrap();
+        let k = 2 * g.rank() as i64;
+        assert_eq!(rs, [k * 30 + 3, (k + 1) * 30 + 3]);
+        let a2a_in: Vec<u8> = (0..n).map(|j| (g.rank() * 10 + j) as u8).collect();
+        let mut a2a_out = vec![0u8; n];
+        g.all_to_all(&a2a_in, &mut a2a_out).unwrap();
+        assert_eq!(a2a_out, (0..n).map(|i| (i * 10 + g.rank()) as u8).collect::<Vec<_>>());
+        g.barrier().unwrap();
+    });
+}
+
+#[test]
+fn two_groups_all_reduce_at_once_from_two_threads() {
+    spawn(4, |w| {
+        let a = w.new_group(&[0, 1, 2, 3], "a").unwrap().unwrap();
+        let b = w.new_group(&[3, 2, 1, 0], "b").unwrap().unwrap();
+        let run = |g: ProcessGroup, scale: i32| {
+            std::thread::spawn(move || {
+                for step in 0..20 {
+                    let len = if step % 2 == 0 { 3 } else { 100_000 };
+                    let mut x = vec![(g.global_rank() as i32 + step) * scale; len];
+                    g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+                    assert!(x.iter().all(|&v| v == (6 + 4 * step) * scale), "step {step}");
+                }
+            })
+        };
+        let (ta, tb) = (run(a, 1), run(b, -3));
+        ta.join().unwrap();
+        tb.join().unwrap();
+    });
+}
+
+#[test]
+fn mismatched_all_reduce_sizes_fail_on_both_ranks_and_poison() {
+    let out = spawn(2, |g| {
+        let mut x = vec![1f32; if g.rank() == 0 { 10 } else { 12 }];
+        let e = g.all_reduce(&mut x, ReduceOp::Sum).unwrap_err();
+        let again = g.all_reduce(&mut [1f32], ReduceOp::Sum).unwrap_err();
+        assert!(matches!(again, Error::Poisoned { .. }), "{again}");
+        e
+    });
+    for (r, e) in out.iter().enumerate() {
+        assert!(matches!(e, Error::Mismatch { .. }), "rank {r}: {e}");
+        assert_eq!(e.peer(), Some(1 - r), "rank {r}: {e}");
+    }
+}
+
+#[test]
+fn a_rank_leaving_mid_all_reduce_fails_every_survivor_naming_it() {
+    let victim = 2;
+    let out = spawn(4, move |g| {
+        let mut x = vec![1f32; 1 << 20];
+        for step in 0..1000 {
+            if g.rank() == victim && step == 2 {
+                return Err(Instant::now());
+            }
+            if let Err(e) = g.all_reduce(&mut x, ReduceOp::Max) {
+                return Ok((Instant::now(), e));
+            }
+        }
+        panic!("rank {} never noticed", g.rank());
+    });
+    let left = *out[victim].as_ref().unwrap_err();
+    for (r, res) in out.into_iter().enumerate().filter(|(r, _)| *r != victim) {
+        let (at, e) = res.unwrap();
+        assert!(matches!(e, Error::PeerLost { .. }), "rank {r}: {e}");
+        assert_eq!(e.peer(), Some(victim), "rank {r}: {e}");
+        assert!(at.saturating_duration_since(left) < Duration::from_secs(3), "rank {r} took too long");
+    }
+}
+
+#[test]
+fn a_panic_inside_an_operation_closes_the_group() {
+    spawn(2, |g| {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            g.with_comm(|_| -> rankweave::Result<()> { panic!("bug in an algorithm") })
+        }));
+        assert!(caught.is_err());
+        assert!(matches!(g.barrier(), Err(Error::Poisoned { .. })));
     });
 }

@@ -1,12 +1,12 @@
 //! Process groups across real OS processes: the test binary re-runs itself
 //! as workers (`RW_GROUP_WORKER` selects the role) that meet at a TCP store
-//! served by the parent, build a world over the TCP transport and exchange
-//! data. Covers world sizes 2, 3 and 4, and a worker killed by SIGKILL in the
-//! middle of a ring exchange.
+//! served by the parent (or by rank 0), build a world over the TCP transport
+//! and run collectives and raw exchanges. Covers world sizes 2, 3 and 4, and
+//! workers killed by SIGKILL in the middle of an all_reduce or an exchange.
 
 use rankweave::store::{TcpStore, TcpStoreServer};
 use rankweave::transport::{OpCode, Tag};
-use rankweave::{Error, GroupOptions, ProcessGroup, SharedStore, TransportKind};
+use rankweave::{Error, GroupOptions, ProcessGroup, ReduceOp, SharedStore, TransportKind};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +40,38 @@ fn worker() {
                 assert!(buf.iter().enumerate().all(|(i, &b)| b == (i * 7 + from) as u8), "rank {rank} len {len}");
             }
             println!("rank {rank} ok");
+        }
+        "all_reduce" => {
+            for len in [1usize, 1000, 1 << 20] {
+                let mut x: Vec<f32> = (0..len).map(|i| (rank * 3 + i % 5) as f32).collect();
+                g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+                for (i, v) in x.iter().enumerate() {
+                    let want = (3 * n * (n - 1) / 2 + n * (i % 5)) as f32;
+                    assert_eq!(*v, want, "rank {rank} element {i} of {len}");
+                }
+            }
+            let mut all = vec![0i32; n];
+            g.all_gather(&[rank as i32], &mut all).unwrap();
+            assert_eq!(all, (0..n as i32).collect::<Vec<_>>());
+            g.barrier().unwrap();
+            println!("rank {rank} ok");
+        }
+        "kill_all_reduce" => {
+            let victim = 1;
+            let mut x = vec![1f32; 1 << 20];
+            for step in 0..100_000 {
+                if rank == victim && step == 3 {
+                    nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL).unwrap();
+                }
+                if let Err(e) = g.all_reduce(&mut x, ReduceOp::Sum) {
+                    println!("rank {rank} error: {e}");
+                    assert!(matches!(e, Error::PeerLost { .. }), "{e}");
+                    assert_eq!(e.peer(), Some(victim), "{e}");
+                    return;
+                }
+                x.fill(1.0);
+            }
+            panic!("rank {rank} never noticed rank {victim} was killed");
         }
         "kill" | "kill0" => {
             let victim = if scenario == "kill0" { 0 } else { n - 1 };
@@ -150,6 +182,29 @@ fn killing_the_rank_that_hosts_the_store_still_fails_survivors_promptly() {
     for rank in 1..n {
         assert_eq!(o.codes[rank], Some(0), "rank {rank}:\n{}", o.output[rank]);
         assert!(o.output[rank].contains("(peer rank 0)"), "{}", o.output[rank]);
+    }
+    assert!(o.elapsed < Duration::from_secs(20), "took {:?}", o.elapsed);
+}
+
+#[test]
+fn all_reduce_across_processes_for_world_sizes_2_3_4() {
+    for n in [2, 3, 4] {
+        let o = launch(n, "all_reduce");
+        for (rank, code) in o.codes.iter().enumerate() {
+            assert_eq!(*code, Some(0), "world {n} rank {rank}:\n{}", o.output[rank]);
+            assert!(o.output[rank].contains(&format!("rank {rank} ok")));
+        }
+    }
+}
+
+#[test]
+fn a_process_killed_mid_all_reduce_is_named_by_every_survivor() {
+    let n = 4;
+    let o = launch(n, "kill_all_reduce");
+    assert_eq!(o.codes[1], None, "rank 1 died by a signal:\n{}", o.output[1]);
+    for rank in [0, 2, 3] {
+        assert_eq!(o.codes[rank], Some(0), "rank {rank}:\n{}", o.output[rank]);
+        assert!(o.output[rank].contains("(peer rank 1)"), "{}", o.output[rank]);
     }
     assert!(o.elapsed < Duration::from_secs(20), "took {:?}", o.elapsed);
 }

@@ -404,3 +404,30 @@ fn steady_state_exchanges_allocate_nothing() {
         assert_eq!(allocations() - before, 0, "rank {me} allocated on the hot path");
     });
 }
+
+#[test]
+fn a_relay_waiting_on_a_silent_rank_blames_that_rank_not_the_relay() {
+    // Rank 1 never sends; rank 2 relays from 1 to 0. Both 2 and 0 time out
+    // at about the same moment; rank 0 must learn from rank 2 that rank 1 is
+    // the one to look at.
+    let sync = Arc::new(Barrier::new(3));
+    let out = spawn(3, T, move |g| {
+        sync.wait();
+        let deadline = Instant::now() + Duration::from_millis(400);
+        let t = g.transport();
+        let tag = Tag::new(OpCode::Broadcast, 1);
+        let mut buf = [0u8; 16];
+        let res = match g.rank() {
+            0 => t.recv(2, tag, &mut buf, deadline),
+            2 => t.recv(1, tag, &mut buf, deadline).and_then(|_| t.send(0, tag, &buf, deadline)),
+            _ => Ok(()),
+        };
+        sync.wait();
+        res
+    });
+    for r in [0, 2] {
+        let e = out[r].as_ref().unwrap_err();
+        assert_eq!(e.peer(), Some(1), "rank {r}: {e}");
+        assert!(e.to_string().contains("rank 1"), "rank {r}: {e}");
+    }
+}

@@ -19,6 +19,99 @@ pub fn job_id() -> String {
     }
 }
 
+/// Where POSIX shared-memory names live on Linux.
+pub const SHM_DIR: &str = "/dev/shm";
+
+/// The name prefix (without the leading `/`) of every segment of job `job`.
+pub fn job_prefix(job: &str) -> String {
+    format!("rankweave-{job}-")
+}
+
+/// A segment name for `purpose` in this job: `/rankweave-<job>-<purpose>`.
+/// Characters other than ASCII letters, digits, `_` and `-` in `purpose`
+/// become `_` (group names like `tp:0` are welcome).
+pub fn segment_name(purpose: &str) -> String {
+    let clean: String =
+        purpose.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+    format!("/{}{clean}", job_prefix(&job_id()))
+}
+
+/// Free bytes of the file system under `path` (for shared memory: `/dev/shm`).
+pub fn free_bytes(path: &str) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(|e| Error::SharedMemory(format!("statvfs {path}: {e}")))?;
+    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
+/// Fails when `/dev/shm` has fewer than `needed` free bytes, with an error
+/// that says how much is needed, how much is free and how to give a
+/// container more. Passes silently where `/dev/shm` cannot be inspected
+/// (the `mmap` then reports its own error).
+pub fn check_free_space(needed: u64) -> Result<()> {
+    check_free_space_at(SHM_DIR, needed)
+}
+
+/// [`check_free_space`] for another mount point (tests, other platforms).
+pub fn check_free_space_at(path: &str, needed: u64) -> Result<()> {
+    let Ok(free) = free_bytes(path) else { return Ok(()) };
+    if free < needed {
+        return Err(Error::SharedMemory(format!(
+            "{path} has {free} bytes ({}) free but this segment needs {needed} bytes ({}); \
+             give the container more shared memory (`docker run --shm-size=1g ...` or `--ipc=host`; \
+             Kubernetes: mount an `emptyDir` with `medium: Memory` at /dev/shm), or free space in {path}",
+            human(free),
+            human(needed)
+        )));
+    }
+    Ok(())
+}
+
+fn human(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// Names (with the leading `/`) of the segments of job `job` present now.
+pub fn list_job(job: &str) -> Result<Vec<String>> {
+    let prefix = job_prefix(job);
+    let dir = std::fs::read_dir(SHM_DIR)
+        .map_err(|e| Error::io(crate::error::Context::op(format!("read_dir {SHM_DIR}")), e))?;
+    let mut names = Vec::new();
+    for entry in dir.flatten() {
+        if let Some(n) = entry.file_name().to_str() {
+            if n.starts_with(&prefix) {
+                names.push(format!("/{n}"));
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Removes every segment of job `job` (what a SIGKILLed job left behind) and
+/// returns the names removed. The launcher calls it when a job ends; it is
+/// safe to call while the job runs only for segments nobody opens any more.
+pub fn cleanup_job(job: &str) -> Result<Vec<String>> {
+    if job.is_empty() || !job.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(Error::invalid(format!("job id `{job}` must be non-empty ASCII letters, digits or `_`")));
+    }
+    let mut removed = Vec::new();
+    for name in list_job(job)? {
+        match shm_unlink(name.as_str()) {
+            Ok(()) => removed.push(name),
+            // Raced with its owner unlinking it: already gone.
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(Error::SharedMemory(format!("shm_unlink {name}: {e}"))),
+        }
+    }
+    Ok(removed)
+}
+
 /// A shared-memory segment mapped read-write into this process.
 ///
 /// The creator unlinks the name on drop; every holder unmaps.
@@ -39,8 +132,32 @@ unsafe impl Sync for ShmSegment {}
 impl ShmSegment {
     /// Creates a new segment `name` (must start with `/`) of `len` bytes, zeroed.
     /// Fails if it already exists.
+    ///
+    /// Checks the free space of `/dev/shm` first (see [`check_free_space`]),
+    /// so that a too-small `/dev/shm` is an error here instead of a bus error
+    /// on first touch.
     pub fn create(name: &str, len: usize) -> Result<Self> {
+        check_free_space(len as u64)?;
         Self::map(name, len, true)
+    }
+
+    /// Creates a segment named `/rankweave-<job>-<purpose>-<n>` with a
+    /// process-wide counter `n`, skipping names that already exist (left by an
+    /// earlier process of the same job id).
+    pub fn create_unique(purpose: &str, len: usize) -> Result<Self> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        check_free_space(len as u64)?;
+        let mut last = None;
+        for _ in 0..16 {
+            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = segment_name(&format!("{purpose}-{n}"));
+            match Self::map(&name, len, true) {
+                Ok(seg) => return Ok(seg),
+                Err(Error::SharedMemory(m)) if m.contains("EEXIST") => last = Some(m),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::SharedMemory(format!("no free segment name for {purpose}: {}", last.unwrap_or_default())))
     }
 
     /// Opens an existing segment of at least `len` bytes.

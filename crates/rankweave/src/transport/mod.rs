@@ -7,6 +7,7 @@
 //! another size, and reports it instead of hanging or corrupting data.
 
 pub mod mem;
+pub mod shm;
 pub mod tcp;
 
 use crate::error::Result;

@@ -164,7 +164,7 @@ impl TcpTransport {
             return;
         }
         let info = self.abort_info(err);
-        self.poison_and_notify(err, info);
+        self.poison_and_notify(err, info, true);
     }
 
     fn abort_info(&self, err: &Error) -> AbortInfo {
@@ -182,7 +182,7 @@ impl TcpTransport {
         AbortInfo { kind, culprit: err.peer().unwrap_or(self.rank) as u64, reporter: self.rank as u64, reason }
     }
 
-    fn poison_and_notify(&self, err: &Error, info: AbortInfo) {
+    fn poison_and_notify(&self, err: &Error, info: AbortInfo, shutdown: bool) {
         if self.poison.set(err.to_string()).is_err() {
             return;
         }
@@ -203,14 +203,16 @@ impl TcpTransport {
         // culprit); the record before the shutdown, so that a peer seeing EOF
         // from this rank finds it.
         let _ = self.store.compare_set(ABORT_KEY, b"", &payload);
-        self.shutdown_all();
+        if shutdown {
+            self.shutdown_all();
+        }
     }
 
     /// Records the failure, aborts the group and returns the error.
     fn fail(&self, f: Failure) -> Error {
         if f.err.poisons_group() && self.poison.get().is_none() {
             let info = f.forward.unwrap_or_else(|| self.abort_info(&f.err));
-            self.poison_and_notify(&f.err, info);
+            self.poison_and_notify(&f.err, info, true);
         }
         f.err
     }
@@ -430,13 +432,39 @@ impl TcpTransport {
             DriveFault::Timeout => {
                 // Blame the receive when it is unfinished: a peer that never
                 // sends is the usual culprit; else the peer not reading.
+                // (`what` completes "waiting for ...".)
+                let wait_in = |t: Tag, i: &Incoming<'_>| {
+                    let total = HEADER_LEN + i.buf.len();
+                    let got = i.progress();
+                    format!("{} seq {} from rank {} ({got} of {total} bytes received)", t.op.name(), t.seq, i.peer)
+                };
+                let wait_out = |t: Tag, o: &Outgoing<'_>| {
+                    let (sent, total) = (o.sent, o.total());
+                    format!("rank {} to take {} seq {} ({sent} of {total} bytes sent)", o.peer, t.op.name(), t.seq)
+                };
                 let (t, peer, what) = match (&out, &inc) {
-                    (_, Some((t, i))) if !i.done() => (*t, i.peer, describe_in(*t, i)),
-                    (Some((t, o)), _) => (*t, o.peer, describe_out(*t, o)),
-                    (None, Some((t, i))) => (*t, i.peer, describe_in(*t, i)),
+                    (_, Some((t, i))) if !i.done() => (*t, i.peer, wait_in(*t, i)),
+                    (Some((t, o)), _) => (*t, o.peer, wait_out(*t, o)),
+                    (None, Some((t, i))) => (*t, i.peer, wait_in(*t, i)),
                     (None, None) => unreachable!("timeout with nothing to do"),
                 };
-                Error::timeout(self.ctx(t).with_peer(peer), start.elapsed(), what).into()
+                let err = Error::timeout(self.ctx(t).with_peer(peer), start.elapsed(), what);
+                let awaiting_header = matches!(&inc, Some((_, i)) if i.peer == peer && i.progress() == 0);
+                if awaiting_header && self.poison.get().is_none() {
+                    // A timeout is often a consequence: the awaited peer may
+                    // itself wait on a third rank and be about to report it.
+                    // Tell everyone now, then give the awaited peer a moment
+                    // to say who is to blame.
+                    let info = self.abort_info(&err);
+                    self.poison_and_notify(&err, info, false);
+                    let better = self.abort_waiting_from(peer);
+                    self.shutdown_all();
+                    return Err(match better {
+                        Some(info) => self.failure_from_abort(self.ctx(t), &info).err,
+                        None => err,
+                    });
+                }
+                err.into()
             }
             DriveFault::Poll(e) => {
                 let t = out.as_ref().map(|(t, _)| *t).or(recv_tag).expect("an operation");

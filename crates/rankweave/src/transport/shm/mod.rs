@@ -1,0 +1,816 @@
+//! Collectives through one shared-memory segment, for groups whose ranks all
+//! run on one node.
+//!
+//! # Terms
+//! - **segment**: one POSIX shared-memory mapping per group
+//!   ([`ShmSegment`]), created by rank 0 and opened by the others.
+//! - **step**: one synchronization point. Each rank owns two control cache
+//!   lines (one per step parity); at step `e` it writes its line `e % 2`
+//!   (optional inline payload, an op descriptor, the CPU it runs on, then
+//!   the step number with Release) and waits until every rank's line `e % 2` shows step `e`
+//!   (Acquire). A step is therefore a barrier that can carry up to
+//!   [`INLINE_BYTES`] bytes per rank in the same cache line as the flag.
+//!   A rank waiting for a peer that last signalled from the waiter's own
+//!   CPU skips spinning and yields at once: that peer cannot run meanwhile
+//!   (ranks outnumbering cores).
+//! - **slot**: each rank's data area of `slot_bytes`, split into two
+//!   **halves**; consecutive transfer units alternate halves.
+//! - **unit**: one use of the slot halves (write, step, read). A rank writes
+//!   half `u % 2` again only at unit `u + 2`, after the step of unit `u + 1`,
+//!   which every rank signals only once it has finished reading unit `u`.
+//!   The same argument covers the inline payloads, one line per parity.
+//!
+//! # Algorithms (bytes copied per rank for `S` bytes, `n` ranks)
+//! - all_reduce, at most [`INLINE_BYTES`]: inputs inline, one step, every
+//!   rank reduces all `n` inputs itself in rank order.
+//! - all_reduce, small (up to `ShmOptions::direct_all_reduce_bytes`): inputs
+//!   into the slots, one step, every rank reduces all inputs (`n * S` read).
+//! - all_reduce, large: per segment of one half: write input (S), step A,
+//!   reduce this rank's `1/n` share: its own input, then every other slot in
+//!   rank order (`S`), store it back into its own slot (`S/n`), step B, copy
+//!   the other shares out (`S - S/n`). Each element is computed by exactly
+//!   one rank in a fixed order, so every rank ends with bitwise identical
+//!   results.
+//! - all_gather, broadcast: write, step, read; one step per segment.
+//! - reduce_scatter: each rank writes the matching segment of every output
+//!   block, step, reduces its own block's segments in rank order.
+//! - reduce: the all_reduce algorithm (every rank gets the result; in
+//!   shared memory that costs the root nothing extra).
+//! - gather, scatter, all_to_all: write, step, read what is addressed to
+//!   this rank (scatter and all_to_all carry `n` blocks per slot half).
+//! - barrier: one step.
+//!
+//! Every step carries a descriptor (operation, dtype, reduce op, length):
+//! ranks that call different collectives get [`Error::Mismatch`] naming the
+//! peer instead of corrupt data. A rank that does not arrive within the
+//! timeout gets [`Error::Timeout`] naming every late rank. After either, the
+//! communicator is poisoned (see [`Error::Poisoned`]).
+//!
+//! Rank 0 unlinks the segment's name as soon as every rank has attached, so
+//! nothing stays in `/dev/shm` even when ranks are killed later.
+
+use crate::dtype::DType;
+use crate::error::{Context, Error, Result};
+use crate::reduce::{finish_avg, reduce_into, ReduceOp};
+use crate::store::Store;
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{current_cpu, Backoff};
+use crate::sys::shm::ShmSegment;
+use crate::transport::OpCode;
+use std::time::{Duration, Instant};
+
+/// Inline payload bytes per control line (a 64-byte line minus the step,
+/// the descriptor and the CPU hint).
+pub const INLINE_BYTES: usize = 40;
+/// Offset of the inline payload in a control line.
+const INLINE_AT: usize = 24;
+
+const LINE: usize = 64;
+const HEADER: usize = 64;
+const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
+const VERSION: u64 = 2;
+/// Interval of the warning that names the ranks a step waits for.
+const WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Default bytes per rank slot (two halves of 1 MiB).
+pub const DEFAULT_SLOT_BYTES: usize = 2 << 20;
+/// Default largest all_reduce that takes the one-step direct path.
+pub const DEFAULT_DIRECT_ALL_REDUCE_BYTES: usize = 8 << 10;
+
+/// Settings of a [`ShmComm`]. Every rank must use the same `slot_bytes`.
+#[derive(Debug, Clone)]
+pub struct ShmOptions {
+    /// Bytes of each rank's data slot (rounded up to 128); a large buffer is
+    /// processed in segments of half of it.
+    pub slot_bytes: usize,
+    /// Deadline of every step (a peer later than this is reported).
+    pub timeout: Duration,
+    /// all_reduce up to this many bytes uses the one-step direct algorithm.
+    pub direct_all_reduce_bytes: usize,
+}
+
+impl Default for ShmOptions {
+    fn default() -> Self {
+        ShmOptions {
+            slot_bytes: DEFAULT_SLOT_BYTES,
+            timeout: crate::store::default_timeout(),
+            direct_all_reduce_bytes: DEFAULT_DIRECT_ALL_REDUCE_BYTES,
+        }
+    }
+}
+
+impl ShmOptions {
+    fn slot(&self) -> usize {
+        // Saturates; segment_bytes then reports the overflow.
+        self.slot_bytes.max(2 * LINE).checked_next_multiple_of(2 * LINE).unwrap_or(usize::MAX)
+    }
+}
+
+/// Bytes of the segment for `size` ranks with `slot_bytes` per slot.
+/// `None` when it does not fit in the address space.
+pub fn segment_bytes(size: usize, slot_bytes: usize) -> Option<usize> {
+    let slot = slot_bytes.max(2 * LINE).checked_next_multiple_of(2 * LINE)?;
+    size.checked_mul(2 * LINE + slot)?.checked_add(HEADER)
+}
+
+/// One rank's handle on a group's shared-memory collectives.
+#[derive(Debug)]
+pub struct ShmComm {
+    seg: ShmSegment,
+    rank: usize,
+    size: usize,
+    group: String,
+    slot: usize,
+    half: usize,
+    direct_max: usize,
+    timeout: Duration,
+    step: u64,
+    unit: u64,
+    poisoned: Option<String>,
+}
+
+/// A step's descriptor: what the rank is doing, compared across ranks.
+/// Bits: operation (8), dtype (4), reduce op (4), root (8), length (40).
+fn desc(op: OpCode, dtype: Option<DType>, rop: Option<ReduceOp>, root: Option<usize>, len: usize) -> u64 {
+    let d = dtype.map_or(0xf, |d| d.code() as u64);
+    let r = rop.map_or(0xf, |r| r as u64);
+    let root = root.map_or(0xff, |x| x.min(0xfe) as u64);
+    ((op as u64) << 56) | (d << 52) | (r << 48) | (root << 40) | (len as u64 & LEN_MASK)
+}
+
+const LEN_MASK: u64 = (1 << 40) - 1;
+
+fn describe(desc: u64) -> String {
+    let op = OpCode::from_u8((desc >> 56) as u8).map_or("?", |o| o.name());
+    let mut s = format!("{op} of {} bytes", desc & LEN_MASK);
+    if let Some(d) = DType::from_code(((desc >> 52) & 0xf) as u8) {
+        s += &format!(" of {d}");
+    }
+    if let Some(r) = ReduceOp::ALL.get(((desc >> 48) & 0xf) as usize) {
+        s += &format!(" ({r})");
+    }
+    let root = (desc >> 40) & 0xff;
+    if root != 0xff {
+        s += &format!(" with root {root}");
+    }
+    s
+}
+
+/// Splits `len` bytes of `esize`-byte elements into `n` shares aligned to
+/// 64 bytes where possible; returns share `j` as a byte range.
+fn share(len: usize, esize: usize, n: usize, j: usize) -> (usize, usize) {
+    let m = len / esize;
+    let align = (LINE / esize).max(1);
+    let per = m.div_ceil(n).div_ceil(align) * align;
+    let lo = (j * per).min(m);
+    let hi = ((j + 1) * per).min(m);
+    (lo * esize, hi * esize)
+}
+
+impl ShmComm {
+    /// Creates the communicator collectively, exchanging the segment's name
+    /// through `store` under `key` (rank 0 sets it, the others wait for it).
+    /// Every rank of the group calls it with the same `size`, `group`,
+    /// `key` and `opts.slot_bytes`.
+    pub fn create(
+        rank: usize,
+        size: usize,
+        group: &str,
+        store: &dyn Store,
+        key: &str,
+        opts: &ShmOptions,
+    ) -> Result<ShmComm> {
+        Self::create_with(rank, size, group, opts, |name| match name {
+            Some(n) => {
+                store.set(key, n.as_bytes())?;
+                Ok(n.to_string())
+            }
+            None => {
+                let v = store.get_timeout(key, opts.timeout)?;
+                String::from_utf8(v).map_err(|_| {
+                    Error::protocol(Context::new("shm.create", group, rank), format!("store key {key} is not UTF-8"))
+                })
+            }
+        })
+    }
+
+    /// Like [`ShmComm::create`], with the name exchange left to `exchange`:
+    /// rank 0 gets `Some(name)` and publishes it (returning it), the others
+    /// get `None` and return the name rank 0 published.
+    pub fn create_with(
+        rank: usize,
+        size: usize,
+        group: &str,
+        opts: &ShmOptions,
+        exchange: impl FnOnce(Option<&str>) -> Result<String>,
+    ) -> Result<ShmComm> {
+        if size == 0 || rank >= size {
+            return Err(Error::invalid(format!("shm communicator rank {rank} of {size}")));
+        }
+        let slot = opts.slot();
+        let len = segment_bytes(size, slot)
+            .ok_or_else(|| Error::invalid(format!("{size} shm slots of {slot} bytes do not fit in memory")))?;
+        let seg = if rank == 0 {
+            let seg = ShmSegment::create_unique(group, len)?;
+            let words = [MAGIC, VERSION, size as u64, slot as u64];
+            // SAFETY: the segment is at least HEADER (64) bytes, page aligned,
+            // and nobody else knows its name yet.
+            unsafe { std::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), seg.as_ptr(), 32) };
+            exchange(Some(seg.name()))?;
+            seg
+        } else {
+            let name = exchange(None)?;
+            let seg = ShmSegment::open(&name, len)?;
+            let mut words = [0u64; 4];
+            // SAFETY: the segment has at least `len` > 32 bytes; rank 0 wrote
+            // the header before publishing the name.
+            unsafe { std::ptr::copy_nonoverlapping(seg.as_ptr(), words.as_mut_ptr().cast::<u8>(), 32) };
+            if words != [MAGIC, VERSION, size as u64, slot as u64] {
+                return Err(Error::protocol(
+                    Context::new("shm.create", group, rank).with_peer(0),
+                    format!(
+                        "segment {name} has header {words:x?}, expected version {VERSION}, {size} ranks, \
+                         {slot}-byte slots (every rank must use the same slot size)"
+                    ),
+                ));
+            }
+            seg
+        };
+        let mut comm = ShmComm {
+            seg,
+            rank,
+            size,
+            group: group.to_string(),
+            slot,
+            half: slot / 2,
+            direct_max: opts.direct_all_reduce_bytes.min(slot / 2),
+            timeout: opts.timeout,
+            step: 0,
+            unit: 0,
+            poisoned: None,
+        };
+        comm.step(OpCode::Hello, desc(OpCode::Hello, None, None, None, 0), None)?;
+        // Everyone has the mapping: the name is no longer needed.
+        comm.seg.unlink();
+        Ok(comm)
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+    /// The group's name, for errors.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+    /// The segment's name (already unlinked once every rank attached).
+    pub fn segment_name(&self) -> &str {
+        self.seg.name()
+    }
+    /// Bytes processed per pipelined segment (half a slot).
+    pub fn segment_bytes(&self) -> usize {
+        self.half
+    }
+    /// The per-step deadline.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    /// Changes the per-step deadline.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    fn ctx(&self, op: OpCode) -> Context {
+        Context::new(op.name(), self.group.clone(), self.rank)
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(cause) => Err(Error::Poisoned { group: self.group.clone(), cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Error {
+        if e.poisons_group() && self.poisoned.is_none() {
+            self.poisoned = Some(e.to_string());
+        }
+        e
+    }
+
+    /// Control line `p` (0 or 1) of rank `j`.
+    fn line(&self, j: usize, p: usize) -> *mut u8 {
+        debug_assert!(j < self.size && p < 2);
+        // SAFETY: HEADER + (j*2+p+1)*LINE <= segment length by construction.
+        unsafe { self.seg.as_ptr().add(HEADER + (j * 2 + p) * LINE) }
+    }
+
+    fn line_step(&self, j: usize, p: usize) -> &AtomicU64 {
+        // SAFETY: the line start is 64-byte aligned, inside the mapping, and
+        // only ever accessed atomically at this offset.
+        unsafe { &*self.line(j, p).cast::<AtomicU64>() }
+    }
+
+    fn line_desc(&self, j: usize, p: usize) -> &AtomicU64 {
+        // SAFETY: as above, 8 bytes further.
+        unsafe { &*self.line(j, p).add(8).cast::<AtomicU64>() }
+    }
+
+    /// The CPU rank `j` ran on when it last signalled on line `p` (a hint).
+    fn line_cpu(&self, j: usize, p: usize) -> &AtomicU64 {
+        // SAFETY: as above, 16 bytes from the line start.
+        unsafe { &*self.line(j, p).add(16).cast::<AtomicU64>() }
+    }
+
+    /// Inline payload of rank `j`'s line `p`, read side.
+    fn inline(&self, j: usize, p: usize, len: usize) -> &[u8] {
+        assert!(len <= INLINE_BYTES);
+        // SAFETY: 48 bytes at offset 16 of the line are inside the mapping;
+        // the caller reads only after the Acquire load of that line's step
+        // and before its own next step, while the owner writes them again
+        // only two steps later (see the module docs).
+        unsafe { std::slice::from_raw_parts(self.line(j, p).add(INLINE_AT), len) }
+    }
+
+    /// Start of half `u % 2` of rank `j`'s slot.
+    fn slot_ptr(&self, j: usize, u: u64) -> *mut u8 {
+        // SAFETY: slots follow the control lines; j < size, the half fits.
+        unsafe { self.seg.as_ptr().add(HEADER + self.size * 2 * LINE + j * self.slot + (u as usize & 1) * self.half) }
+    }
+
+    /// Read view of `len` bytes at `off` in half `u % 2` of rank `j`'s slot.
+    fn slot(&self, j: usize, u: u64, off: usize, len: usize) -> &[u8] {
+        assert!(off + len <= self.half);
+        // SAFETY: inside the half; read only between the step that published
+        // the unit and this rank's next step, while the owner writes the half
+        // again only at unit u + 2 (see the module docs).
+        unsafe { std::slice::from_raw_parts(self.slot_ptr(j, u).add(off), len) }
+    }
+
+    /// Copies `data` into this rank's half `u % 2` at `off`.
+    fn write_slot(&self, u: u64, off: usize, data: &[u8]) {
+        assert!(off + data.len() <= self.half);
+        // SAFETY: inside this rank's own half, which no rank reads during
+        // unit `u` before the next step (see the module docs).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot_ptr(self.rank, u).add(off), data.len()) };
+    }
+
+    fn next_unit(&mut self) -> u64 {
+        self.unit += 1;
+        self.unit
+    }
+
+    /// One step: publish `inline` (if any) and `desc`, then wait for every
+    /// rank to reach the same step with the same descriptor.
+    fn step(&mut self, op: OpCode, d: u64, inline: Option<&[u8]>) -> Result<()> {
+        self.step += 1;
+        let e = self.step;
+        let p = (e & 1) as usize;
+        if let Some(data) = inline {
+            assert!(data.len() <= INLINE_BYTES);
+            // SAFETY: this rank's own line, bytes 24..64; readers of step e-2
+            // are done (they signalled step e-1 before we got here).
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.line(self.rank, p).add(INLINE_AT), data.len()) };
+        }
+        self.line_desc(self.rank, p).store(d, Ordering::Relaxed);
+        let my_cpu = current_cpu();
+        self.line_cpu(self.rank, p).store(my_cpu as u64, Ordering::Relaxed);
+        // Release: publishes the inline bytes, the descriptor and every slot
+        // write of this step; pairs with the Acquire load below on the peers.
+        self.line_step(self.rank, p).store(e, Ordering::Release);
+
+        // The clock starts after the spinning stage: most steps end before.
+        let mut start: Option<Instant> = None;
+        let mut warn_after = WARN_INTERVAL;
+        let mut next = 0;
+        let mut hinted = usize::MAX;
+        let mut backoff = Backoff::new();
+        while next < self.size {
+            // Acquire: pairs with the Release store of the step on rank `next`.
+            if self.line_step(next, p).load(Ordering::Acquire) >= e {
+                next += 1;
+                continue;
+            }
+            if hinted != next {
+                hinted = next;
+                // Where the late rank signalled its previous step (the other
+                // line). If that is our core, it cannot run while we spin.
+                if my_cpu != u32::MAX && self.line_cpu(next, 1 - p).load(Ordering::Relaxed) == my_cpu as u64 {
+                    backoff.skip_spin();
+                }
+            }
+            if !backoff.is_spinning() {
+                let now = Instant::now();
+                let waited = now - *start.get_or_insert(now);
+                if waited >= warn_after {
+                    warn_after += WARN_INTERVAL;
+                    tracing::warn!(
+                        group = %self.group,
+                        "{} on rank {} has waited {waited:.0?} for rank(s) {:?}",
+                        op.name(),
+                        self.rank,
+                        self.late(p, e)
+                    );
+                }
+                if waited >= self.timeout {
+                    let late = self.late(p, e);
+                    if !late.is_empty() {
+                        let err = Error::timeout(
+                            self.ctx(op).with_peer(late[0]),
+                            waited,
+                            format!("rank(s) {late:?} to arrive at step {e} of the shared-memory segment"),
+                        );
+                        return Err(self.fail(err));
+                    }
+                }
+            }
+            backoff.snooze();
+        }
+        for j in 0..self.size {
+            let other = self.line_desc(j, p).load(Ordering::Relaxed);
+            if other != d {
+                let err = Error::Mismatch {
+                    ctx: self.ctx(op).with_peer(j),
+                    detail: format!("rank {j} called {}, this rank called {}", describe(other), describe(d)),
+                };
+                return Err(self.fail(err));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ranks whose line `p` has not reached step `e`.
+    fn late(&self, p: usize, e: u64) -> Vec<usize> {
+        (0..self.size).filter(|&j| self.line_step(j, p).load(Ordering::Acquire) < e).collect()
+    }
+
+    /// Returns once every rank entered.
+    pub fn barrier(&mut self) -> Result<()> {
+        self.check()?;
+        if self.size == 1 {
+            return Ok(());
+        }
+        self.step(OpCode::Barrier, desc(OpCode::Barrier, None, None, None, 0), None)
+    }
+
+    /// In-place all_reduce of `buf` (elements of `dtype`); every rank gets
+    /// bitwise identical results (see the module docs for the order).
+    pub fn all_reduce(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        self.all_reduce_as(OpCode::AllReduce, None, buf, dtype, op)
+    }
+
+    /// In-place reduce to rank `root`: the result is defined on `root`
+    /// (the other ranks get it too: the all_reduce algorithm costs the same
+    /// in shared memory).
+    pub fn reduce(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+        self.all_reduce_as(OpCode::Reduce, Some(root), buf, dtype, op)
+    }
+
+    fn all_reduce_as(
+        &mut self,
+        code: OpCode,
+        root: Option<usize>,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.check()?;
+        let es = dtype.size();
+        if buf.len() % es != 0 {
+            return Err(Error::invalid(format!(
+                "{} of {} bytes is not a whole number of {dtype}",
+                code.name(),
+                buf.len()
+            )));
+        }
+        if let Some(root) = root {
+            self.check_root(root)?;
+        }
+        let n = self.size;
+        if n == 1 {
+            return Ok(());
+        }
+        let d = desc(code, Some(dtype), Some(op), root, buf.len());
+        let len = buf.len();
+        if len <= INLINE_BYTES {
+            self.step(code, d, Some(buf))?;
+            let p = (self.step & 1) as usize;
+            buf.copy_from_slice(self.inline(0, p, len));
+            for j in 1..n {
+                reduce_into(buf, self.inline(j, p, len), dtype, op);
+            }
+            if op == ReduceOp::Avg {
+                finish_avg(buf, dtype, n);
+            }
+            return Ok(());
+        }
+        if len <= self.direct_max {
+            let u = self.next_unit();
+            self.write_slot(u, 0, buf);
+            self.step(code, d, None)?;
+            buf.copy_from_slice(self.slot(0, u, 0, len));
+            for j in 1..n {
+                reduce_into(buf, self.slot(j, u, 0, len), dtype, op);
+            }
+            if op == ReduceOp::Avg {
+                finish_avg(buf, dtype, n);
+            }
+            return Ok(());
+        }
+        let mut off = 0;
+        while off < len {
+            let c = self.half.min(len - off);
+            let u = self.next_unit();
+            self.write_slot(u, 0, &buf[off..off + c]);
+            self.step(code, d, None)?;
+            let (lo, hi) = share(c, es, n, self.rank);
+            if lo < hi {
+                // `mine` still holds this rank's input: combine the others
+                // into it in rank order (saves a copy of the share).
+                let mine = &mut buf[off + lo..off + hi];
+                for j in (0..n).filter(|&j| j != self.rank) {
+                    reduce_into(mine, self.slot(j, u, lo, hi - lo), dtype, op);
+                }
+                if op == ReduceOp::Avg {
+                    finish_avg(mine, dtype, n);
+                }
+                // Own slot, own share: only this rank reads it during step A.
+                self.write_slot(u, lo, mine);
+            }
+            self.step(code, d, None)?;
+            for j in (0..n).filter(|&j| j != self.rank) {
+                let (lo, hi) = share(c, es, n, j);
+                if lo < hi {
+                    buf[off + lo..off + hi].copy_from_slice(self.slot(j, u, lo, hi - lo));
+                }
+            }
+            off += c;
+        }
+        Ok(())
+    }
+
+    fn check_root(&self, root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(Error::invalid(format!("root {root} in a group of {}", self.size)));
+        }
+        Ok(())
+    }
+
+    /// gather to `root`: `output` (root only, `size * input.len()` bytes)
+    /// receives every rank's input in rank order.
+    pub fn gather(&mut self, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
+        const OP: OpCode = OpCode::Gather;
+        self.check()?;
+        self.check_root(root)?;
+        let (n, s, me) = (self.size, input.len(), self.rank);
+        let mut output = match (me == root, output) {
+            (true, Some(o)) if o.len() == n * s => Some(o),
+            (true, o) => {
+                return Err(Error::invalid(format!(
+                    "gather root needs an output of {n} x {s} bytes, got {:?}",
+                    o.map(|o| o.len())
+                )))
+            }
+            (false, _) => None,
+        };
+        if let Some(o) = output.as_deref_mut() {
+            o[me * s..(me + 1) * s].copy_from_slice(input);
+        }
+        if n == 1 {
+            return Ok(());
+        }
+        let d = desc(OP, None, None, Some(root), s);
+        let mut off = 0;
+        loop {
+            let c = self.half.min(s - off);
+            let u = self.next_unit();
+            if me != root {
+                self.write_slot(u, 0, &input[off..off + c]);
+            }
+            self.step(OP, d, None)?;
+            if let Some(o) = output.as_deref_mut() {
+                for j in (0..n).filter(|&j| j != me) {
+                    o[j * s + off..j * s + off + c].copy_from_slice(self.slot(j, u, 0, c));
+                }
+            }
+            off += c;
+            if off >= s {
+                return Ok(());
+            }
+        }
+    }
+
+    /// scatter from `root`: block `r` of `input` (root only, `size *
+    /// output.len()` bytes) lands in rank `r`'s `output`.
+    pub fn scatter(&mut self, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
+        const OP: OpCode = OpCode::Scatter;
+        self.check()?;
+        self.check_root(root)?;
+        let (n, s, me) = (self.size, output.len(), self.rank);
+        let input = match (me == root, input) {
+            (true, Some(i)) if i.len() == n * s => Some(i),
+            (true, i) => {
+                return Err(Error::invalid(format!(
+                    "scatter root needs an input of {n} x {s} bytes, got {:?}",
+                    i.map(|i| i.len())
+                )))
+            }
+            (false, _) => None,
+        };
+        if let Some(i) = input {
+            output.copy_from_slice(&i[me * s..(me + 1) * s]);
+        }
+        if n == 1 {
+            return Ok(());
+        }
+        let d = desc(OP, None, None, Some(root), s);
+        let c_max = self.block_segment(n)?;
+        let mut off = 0;
+        loop {
+            let c = c_max.min(s - off);
+            let u = self.next_unit();
+            if let Some(i) = input {
+                for j in 0..n {
+                    self.write_slot(u, j * c, &i[j * s + off..j * s + off + c]);
+                }
+            }
+            self.step(OP, d, None)?;
+            if me != root {
+                output[off..off + c].copy_from_slice(self.slot(root, u, me * c, c));
+            }
+            off += c;
+            if off >= s {
+                return Ok(());
+            }
+        }
+    }
+
+    /// all_to_all: block `j` of this rank's `input` lands in block `rank`
+    /// of rank `j`'s `output`; both `size * S` bytes.
+    pub fn all_to_all(&mut self, input: &[u8], output: &mut [u8]) -> Result<()> {
+        const OP: OpCode = OpCode::AllToAll;
+        self.check()?;
+        let (n, me) = (self.size, self.rank);
+        if input.len() != output.len() || input.len() % n != 0 {
+            return Err(Error::invalid(format!(
+                "all_to_all of {} input and {} output bytes over {n} ranks",
+                input.len(),
+                output.len()
+            )));
+        }
+        let s = input.len() / n;
+        output[me * s..(me + 1) * s].copy_from_slice(&input[me * s..(me + 1) * s]);
+        if n == 1 {
+            return Ok(());
+        }
+        let d = desc(OP, None, None, None, s);
+        let c_max = self.block_segment(n)?;
+        let mut off = 0;
+        loop {
+            let c = c_max.min(s - off);
+            let u = self.next_unit();
+            for j in 0..n {
+                self.write_slot(u, j * c, &input[j * s + off..j * s + off + c]);
+            }
+            self.step(OP, d, None)?;
+            for j in (0..n).filter(|&j| j != me) {
+                output[j * s + off..j * s + off + c].copy_from_slice(self.slot(j, u, me * c, c));
+            }
+            off += c;
+            if off >= s {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Bytes per block and segment when a slot half carries `n` blocks.
+    fn block_segment(&self, n: usize) -> Result<usize> {
+        let c = ((self.half / n) / LINE * LINE).max((self.half / n) / 8 * 8);
+        if c == 0 {
+            return Err(Error::invalid(format!("shm slots of {} bytes are too small for {n} ranks", self.slot)));
+        }
+        Ok(c)
+    }
+
+    /// In-place broadcast of `buf` from rank `root`.
+    pub fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        const OP: OpCode = OpCode::Broadcast;
+        self.check()?;
+        self.check_root(root)?;
+        if self.size == 1 {
+            return Ok(());
+        }
+        let d = desc(OP, None, None, Some(root), buf.len());
+        let len = buf.len();
+        if len <= INLINE_BYTES {
+            let me = self.rank == root;
+            self.step(OP, d, if me { Some(buf) } else { None })?;
+            if !me {
+                let p = (self.step & 1) as usize;
+                buf.copy_from_slice(self.inline(root, p, len));
+            }
+            return Ok(());
+        }
+        let mut off = 0;
+        while off < len {
+            let c = self.half.min(len - off);
+            let u = self.next_unit();
+            if self.rank == root {
+                self.write_slot(u, 0, &buf[off..off + c]);
+            }
+            self.step(OP, d, None)?;
+            if self.rank != root {
+                buf[off..off + c].copy_from_slice(self.slot(root, u, 0, c));
+            }
+            off += c;
+        }
+        Ok(())
+    }
+
+    /// all_gather: `output.len() == size * input.len()`, rank order.
+    pub fn all_gather(&mut self, input: &[u8], output: &mut [u8]) -> Result<()> {
+        const OP: OpCode = OpCode::AllGather;
+        self.check()?;
+        let (n, s) = (self.size, input.len());
+        if output.len() != n * s {
+            return Err(Error::invalid(format!(
+                "all_gather output of {} bytes, expected {n} x {s} = {}",
+                output.len(),
+                n * s
+            )));
+        }
+        output[self.rank * s..(self.rank + 1) * s].copy_from_slice(input);
+        if n == 1 {
+            return Ok(());
+        }
+        let d = desc(OP, None, None, None, s);
+        if s <= INLINE_BYTES {
+            self.step(OP, d, Some(input))?;
+            let p = (self.step & 1) as usize;
+            for j in (0..n).filter(|&j| j != self.rank) {
+                output[j * s..(j + 1) * s].copy_from_slice(self.inline(j, p, s));
+            }
+            return Ok(());
+        }
+        let mut off = 0;
+        while off < s {
+            let c = self.half.min(s - off);
+            let u = self.next_unit();
+            self.write_slot(u, 0, &input[off..off + c]);
+            self.step(OP, d, None)?;
+            for j in (0..n).filter(|&j| j != self.rank) {
+                output[j * s + off..j * s + off + c].copy_from_slice(self.slot(j, u, 0, c));
+            }
+            off += c;
+        }
+        Ok(())
+    }
+
+    /// reduce_scatter: `input.len() == size * output.len()`; this rank gets
+    /// block `rank` of the element-wise reduction, reduced in rank order.
+    pub fn reduce_scatter(&mut self, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        const OP: OpCode = OpCode::ReduceScatter;
+        self.check()?;
+        let (n, s, es) = (self.size, output.len(), dtype.size());
+        if input.len() != n * s || s % es != 0 {
+            return Err(Error::invalid(format!(
+                "reduce_scatter of {} input bytes into {s} output bytes of {dtype} with {n} ranks",
+                input.len()
+            )));
+        }
+        let r = self.rank;
+        if n == 1 {
+            output.copy_from_slice(input);
+            return Ok(());
+        }
+        let d = desc(OP, Some(dtype), Some(op), None, s);
+        // Per segment, every rank writes c bytes of each of the n blocks.
+        let c_max = self.block_segment(n)?;
+        let mut off = 0;
+        loop {
+            let c = c_max.min(s - off);
+            let u = self.next_unit();
+            for j in 0..n {
+                self.write_slot(u, j * c, &input[j * s + off..j * s + off + c]);
+            }
+            self.step(OP, d, None)?;
+            let out = &mut output[off..off + c];
+            out.copy_from_slice(self.slot(0, u, r * c, c));
+            for j in 1..n {
+                reduce_into(out, self.slot(j, u, r * c, c), dtype, op);
+            }
+            if op == ReduceOp::Avg {
+                finish_avg(out, dtype, n);
+            }
+            off += c;
+            if off >= s {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
