@@ -226,3 +226,32 @@ fn runs_under_the_launcher() {
     assert_eq!(body.lines().count(), 1 + 2 * 2, "8 B and 128 B for each op: {body}");
     assert!(body.lines().skip(1).all(|l| l.starts_with("rankweave-auto,") && l.contains(",loop,2,")), "{body}");
 }
+
+#[test]
+fn message_queue_broadcast_rows_are_bcast_obj_rows() {
+    let csv = tmp("mq.csv");
+    let o = run(&[
+        "bench",
+        "mq",
+        "--nproc",
+        "3",
+        "--mode",
+        "both",
+        "-n",
+        "20",
+        "-w",
+        "2",
+        "-e",
+        "64K",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let body = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = body.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "the small object in loop and sync mode (the 1 MiB one is above -e): {body}");
+    for (r, mode) in rows.iter().zip(["loop", "sync"]) {
+        assert!(r.starts_with(&format!("rankweave-mq,bcast_obj,{mode},3,103,20,")), "{r}");
+        assert!(r.contains("readers=2"), "{r}");
+    }
+}

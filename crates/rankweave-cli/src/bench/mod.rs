@@ -22,6 +22,7 @@ pub mod spawn;
 
 use harness::{Comm, Mode, Plan};
 use ops::{CollBench, ObjSize, OpKind};
+use rankweave::message_queue::MessageQueue;
 use rankweave::{DType, Error, GroupOptions, PrefixStore, ProcessGroup, ReduceOp, Result, SharedStore, TransportKind};
 use report::{Cell, Record, Table};
 use std::io::{IsTerminal, Write};
@@ -383,11 +384,6 @@ impl Config {
                 return Err(Error::invalid(format!("-r/--root {} is out of range for {n} ranks", a.root)));
             }
         }
-        if ops.contains(&OpKind::Mq) {
-            return Err(Error::Unsupported(
-                "mq: the shared-memory MessageQueue is not available in this build yet; use bcast_obj".into(),
-            ));
-        }
         let command =
             std::iter::once("rankweave".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ");
         Ok(Config {
@@ -484,7 +480,22 @@ fn run_worker(cfg: &Config) -> Result<i32> {
         } else {
             format!("{}(uses-{})", transport_name(t), transport_name(used))
         };
-        let (recs, w) = run_suite(&group, cfg, &label, &shown, &mut out)?;
+        // The MessageQueue does not depend on the group's transport: build it
+        // once, over the first group, as the seed's TP coordinator does
+        // (4 MiB x 6 chunks, writer = the root).
+        let mq = if cfg.ops.contains(&OpKind::Mq) && records.is_empty() {
+            Some(MessageQueue::create_from_process_group(&group, MQ_CHUNK_BYTES, MQ_CHUNKS, cfg.root)?)
+        } else {
+            None
+        };
+        let suite_cfg;
+        let cfg_here = if mq.is_none() && cfg.ops.contains(&OpKind::Mq) {
+            suite_cfg = Config { ops: cfg.ops.iter().copied().filter(|o| *o != OpKind::Mq).collect(), ..cfg.clone() };
+            &suite_cfg
+        } else {
+            cfg
+        };
+        let (recs, w) = run_suite(&group, mq.as_ref(), cfg_here, &label, &shown, &mut out)?;
         records.extend(recs);
         wrong += w;
     }
@@ -592,6 +603,7 @@ fn steps(cfg: &Config, n: usize) -> Vec<(OpKind, Mode, usize)> {
 /// of wrong values found over all ranks.
 pub fn run_suite(
     comm: &dyn Comm,
+    mq: Option<&MessageQueue>,
     cfg: &Config,
     impl_name: &str,
     transport: &str,
@@ -645,7 +657,13 @@ pub fn run_suite(
             for o in objs {
                 done += 1;
                 out.progress(done, total, &format!("{} {} obj={}", op.name(), mode.name(), o.label()));
-                let (rec, wrong) = measure_object(comm, cfg, op, mode, o, impl_name)?;
+                let (rec, wrong) = match op {
+                    OpKind::Mq => {
+                        let q = mq.ok_or_else(|| Error::invalid("mq: no MessageQueue was created for this group"))?;
+                        measure_mq(comm, q, cfg, mode, o)?
+                    }
+                    _ => measure_object(comm, cfg, op, mode, o, impl_name)?,
+                };
                 wrong_total += wrong;
                 let cell = cell_of(&rec, cfg.check);
                 out.line(&table.row(rec.bytes, rec.count, "object", "none", cfg.root as i64, Some(cell), None));
@@ -753,6 +771,40 @@ fn measure_object(
     let stats = harness::measure(comm, mode, &cfg.plan, 1.0, &mut f)?;
     let mut rec = record(op, mode, comm.size(), size.anchor_bytes(), encoded, stats, cfg, impl_name, wrong);
     rec.note = format!("obj={} encoded={encoded}B (postcard); bytes = the anchors' pickled size", size.label());
+    Ok((rec, wrong))
+}
+
+/// Chunk size of the benchmarked MessageQueue (the seed's 4 MiB).
+pub const MQ_CHUNK_BYTES: usize = 4 << 20;
+/// Chunks of the benchmarked MessageQueue (the seed's 6).
+pub const MQ_CHUNKS: usize = 6;
+
+fn measure_mq(comm: &dyn Comm, q: &MessageQueue, cfg: &Config, mode: Mode, size: ObjSize) -> Result<(Record, u64)> {
+    let obj = size.object();
+    let encoded = ops::encode(&obj)?.len() as u64;
+    // The writer enqueues a reference (no per-call clone of the 1 MiB
+    // object); readers decode a fresh object each time, as users get it.
+    let once = || -> Result<Option<ops::BenchObject>> {
+        if q.is_writer() {
+            q.enqueue(&obj)?;
+            Ok(None)
+        } else {
+            q.dequeue::<ops::BenchObject>().map(Some)
+        }
+    };
+    let mut wrong = 0;
+    if cfg.check {
+        let got = once()?;
+        wrong = harness::sum_over_ranks(comm, u64::from(got.is_some_and(|g| g != obj)))?;
+    }
+    let stats = harness::measure(comm, mode, &cfg.plan, 1.0, &mut || once().map(|_| ()))?;
+    let mut rec =
+        record(OpKind::Mq, mode, comm.size(), size.anchor_bytes(), encoded, stats, cfg, "rankweave-mq", wrong);
+    rec.note = format!(
+        "obj={} encoded={encoded}B (postcard) readers={}; bytes = the anchors' pickled size",
+        size.label(),
+        comm.size().saturating_sub(1)
+    );
     Ok((rec, wrong))
 }
 
@@ -908,7 +960,6 @@ mod tests {
             "all_reduce --sizes 1K --max-bytes 512",
             "all_reduce --iters-time 0",
             "all_reduce extra.csv",
-            "mq",
         ] {
             assert!(Config::from_args(&args(bad)).is_err(), "{bad}");
         }
@@ -920,7 +971,7 @@ mod tests {
         let cfg = Config::from_args(&args(cmd)).unwrap();
         harness::testing::run_world(n, corrupt, |c| {
             let mut out = if c.rank() == 0 { Out::capture() } else { Out::new(false, false) };
-            let (recs, wrong) = run_suite(c, &cfg, "rankweave-test", "threads", &mut out).unwrap();
+            let (recs, wrong) = run_suite(c, None, &cfg, "rankweave-test", "threads", &mut out).unwrap();
             (recs, wrong, out.captured().to_vec())
         })
     }
