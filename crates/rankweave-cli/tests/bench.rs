@@ -255,3 +255,48 @@ fn message_queue_broadcast_rows_are_bcast_obj_rows() {
         assert!(r.contains("readers=2"), "{r}");
     }
 }
+
+#[test]
+fn shared_memory_transport_checks_out_and_leaves_nothing_in_dev_shm() {
+    let csv = tmp("shm.csv");
+    let before: Vec<_> =
+        std::fs::read_dir("/dev/shm").map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let o = run(&[
+        "bench",
+        "all",
+        "--nproc",
+        "3",
+        "--transport",
+        "shm",
+        "-b",
+        "4",
+        "-e",
+        "64K",
+        "-f",
+        "64",
+        "-n",
+        "3",
+        "-w",
+        "1",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("FAILED"), "{}", text(&o));
+    let body = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = body.lines().skip(1).collect();
+    assert!(rows.iter().all(|r| r.starts_with("rankweave-shm,")), "{body}");
+    for op in ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce", "gather", "all_to_all", "bcast_obj"]
+    {
+        assert_eq!(
+            rows.iter().filter(|r| r.split(',').nth(1) == Some(op)).count(),
+            if op == "bcast_obj" { 1 } else { 3 },
+            "{op}: {body}"
+        );
+    }
+    let after: Vec<_> =
+        std::fs::read_dir("/dev/shm").map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let leaked: Vec<_> =
+        after.iter().filter(|n| !before.contains(n) && n.to_string_lossy().contains("bench")).collect();
+    assert!(leaked.is_empty(), "{leaked:?}");
+}
