@@ -5,7 +5,6 @@
 
 use crate::dtype::{DType, Element};
 use bytemuck::Pod;
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
@@ -63,22 +62,34 @@ impl std::str::FromStr for ReduceOp {
         })
     }
 }
+
 // ---------------------------------------------------------------------------
 // Kernels
 //
 // Every kernel is a plain zip loop over two slices of one element type, with
 // the operator chosen once per call (outside the loop), so LLVM turns each
-// loop into packed SIMD in the release build. Checked with
-// `cargo rustc --release -p rankweave --lib -- --emit asm` on x86-64 (default
-// target, SSE2 only): the f32 Sum loop is unrolled into `addps` on xmm
-// registers (four `movups`/`addps` pairs per iteration), f64 uses `addpd`,
-// i32 `paddd`, i8/u8 `paddb`; Min/Max compile to `cmpltps`/`cmpunordps` plus
-// bitwise blends; f16 goes through `half`'s slice conversion (F16C when the
-// CPU has it) and the same f32 loop. With `-C target-cpu=native` the same
-// loops use `vaddps` on ymm registers.
+// loop into packed SIMD in the release build. The loops are compiled twice:
+// for the baseline target (SSE2 on x86-64) and, in `x86::reduce_avx2`, with
+// AVX2 enabled, picked at run time. Checked with
+// `cargo rustc --release -p rankweave --lib -- --emit asm`: the baseline f32
+// Sum loop is `addps` on xmm registers (plus `cmpunordps` and a blend that
+// canonicalize NaN results); the AVX2 variant is `vaddps`, `vcmpunordps`,
+// `vblendvps` on ymm registers; f64 uses `addpd`/`vaddpd`, integers
+// `vpaddd`/`vpaddq`/`vpmulld`, float Min/Max `vcmpltps` + blends, and the
+// f16/bf16 conversions packed integer ops (`vpsrld`, `vpand`, `vpminud`).
+// No loop is left scalar and none uses masked stores (see `zip_select`).
+// With `-C target-cpu=native` on this machine (AVX-512) the f32 Sum loop
+// also used `vaddps` on zmm registers.
+//
+// Measured with `cargo bench -p rankweave --bench reduce` (1 MiB, GB/s of
+// input, on this shared 2-core machine under load, so +-30%): f32 Sum 20,
+// Max 31; f64 Sum 19; bf16 Sum 8, Max 15; f16 Sum 2.5, Prod 1.0 (integer
+// conversions, no F16C); i32 Sum 15; memcpy of the same bytes 12-22. All
+// but f16 reduce at about memcpy speed, well above what the transports
+// move.
 // ---------------------------------------------------------------------------
 
-/// Elements per stack chunk for the unaligned path and for f16/bf16 widening.
+/// Elements per stack chunk for the unaligned path.
 const CHUNK: usize = 512;
 
 /// Combines `src` into `dst` element-wise: `dst[i] = dst[i] op src[i]`.
@@ -86,7 +97,9 @@ const CHUNK: usize = 512;
 /// Both slices hold elements of `dtype` as raw (native-endian) bytes and may
 /// have any alignment. [`ReduceOp::Avg`] adds here; divide once at the end
 /// with [`finish_avg`]. Floats follow IEEE arithmetic; `Min`/`Max` return
-/// NaN when either operand is NaN (as torch does). f16 and bf16 are widened
+/// NaN when either operand is NaN (as torch does); NaN results of Sum, Prod
+/// and Avg are the canonical quiet NaN whatever the operands' payloads, so
+/// every instruction set gives the same bits. f16 and bf16 are widened
 /// to f32, combined, and rounded back once per call. Integers wrap on
 /// overflow.
 ///
@@ -99,15 +112,27 @@ const CHUNK: usize = 512;
 pub fn reduce_into(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
     assert_eq!(dst.len(), src.len(), "reduce_into: dst and src lengths differ");
     assert_eq!(dst.len() % dtype.size(), 0, "reduce_into: length is not a multiple of the {dtype} element size");
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports AVX2, checked at run time just above.
+        unsafe { x86::reduce_avx2(dst, src, dtype, op) };
+        return;
+    }
+    reduce_generic(dst, src, dtype, op)
+}
+
+/// [`reduce_into`]'s dispatch, inlined into each instruction-set variant.
+#[inline(always)]
+fn reduce_generic(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
     match dtype {
-        DType::F32 => apply2::<f32>(dst, src, |d, s| f32::combine(d, s, op)),
-        DType::F64 => apply2::<f64>(dst, src, |d, s| f64::combine(d, s, op)),
-        DType::F16 => apply2::<f16>(dst, src, |d, s| f16::combine(d, s, op)),
-        DType::BF16 => apply2::<bf16>(dst, src, |d, s| bf16::combine(d, s, op)),
-        DType::I8 => apply2::<i8>(dst, src, |d, s| i8::combine(d, s, op)),
-        DType::U8 => apply2::<u8>(dst, src, |d, s| u8::combine(d, s, op)),
-        DType::I32 => apply2::<i32>(dst, src, |d, s| i32::combine(d, s, op)),
-        DType::I64 => apply2::<i64>(dst, src, |d, s| i64::combine(d, s, op)),
+        DType::F32 => apply2::<f32>(dst, src, op),
+        DType::F64 => apply2::<f64>(dst, src, op),
+        DType::F16 => apply2::<f16>(dst, src, op),
+        DType::BF16 => apply2::<bf16>(dst, src, op),
+        DType::I8 => apply2::<i8>(dst, src, op),
+        DType::U8 => apply2::<u8>(dst, src, op),
+        DType::I32 => apply2::<i32>(dst, src, op),
+        DType::I64 => apply2::<i64>(dst, src, op),
     }
 }
 
@@ -130,24 +155,36 @@ pub fn finish_avg(buf: &mut [u8], dtype: DType, n: usize) {
     if n <= 1 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports AVX2, checked at run time just above.
+        unsafe { x86::finish_avg_avx2(buf, dtype, n) };
+        return;
+    }
+    finish_avg_generic(buf, dtype, n)
+}
+
+/// [`finish_avg`]'s dispatch, inlined into each instruction-set variant.
+#[inline(always)]
+fn finish_avg_generic(buf: &mut [u8], dtype: DType, n: usize) {
     match dtype {
-        DType::F32 => apply1::<f32>(buf, |d| f32::div_n(d, n)),
-        DType::F64 => apply1::<f64>(buf, |d| f64::div_n(d, n)),
-        DType::F16 => apply1::<f16>(buf, |d| f16::div_n(d, n)),
-        DType::BF16 => apply1::<bf16>(buf, |d| bf16::div_n(d, n)),
-        DType::I8 => apply1::<i8>(buf, |d| i8::div_n(d, n)),
-        DType::U8 => apply1::<u8>(buf, |d| u8::div_n(d, n)),
-        DType::I32 => apply1::<i32>(buf, |d| i32::div_n(d, n)),
-        DType::I64 => apply1::<i64>(buf, |d| i64::div_n(d, n)),
+        DType::F32 => apply1::<f32>(buf, n),
+        DType::F64 => apply1::<f64>(buf, n),
+        DType::F16 => apply1::<f16>(buf, n),
+        DType::BF16 => apply1::<bf16>(buf, n),
+        DType::I8 => apply1::<i8>(buf, n),
+        DType::U8 => apply1::<u8>(buf, n),
+        DType::I32 => apply1::<i32>(buf, n),
+        DType::I64 => apply1::<i64>(buf, n),
     }
 }
 
-/// Runs `f` on `dst`/`src` viewed as `T`, directly when both are aligned for
+/// Runs `T`'s kernel on `dst`/`src` viewed as `T`, directly when both are aligned for
 /// `T`, otherwise through aligned stack copies of `CHUNK` elements.
-#[inline]
-fn apply2<T: Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], &[T])) {
+#[inline(always)]
+fn apply2<T: Kernel>(dst: &mut [u8], src: &[u8], op: ReduceOp) {
     if let (Ok(d), Ok(s)) = (bytemuck::try_cast_slice_mut::<u8, T>(dst), bytemuck::try_cast_slice::<u8, T>(src)) {
-        f(d, s);
+        T::combine(d, s, op);
         return;
     }
     let es = std::mem::size_of::<T>();
@@ -157,16 +194,16 @@ fn apply2<T: Pod>(dst: &mut [u8], src: &[u8], f: impl Fn(&mut [T], &[T])) {
         let m = dc.len() / es;
         bytemuck::cast_slice_mut::<T, u8>(&mut a[..m]).copy_from_slice(dc);
         bytemuck::cast_slice_mut::<T, u8>(&mut b[..m]).copy_from_slice(sc);
-        f(&mut a[..m], &b[..m]);
+        T::combine(&mut a[..m], &b[..m], op);
         dc.copy_from_slice(bytemuck::cast_slice(&a[..m]));
     }
 }
 
 /// One-slice form of [`apply2`].
-#[inline]
-fn apply1<T: Pod>(buf: &mut [u8], f: impl Fn(&mut [T])) {
+#[inline(always)]
+fn apply1<T: Kernel>(buf: &mut [u8], n: usize) {
     if let Ok(d) = bytemuck::try_cast_slice_mut::<u8, T>(buf) {
-        f(d);
+        T::div_n(d, n);
         return;
     }
     let es = std::mem::size_of::<T>();
@@ -174,7 +211,7 @@ fn apply1<T: Pod>(buf: &mut [u8], f: impl Fn(&mut [T])) {
     for dc in buf.chunks_mut(CHUNK * es) {
         let m = dc.len() / es;
         bytemuck::cast_slice_mut::<T, u8>(&mut a[..m]).copy_from_slice(dc);
-        f(&mut a[..m]);
+        T::div_n(&mut a[..m], n);
         dc.copy_from_slice(bytemuck::cast_slice(&a[..m]));
     }
 }
@@ -184,6 +221,52 @@ fn apply1<T: Pod>(buf: &mut [u8], f: impl Fn(&mut [T])) {
 fn zip_with<T: Copy>(dst: &mut [T], src: &[T], f: impl Fn(T, T) -> T) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = f(*d, *s);
+    }
+}
+
+/// NaN becomes the canonical quiet NaN. When both operands of `+` or `*`
+/// are NaN, which payload survives depends on operand order in the
+/// instruction, and LLVM may commute `fadd`/`fmul` differently in the SSE2
+/// and AVX2 builds; canonical NaNs keep every rank's bits equal.
+#[inline(always)]
+fn canonical<F: num_like::Float>(x: F) -> F {
+    #[allow(clippy::eq_op)]
+    if x != x {
+        F::NAN
+    } else {
+        x
+    }
+}
+
+mod num_like {
+    /// f32 and f64, for [`super::canonical`].
+    pub trait Float: Copy + PartialEq {
+        const NAN: Self;
+    }
+    impl Float for f32 {
+        const NAN: Self = f32::NAN;
+    }
+    impl Float for f64 {
+        const NAN: Self = f64::NAN;
+    }
+}
+
+/// `dst[i] = if keep_dst(dst[i], src[i]) { dst[i] } else { src[i] }`.
+///
+/// Written through a stack buffer: in place, LLVM sees that the "keep"
+/// branch stores back the value it loaded, drops that store and vectorizes
+/// the rest as a masked store (`vmaskmovps`), which is microcoded and about
+/// five times slower on AMD CPUs than a blend and a plain store.
+#[inline(always)]
+fn zip_select<T: Pod>(dst: &mut [T], src: &[T], keep_dst: impl Fn(T, T) -> bool) {
+    const K: usize = 256;
+    let mut out = [T::zeroed(); K];
+    for (dc, sc) in dst.chunks_mut(K).zip(src.chunks(K)) {
+        let out = &mut out[..dc.len()];
+        for ((o, a), b) in out.iter_mut().zip(dc.iter()).zip(sc) {
+            *o = if keep_dst(*a, *b) { *a } else { *b };
+        }
+        dc.copy_from_slice(out);
     }
 }
 
@@ -198,17 +281,19 @@ trait Kernel: Pod {
 macro_rules! float_kernel {
     ($t:ty) => {
         impl Kernel for $t {
+            #[inline(always)]
             fn combine(dst: &mut [$t], src: &[$t], op: ReduceOp) {
                 match op {
-                    ReduceOp::Sum | ReduceOp::Avg => zip_with(dst, src, |a, b| a + b),
-                    ReduceOp::Prod => zip_with(dst, src, |a, b| a * b),
-                    // NaN-propagating and branch-free: `a != a` is `a.is_nan()`.
+                    ReduceOp::Sum | ReduceOp::Avg => zip_with(dst, src, |a, b| canonical(a + b)),
+                    ReduceOp::Prod => zip_with(dst, src, |a, b| canonical(a * b)),
+                    // NaN-propagating: `a != a` is `a.is_nan()`.
                     #[allow(clippy::eq_op)]
-                    ReduceOp::Min => zip_with(dst, src, |a, b| if a < b || a != a { a } else { b }),
+                    ReduceOp::Min => zip_select(dst, src, |a, b| (a < b) | (a != a)),
                     #[allow(clippy::eq_op)]
-                    ReduceOp::Max => zip_with(dst, src, |a, b| if a > b || a != a { a } else { b }),
+                    ReduceOp::Max => zip_select(dst, src, |a, b| (a > b) | (a != a)),
                 }
             }
+            #[inline(always)]
             fn div_n(buf: &mut [$t], n: usize) {
                 let n = n as $t;
                 for x in buf.iter_mut() {
@@ -224,19 +309,37 @@ float_kernel!(f64);
 macro_rules! int_kernel {
     ($t:ty) => {
         impl Kernel for $t {
+            #[inline(always)]
             fn combine(dst: &mut [$t], src: &[$t], op: ReduceOp) {
                 match op {
                     ReduceOp::Sum | ReduceOp::Avg => zip_with(dst, src, <$t>::wrapping_add),
                     ReduceOp::Prod => zip_with(dst, src, <$t>::wrapping_mul),
+                    // x86 has no packed 64-bit min/max before AVX-512: the
+                    // select would become a masked store, see `zip_select`.
+                    ReduceOp::Min if std::mem::size_of::<$t>() == 8 => zip_select(dst, src, |a, b| a < b),
+                    ReduceOp::Max if std::mem::size_of::<$t>() == 8 => zip_select(dst, src, |a, b| a > b),
                     ReduceOp::Min => zip_with(dst, src, Ord::min),
                     ReduceOp::Max => zip_with(dst, src, Ord::max),
                 }
             }
+            #[inline(always)]
             fn div_n(buf: &mut [$t], n: usize) {
-                // In i64 so that n > <$t>::MAX (e.g. 200 ranks on i8) still divides.
-                let n = i64::try_from(n).unwrap_or(i64::MAX);
-                for x in buf.iter_mut() {
-                    *x = (*x as i64 / n) as $t;
+                if std::mem::size_of::<$t>() <= 4 {
+                    // Truncating division through f64, which vectorizes
+                    // (integer division does not): for |x| < 2^53 the f64
+                    // quotient is off by less than 2^-53 * |x| / n < 1 / n,
+                    // the least distance from a non-integer x / n to an
+                    // integer, so truncation gives exactly x / n.
+                    let nf = n as f64;
+                    for x in buf.iter_mut() {
+                        *x = (*x as f64 / nf).trunc() as $t;
+                    }
+                } else {
+                    // In i64 so that any n (even above <$t>::MAX) divides.
+                    let n = i64::try_from(n).unwrap_or(i64::MAX);
+                    for x in buf.iter_mut() {
+                        *x = (*x as i64 / n) as $t;
+                    }
                 }
             }
         }
@@ -246,29 +349,6 @@ int_kernel!(i8);
 int_kernel!(u8);
 int_kernel!(i32);
 int_kernel!(i64);
-
-impl Kernel for f16 {
-    fn combine(dst: &mut [f16], src: &[f16], op: ReduceOp) {
-        let mut a = [0f32; CHUNK];
-        let mut b = [0f32; CHUNK];
-        for (dc, sc) in dst.chunks_mut(CHUNK).zip(src.chunks(CHUNK)) {
-            let m = dc.len();
-            dc.convert_to_f32_slice(&mut a[..m]);
-            sc.convert_to_f32_slice(&mut b[..m]);
-            f32::combine(&mut a[..m], &b[..m], op);
-            dc.convert_from_f32_slice(&a[..m]);
-        }
-    }
-    fn div_n(buf: &mut [f16], n: usize) {
-        let mut a = [0f32; CHUNK];
-        for dc in buf.chunks_mut(CHUNK) {
-            let m = dc.len();
-            dc.convert_to_f32_slice(&mut a[..m]);
-            f32::div_n(&mut a[..m], n);
-            dc.convert_from_f32_slice(&a[..m]);
-        }
-    }
-}
 
 /// bf16 bits to f32: the bf16 is the top half of the f32.
 #[inline(always)]
@@ -291,38 +371,122 @@ fn f32_to_bf16_bits(f: f32) -> u16 {
     }
 }
 
-fn bf16_widen(src: &[bf16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(bytemuck::cast_slice::<bf16, u16>(src)) {
-        *d = bf16_bits_to_f32(*s);
-    }
+/// f16 bits to f32, exactly; NaNs are quieted as `half` and F16C do.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    // Finite: move exponent and mantissa into f32 position and rescale by
+    // 2^112 (the bias difference). Exact, and the product normalizes f16
+    // subnormals (which are f32 subnormals before the multiply).
+    let finite = (f32::from_bits(em << 13) * f32::from_bits(0x7780_0000)).to_bits();
+    let quiet = if em & 0x03ff != 0 { 0x0040_0000 } else { 0 };
+    let special = 0x7f80_0000 | ((em & 0x03ff) << 13) | quiet;
+    f32::from_bits(if em >= 0x7c00 { special } else { finite } | sign)
 }
 
-fn bf16_narrow(src: &[f32], dst: &mut [bf16]) {
-    for (d, s) in bytemuck::cast_slice_mut::<bf16, u16>(dst).iter_mut().zip(src) {
-        *d = f32_to_bf16_bits(*s);
-    }
+/// f32 to f16 bits, rounding to nearest even, overflow to infinity, NaN to
+/// a quiet NaN keeping the top payload bits: the same bits as
+/// `half::f16::from_f32` (tested), without branches so the loop vectorizes.
+/// Subnormal results are rounded by the FPU: adding 0.5 puts the f16
+/// subnormal spacing (2^-24) at the sum's last mantissa bit (after F. Giesen,
+/// "half_from_float_fast3_rtne", 2016).
+#[inline(always)]
+fn f32_to_f16_bits(f: f32) -> u16 {
+    let x = f.to_bits();
+    let sign = (x >> 16) & 0x8000;
+    let a = x & 0x7fff_ffff;
+    let nan = 0x7e00 | ((a >> 13) & 0x03ff);
+    let half = 0x3f00_0000u32; // 0.5
+    let sub = (f32::from_bits(a) + f32::from_bits(half)).to_bits().wrapping_sub(half);
+    let odd = (a >> 13) & 1;
+    // Rebias the exponent (127 -> 15) and round the 13 dropped bits to even.
+    let normal = a.wrapping_sub(112 << 23).wrapping_add(0x0fff + odd) >> 13;
+    let o = if a > 0x7f80_0000 {
+        nan
+    } else if a >= 0x4780_0000 {
+        0x7c00
+    } else if a < 0x3880_0000 {
+        sub
+    } else {
+        normal
+    };
+    (o | sign) as u16
 }
 
-impl Kernel for bf16 {
-    fn combine(dst: &mut [bf16], src: &[bf16], op: ReduceOp) {
-        let mut a = [0f32; CHUNK];
-        let mut b = [0f32; CHUNK];
-        for (dc, sc) in dst.chunks_mut(CHUNK).zip(src.chunks(CHUNK)) {
-            let m = dc.len();
-            bf16_widen(dc, &mut a[..m]);
-            bf16_widen(sc, &mut b[..m]);
-            f32::combine(&mut a[..m], &b[..m], op);
-            bf16_narrow(&a[..m], dc);
+/// f16 and bf16, one fused pass per element: widen both operands to f32,
+/// combine, round back once (Sum, Prod, Avg); Min/Max compare the widened
+/// values and keep the original 16 bits. Since f32 carries more than twice
+/// the 16-bit types' precision plus two bits, the f32 step followed by the
+/// rounding gives the correctly rounded 16-bit result (no double-rounding
+/// error).
+macro_rules! half_kernel {
+    ($t:ty, $to_f32:ident, $from_f32:ident) => {
+        impl Kernel for $t {
+            #[inline(always)]
+            fn combine(dst: &mut [$t], src: &[$t], op: ReduceOp) {
+                let d = bytemuck::cast_slice_mut::<$t, u16>(dst);
+                let s = bytemuck::cast_slice::<$t, u16>(src);
+                match op {
+                    ReduceOp::Sum | ReduceOp::Avg => {
+                        zip_with(d, s, |a, b| $from_f32(canonical($to_f32(a) + $to_f32(b))))
+                    }
+                    ReduceOp::Prod => zip_with(d, s, |a, b| $from_f32(canonical($to_f32(a) * $to_f32(b)))),
+                    #[allow(clippy::eq_op)]
+                    ReduceOp::Min => zip_select(d, s, |a, b| {
+                        let (x, y) = ($to_f32(a), $to_f32(b));
+                        (x < y) | (x != x)
+                    }),
+                    #[allow(clippy::eq_op)]
+                    ReduceOp::Max => zip_select(d, s, |a, b| {
+                        let (x, y) = ($to_f32(a), $to_f32(b));
+                        (x > y) | (x != x)
+                    }),
+                }
+            }
+            #[inline(always)]
+            fn div_n(buf: &mut [$t], n: usize) {
+                let n = n as f32;
+                for x in bytemuck::cast_slice_mut::<$t, u16>(buf) {
+                    *x = $from_f32($to_f32(*x) / n);
+                }
+            }
         }
+    };
+}
+half_kernel!(f16, f16_bits_to_f32, f32_to_f16_bits);
+half_kernel!(bf16, bf16_bits_to_f32, f32_to_bf16_bits);
+
+/// Run-time instruction-set dispatch: the same generic kernels compiled a
+/// second time with AVX2 enabled (everything below the two entry points is
+/// `#[inline(always)]`), used when the CPU has it. Element-wise IEEE
+/// arithmetic and the integer bf16 rounding give the same bits at any SIMD
+/// width, so ranks on CPUs with and without AVX2 still agree (tested).
+/// With AVX2 the bf16 narrowing packs with `vpackusdw` instead of SSE2
+/// shuffles, about three times faster.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{finish_avg_generic, reduce_generic, DType, ReduceOp};
+
+    /// Whether the AVX2 variants may run (cached by std after the first call).
+    #[inline]
+    pub(super) fn has_avx2() -> bool {
+        std::is_x86_feature_detected!("avx2")
     }
-    fn div_n(buf: &mut [bf16], n: usize) {
-        let mut a = [0f32; CHUNK];
-        for dc in buf.chunks_mut(CHUNK) {
-            let m = dc.len();
-            bf16_widen(dc, &mut a[..m]);
-            f32::div_n(&mut a[..m], n);
-            bf16_narrow(&a[..m], dc);
-        }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn reduce_avx2(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
+        reduce_generic(dst, src, dtype, op)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn finish_avg_avx2(buf: &mut [u8], dtype: DType, n: usize) {
+        finish_avg_generic(buf, dtype, n)
     }
 }
 
@@ -382,6 +546,22 @@ mod tests {
     }
 
     #[test]
+    fn int_avg_truncates_exactly() {
+        for n in [2usize, 3, 7, 8, 100, 255, 256, 1000, 1 << 40] {
+            let v: Vec<i8> = (i8::MIN..=i8::MAX).collect();
+            let mut b = bytes(&v);
+            finish_avg(&mut b, DType::I8, n);
+            let want: Vec<i8> = v.iter().map(|x| (*x as i64 / n as i64) as i8).collect();
+            assert_eq!(bytemuck::cast_slice::<u8, i8>(&b), &want[..], "n={n}");
+            let v: Vec<i32> = [i32::MIN, i32::MIN + 1, -7, -1, 0, 1, 5, 6, 7, 1 << 30, i32::MAX - 1, i32::MAX].to_vec();
+            let mut b = bytes(&v);
+            finish_avg(&mut b, DType::I32, n);
+            let want: Vec<i32> = v.iter().map(|x| (*x as i64 / n as i64) as i32).collect();
+            assert_eq!(bytemuck::cast_slice::<u8, i32>(&b), &want[..], "n={n}");
+        }
+    }
+
+    #[test]
     fn half_types_accumulate_in_f32_per_step() {
         // 2048 + 1 is not representable in f16 (spacing 2 above 2048); the
         // step rounds once, to nearest even.
@@ -433,6 +613,37 @@ mod tests {
     }
 
     #[test]
+    fn f16_conversions_match_half() {
+        for h in 0..=u16::MAX {
+            let (got, want) = (f16_bits_to_f32(h), f16::from_bits(h).to_f32());
+            assert_eq!(got.to_bits(), want.to_bits(), "{h:#x}");
+            // Round trip, and the midpoints to both neighbours (ties to even).
+            assert_eq!(f32_to_f16_bits(got), f16::from_f32(got).to_bits(), "{h:#x}");
+            for d in [-1i32, 1] {
+                let mid = f32::from_bits(got.to_bits().wrapping_add_signed(d * 0x1000));
+                for v in
+                    [mid, f32::from_bits(mid.to_bits().wrapping_add(1)), f32::from_bits(mid.to_bits().wrapping_sub(1))]
+                {
+                    assert_eq!(f32_to_f16_bits(v), f16::from_f32(v).to_bits(), "{v:e} ({:#x})", v.to_bits());
+                }
+            }
+        }
+        let mut x: u32 = 0x2545_f491;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = f32::from_bits(x);
+            assert_eq!(f32_to_f16_bits(v), f16::from_f32(v).to_bits(), "{v:e} ({x:#x})");
+        }
+        for v in [65504.0f32, 65519.99, 65520.0, 65536.0, 1e-8, 2.98e-8, 2.99e-8, 6.1e-5, f32::MIN_POSITIVE] {
+            for v in [v, -v] {
+                assert_eq!(f32_to_f16_bits(v), f16::from_f32(v).to_bits(), "{v:e}");
+            }
+        }
+    }
+
+    #[test]
     fn unaligned_matches_aligned() {
         for dtype in DType::ALL {
             for op in ReduceOp::ALL {
@@ -467,6 +678,47 @@ mod tests {
                 finish_avg(&mut w2, dtype, 3);
                 finish_avg(&mut da[1..], dtype, 3);
                 assert_eq!(&da[1..], &w2[..], "{dtype} {op} avg");
+            }
+        }
+    }
+
+    /// The AVX2 and baseline variants give identical bits on random data
+    /// (including NaN, infinities and rounding ties in the half types).
+    #[test]
+    fn instruction_set_variants_agree() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect()
+        };
+        for dtype in DType::ALL {
+            for op in ReduceOp::ALL {
+                let len = 4099 * dtype.size();
+                let (a, b) = (rnd(len), rnd(len));
+                let mut base = a.clone();
+                reduce_generic(&mut base, &b, dtype, op);
+                let mut dispatched = a.clone();
+                reduce_into(&mut dispatched, &b, dtype, op);
+                let es = dtype.size();
+                let diff = base.chunks(es).zip(dispatched.chunks(es)).position(|(x, y)| x != y);
+                assert!(
+                    diff.is_none(),
+                    "{dtype} {op}: element {diff:?} of {:?} {:?} -> {:?} vs {:?}",
+                    &a[diff.unwrap_or(0) * es..][..es],
+                    &b[diff.unwrap_or(0) * es..][..es],
+                    &base[diff.unwrap_or(0) * es..][..es],
+                    &dispatched[diff.unwrap_or(0) * es..][..es]
+                );
+                let mut base_avg = base.clone();
+                finish_avg_generic(&mut base_avg, dtype, 7);
+                finish_avg(&mut dispatched, dtype, 7);
+                assert!(base_avg == dispatched, "{dtype} {op} avg");
             }
         }
     }

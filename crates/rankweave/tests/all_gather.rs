@@ -1,5 +1,5 @@
-//! all_gather: out-of-place and in-place, world sizes 1..=8, counts
-//! 0/1/7/1000 and large, every element size.
+//! all_gather: front door, ring and Bruck, out-of-place and in-place, world
+//! sizes 1..=8, counts 0/1/7/1000 and large, every element size.
 
 mod common;
 
@@ -21,10 +21,21 @@ fn check(n: usize, counts: &[usize], dtypes: &[DType]) {
                 let mut out = vec![0xEE; n * len];
                 collectives::all_gather_ring(&mut rk.comm(), &mine, &mut out).unwrap();
                 assert!(out == want, "ring n={n} rank {r} {dtype} count={count}");
-                let mut buf = vec![0xEE; n * len];
-                buf[r * len..(r + 1) * len].copy_from_slice(&mine);
-                collectives::all_gather_inplace(&mut rk.comm(), &mut buf).unwrap();
-                assert!(buf == want, "in place n={n} rank {r} {dtype} count={count}");
+                let mut out = vec![0xEE; n * len];
+                collectives::all_gather_bruck(&mut rk.comm(), &mine, &mut out).unwrap();
+                assert!(out == want, "bruck n={n} rank {r} {dtype} count={count}");
+                type InPlace = fn(&mut rankweave::collectives::Comm<'_>, &mut [u8]) -> rankweave::Result<()>;
+                let in_place: [(&str, InPlace); 3] = [
+                    ("in place", collectives::all_gather_inplace),
+                    ("ring in place", collectives::all_gather_ring_inplace),
+                    ("bruck in place", collectives::all_gather_bruck_inplace),
+                ];
+                for (name, f) in in_place {
+                    let mut buf = vec![0xEE; n * len];
+                    buf[r * len..(r + 1) * len].copy_from_slice(&mine);
+                    f(&mut rk.comm(), &mut buf).unwrap();
+                    assert!(buf == want, "{name} n={n} rank {r} {dtype} count={count}");
+                }
             }
         }
     });
@@ -54,9 +65,8 @@ fn wrong_output_length_is_rejected() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_all_gather() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5, 8] {
         run_group(n, |pg| {
             for count in [0usize, 1, 7, 1000, 100_000] {
                 let want: Vec<u8> = (0..n).flat_map(|k| pattern(k, count, count)).collect();

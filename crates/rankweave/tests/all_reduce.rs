@@ -188,9 +188,8 @@ fn dropped_peer_is_lost() {
 
 /// The same matrix through real process groups (TCP between threads).
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_all_reduce() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5, 8] {
         run_group(n, |pg| {
             let r = pg.rank();
             for dtype in DType::ALL {
@@ -206,5 +205,46 @@ fn group_all_reduce() {
             pg.all_reduce_bytes(&mut big, DType::F32, ReduceOp::Sum).unwrap();
             assert!(big == expected(DType::F32, ReduceOp::Sum, n, LARGE));
         });
+    }
+}
+
+/// Over TCP: rank 0 all_reduces 10 elements, rank 1 12 (and a large pair
+/// on the ring path): both ranks return an error promptly, no hang.
+#[test]
+fn group_mismatched_sizes_fail_on_both_ranks() {
+    for (a, b) in [(10usize, 12usize), (100_000, 100_001)] {
+        let start = std::time::Instant::now();
+        let res = run_group(2, |pg| {
+            let mut buf = vec![1.0f32; if pg.rank() == 0 { a } else { b }];
+            pg.all_reduce(&mut buf, ReduceOp::Sum)
+        });
+        assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+        for (r, e) in res.iter().enumerate() {
+            let e = e.as_ref().unwrap_err();
+            assert!(e.poisons_group(), "rank {r}: {e}");
+        }
+        assert!(res.iter().any(|e| matches!(e, Err(Error::Mismatch { .. }))), "{res:?}");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Any world size, length and segment size: the ring and recursive
+    /// doubling give the exact result.
+    #[test]
+    fn any_shape(n in 1usize..=8, count in 0usize..3000, seg in 1usize..400, d in 0usize..8, o in 0usize..5) {
+        let (dtype, op) = (DType::ALL[d], ReduceOp::ALL[o]);
+        let want = expected(dtype, op, n, count);
+        let got = run_mem(n, |rk| {
+            let mut a = input(dtype, op, rk.rank(), count);
+            collectives::all_reduce_ring_with(&mut rk.comm(), &mut a, dtype, op, seg).unwrap();
+            let mut b = input(dtype, op, rk.rank(), count);
+            collectives::all_reduce_recursive_doubling(&mut rk.comm(), &mut b, dtype, op).unwrap();
+            (a, b)
+        });
+        for (r, (a, b)) in got.iter().enumerate() {
+            proptest::prop_assert!(a == &want, "ring rank {}: {}", r, first_diff(a, &want, dtype.size()));
+            proptest::prop_assert!(b == &want, "rd rank {}: {}", r, first_diff(b, &want, dtype.size()));
+        }
     }
 }

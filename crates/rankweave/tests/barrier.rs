@@ -51,9 +51,8 @@ fn missing_rank_times_out() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_barrier() {
-    for n in [1, 2, 3, 5] {
+    for n in [1, 2, 3, 5, 8] {
         let entered = AtomicUsize::new(0);
         run_group(n, |pg| {
             for round in 0..5 {

@@ -58,9 +58,8 @@ fn bad_root_is_rejected() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_broadcast() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5, 8] {
         run_group(n, |pg| {
             for count in [0usize, 1, 7, 1000, 100_000] {
                 for root in 0..n {

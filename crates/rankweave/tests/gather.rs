@@ -53,9 +53,8 @@ fn root_without_output_is_rejected() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_gather() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5, 8] {
         run_group(n, |pg| {
             for count in [0usize, 7, 100_000] {
                 for root in 0..n {

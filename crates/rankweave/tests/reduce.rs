@@ -58,9 +58,8 @@ fn matrix_large_count() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_reduce() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5, 8] {
         run_group(n, |pg| {
             for dtype in DType::ALL {
                 for op in ReduceOp::ALL {

@@ -73,9 +73,8 @@ fn wrong_lengths_are_rejected() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_reduce_scatter() {
-    for n in [1, 2, 3, 4] {
+    for n in [1, 2, 3, 4, 5, 8] {
         run_group(n, |pg| {
             let r = pg.rank();
             for dtype in DType::ALL {

@@ -82,9 +82,8 @@ fn recv_deadline() {
 }
 
 #[test]
-#[ignore = "needs the real ProcessGroup (group.rs); enable after merging main"]
 fn group_send_recv() {
-    for n in [2, 3, 4] {
+    for n in [2, 3, 4, 7] {
         run_group(n, |pg| {
             let (r, n) = (pg.rank(), pg.size());
             for len in [0usize, 1, 7, 1000, 1 << 20] {

@@ -6,10 +6,10 @@
 //! blocks are empty); each block is cut into the same number of *segments*
 //! of at most `segment_bytes` ([`super::SEGMENT_BYTES`] by default).
 //!
-//! Steps: `n - 1` reduce-scatter steps (see [`super::reduce_scatter_ring`])
+//! Steps: `n - 1` reduce-scatter steps (see [`super::reduce_scatter_ring`](mod@super::reduce_scatter_ring))
 //! leave rank `r` with the full reduction of block `(r + 1) mod n`; the Avg
 //! divide is applied once to that block; `n - 1` all-gather steps (see
-//! [`super::all_gather_ring`]) copy every finished block to every rank.
+//! [`super::all_gather_ring`](mod@super::all_gather_ring)) copy every finished block to every rank.
 //! Each block is reduced by exactly one chain of ranks in one fixed order
 //! and then only copied, so the result is bitwise identical on every rank.
 //! Segments pipeline each step through the transport's buffers.

@@ -1,7 +1,7 @@
 //! Scatter + ring all-gather broadcast (van de Geijn), for large messages.
 //!
 //! Terms: the buffer of `S` bytes is cut into `n` *blocks*, block `i` for
-//! rank `i`, each cut into segments as in [`super::all_gather_ring`].
+//! rank `i`, each cut into segments as in [`super::all_gather_ring`](mod@super::all_gather_ring).
 //!
 //! Steps: the root sends block `i` to rank `i` (direct scatter; `n - 1`
 //! messages of `S / n`), then a ring all-gather gives every rank every

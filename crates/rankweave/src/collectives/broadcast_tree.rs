@@ -11,7 +11,7 @@
 //!
 //! Bytes on the wire: `S` received per non-root rank; the root sends
 //! `S * ceil(log2 n)`. Large messages on three or more ranks use
-//! [`super::broadcast_scatter_all_gather`] instead. Reference: Thakur,
+//! [`super::broadcast_scatter_all_gather`](mod@super::broadcast_scatter_all_gather) instead. Reference: Thakur,
 //! Rabenseifner & Gropp, "Optimization of collective communication
 //! operations in MPICH", IJHPCA 19(1), 2005 (binomial tree broadcast).
 

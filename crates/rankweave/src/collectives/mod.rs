@@ -22,8 +22,9 @@
 //! doubling all_reduce, binomial trees for broadcast and reduce), at and above
 //! it the bandwidth-optimal ones (ring all_reduce = ring reduce-scatter + ring
 //! all-gather, scatter + all-gather broadcast, ring reduce), pipelined in
-//! segments of [`SEGMENT_BYTES`]. all_gather and reduce_scatter use rings
-//! (reduce_scatter falls back to recursive doubling when small), gather and
+//! segments of [`SEGMENT_BYTES`]. all_gather uses Bruck's algorithm when small
+//! and a ring otherwise; reduce_scatter a ring (recursive doubling on a copy
+//! when small); gather and
 //! scatter go direct, all_to_all uses pairwise exchange and barrier the
 //! dissemination algorithm. Every front door validates lengths
 //! ([`Error::InvalidArgument`] with expected vs actual), and returns at once
@@ -42,6 +43,7 @@ use std::time::Instant;
 
 mod util;
 
+pub mod all_gather_bruck;
 pub mod all_gather_ring;
 pub mod all_reduce_recursive_doubling;
 pub mod all_reduce_ring;
@@ -55,6 +57,7 @@ pub mod reduce_scatter_ring;
 pub mod reduce_tree;
 pub mod scatter_direct;
 
+pub use all_gather_bruck::{all_gather_bruck, all_gather_bruck_inplace};
 pub use all_gather_ring::{all_gather_ring, all_gather_ring_inplace};
 pub use all_reduce_recursive_doubling::all_reduce_recursive_doubling;
 pub use all_reduce_ring::{all_reduce_ring, all_reduce_ring_with};
@@ -149,7 +152,10 @@ pub fn all_gather(c: &mut Comm<'_>, input: &[u8], output: &mut [u8]) -> Result<(
         output.copy_from_slice(input);
         return Ok(());
     }
-    all_gather_ring(c, input, output)
+    match output.len() < SMALL_MESSAGE_BYTES {
+        true => all_gather_bruck(c, input, output),
+        false => all_gather_ring(c, input, output),
+    }
 }
 
 /// In-place all_gather: `buf` holds `n` equal blocks and this rank filled
@@ -158,7 +164,10 @@ pub fn all_gather_inplace(c: &mut Comm<'_>, buf: &mut [u8]) -> Result<()> {
     if c.size() == 1 || buf.is_empty() {
         return Ok(());
     }
-    all_gather_ring_inplace(c, buf)
+    match buf.len() < SMALL_MESSAGE_BYTES {
+        true => all_gather_bruck_inplace(c, buf),
+        false => all_gather_ring_inplace(c, buf),
+    }
 }
 
 /// Concatenates every rank's `input` into root's `output`.

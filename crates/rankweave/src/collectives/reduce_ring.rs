@@ -1,6 +1,6 @@
 //! Ring reduce-scatter + gather reduce, for large messages.
 //!
-//! Terms: blocks and segments as in [`super::reduce_scatter_ring`].
+//! Terms: blocks and segments as in [`super::reduce_scatter_ring`](mod@super::reduce_scatter_ring).
 //!
 //! Steps: a ring reduce-scatter with ownership offset 1 leaves rank `r`
 //! with the full reduction of block `(r + 1) mod n`; every non-root rank

@@ -1,7 +1,7 @@
 //! Binomial-tree reduce, for small messages.
 //!
 //! Terms: ranks are renumbered relative to the root, `v = (r - root) mod n`;
-//! the tree is the broadcast tree of [`super::broadcast_tree`] run upwards.
+//! the tree is the broadcast tree of [`super::broadcast_tree`](mod@super::broadcast_tree) run upwards.
 //!
 //! Steps: with `mask = 1, 2, 4, ...`: a rank whose `v` has bit `mask` set
 //! sends its partial result to `v - mask` and is done; otherwise, if
@@ -9,7 +9,7 @@
 //! (`own op child`). After `ceil(log2 n)` rounds the root holds the result.
 //!
 //! Bytes on the wire: `S` sent per non-root rank, `S * ceil(log2 n)` at most
-//! received by the root. Large messages use [`super::reduce_ring`].
+//! received by the root. Large messages use [`super::reduce_ring`](mod@super::reduce_ring).
 //! Non-root buffers are used as accumulators and hold partial values
 //! afterwards. Reference: Thakur, Rabenseifner & Gropp, "Optimization of
 //! collective communication operations in MPICH", IJHPCA 19(1), 2005.
