@@ -21,6 +21,8 @@
 //! # Ok::<(), rankweave::Error>(())
 //! ```
 
+#[cfg(feature = "candle")]
+mod candle_conv;
 pub mod codec;
 mod dict;
 #[cfg(feature = "ndarray")]
