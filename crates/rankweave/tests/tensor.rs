@@ -109,3 +109,50 @@ fn ndarray_round_trip() {
     let b: ndarray::ArrayD<f64> = (&t).try_into().unwrap();
     assert_eq!(b, a.into_dyn());
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn shaped() -> impl Strategy<Value = (Vec<usize>, usize)> {
+        prop::collection::vec(0usize..5, 1..5).prop_flat_map(|shape| {
+            let nd = shape.len();
+            (Just(shape), 0..nd)
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn narrow_then_cat_is_identity((shape, d) in shaped(), cut in 0usize..5) {
+            let t = iota(&shape);
+            let cut = cut.min(shape[d]);
+            let a = t.narrow(d as isize, 0, cut).unwrap();
+            let b = t.narrow(d as isize, cut, shape[d] - cut).unwrap();
+            prop_assert_eq!(Tensor::cat(&[&a, &b], d as isize).unwrap(), t);
+        }
+
+        #[test]
+        fn movedim_round_trips((shape, s) in shaped(), d in 0usize..4) {
+            let t = iota(&shape);
+            let d = d % shape.len();
+            let m = t.movedim(s as isize, d as isize).unwrap();
+            prop_assert_eq!(m.shape()[d], shape[s]);
+            prop_assert_eq!(m.movedim(d as isize, s as isize).unwrap(), t);
+        }
+
+        #[test]
+        fn gathered_layout_equals_cat((shape, d) in shaped(), world in 1usize..4) {
+            let blocks: Vec<Tensor> = (0..world)
+                .map(|r| {
+                    let n: usize = shape.iter().product();
+                    Tensor::from_vec((0..n as i64).map(|i| i + 100 * r as i64).collect::<Vec<_>>(), shape.clone()).unwrap()
+                })
+                .collect();
+            let refs: Vec<&Tensor> = blocks.iter().collect();
+            let mut stacked_shape = vec![world];
+            stacked_shape.extend_from_slice(&shape);
+            let stacked = Tensor::cat(&refs, 0).unwrap().into_shape(stacked_shape).unwrap();
+            prop_assert_eq!(stacked.unstack_into_dim(d).unwrap(), Tensor::cat(&refs, d as isize).unwrap());
+        }
+    }
+}
