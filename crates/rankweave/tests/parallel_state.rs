@@ -203,3 +203,21 @@ fn independent_states_in_one_process() {
     b.init_world_with_store(Arc::new(HashStore::new()), 1, 0, 0, opts()).unwrap();
     assert_eq!(b.get_world_group().unwrap().unique_name(), "world:0");
 }
+
+#[test]
+fn seed_group_constructors() {
+    run_ranks(4, |rank, store| {
+        let world = rankweave::ProcessGroup::new_world(store, rank, 4, opts()).unwrap();
+        let w = ps::init_world_group(&world, &[0, 1, 2, 3], rank, "gloo").unwrap();
+        assert!(w.unique_name().starts_with("world:"));
+        assert_eq!(w.ranks(), &[0, 1, 2, 3]);
+        let g = ps::init_model_parallel_group(&world, &[vec![0, 3], vec![1, 2]], rank, "gloo", false, Some("pair"))
+            .unwrap();
+        assert!(g.unique_name().starts_with("pair:"));
+        assert_eq!(g.ranks(), if rank == 0 || rank == 3 { &[0, 3] } else { &[1, 2] });
+        let sum = g.all_reduce(Tensor::from_vec(vec![rank as i32], [1]).unwrap()).unwrap();
+        assert_eq!(sum.to_vec::<i32>().unwrap(), vec![3]);
+        assert!(ps::init_model_parallel_group(&world, &[vec![0, 1, 2, 3]], rank, "nccl", false, None).is_err());
+        assert!(ps::custom_all_reduce_enabled());
+    });
+}

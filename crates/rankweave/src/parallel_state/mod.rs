@@ -427,6 +427,53 @@ impl Drop for TpGroupPatch<'_> {
 
 // ----- the seed's free functions over one process-wide state ---------------
 
+static CUSTOM_ALL_REDUCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// The seed's `set_custom_all_reduce`: whether model-parallel groups may use
+/// a custom (device) all-reduce. Recorded for API parity; CPU groups have no
+/// custom all-reduce, so it changes nothing in this build.
+pub fn set_custom_all_reduce(enable: bool) {
+    CUSTOM_ALL_REDUCE.store(enable, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The value last set by [`set_custom_all_reduce`] (default `true`, as the seed).
+pub fn custom_all_reduce_enabled() -> bool {
+    CUSTOM_ALL_REDUCE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The seed's `init_world_group`: a coordinator named `world` over `ranks`
+/// of the `world` process group. Every rank of `world` calls it.
+pub fn init_world_group(
+    world: &ProcessGroup,
+    ranks: &[usize],
+    local_rank: usize,
+    backend: &str,
+) -> Result<GroupCoordinator> {
+    check_backend(backend)?;
+    let opts = CoordinatorOptions { group_name: Some("world".into()), ..CoordinatorOptions::default() };
+    GroupCoordinator::new(world, &[ranks.to_vec()], local_rank, opts)
+}
+
+/// The seed's `init_model_parallel_group`: a coordinator over one of
+/// `group_ranks` (global ranks), built by every rank of `world` in the same
+/// order. Names come from the process-wide counters (`tp:0`, `tp:1`, ...).
+pub fn init_model_parallel_group(
+    world: &ProcessGroup,
+    group_ranks: &[Vec<usize>],
+    local_rank: usize,
+    backend: &str,
+    use_message_queue_broadcaster: bool,
+    group_name: Option<&str>,
+) -> Result<GroupCoordinator> {
+    check_backend(backend)?;
+    let opts = CoordinatorOptions {
+        group_name: group_name.map(str::to_string),
+        use_message_queue_broadcaster,
+        ..CoordinatorOptions::default()
+    };
+    GroupCoordinator::new(world, group_ranks, local_rank, opts)
+}
+
 /// The process-wide state behind the free functions.
 pub fn global_state() -> &'static ParallelState {
     static GLOBAL: OnceLock<ParallelState> = OnceLock::new();
