@@ -151,13 +151,14 @@ impl PartialEq for Tensor {
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         const SHOW: usize = 8;
-        let vals = self.to_f64_vec();
         let mut d = f.debug_struct("Tensor");
         d.field("dtype", &self.dtype).field("shape", &self.shape).field("device", &self.device);
-        if vals.len() <= SHOW {
-            d.field("values", &vals);
+        if self.numel() <= SHOW {
+            d.field("values", &self.to_f64_vec());
         } else {
-            d.field("first_values", &&vals[..SHOW]);
+            // Convert only what is shown: tensors can be large.
+            let head = self.prefix(SHOW);
+            d.field("first_values", &head.to_f64_vec());
         }
         d.finish()
     }
@@ -340,6 +341,21 @@ impl Tensor {
     /// The elements copied into a `Vec<T>`; `T` must match the dtype.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         Ok(self.as_slice::<T>()?.to_vec())
+    }
+
+    /// The first `n` elements as a 1-D tensor (for printing).
+    fn prefix(&self, n: usize) -> Tensor {
+        let n = n.min(self.numel());
+        let bytes = &self.as_bytes()[..n * self.dtype.size()];
+        let mut t = Tensor {
+            dtype: self.dtype,
+            shape: vec![n],
+            device: self.device,
+            data: alloc_words(bytes.len()),
+            nbytes: bytes.len(),
+        };
+        t.as_bytes_mut().copy_from_slice(bytes);
+        t
     }
 
     /// Every element converted to `f64` (for printing and tolerant comparisons).
@@ -745,6 +761,9 @@ mod tests {
         let b = Tensor::from_vec(vec![1.0f32, 2.0], [1, 2]).unwrap();
         assert_ne!(a, b);
         assert!(a.allclose(&a.clone(), 0.0, 0.0));
+        let big = Tensor::from_vec((0..100i32).collect::<Vec<_>>(), [10, 10]).unwrap();
+        let dbg = format!("{big:?}");
+        assert!(dbg.contains("first_values: [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]"), "{dbg}");
         let dbg = format!("{a:?}");
         assert!(dbg.contains("F32") && dbg.contains("[2]"), "{dbg}");
         assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
