@@ -990,53 +990,12 @@ impl MessageQueue {
     }
 }
 
-/// Which ranks of `group` share a node with rank `src`: `src` creates a small
-/// segment holding a random word, every rank tries to read it back, and the
-/// answers are all-gathered. Inside containers without a shared `/dev/shm`
-/// this reads as "another node", which is what shared memory needs.
+/// Which ranks of `group` share a node with rank `src` (a shared-memory
+/// probe plus the host name); the same function as
+/// [`crate::parallel_state::in_the_same_node_as`], kept here under the name
+/// the queue's users look for.
 pub fn in_the_same_node_as(group: &ProcessGroup, src: usize) -> Result<Vec<bool>> {
-    let (me, n) = (group.rank(), group.size());
-    let ctx = || Context::new("in_the_same_node_as", group.name(), me).with_peer(src);
-    let word = token();
-    let probe = if me == src {
-        let seg = ShmSegment::create_unique("probe", 64)?;
-        // SAFETY: 8 bytes at the start of a fresh 64-byte mapping nobody else knows yet.
-        unsafe { std::ptr::copy_nonoverlapping(word.to_le_bytes().as_ptr(), seg.as_ptr(), 8) };
-        Some(seg)
-    } else {
-        None
-    };
-    let mut head = [0u8; 16];
-    if let Some(p) = &probe {
-        head[..8].copy_from_slice(&(p.name().len() as u64).to_le_bytes());
-        head[8..].copy_from_slice(&word.to_le_bytes());
-    }
-    group.broadcast_bytes(&mut head, src)?;
-    let len = u64::from_le_bytes(head[..8].try_into().unwrap_or([0; 8])) as usize;
-    if len > 255 {
-        return Err(Error::protocol(ctx(), format!("segment name of {len} bytes")));
-    }
-    let mut name = probe.as_ref().map(|p| p.name().as_bytes().to_vec()).unwrap_or_else(|| vec![0; len]);
-    group.broadcast_bytes(&mut name, src)?;
-    let mine = if probe.is_some() {
-        1u8
-    } else {
-        let want = u64::from_le_bytes(head[8..].try_into().unwrap_or([0; 8]));
-        let name = String::from_utf8_lossy(&name).into_owned();
-        match ShmSegment::open(&name, 64) {
-            Ok(seg) => {
-                let mut got = [0u8; 8];
-                // SAFETY: 8 bytes of a mapping of at least 64 bytes.
-                unsafe { std::ptr::copy_nonoverlapping(seg.as_ptr(), got.as_mut_ptr(), 8) };
-                u8::from(u64::from_le_bytes(got) == want)
-            }
-            Err(_) => 0,
-        }
-    };
-    let mut all = vec![0u8; n];
-    group.all_gather_bytes(&[mine], &mut all)?;
-    drop(probe);
-    Ok(all.iter().map(|&b| b == 1).collect())
+    crate::coordinator::in_the_same_node_as(group, src)
 }
 
 fn connect(addr: &str, timeout: Duration, ctx: impl Fn() -> Context) -> Result<TcpStream> {

@@ -221,3 +221,36 @@ fn seed_group_constructors() {
         assert!(ps::custom_all_reduce_enabled());
     });
 }
+
+/// The TP group broadcasts objects and tensor-dict metadata through the
+/// shared-memory message queue (the seed's `mq_broadcaster`), which only
+/// takes src = 0, as the seed asserts.
+#[test]
+fn tp_group_broadcasts_objects_through_the_message_queue() {
+    use rankweave::tensor::{Tensor, TensorDict};
+    let out = run_parallel(3, 1, 1, |rank, s| {
+        let tp = s.get_tp_group().expect("tp group");
+        assert!(tp.uses_message_queue_broadcaster());
+        let mut seen = Vec::new();
+        for step in 0..50u64 {
+            let obj = (rank == 0).then(|| (step, format!("step-{step}"), vec![step; 3]));
+            seen.push(tp.broadcast_object(obj, 0).expect("broadcast_object"));
+        }
+        let mut dict = TensorDict::new();
+        if rank == 0 {
+            dict.insert("ids", Tensor::from_vec(vec![7i64, 8, 9], [3]).expect("tensor"));
+        }
+        let got = tp.broadcast_tensor_dict((rank == 0).then_some(&dict), 0).expect("broadcast_tensor_dict");
+        let ids = got.get_tensor("ids").expect("ids").to_vec::<i64>().expect("i64");
+        let refused = tp.broadcast_object(Some(1u8), 1).is_err();
+        (seen, ids, refused)
+    });
+    for (seen, ids, refused) in out {
+        assert_eq!(seen.len(), 50);
+        for (step, (s, name, v)) in seen.into_iter().enumerate() {
+            assert_eq!((s, name, v), (step as u64, format!("step-{step}"), vec![step as u64; 3]));
+        }
+        assert_eq!(ids, vec![7, 8, 9]);
+        assert!(refused, "src != 0 must be refused by the message-queue broadcaster");
+    }
+}

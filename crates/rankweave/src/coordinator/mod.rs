@@ -28,6 +28,7 @@ pub use wire::in_the_same_node_as;
 use crate::dtype::DType;
 use crate::error::{Context, Error, Result};
 use crate::group::ProcessGroup;
+use crate::message_queue::MessageQueue;
 use crate::reduce::ReduceOp;
 use crate::tensor::codec::{self, DecodeLimits, MetadataEntry};
 use crate::tensor::{normalize_dim, Tensor, TensorDict, TensorDictValue};
@@ -87,6 +88,23 @@ pub struct CoordinatorOptions {
 pub(crate) trait ObjectBroadcaster: Send + Sync {
     /// On group rank 0 `data` is `Some`; every rank gets the bytes back.
     fn broadcast_bytes(&self, data: Option<&[u8]>) -> Result<Vec<u8>>;
+}
+
+/// Chunk size of the message-queue broadcaster (the seed's `1 << 22`).
+const MQ_CHUNK_BYTES: usize = 1 << 22;
+/// Number of chunks of the message-queue broadcaster (the seed's 6).
+const MQ_CHUNKS: usize = 6;
+
+impl ObjectBroadcaster for MessageQueue {
+    fn broadcast_bytes(&self, data: Option<&[u8]>) -> Result<Vec<u8>> {
+        if self.is_writer() {
+            let data = data.ok_or_else(|| Error::invalid("message queue broadcast: the writer must pass the bytes"))?;
+            self.enqueue_bytes(data)?;
+            Ok(data.to_vec())
+        } else {
+            self.dequeue_bytes()
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -213,9 +231,16 @@ impl GroupCoordinator {
         }
         let groups = mine.ok_or_else(|| Error::invalid(format!("rank {rank} found no group")))?;
         let ranks = group_ranks[own].clone();
-        // The shared-memory message queue attaches here once available; until
-        // then objects travel over the CPU group.
-        let mq_broadcaster: Option<Arc<dyn ObjectBroadcaster>> = None;
+        // As the seed: groups that ask for it broadcast objects (and the
+        // metadata of tensor dicts) from rank 0 through a shared-memory queue
+        // of 6 chunks of 4 MiB; readers on other nodes get them by socket.
+        let mq_broadcaster: Option<Arc<dyn ObjectBroadcaster>> =
+            if opts.use_message_queue_broadcaster && groups.cpu.size() > 1 {
+                let mq = MessageQueue::create_from_process_group(&groups.cpu, MQ_CHUNK_BYTES, MQ_CHUNKS, 0)?;
+                Some(Arc::new(mq))
+            } else {
+                None
+            };
         Ok(GroupCoordinator {
             inner: Arc::new(Inner {
                 unique_name,
@@ -292,10 +317,11 @@ impl GroupCoordinator {
     pub fn device_group(&self) -> Result<ProcessGroup> {
         Ok(self.groups()?.device)
     }
-    /// Whether this coordinator was built to broadcast objects through the
-    /// shared-memory message queue.
+    /// Whether objects and tensor-dict metadata go through the shared-memory
+    /// message queue (the group asked for one and has more than one rank).
     pub fn uses_message_queue_broadcaster(&self) -> bool {
         self.inner.use_message_queue_broadcaster
+            && self.inner.mq_broadcaster.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
     /// True after [`GroupCoordinator::destroy`].
     pub fn is_destroyed(&self) -> bool {
