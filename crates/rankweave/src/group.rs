@@ -6,12 +6,28 @@
 //! locally, short-circuits a group of one, then runs the collective's front
 //! door in [`crate::collectives`] under the group lock with the next sequence
 //! number and a deadline of now plus [`GroupOptions::timeout`].
+//!
+//! # Transport choice
+//! Every group connects a TCP mesh (point-to-point traffic, fallback). The
+//! collectives use shared memory ([`ShmComm`]) instead when the resolved
+//! [`TransportKind`] allows it: [`GroupOptions::transport`], overridden by
+//! the environment variable [`TRANSPORT_ENV`] (`RANKWEAVE_TRANSPORT=tcp|shm|auto`).
+//! With `Auto` or `Shm`, every member publishes its node identity (host name
+//! and kernel boot id) in the group's store; when all match, rank 0 creates
+//! the segment, every other rank test-opens it and publishes `ok` or why
+//! not, and every rank reads every answer, so the whole group agrees: shared
+//! memory for all, or (with `Auto`) TCP for all. `Shm` turns a group that
+//! spans nodes, or a segment some rank cannot open, into an error. Groups
+//! spanning nodes run over TCP (no hierarchical path yet).
+//! [`ProcessGroup::transport_kind`] reports the outcome.
 
 use crate::collectives::{self, Comm};
 use crate::dtype::{DType, Element};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::reduce::ReduceOp;
-use crate::store::{PrefixStore, SharedStore};
+use crate::store::{PrefixStore, SharedStore, Store};
+use crate::sys::shm::ShmSegment;
+use crate::transport::shm::{segment_bytes, ShmComm, ShmOptions};
 use crate::transport::tcp::{group_id_of, TcpTransport};
 use crate::transport::{OpCode, Tag, Transport};
 use std::collections::HashMap;
@@ -29,6 +45,60 @@ pub enum TransportKind {
     Tcp,
     /// Shared memory (an error when members span nodes).
     Shm,
+}
+
+/// Environment variable that overrides [`GroupOptions::transport`] for every
+/// group a process creates: `tcp`, `shm` or `auto` (case-insensitive; empty
+/// means unset).
+pub const TRANSPORT_ENV: &str = "RANKWEAVE_TRANSPORT";
+
+impl TransportKind {
+    /// Lower-case name: `auto`, `tcp`, `shm`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TransportKind::Auto => "auto",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Shm => "shm",
+        }
+    }
+
+    /// The kind a group is built with: `env_override` (the value of
+    /// [`TRANSPORT_ENV`], if any) replaces `requested` unless it is empty.
+    /// An unknown override is an error, not silently ignored.
+    pub fn resolve(requested: TransportKind, env_override: Option<&str>) -> Result<TransportKind> {
+        match env_override.map(str::trim) {
+            None | Some("") => Ok(requested),
+            Some(v) => v
+                .parse()
+                .map_err(|_| Error::invalid(format!("{TRANSPORT_ENV}={v:?}: expected one of `tcp`, `shm`, `auto`"))),
+        }
+    }
+
+    /// [`TransportKind::resolve`] with the override read from the process
+    /// environment.
+    pub fn resolve_from_env(requested: TransportKind) -> Result<TransportKind> {
+        let env = std::env::var(TRANSPORT_ENV).ok();
+        TransportKind::resolve(requested, env.as_deref())
+    }
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = Error;
+    /// Parses `tcp`, `shm` or `auto` (case-insensitive).
+    fn from_str(s: &str) -> Result<TransportKind> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(TransportKind::Auto),
+            "tcp" => Ok(TransportKind::Tcp),
+            "shm" => Ok(TransportKind::Shm),
+            _ => Err(Error::invalid(format!("unknown transport {s:?}: expected `tcp`, `shm` or `auto`"))),
+        }
+    }
 }
 
 /// Options for creating groups.
@@ -103,6 +173,10 @@ struct Inner {
     store: SharedStore,
     opts: GroupOptions,
     transport: TcpTransport,
+    /// What the collectives actually use (never `Auto`).
+    kind: TransportKind,
+    /// Collectives go to `OpState::shm` (shared memory, more than one rank).
+    use_shm: bool,
     state: Mutex<OpState>,
     /// Subgroups created from this group so far (by every caller, members or not).
     children: AtomicU64,
@@ -115,6 +189,8 @@ struct OpState {
     send_seq: Vec<u64>,
     recv_seq: Vec<u64>,
     scratch: Vec<u8>,
+    /// The shared-memory communicator, when the group uses one.
+    shm: Option<ShmComm>,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -163,11 +239,7 @@ impl ProcessGroup {
         opts: GroupOptions,
         names: Arc<Mutex<HashMap<String, u64>>>,
     ) -> Result<ProcessGroup> {
-        if opts.transport == TransportKind::Shm {
-            return Err(Error::Unsupported(format!(
-                "group {name}: the shared-memory transport is not available yet; use TransportKind::Tcp or Auto"
-            )));
-        }
+        let requested = TransportKind::resolve_from_env(opts.transport)?;
         let size = global_ranks.len();
         let store: SharedStore = Arc::new(PrefixStore::new(namespace.clone(), root.clone()));
         let deadline = Instant::now() + opts.timeout;
@@ -180,7 +252,19 @@ impl ProcessGroup {
             &opts.listen_host,
             deadline,
         )?;
-        tracing::debug!(group = %name, rank, size, "group ready");
+        let shm = match (requested, size) {
+            (TransportKind::Tcp, _) | (_, 1) => None,
+            _ => setup_shm(&*store, rank, size, &name, requested, &opts)?,
+        };
+        let kind = match (requested, size) {
+            (TransportKind::Tcp, _) => TransportKind::Tcp,
+            // One rank talks to nobody: it trivially shares its node.
+            (_, 1) => TransportKind::Shm,
+            _ if shm.is_some() => TransportKind::Shm,
+            _ => TransportKind::Tcp,
+        };
+        let use_shm = shm.is_some();
+        tracing::debug!(group = %name, rank, size, transport = %kind, "group ready");
         Ok(ProcessGroup {
             inner: Arc::new(Inner {
                 name,
@@ -192,11 +276,14 @@ impl ProcessGroup {
                 store,
                 opts,
                 transport,
+                kind,
+                use_shm,
                 state: Mutex::new(OpState {
                     seq: 0,
                     send_seq: vec![0; size],
                     recv_seq: vec![0; size],
                     scratch: Vec::new(),
+                    shm,
                 }),
                 children: AtomicU64::new(0),
                 names,
@@ -303,11 +390,12 @@ impl ProcessGroup {
     pub fn timeout(&self) -> Duration {
         self.inner.opts.timeout
     }
-    /// The transport collectives use in this group. Today always
-    /// [`TransportKind::Tcp`]: `Auto` resolves to TCP until the shared-memory
-    /// transport is wired into groups, and `Shm` is refused at creation.
+    /// The transport collectives use in this group: [`TransportKind::Shm`]
+    /// or [`TransportKind::Tcp`], never `Auto` (see the module docs for how
+    /// it is chosen). A group of one reports `Shm` unless TCP was forced.
+    /// Point-to-point traffic ([`ProcessGroup::send_bytes`]) is always TCP.
     pub fn transport_kind(&self) -> TransportKind {
-        TransportKind::Tcp
+        self.inner.kind
     }
     /// The options the group was created with (subgroups inherit them).
     pub fn options(&self) -> &GroupOptions {
@@ -374,16 +462,29 @@ impl ProcessGroup {
             Comm { transport: &inner.transport, seq: *seq, deadline: Instant::now() + inner.opts.timeout, scratch };
         // A panic inside the algorithm leaves the streams mid-operation: close
         // the group so that peers and later calls fail instead of desynchronizing.
-        struct CloseOnPanic<'a>(&'a TcpTransport);
-        impl Drop for CloseOnPanic<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    self.0.close();
-                }
-            }
-        }
         let guard = CloseOnPanic(&inner.transport);
         let res = f(&mut comm);
+        drop(guard);
+        if let Err(e) = &res {
+            inner.transport.abort(e);
+        }
+        res
+    }
+
+    /// Runs one collective on the shared-memory communicator under the group
+    /// lock, with the next sequence number; a failure that poisons the group
+    /// aborts it on every member (as [`ProcessGroup::with_comm`]).
+    #[inline]
+    fn with_shm<R>(&self, f: impl FnOnce(&mut ShmComm) -> Result<R>) -> Result<R> {
+        let inner = &self.inner;
+        let mut state = lock(&inner.state);
+        state.seq += 1;
+        let Some(shm) = state.shm.as_mut() else {
+            return Err(Error::invalid(format!("group {} has no shared-memory communicator", inner.name)));
+        };
+        // A panic mid-collective leaves the peers mid-step: close the group.
+        let guard = CloseOnPanic(&inner.transport);
+        let res = f(shm);
         drop(guard);
         if let Err(e) = &res {
             inner.transport.abort(e);
@@ -398,6 +499,9 @@ impl ProcessGroup {
         if self.inner.size == 1 {
             return Ok(());
         }
+        if self.inner.use_shm {
+            return self.with_shm(|s| s.all_reduce(buf, dtype, op));
+        }
         self.with_comm(|c| collectives::all_reduce(c, buf, dtype, op))
     }
     /// In-place broadcast from group rank `root`.
@@ -406,6 +510,9 @@ impl ProcessGroup {
         self.check_ready()?;
         if self.inner.size == 1 {
             return Ok(());
+        }
+        if self.inner.use_shm {
+            return self.with_shm(|s| s.broadcast(buf, root));
         }
         self.with_comm(|c| collectives::broadcast(c, buf, root))
     }
@@ -416,6 +523,9 @@ impl ProcessGroup {
         if self.inner.size == 1 {
             output.copy_from_slice(input);
             return Ok(());
+        }
+        if self.inner.use_shm {
+            return self.with_shm(|s| s.all_gather(input, output));
         }
         self.with_comm(|c| collectives::all_gather(c, input, output))
     }
@@ -443,6 +553,9 @@ impl ProcessGroup {
             }
             return Ok(());
         }
+        if self.inner.use_shm {
+            return self.with_shm(|s| s.gather(input, output, root));
+        }
         self.with_comm(|c| collectives::gather(c, input, output, root))
     }
     /// `input` is `Some` on root only.
@@ -469,6 +582,9 @@ impl ProcessGroup {
             }
             return Ok(());
         }
+        if self.inner.use_shm {
+            return self.with_shm(|s| s.scatter(input, output, root));
+        }
         self.with_comm(|c| collectives::scatter(c, input, output, root))
     }
     /// In place; the result is defined on root only.
@@ -478,6 +594,9 @@ impl ProcessGroup {
         self.check_ready()?;
         if self.inner.size == 1 {
             return Ok(());
+        }
+        if self.inner.use_shm {
+            return self.with_shm(|s| s.reduce(buf, dtype, op, root));
         }
         self.with_comm(|c| collectives::reduce(c, buf, dtype, op, root))
     }
@@ -489,6 +608,9 @@ impl ProcessGroup {
         if self.inner.size == 1 {
             output.copy_from_slice(input);
             return Ok(());
+        }
+        if self.inner.use_shm {
+            return self.with_shm(|s| s.reduce_scatter(input, output, dtype, op));
         }
         self.with_comm(|c| collectives::reduce_scatter(c, input, output, dtype, op))
     }
@@ -506,6 +628,9 @@ impl ProcessGroup {
         if self.inner.size == 1 {
             output.copy_from_slice(input);
             return Ok(());
+        }
+        if self.inner.use_shm {
+            return self.with_shm(|s| s.all_to_all(input, output));
         }
         self.with_comm(|c| collectives::all_to_all(c, input, output))
     }
@@ -534,6 +659,9 @@ impl ProcessGroup {
         self.check_ready()?;
         if self.inner.size == 1 {
             return Ok(());
+        }
+        if self.inner.use_shm {
+            return self.with_shm(ShmComm::barrier);
         }
         self.with_comm(collectives::barrier)
     }
@@ -577,5 +705,139 @@ impl ProcessGroup {
     /// Typed [`ProcessGroup::recv_bytes`].
     pub fn recv<T: Element>(&self, buf: &mut [T], src: usize) -> Result<()> {
         self.recv_bytes(bytemuck::cast_slice_mut(buf), src)
+    }
+}
+
+/// Closes the group's transport when dropped during a panic (a collective
+/// that panicked left its peers mid-operation).
+struct CloseOnPanic<'a>(&'a TcpTransport);
+
+impl Drop for CloseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.close();
+        }
+    }
+}
+
+/// This node's identity: the host name and, where readable, the kernel's
+/// boot id (two containers with one host name but separate kernels, or a
+/// host name reused across reboots, then differ).
+fn node_identity() -> String {
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    format!("{host}/{}", boot.trim())
+}
+
+/// Reads `key`, which rank `peer` publishes, waiting until `deadline`; a
+/// timeout names the operation, the group and `peer`.
+fn get_from(store: &dyn Store, key: &str, deadline: Instant, ctx: Context) -> Result<Vec<u8>> {
+    let start = Instant::now();
+    let left = deadline.saturating_duration_since(start).max(Duration::from_millis(1));
+    match store.get_timeout(key, left) {
+        Err(Error::Timeout { .. }) => {
+            let peer = ctx.peer.map_or_else(|| "a peer".to_string(), |p| format!("rank {p}"));
+            Err(Error::timeout(ctx, start.elapsed(), format!("{peer} to publish `{key}` in the store")))
+        }
+        other => other,
+    }
+}
+
+/// Decides whether a group of `size > 1` ranks runs its collectives over
+/// shared memory and, if so, builds the communicator (see the module docs).
+/// `Ok(None)`: fall back to TCP (only with `Auto`).
+fn setup_shm(
+    store: &dyn Store,
+    rank: usize,
+    size: usize,
+    name: &str,
+    requested: TransportKind,
+    opts: &GroupOptions,
+) -> Result<Option<ShmComm>> {
+    const OP: &str = "group.transport";
+    let forced = requested == TransportKind::Shm;
+    let deadline = Instant::now() + opts.timeout;
+    let ctx = |peer: usize| Context::new(OP, name, rank).with_peer(peer);
+
+    let me = node_identity();
+    store.set(&format!("transport/node/{rank}"), me.as_bytes())?;
+    for j in (0..size).filter(|&j| j != rank) {
+        let other = get_from(store, &format!("transport/node/{j}"), deadline, ctx(j))?;
+        if other != me.as_bytes() {
+            let other = String::from_utf8_lossy(&other);
+            if forced {
+                return Err(Error::Unsupported(format!(
+                    "group {name}: the shared-memory transport was forced but the members span nodes \
+                     (rank {rank} runs on {me:?}, rank {j} on {other:?}); use `tcp` or `auto`"
+                )));
+            }
+            tracing::debug!(group = %name, rank, peer = j, "members span nodes: collectives use TCP");
+            return Ok(None);
+        }
+    }
+
+    let sopts = ShmOptions { timeout: opts.timeout, ..ShmOptions::default() };
+    let seg_len = segment_bytes(size, sopts.slot_bytes).unwrap_or(usize::MAX);
+    let status_key = |r: usize| format!("transport/shm_status/{r}");
+    const NAME_KEY: &str = "transport/shm_name";
+    let mut exchanged = false;
+    // Why the group falls back to TCP, as agreed through the store.
+    let mut refused: Option<String> = None;
+    let res = ShmComm::create_with(rank, size, name, &sopts, |seg| {
+        exchanged = true;
+        let seg_name = match seg {
+            Some(n) => {
+                store.set(NAME_KEY, n.as_bytes())?;
+                store.set(&status_key(0), b"ok")?;
+                n.to_string()
+            }
+            None => {
+                let v = get_from(store, NAME_KEY, deadline, ctx(0))?;
+                let (n, status) = match String::from_utf8(v) {
+                    Ok(n) if !n.is_empty() => {
+                        let status = match ShmSegment::open(&n, seg_len) {
+                            Ok(_) => "ok".to_string(),
+                            Err(e) => format!("rank {rank} cannot open the segment: {e}"),
+                        };
+                        (n, status)
+                    }
+                    _ => (String::new(), "rank 0 could not create the segment".to_string()),
+                };
+                store.set(&status_key(rank), status.as_bytes())?;
+                n
+            }
+        };
+        // Every rank reads every answer: the outcome is the same everywhere.
+        for j in 0..size {
+            let v = get_from(store, &status_key(j), deadline, ctx(j))?;
+            if v != b"ok" {
+                let why = String::from_utf8_lossy(&v).into_owned();
+                refused = Some(why.clone());
+                return Err(Error::SharedMemory(why));
+            }
+        }
+        Ok(seg_name)
+    });
+    match res {
+        Ok(comm) => Ok(Some(comm)),
+        Err(e) => {
+            if !exchanged && rank == 0 {
+                // Creating the segment failed: tell the others, then fall back.
+                let why = format!("rank 0 could not create the segment: {e}");
+                store.set(NAME_KEY, b"")?;
+                store.set(&status_key(0), why.as_bytes())?;
+                refused = Some(why);
+            }
+            match refused {
+                Some(why) if forced => Err(Error::SharedMemory(format!(
+                    "group {name}: the shared-memory transport was forced but is unavailable: {why}"
+                ))),
+                Some(why) => {
+                    tracing::debug!(group = %name, rank, "shared memory unavailable ({why}): collectives use TCP");
+                    Ok(None)
+                }
+                None => Err(e),
+            }
+        }
     }
 }
