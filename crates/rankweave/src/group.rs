@@ -254,7 +254,7 @@ impl ProcessGroup {
         )?;
         let shm = match (requested, size) {
             (TransportKind::Tcp, _) | (_, 1) => None,
-            _ => setup_shm(&*store, rank, size, &name, requested, &opts)?,
+            _ => setup_shm(&*store, rank, size, &name, requested, &opts, &node_identity(), &open_probe)?,
         };
         let kind = match (requested, size) {
             (TransportKind::Tcp, _) => TransportKind::Tcp,
@@ -743,9 +743,16 @@ fn get_from(store: &dyn Store, key: &str, deadline: Instant, ctx: Context) -> Re
     }
 }
 
+/// Opens segment `name` of `len` bytes and closes it again.
+fn open_probe(name: &str, len: usize) -> Result<()> {
+    ShmSegment::open(name, len).map(drop)
+}
+
 /// Decides whether a group of `size > 1` ranks runs its collectives over
 /// shared memory and, if so, builds the communicator (see the module docs).
+/// `node` is this rank's node identity, `probe` test-opens rank 0's segment.
 /// `Ok(None)`: fall back to TCP (only with `Auto`).
+#[allow(clippy::too_many_arguments)]
 fn setup_shm(
     store: &dyn Store,
     rank: usize,
@@ -753,13 +760,15 @@ fn setup_shm(
     name: &str,
     requested: TransportKind,
     opts: &GroupOptions,
+    node: &str,
+    probe: &dyn Fn(&str, usize) -> Result<()>,
 ) -> Result<Option<ShmComm>> {
     const OP: &str = "group.transport";
     let forced = requested == TransportKind::Shm;
     let deadline = Instant::now() + opts.timeout;
     let ctx = |peer: usize| Context::new(OP, name, rank).with_peer(peer);
 
-    let me = node_identity();
+    let me = node;
     store.set(&format!("transport/node/{rank}"), me.as_bytes())?;
     for j in (0..size).filter(|&j| j != rank) {
         let other = get_from(store, &format!("transport/node/{j}"), deadline, ctx(j))?;
@@ -795,7 +804,7 @@ fn setup_shm(
                 let v = get_from(store, NAME_KEY, deadline, ctx(0))?;
                 let (n, status) = match String::from_utf8(v) {
                     Ok(n) if !n.is_empty() => {
-                        let status = match ShmSegment::open(&n, seg_len) {
+                        let status = match probe(&n, seg_len) {
                             Ok(_) => "ok".to_string(),
                             Err(e) => format!("rank {rank} cannot open the segment: {e}"),
                         };
@@ -839,5 +848,85 @@ fn setup_shm(
                 None => Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::HashStore;
+
+    /// Runs `setup_shm` on `n` threads over one store; rank `r` claims node
+    /// `nodes[r]` and its probe fails when `fails[r]`.
+    fn decide(n: usize, requested: TransportKind, nodes: &[&str], fails: &[bool], tag: &str) -> Vec<Result<bool>> {
+        let store: SharedStore = Arc::new(HashStore::new());
+        let opts = GroupOptions { timeout: Duration::from_secs(20), ..GroupOptions::default() };
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..n)
+                .map(|r| {
+                    let (store, opts) = (store.clone(), opts.clone());
+                    let (node, fail) = (nodes[r], fails[r]);
+                    s.spawn(move || {
+                        let probe = |name: &str, len: usize| {
+                            if fail {
+                                Err(Error::SharedMemory("injected".into()))
+                            } else {
+                                open_probe(name, len)
+                            }
+                        };
+                        setup_shm(&*store, r, n, tag, requested, &opts, node, &probe).map(|c| c.is_some())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn leftovers(tag: &str) -> Vec<String> {
+        let clean = tag.replace(':', "_");
+        crate::sys::shm::list_job(&crate::sys::shm::job_id())
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.contains(&clean))
+            .collect()
+    }
+
+    #[test]
+    fn same_node_and_a_working_probe_use_shared_memory() {
+        let out = decide(3, TransportKind::Auto, &["a"; 3], &[false; 3], "unit-same:0");
+        assert!(out.iter().all(|r| matches!(r, Ok(true))), "{out:?}");
+        assert!(leftovers("unit-same:0").is_empty());
+    }
+
+    #[test]
+    fn members_on_two_nodes_fall_back_together_or_fail_when_forced() {
+        let nodes = ["a", "a", "b", "a"];
+        let out = decide(4, TransportKind::Auto, &nodes, &[false; 4], "unit-span:0");
+        assert!(out.iter().all(|r| matches!(r, Ok(false))), "{out:?}");
+        let out = decide(4, TransportKind::Shm, &nodes, &[false; 4], "unit-span:1");
+        for r in &out {
+            assert!(matches!(r, Err(Error::Unsupported(m)) if m.contains("span nodes")), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn one_rank_failing_to_open_the_segment_moves_every_rank_to_tcp() {
+        let fails = [false, false, true];
+        let out = decide(3, TransportKind::Auto, &["a"; 3], &fails, "unit-probe:0");
+        assert!(out.iter().all(|r| matches!(r, Ok(false))), "{out:?}");
+        assert!(leftovers("unit-probe:0").is_empty());
+        let out = decide(3, TransportKind::Shm, &["a"; 3], &fails, "unit-probe:1");
+        for r in &out {
+            assert!(matches!(r, Err(Error::SharedMemory(m)) if m.contains("rank 2 cannot open")), "{r:?}");
+        }
+        assert!(leftovers("unit-probe:1").is_empty());
+    }
+
+    #[test]
+    fn node_identity_is_stable_and_names_the_host() {
+        let id = node_identity();
+        assert_eq!(id, node_identity());
+        let host = nix::unistd::gethostname().unwrap();
+        assert!(id.starts_with(&*host.to_string_lossy()), "{id}");
     }
 }
