@@ -17,8 +17,14 @@
 //! the segment, every other rank test-opens it and publishes `ok` or why
 //! not, and every rank reads every answer, so the whole group agrees: shared
 //! memory for all, or (with `Auto`) TCP for all. `Shm` turns a group that
-//! spans nodes, or a segment some rank cannot open, into an error. Groups
-//! spanning nodes run over TCP (no hierarchical path yet).
+//! spans nodes, or a segment some rank cannot open, into an error.
+//!
+//! With `Auto`, a group spanning nodes runs all_reduce hierarchically:
+//! reduce inside each node through that node's own segment, all_reduce among
+//! the node leaders (each node's lowest group rank) over TCP, broadcast
+//! inside each node; every rank ends with the same bits. Its other
+//! collectives use TCP, and it reports [`TransportKind::Tcp`]. If any node
+//! cannot set up its segment, the whole group uses plain TCP.
 //! [`ProcessGroup::transport_kind`] reports the outcome.
 
 use crate::collectives::{self, Comm};
@@ -177,6 +183,8 @@ struct Inner {
     kind: TransportKind,
     /// Collectives go to `OpState::shm` (shared memory, more than one rank).
     use_shm: bool,
+    /// all_reduce goes through `OpState::hier` (members span nodes).
+    use_hier: bool,
     state: Mutex<OpState>,
     /// Subgroups created from this group so far (by every caller, members or not).
     children: AtomicU64,
@@ -191,6 +199,8 @@ struct OpState {
     scratch: Vec<u8>,
     /// The shared-memory communicator, when the group uses one.
     shm: Option<ShmComm>,
+    /// The hierarchical all_reduce, when members span nodes.
+    hier: Option<Hier>,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -252,18 +262,24 @@ impl ProcessGroup {
             &opts.listen_host,
             deadline,
         )?;
-        let shm = match (requested, size) {
-            (TransportKind::Tcp, _) | (_, 1) => None,
+        let plan = match (requested, size) {
+            (TransportKind::Tcp, _) | (_, 1) => Plan::Tcp,
             _ => setup_shm(&*store, rank, size, &name, requested, &opts, &node_identity(), &open_probe)?,
         };
-        let kind = match (requested, size) {
-            (TransportKind::Tcp, _) => TransportKind::Tcp,
+        let kind = match (requested, size, &plan) {
+            (TransportKind::Tcp, _, _) => TransportKind::Tcp,
             // One rank talks to nobody: it trivially shares its node.
-            (_, 1) => TransportKind::Shm,
-            _ if shm.is_some() => TransportKind::Shm,
+            (_, 1, _) => TransportKind::Shm,
+            (_, _, Plan::Shm(_)) => TransportKind::Shm,
             _ => TransportKind::Tcp,
         };
+        let (shm, hier) = match plan {
+            Plan::Tcp => (None, None),
+            Plan::Shm(c) => (Some(c), None),
+            Plan::Hier(h) => (None, Some(h)),
+        };
         let use_shm = shm.is_some();
+        let use_hier = hier.is_some();
         tracing::debug!(group = %name, rank, size, transport = %kind, "group ready");
         Ok(ProcessGroup {
             inner: Arc::new(Inner {
@@ -278,12 +294,14 @@ impl ProcessGroup {
                 transport,
                 kind,
                 use_shm,
+                use_hier,
                 state: Mutex::new(OpState {
                     seq: 0,
                     send_seq: vec![0; size],
                     recv_seq: vec![0; size],
                     scratch: Vec::new(),
                     shm,
+                    hier,
                 }),
                 children: AtomicU64::new(0),
                 names,
@@ -492,6 +510,46 @@ impl ProcessGroup {
         res
     }
 
+    /// all_reduce of a group spanning nodes: reduce inside the node (shared
+    /// memory), all_reduce among node leaders (TCP), broadcast inside the
+    /// node. Avg sums throughout and divides once, on the leaders.
+    fn hier_all_reduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        let inner = &self.inner;
+        let mut state = lock(&inner.state);
+        state.seq += 1;
+        let OpState { seq, scratch, hier, .. } = &mut *state;
+        let Some(h) = hier.as_mut() else {
+            return Err(Error::invalid(format!("group {} has no hierarchical all_reduce", inner.name)));
+        };
+        let guard = CloseOnPanic(&inner.transport);
+        let sum_op = if op == ReduceOp::Avg { ReduceOp::Sum } else { op };
+        let res = (|| {
+            if let Some(local) = h.local.as_mut() {
+                local.reduce(buf, dtype, sum_op, 0)?;
+            }
+            if let Some(li) = h.leader_index {
+                if h.leaders.len() > 1 {
+                    let sub = SubTransport { inner: &inner.transport, members: &h.leaders, rank: li };
+                    let deadline = Instant::now() + inner.opts.timeout;
+                    let mut comm = Comm { transport: &sub, seq: *seq, deadline, scratch };
+                    collectives::all_reduce(&mut comm, buf, dtype, sum_op)?;
+                }
+                if op == ReduceOp::Avg {
+                    crate::reduce::finish_avg(buf, dtype, inner.size);
+                }
+            }
+            if let Some(local) = h.local.as_mut() {
+                local.broadcast(buf, 0)?;
+            }
+            Ok(())
+        })();
+        drop(guard);
+        if let Err(e) = &res {
+            inner.transport.abort(e);
+        }
+        res
+    }
+
     /// In-place all_reduce of `buf` (elements of `dtype`).
     pub fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         check_elems("all_reduce", buf.len(), dtype)?;
@@ -501,6 +559,9 @@ impl ProcessGroup {
         }
         if self.inner.use_shm {
             return self.with_shm(|s| s.all_reduce(buf, dtype, op));
+        }
+        if self.inner.use_hier {
+            return self.hier_all_reduce(buf, dtype, op);
         }
         self.with_comm(|c| collectives::all_reduce(c, buf, dtype, op))
     }
@@ -724,6 +785,10 @@ impl Drop for CloseOnPanic<'_> {
 /// boot id (two containers with one host name but separate kernels, or a
 /// host name reused across reboots, then differ).
 fn node_identity() -> String {
+    #[cfg(test)]
+    if let Some(id) = tests::NODE.with(|n| n.borrow().clone()) {
+        return id;
+    }
     let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     format!("{host}/{}", boot.trim())
@@ -748,10 +813,69 @@ fn open_probe(name: &str, len: usize) -> Result<()> {
     ShmSegment::open(name, len).map(drop)
 }
 
-/// Decides whether a group of `size > 1` ranks runs its collectives over
-/// shared memory and, if so, builds the communicator (see the module docs).
-/// `node` is this rank's node identity, `probe` test-opens rank 0's segment.
-/// `Ok(None)`: fall back to TCP (only with `Auto`).
+/// How a group of more than one rank runs its collectives.
+enum Plan {
+    /// Over the TCP mesh.
+    Tcp,
+    /// Over one shared-memory segment (every member on this node).
+    Shm(ShmComm),
+    /// all_reduce hierarchically (members span nodes), the rest over TCP.
+    Hier(Hier),
+}
+
+/// A group spanning nodes: all_reduce reduces inside each node through
+/// shared memory, all-reduces among the node leaders (the lowest group rank
+/// of each node) over TCP, and broadcasts inside each node.
+struct Hier {
+    /// Shared memory among this node's members (`None` when alone on it).
+    local: Option<ShmComm>,
+    /// Group ranks of the node leaders, in node order.
+    leaders: Vec<usize>,
+    /// This rank's index in `leaders`, when it leads its node.
+    leader_index: Option<usize>,
+}
+
+/// The TCP mesh restricted to some of its ranks (the node leaders), renumbered
+/// `0..members.len()`; errors still name the peers' group ranks.
+struct SubTransport<'a> {
+    inner: &'a TcpTransport,
+    members: &'a [usize],
+    rank: usize,
+}
+
+impl Transport for SubTransport<'_> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+    fn group_name(&self) -> &str {
+        self.inner.group_name()
+    }
+    fn send(&self, peer: usize, tag: Tag, data: &[u8], deadline: Instant) -> Result<()> {
+        self.inner.send(self.members[peer], tag, data, deadline)
+    }
+    fn recv(&self, peer: usize, tag: Tag, buf: &mut [u8], deadline: Instant) -> Result<()> {
+        self.inner.recv(self.members[peer], tag, buf, deadline)
+    }
+    fn send_recv(
+        &self,
+        to: usize,
+        send_tag: Tag,
+        data: &[u8],
+        from: usize,
+        recv_tag: Tag,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<()> {
+        self.inner.send_recv(self.members[to], send_tag, data, self.members[from], recv_tag, buf, deadline)
+    }
+}
+
+/// Decides how a group of `size > 1` ranks runs its collectives and builds
+/// the shared-memory communicators it needs (see the module docs). `node`
+/// is this rank's node identity, `probe` test-opens a segment.
 #[allow(clippy::too_many_arguments)]
 fn setup_shm(
     store: &dyn Store,
@@ -762,63 +886,123 @@ fn setup_shm(
     opts: &GroupOptions,
     node: &str,
     probe: &dyn Fn(&str, usize) -> Result<()>,
-) -> Result<Option<ShmComm>> {
+) -> Result<Plan> {
     const OP: &str = "group.transport";
     let forced = requested == TransportKind::Shm;
     let deadline = Instant::now() + opts.timeout;
     let ctx = |peer: usize| Context::new(OP, name, rank).with_peer(peer);
 
-    let me = node;
-    store.set(&format!("transport/node/{rank}"), me.as_bytes())?;
-    for j in (0..size).filter(|&j| j != rank) {
-        let other = get_from(store, &format!("transport/node/{j}"), deadline, ctx(j))?;
-        if other != me.as_bytes() {
-            let other = String::from_utf8_lossy(&other);
-            if forced {
-                return Err(Error::Unsupported(format!(
-                    "group {name}: the shared-memory transport was forced but the members span nodes \
-                     (rank {rank} runs on {me:?}, rank {j} on {other:?}); use `tcp` or `auto`"
-                )));
-            }
-            tracing::debug!(group = %name, rank, peer = j, "members span nodes: collectives use TCP");
-            return Ok(None);
-        }
+    store.set(&format!("transport/node/{rank}"), node.as_bytes())?;
+    let mut nodes = Vec::with_capacity(size);
+    for j in 0..size {
+        nodes.push(if j == rank {
+            node.as_bytes().to_vec()
+        } else {
+            get_from(store, &format!("transport/node/{j}"), deadline, ctx(j))?
+        });
     }
-
     let sopts = ShmOptions { timeout: opts.timeout, ..ShmOptions::default() };
-    let seg_len = segment_bytes(size, sopts.slot_bytes).unwrap_or(usize::MAX);
-    let status_key = |r: usize| format!("transport/shm_status/{r}");
-    const NAME_KEY: &str = "transport/shm_name";
-    let mut exchanged = false;
-    // Why the group falls back to TCP, as agreed through the store.
-    let mut refused: Option<String> = None;
-    let res = ShmComm::create_with(rank, size, name, &sopts, |seg| {
-        exchanged = true;
-        let seg_name = match seg {
-            Some(n) => {
-                store.set(NAME_KEY, n.as_bytes())?;
-                store.set(&status_key(0), b"ok")?;
-                n.to_string()
-            }
-            None => {
-                let v = get_from(store, NAME_KEY, deadline, ctx(0))?;
-                let (n, status) = match String::from_utf8(v) {
-                    Ok(n) if !n.is_empty() => {
-                        let status = match probe(&n, seg_len) {
-                            Ok(_) => "ok".to_string(),
-                            Err(e) => format!("rank {rank} cannot open the segment: {e}"),
-                        };
-                        (n, status)
-                    }
-                    _ => (String::new(), "rank 0 could not create the segment".to_string()),
-                };
-                store.set(&status_key(rank), status.as_bytes())?;
-                n
+    if nodes.iter().all(|n| n == &nodes[0]) {
+        let all: Vec<usize> = (0..size).collect();
+        return match create_agreed(store, "transport/shm", rank, &all, name, name, &sopts, deadline, probe)? {
+            Ok(comm) => Ok(Plan::Shm(comm)),
+            Err(why) if forced => Err(Error::SharedMemory(format!(
+                "group {name}: the shared-memory transport was forced but is unavailable: {why}"
+            ))),
+            Err(why) => {
+                tracing::debug!(group = %name, rank, "shared memory unavailable ({why}): collectives use TCP");
+                Ok(Plan::Tcp)
             }
         };
-        // Every rank reads every answer: the outcome is the same everywhere.
-        for j in 0..size {
-            let v = get_from(store, &status_key(j), deadline, ctx(j))?;
+    }
+    if forced {
+        let j = nodes.iter().position(|n| n != node.as_bytes()).unwrap_or(0);
+        return Err(Error::Unsupported(format!(
+            "group {name}: the shared-memory transport was forced but the members span nodes \
+             (rank {rank} runs on {node:?}, rank {j} on {:?}); use `tcp` or `auto`",
+            String::from_utf8_lossy(&nodes[j])
+        )));
+    }
+    // Nodes in order of their lowest member; that member leads the node.
+    let leaders: Vec<usize> = (0..size).filter(|&j| !nodes[..j].contains(&nodes[j])).collect();
+    let k = leaders.iter().position(|&l| nodes[l] == nodes[rank]).unwrap_or(0);
+    let local: Vec<usize> = (0..size).filter(|&j| nodes[j] == nodes[rank]).collect();
+    let me = local.iter().position(|&j| j == rank).unwrap_or(0);
+    let (comm, status) = if local.len() > 1 {
+        let seg = format!("{name}-node{k}");
+        match create_agreed(store, &format!("transport/node{k}"), me, &local, name, &seg, &sopts, deadline, probe)? {
+            Ok(c) => (Some(c), "ok".to_string()),
+            Err(why) => (None, why),
+        }
+    } else {
+        (None, "ok".to_string())
+    };
+    // Every node must have its shared memory, or the group runs plain TCP.
+    store.set(&format!("transport/hier/{rank}"), status.as_bytes())?;
+    for j in 0..size {
+        let v = get_from(store, &format!("transport/hier/{j}"), deadline, ctx(j))?;
+        if v != b"ok" {
+            tracing::debug!(group = %name, rank, "node of rank {j} has no shared memory: collectives use TCP");
+            return Ok(Plan::Tcp);
+        }
+    }
+    let leader_index = leaders.iter().position(|&l| l == rank);
+    tracing::debug!(group = %name, rank, nodes = leaders.len(), "members span nodes: hierarchical all_reduce");
+    Ok(Plan::Hier(Hier { local: comm, leaders, leader_index }))
+}
+
+/// Creates a shared-memory communicator among `members` (group ranks; this
+/// rank is `members[me]`) with the agreement described in the module docs,
+/// under store keys starting with `prefix`. `Ok(Err(why))`: some member
+/// cannot use it, and every member returns the same.
+#[allow(clippy::too_many_arguments)]
+fn create_agreed(
+    store: &dyn Store,
+    prefix: &str,
+    me: usize,
+    members: &[usize],
+    name: &str,
+    segment: &str,
+    sopts: &ShmOptions,
+    deadline: Instant,
+    probe: &dyn Fn(&str, usize) -> Result<()>,
+) -> Result<std::result::Result<ShmComm, String>> {
+    let n = members.len();
+    let rank = members[me];
+    let ctx = |i: usize| Context::new("group.transport", name, rank).with_peer(members[i]);
+    let seg_len = segment_bytes(n, sopts.slot_bytes).unwrap_or(usize::MAX);
+    let status_key = |i: usize| format!("{prefix}/status/{i}");
+    let name_key = format!("{prefix}/name");
+    let mut exchanged = false;
+    // Why the members do not use shared memory, as agreed through the store.
+    let mut refused: Option<String> = None;
+    let res = ShmComm::create_with(me, n, segment, sopts, |seg| {
+        exchanged = true;
+        let seg_name = match seg {
+            Some(s) => {
+                store.set(&name_key, s.as_bytes())?;
+                store.set(&status_key(0), b"ok")?;
+                s.to_string()
+            }
+            None => {
+                let v = get_from(store, &name_key, deadline, ctx(0))?;
+                let (s, status) = match String::from_utf8(v) {
+                    Ok(s) if !s.is_empty() => {
+                        let status = match probe(&s, seg_len) {
+                            Ok(()) => "ok".to_string(),
+                            Err(e) => format!("rank {rank} cannot open the segment: {e}"),
+                        };
+                        (s, status)
+                    }
+                    _ => (String::new(), format!("rank {} could not create the segment", members[0])),
+                };
+                store.set(&status_key(me), status.as_bytes())?;
+                s
+            }
+        };
+        // Every member reads every answer: the outcome is the same everywhere.
+        for i in 0..n {
+            let v = get_from(store, &status_key(i), deadline, ctx(i))?;
             if v != b"ok" {
                 let why = String::from_utf8_lossy(&v).into_owned();
                 refused = Some(why.clone());
@@ -828,23 +1012,17 @@ fn setup_shm(
         Ok(seg_name)
     });
     match res {
-        Ok(comm) => Ok(Some(comm)),
+        Ok(comm) => Ok(Ok(comm)),
         Err(e) => {
-            if !exchanged && rank == 0 {
-                // Creating the segment failed: tell the others, then fall back.
-                let why = format!("rank 0 could not create the segment: {e}");
-                store.set(NAME_KEY, b"")?;
+            if !exchanged && me == 0 {
+                // Creating the segment failed: tell the others.
+                let why = format!("rank {rank} could not create the segment: {e}");
+                store.set(&name_key, b"")?;
                 store.set(&status_key(0), why.as_bytes())?;
                 refused = Some(why);
             }
             match refused {
-                Some(why) if forced => Err(Error::SharedMemory(format!(
-                    "group {name}: the shared-memory transport was forced but is unavailable: {why}"
-                ))),
-                Some(why) => {
-                    tracing::debug!(group = %name, rank, "shared memory unavailable ({why}): collectives use TCP");
-                    Ok(None)
-                }
+                Some(why) => Ok(Err(why)),
                 None => Err(e),
             }
         }
@@ -855,6 +1033,95 @@ fn setup_shm(
 mod tests {
     use super::*;
     use crate::store::HashStore;
+
+    thread_local! {
+        /// Overrides this thread's node identity (ranks as threads on "nodes").
+        pub(super) static NODE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// Builds a world on `nodes.len()` threads, rank `r` on node `nodes[r]`,
+    /// and runs `f` on each.
+    fn on_nodes<R: Send>(nodes: &[&str], f: impl Fn(ProcessGroup) -> R + Sync) -> Vec<R> {
+        let store: SharedStore = Arc::new(HashStore::new());
+        let n = nodes.len();
+        let f = &f;
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..n)
+                .map(|r| {
+                    let store = store.clone();
+                    let node = nodes[r].to_string();
+                    s.spawn(move || {
+                        NODE.with(|c| *c.borrow_mut() = Some(node));
+                        let opts = GroupOptions { timeout: Duration::from_secs(20), ..GroupOptions::default() };
+                        f(ProcessGroup::new_world(store, r, n, opts).unwrap())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn value(op: ReduceOp, r: usize, i: usize) -> i64 {
+        match op {
+            ReduceOp::Prod => [1, 2, -1][(r + 2 * i) % 3],
+            _ => ((r * 5 + i * 3) % 9) as i64 - 4,
+        }
+    }
+
+    fn exact(op: ReduceOp, n: usize, i: usize) -> i64 {
+        let it = (0..n).map(|r| value(op, r, i));
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => it.sum(),
+            ReduceOp::Prod => it.product(),
+            ReduceOp::Min => it.min().unwrap(),
+            ReduceOp::Max => it.max().unwrap(),
+        }
+    }
+
+    #[test]
+    fn groups_spanning_nodes_all_reduce_hierarchically() {
+        let layouts: [&[&str]; 3] = [&["a", "a", "b", "b", "b"], &["a", "b", "b", "c"], &["a", "b"]];
+        for nodes in layouts {
+            let n = nodes.len();
+            let outs = on_nodes(nodes, |g| {
+                let r = g.rank();
+                if TransportKind::resolve_from_env(TransportKind::Auto).unwrap() != TransportKind::Auto {
+                    return Vec::new();
+                }
+                assert_eq!(g.transport_kind(), TransportKind::Tcp);
+                assert!(g.inner.use_hier);
+                for op in ReduceOp::ALL {
+                    for count in [1usize, 7, 1000, 300_000] {
+                        let mut x: Vec<i64> = (0..count).map(|i| value(op, r, i)).collect();
+                        g.all_reduce(&mut x, op).unwrap();
+                        let div = if op == ReduceOp::Avg { n as i64 } else { 1 };
+                        assert!(x.iter().enumerate().all(|(i, v)| *v == exact(op, n, i) / div), "{nodes:?} {op} i64");
+                        let mut y: Vec<f32> = (0..count).map(|i| value(op, r, i) as f32).collect();
+                        g.all_reduce(&mut y, op).unwrap();
+                        let want = |i| {
+                            let e = exact(op, n, i) as f32;
+                            if op == ReduceOp::Avg {
+                                e / n as f32
+                            } else {
+                                e
+                            }
+                        };
+                        assert!(y.iter().enumerate().all(|(i, v)| *v == want(i)), "{nodes:?} {op} f32");
+                    }
+                }
+                // Other collectives run over TCP beside it.
+                let mut all = vec![0u8; n];
+                g.all_gather(&[r as u8], &mut all).unwrap();
+                assert_eq!(all, (0..n as u8).collect::<Vec<_>>());
+                // Rounding-sensitive sums: the same bits everywhere.
+                let mut z: Vec<f32> =
+                    (0..5000).map(|i| ((i * 7919 + r * 104_729) % 1000) as f32 * 1e-3 + 1e3).collect();
+                g.all_reduce(&mut z, ReduceOp::Sum).unwrap();
+                z.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            });
+            assert!(outs.iter().all(|o| o == &outs[0]), "{nodes:?}: ranks differ");
+        }
+    }
 
     /// Runs `setup_shm` on `n` threads over one store; rank `r` claims node
     /// `nodes[r]` and its probe fails when `fails[r]`.
@@ -874,7 +1141,7 @@ mod tests {
                                 open_probe(name, len)
                             }
                         };
-                        setup_shm(&*store, r, n, tag, requested, &opts, node, &probe).map(|c| c.is_some())
+                        setup_shm(&*store, r, n, tag, requested, &opts, node, &probe).map(|p| matches!(p, Plan::Shm(_)))
                     })
                 })
                 .collect();
