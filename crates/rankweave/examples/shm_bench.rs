@@ -3,6 +3,8 @@
 //! per-call times, the maximum over ranks).
 //!
 //! `cargo run --release -p rankweave --example shm_bench`
+//! (`SHM_BENCH_SIZES=8,1024` picks the all_reduce sizes,
+//! `SHM_BENCH_DIRECT=BYTES` the largest all_reduce on the one-step path).
 
 use rankweave::message_queue::{MessageQueue, MqOptions};
 use rankweave::transport::shm::{ShmComm, ShmOptions};
@@ -57,7 +59,10 @@ fn comms(n: usize) -> Vec<ShmComm> {
         .map(|r| {
             let store = store.clone();
             std::thread::spawn(move || {
-                let opts = ShmOptions { timeout: Duration::from_secs(60), ..Default::default() };
+                let mut opts = ShmOptions { timeout: Duration::from_secs(60), ..Default::default() };
+                if let Some(b) = std::env::var("SHM_BENCH_DIRECT").ok().and_then(|v| v.parse().ok()) {
+                    opts.direct_all_reduce_bytes = b;
+                }
                 ShmComm::create(r, n, "bench", &*store, "k", &opts).unwrap()
             })
         })
@@ -91,7 +96,11 @@ fn small() -> Small {
 
 fn main() {
     println!("op,ranks,bytes,median_us,busbw_GBps");
-    for bytes in [8usize, 1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20] {
+    let sizes: Vec<usize> = match std::env::var("SHM_BENCH_SIZES") {
+        Ok(v) => v.split(',').filter_map(|s| s.parse().ok()).collect(),
+        Err(_) => vec![8, 1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20],
+    };
+    for bytes in sizes {
         let n = 2;
         let iters = if bytes <= 1 << 16 { 20000 } else { (256 << 20) / bytes }.max(20);
         let states: Vec<(ShmComm, Vec<u8>)> = comms(n)
@@ -119,6 +128,37 @@ fn main() {
             let busbw = bytes as f64 / (us * 1e-6) * 2.0 * (n - 1) as f64 / n as f64 / 1e9;
             println!("shm_all_reduce_f32_sum,{n},{bytes},{us:.3},{busbw:.3}");
         }
+    }
+
+    // One-way latency: ping-pong over two queues, half the round trip.
+    {
+        let o = MqOptions {
+            timeout: Duration::from_secs(60),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        let (a, ha) = MessageQueue::new_writer(1, 0, 4 << 20, 6, o.clone()).unwrap();
+        let (b, hb) = MessageQueue::new_writer(1, 0, 4 << 20, 6, o.clone()).unwrap();
+        let a_reader = MessageQueue::from_handle(&ha, 1, o.clone()).unwrap();
+        let b_reader = MessageQueue::from_handle(&hb, 1, o).unwrap();
+        let iters = 20000;
+        let echo = std::thread::spawn(move || {
+            for _ in 0..iters + 1000 {
+                let s: Small = a_reader.dequeue().unwrap();
+                b.enqueue(&s).unwrap();
+            }
+        });
+        let mut t = Vec::with_capacity(iters);
+        for i in 0..iters + 1000 {
+            let t0 = Instant::now();
+            a.enqueue(&small()).unwrap();
+            let _: Small = b_reader.dequeue().unwrap();
+            if i >= 1000 {
+                t.push(t0.elapsed().as_secs_f64() * 1e6 / 2.0);
+            }
+        }
+        echo.join().unwrap();
+        println!("mq_object_one_way_pingpong,2,{},{:.3},", postcard::to_allocvec(&small()).unwrap().len(), median(t));
     }
 
     for readers in [1usize, 3] {

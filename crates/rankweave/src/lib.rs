@@ -1,8 +1,45 @@
 //! rankweave: vLLM's distributed state layer in Rust.
 //!
-//! Process groups with every collective, the `GroupCoordinator`, the
-//! model-parallel layout (world, tensor-, pipeline- and data-parallel groups)
-//! and a shared-memory broadcaster, on CPU today.
+//! Process groups with every collective, the [`coordinator::GroupCoordinator`],
+//! the model-parallel layout (world, tensor-, pipeline- and data-parallel
+//! groups) and a shared-memory broadcaster, on CPU today.
+//!
+//! Four ranks, run here as threads over an in-process store, form a
+//! tensor-parallel x pipeline-parallel layout of 2 x 2 and all-reduce
+//! inside their tensor-parallel group, exactly as vLLM's
+//! `get_tp_group().all_reduce(x)`:
+//!
+//! ```
+//! use rankweave::parallel_state::ParallelState;
+//! use rankweave::tensor::Tensor;
+//! use rankweave::{HashStore, SharedStore};
+//! use std::sync::Arc;
+//!
+//! let store: SharedStore = Arc::new(HashStore::new());
+//! let ranks: Vec<_> = (0..4)
+//!     .map(|rank| {
+//!         let store = store.clone();
+//!         std::thread::spawn(move || -> rankweave::Result<Vec<f32>> {
+//!             let state = ParallelState::init_with_store(store, 4, rank, rank)?;
+//!             state.initialize_model_parallel(2, 2, None)?;
+//!             let tp = state.get_tp_group()?; // ranks [0, 1] or [2, 3]
+//!             let x = Tensor::from_vec(vec![rank as f32; 3], [3])?;
+//!             tp.all_reduce(x)?.to_vec::<f32>()
+//!         })
+//!     })
+//!     .collect();
+//! let sums: Vec<Vec<f32>> = ranks.into_iter().map(|h| h.join().expect("rank thread").unwrap()).collect();
+//! assert_eq!(sums[0], vec![1.0; 3]); // 0 + 1
+//! assert_eq!(sums[3], vec![5.0; 3]); // 2 + 3
+//! ```
+//!
+//! Across processes, start the program with `rankweave launch
+//! --nproc-per-node N -- PROGRAM` and call
+//! [`parallel_state::init_distributed_environment`] with `env://`.
+//!
+//! Layers, bottom up: [`store`] (rendezvous), [`transport`] (TCP and shared
+//! memory), [`collectives`] (algorithms), [`group`] (process groups),
+//! [`tensor`], [`coordinator`], [`message_queue`], [`parallel_state`].
 #![warn(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]

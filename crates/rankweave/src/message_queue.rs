@@ -42,6 +42,7 @@ use crate::group::ProcessGroup;
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::Backoff;
 use crate::sys::shm::ShmSegment;
+use crate::transport::tcp::advertised_ip;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::io::{ErrorKind, Read, Write};
@@ -66,12 +67,14 @@ pub struct MqOptions {
     /// Longest a reader waits for the next message; `None` waits for ever
     /// (an idle worker waiting for its next request), still warning.
     pub read_timeout: Option<Duration>,
-    /// Interval of the warning that names the readers (or the writer) being
-    /// waited for.
+    /// Interval of the writer's warning that names the readers it waits for
+    /// (readers waiting for the writer only log at debug level: idle is
+    /// normal for them).
     pub warn_interval: Duration,
     /// Address the writer's listener binds to (port 0: the OS picks).
     pub listen_host: String,
-    /// Address remote readers connect to; `None`: `listen_host`.
+    /// Address remote readers connect to; `None`: `listen_host`, or for a
+    /// wildcard listener the address that routes to the other nodes.
     pub connect_host: Option<String>,
 }
 
@@ -380,8 +383,11 @@ impl MessageQueue {
             Some(Shm { seg, layout })
         };
         let listener = TcpListener::bind((opts.listen_host.as_str(), 0)).map_err(|e| Error::io(ctx(), e))?;
-        let port = listener.local_addr().map_err(|e| Error::io(ctx(), e))?.port();
-        let host = opts.connect_host.clone().unwrap_or_else(|| opts.listen_host.clone());
+        let bound = listener.local_addr().map_err(|e| Error::io(ctx(), e))?;
+        let port = bound.port();
+        // A wildcard listener advertises the address that reaches the other
+        // nodes, as the TCP transport does.
+        let host = opts.connect_host.clone().unwrap_or_else(|| advertised_ip(bound.ip()).to_string());
         let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host };
         let handle = Handle {
             writer_rank,
@@ -856,7 +862,10 @@ impl MessageQueue {
                     }
                     if now >= next_warn {
                         next_warn = now + self.opts.warn_interval;
-                        tracing::warn!(queue = %self.name(), "reader rank {} has waited {:.0?} for message {m} from writer rank {writer}", self.rank, start.elapsed());
+                        // An idle reader is normal (a worker between
+                        // requests): say so only at debug level. A dead
+                        // writer is caught by the hang-up check above.
+                        tracing::debug!(queue = %self.name(), "reader rank {} has waited {:.0?} for message {m} from writer rank {writer}", self.rank, start.elapsed());
                     }
                 }
                 backoff.snooze();
@@ -930,7 +939,11 @@ impl MessageQueue {
         max_chunks: usize,
         writer_rank: usize,
     ) -> Result<MessageQueue> {
-        let opts = MqOptions { timeout: group.timeout(), ..Default::default() };
+        let opts = MqOptions {
+            timeout: group.timeout(),
+            listen_host: group.options().listen_host.clone(),
+            ..Default::default()
+        };
         Self::create_from_process_group_with(group, max_chunk_bytes, max_chunks, writer_rank, opts)
     }
 

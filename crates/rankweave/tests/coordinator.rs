@@ -357,3 +357,68 @@ fn debug_detail_reports_mismatched_collectives() {
         assert_eq!(e.peer(), Some(1));
     }
 }
+
+#[test]
+fn debug_detail_reports_mismatched_point_to_point_calls() {
+    let out = run_ranks(2, |rank, store| {
+        let s = rankweave::parallel_state::ParallelState::new();
+        let short = rankweave::GroupOptions { timeout: std::time::Duration::from_secs(5), ..coord_common::opts() };
+        s.init_world_with_store(store, 2, rank, rank, short).unwrap();
+        let w = world(&s);
+        w.set_debug_detail(true);
+        if rank == 0 {
+            // The receiver refuses after the fingerprint; whatever happens to
+            // this send (buffered or timed out), it must not hang.
+            let _ = w.send(&Tensor::zeros([4], DType::F32).unwrap(), Some(1));
+            None
+        } else {
+            Some(w.recv(&[4, 2], DType::F32, Some(0)).unwrap_err())
+        }
+    });
+    let e = out[1].as_ref().unwrap();
+    assert!(matches!(e, Error::Mismatch { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("rank 0 called send(shape [4], float32) while rank 1 called recv(shape [4, 2], float32)"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn world_size_matrix() {
+    for n in [2usize, 3, 4, 5, 8] {
+        let out = run_ranks(n, move |rank, store| {
+            let s = world_state(store, n, rank);
+            let w = world(&s);
+            let sum = w.all_reduce(Tensor::from_vec(vec![rank as i64, 1], [2]).unwrap()).unwrap();
+            assert_eq!(sum.to_vec::<i64>().unwrap(), vec![(n * (n - 1) / 2) as i64, n as i64]);
+            let x = block(rank, &[2, 1, 3]);
+            let g = w.all_gather(&x, 1).unwrap();
+            assert_eq!(g.shape(), &[2, n, 3]);
+            let blocks: Vec<Tensor> = (0..n).map(|r| block(r, &[2, 1, 3])).collect();
+            let refs: Vec<&Tensor> = blocks.iter().collect();
+            assert_eq!(g, Tensor::cat(&refs, 1).unwrap());
+            let gathered = w.gather(&x, n - 1, -1).unwrap();
+            assert_eq!(gathered.is_some(), rank == n - 1);
+            if let Some(t) = gathered {
+                assert_eq!(t, Tensor::cat(&refs, -1).unwrap());
+            }
+            let src = n / 2;
+            let d = w.broadcast_tensor_dict((rank == src).then(|| mixed_dict(src as i64)).as_ref(), src).unwrap();
+            assert_eq!(d, mixed_dict(src as i64));
+            // A ring of tensor dicts: even ranks send first, odd ranks receive first.
+            let mine = mixed_dict(rank as i64);
+            let got = if rank % 2 == 0 {
+                w.send_tensor_dict(&mine, None, None).unwrap();
+                w.recv_tensor_dict(None, None).unwrap()
+            } else {
+                let got = w.recv_tensor_dict(None, None).unwrap();
+                w.send_tensor_dict(&mine, None, None).unwrap();
+                got
+            };
+            assert_eq!(got.unwrap(), mixed_dict(((rank + n - 1) % n) as i64));
+            w.barrier().unwrap();
+        });
+        assert_eq!(out.len(), n);
+    }
+}

@@ -205,7 +205,8 @@ fn all_gather_broadcast_reduce_scatter_barrier() {
 
 #[test]
 fn a_late_rank_is_named_in_the_timeout() {
-    let opts = ShmOptions { timeout: Duration::from_millis(300), ..small_opts() };
+    // Long enough that ranks 0 and 1 are never that late to each other.
+    let opts = ShmOptions { timeout: Duration::from_secs(1), ..small_opts() };
     let results = spawn(3, opts, |comm| {
         if comm.rank() == 2 {
             return None; // never calls the collective
@@ -449,4 +450,72 @@ fn shm_matches_the_tcp_process_group() {
             }
         });
     }
+}
+
+/// Child-process entry for the two-process tests: rank 1 of a communicator
+/// whose segment name comes in the environment. Does nothing otherwise.
+#[test]
+fn child_rank_entry() {
+    let Ok(name) = std::env::var("RANKWEAVE_SHM_CHILD_SEGMENT") else { return };
+    let opts = ShmOptions { timeout: Duration::from_secs(20), ..small_opts() };
+    let mut comm = ShmComm::create_with(1, 2, "procs", &opts, |_| Ok(name)).unwrap();
+    for count in [1usize, 10, 5000] {
+        let mut buf: Vec<i64> = (0..count as i64).map(|i| i * 10).collect();
+        comm.all_reduce(bytemuck::cast_slice_mut(&mut buf), DType::I64, ReduceOp::Sum).unwrap();
+        assert_eq!(buf, (0..count as i64).map(|i| i * 11).collect::<Vec<_>>());
+    }
+    comm.barrier().unwrap();
+    if std::env::var("RANKWEAVE_SHM_CHILD_HANG").is_ok() {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+fn spawn_child_rank(opts: &ShmOptions, hang: bool) -> (ShmComm, std::process::Child) {
+    let mut child = None;
+    let comm = ShmComm::create_with(0, 2, "procs", opts, |name| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "child_rank_entry", "--test-threads=1"])
+            .env("RANKWEAVE_SHM_CHILD_SEGMENT", name.unwrap())
+            .stdout(std::process::Stdio::null());
+        if hang {
+            cmd.env("RANKWEAVE_SHM_CHILD_HANG", "1");
+        }
+        child = Some(cmd.spawn().unwrap());
+        Ok(name.unwrap().to_string())
+    })
+    .unwrap();
+    (comm, child.unwrap())
+}
+
+#[test]
+fn two_processes_share_a_communicator() {
+    let opts = ShmOptions { timeout: Duration::from_secs(20), ..small_opts() };
+    let (mut comm, mut child) = spawn_child_rank(&opts, false);
+    for count in [1usize, 10, 5000] {
+        let mut buf: Vec<i64> = (0..count as i64).collect();
+        comm.all_reduce(bytemuck::cast_slice_mut(&mut buf), DType::I64, ReduceOp::Sum).unwrap();
+        assert_eq!(buf, (0..count as i64).map(|i| i * 11).collect::<Vec<_>>());
+    }
+    comm.barrier().unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn a_sigkilled_rank_is_reported_lost_before_the_timeout() {
+    let opts = ShmOptions { timeout: Duration::from_secs(20), ..small_opts() };
+    let (mut comm, mut child) = spawn_child_rank(&opts, true);
+    for count in [1usize, 10, 5000] {
+        let mut buf: Vec<i64> = (0..count as i64).collect();
+        comm.all_reduce(bytemuck::cast_slice_mut(&mut buf), DType::I64, ReduceOp::Sum).unwrap();
+    }
+    comm.barrier().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = vec![0u8; 8];
+    let err = comm.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(matches!(err, Error::PeerLost { .. }), "{err}");
+    assert_eq!(err.peer(), Some(1));
+    assert!(err.to_string().contains("rank 1 exited"), "{err}");
 }

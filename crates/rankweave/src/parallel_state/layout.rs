@@ -139,18 +139,21 @@ impl std::fmt::Display for Layout {
             "world_size {} = data parallel {} x pipeline parallel {} x tensor parallel {}",
             self.world_size, self.dp, self.pp, self.tp
         )?;
-        for (title, short, groups, size) in [
-            ("tensor parallel", "tp", &self.tp_groups, self.tp),
-            ("pipeline parallel", "pp", &self.pp_groups, self.pp),
-            ("data parallel", "dp", &self.dp_groups, self.dp),
+        // Group numbers are creation order (indices into the lists), not the
+        // coordinators' unique names: every rank's own TP group is `tp:0`.
+        for (title, groups, size) in [
+            ("tensor parallel", &self.tp_groups, self.tp),
+            ("pipeline parallel", &self.pp_groups, self.pp),
+            ("data parallel", &self.dp_groups, self.dp),
         ] {
             writeln!(f)?;
             writeln!(f, "{title} groups ({} of size {size}):", groups.len())?;
             for (i, g) in groups.iter().enumerate() {
-                writeln!(f, "  {short}:{i:<4} {}", list(g))?;
+                writeln!(f, "  group {i:<3} {}", list(g))?;
             }
         }
         writeln!(f)?;
+        writeln!(f, "each rank's position in its groups, and which groups (numbers above) it belongs to:")?;
         writeln!(
             f,
             "{:>6} {:>4} {:>4} {:>4}  {:>8} {:>8} {:>8}",
@@ -160,13 +163,7 @@ impl std::fmt::Display for Layout {
             writeln!(
                 f,
                 "{:>6} {:>4} {:>4} {:>4}  {:>8} {:>8} {:>8}",
-                p.rank,
-                p.dp,
-                p.pp,
-                p.tp,
-                format!("tp:{}", p.tp_group),
-                format!("pp:{}", p.pp_group),
-                format!("dp:{}", p.dp_group)
+                p.rank, p.dp, p.pp, p.tp, p.tp_group, p.pp_group, p.dp_group
             )?;
         }
         Ok(())
@@ -228,8 +225,11 @@ mod tests {
     fn display_is_a_table() {
         let s = model_parallel_layout(8, 2, 4, 1).unwrap().to_string();
         assert!(s.starts_with("world_size 8 = data parallel 1 x pipeline parallel 4 x tensor parallel 2"));
-        assert!(s.contains("tp:3    [6, 7]"), "{s}");
-        assert!(s.contains("pp:1    [1, 3, 5, 7]"), "{s}");
-        assert!(s.contains("     5    0    2    1      tp:2     pp:1     dp:6"), "{s}");
+        assert!(s.contains("tensor parallel groups (4 of size 2):\n  group 0   [0, 1]\n"), "{s}");
+        assert!(
+            s.contains("  group 3   [6, 7]\n\npipeline parallel groups (2 of size 4):\n  group 0   [0, 2, 4, 6]\n"),
+            "{s}"
+        );
+        assert!(s.contains("\n     5    0    2    1         2        1        6\n"), "{s}");
     }
 }

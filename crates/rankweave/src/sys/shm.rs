@@ -54,15 +54,19 @@ pub fn check_free_space(needed: u64) -> Result<()> {
 pub fn check_free_space_at(path: &str, needed: u64) -> Result<()> {
     let Ok(free) = free_bytes(path) else { return Ok(()) };
     if free < needed {
-        return Err(Error::SharedMemory(format!(
-            "{path} has {free} bytes ({}) free but this segment needs {needed} bytes ({}); \
-             give the container more shared memory (`docker run --shm-size=1g ...` or `--ipc=host`; \
-             Kubernetes: mount an `emptyDir` with `medium: Memory` at /dev/shm), or free space in {path}",
-            human(free),
-            human(needed)
-        )));
+        return Err(space_error(path, free, needed));
     }
     Ok(())
+}
+
+fn space_error(path: &str, free: u64, needed: u64) -> Error {
+    Error::SharedMemory(format!(
+        "{path} has {free} bytes ({}) free but this segment needs {needed} bytes ({}); \
+         give the container more shared memory (`docker run --shm-size=1g ...` or `--ipc=host`; \
+         Kubernetes: mount an `emptyDir` with `medium: Memory` at /dev/shm), or free space in {path}",
+        human(free),
+        human(needed)
+    ))
 }
 
 fn human(b: u64) -> String {
@@ -141,16 +145,18 @@ impl ShmSegment {
         Self::map(name, len, true)
     }
 
-    /// Creates a segment named `/rankweave-<job>-<purpose>-<n>` with a
+    /// Creates a segment named `/rankweave-<job>-<purpose>-<pid>-<n>` with a
     /// process-wide counter `n`, skipping names that already exist (left by an
-    /// earlier process of the same job id).
+    /// earlier process of the same job id and a recycled pid).
     pub fn create_unique(purpose: &str, len: usize) -> Result<Self> {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         check_free_space(len as u64)?;
         let mut last = None;
         for _ in 0..16 {
             let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let name = segment_name(&format!("{purpose}-{n}"));
+            // The pid keeps processes apart: every TP group may be called
+            // `tp:0`, and each process counts from 0.
+            let name = segment_name(&format!("{purpose}-{}-{n}", std::process::id()));
             match Self::map(&name, len, true) {
                 Ok(seg) => return Ok(seg),
                 Err(Error::SharedMemory(m)) if m.contains("EEXIST") => last = Some(m),
@@ -178,6 +184,19 @@ impl ShmSegment {
         };
         if create {
             nix::unistd::ftruncate(&fd, len as i64).map_err(|e| fail("ftruncate", e))?;
+            // Reserve the pages now, so that a /dev/shm filled by someone
+            // else since the free-space check is an error here instead of a
+            // SIGBUS at the first touch.
+            match nix::fcntl::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&fd), 0, len as i64) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::ENOSPC) => {
+                    let _ = shm_unlink(name);
+                    return Err(space_error(SHM_DIR, free_bytes(SHM_DIR).unwrap_or(0), len as u64));
+                }
+                // File systems without fallocate: the free-space check has to do.
+                Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {}
+                Err(e) => return Err(fail("fallocate", e)),
+            }
         } else {
             let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(|e| fail("fstat", e))?;
             if (st.st_size as u64) < len as u64 {
