@@ -433,7 +433,8 @@ impl ProcessGroup {
         self.inner.transport.poisoned()
     }
     /// Closes every connection of this group (on every clone); peers still
-    /// talking to this rank see it as lost. Later calls return
+    /// talking to this rank see it as lost (peers waiting in a shared-memory
+    /// collective see it late, at their timeout). Later calls return
     /// [`Error::Poisoned`]. Dropping the last clone closes too.
     pub fn destroy(&self) {
         self.inner.transport.close();
@@ -468,8 +469,9 @@ impl ProcessGroup {
 
     /// Runs one collective: takes the group lock, advances the sequence
     /// number (every rank counts the same), sets the deadline to now plus the
-    /// group timeout and hands `f` a [`Comm`]. A failure that poisons the
-    /// group aborts it on every member.
+    /// group timeout and hands `f` a [`Comm`] over the TCP mesh (also in a
+    /// group whose own collectives use shared memory). A failure that poisons
+    /// the group aborts it on every member.
     pub fn with_comm<R>(&self, f: impl FnOnce(&mut Comm<'_>) -> Result<R>) -> Result<R> {
         self.check_ready()?;
         let inner = &self.inner;
