@@ -319,3 +319,50 @@ fn nothing_of_this_process_stays_in_dev_shm() {
     assert!(ProcessGroup::new_world(Arc::new(HashStore::new()), 0, 2, o).is_err());
     assert_eq!(list_job(&job).unwrap(), Vec::<String>::new(), "after");
 }
+
+/// Run by [`the_environment_override_reaches_new_groups`] in a child process
+/// whose environment sets `RANKWEAVE_TRANSPORT` (never racing this process's
+/// environment): groups requesting shared memory must get what it says.
+#[test]
+#[ignore = "child of the_environment_override_reaches_new_groups"]
+fn child_env_override() {
+    let Ok(want) = std::env::var("GROUP_SHM_CHILD_EXPECT") else { return };
+    let store: SharedStore = Arc::new(HashStore::new());
+    let res: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|r| {
+                let store = store.clone();
+                s.spawn(move || {
+                    ProcessGroup::new_world(store, r, 2, opts(TransportKind::Shm)).map(|g| {
+                        let mut x = [r as i32 + 1; 3];
+                        g.all_reduce(&mut x, ReduceOp::Sum).unwrap();
+                        assert_eq!(x, [3; 3]);
+                        g.transport_kind()
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in res {
+        match (want.as_str(), r) {
+            ("invalid", Err(Error::InvalidArgument(m))) => assert!(m.contains("RANKWEAVE_TRANSPORT"), "{m}"),
+            ("tcp", Ok(k)) => assert_eq!(k, TransportKind::Tcp),
+            (w, r) => panic!("expected {w}, got {r:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_environment_override_reaches_new_groups() {
+    for (value, expect) in [("tcp", "tcp"), ("TCP", "tcp"), ("udp", "invalid")] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "child_env_override", "--test-threads=1"])
+            .env("RANKWEAVE_TRANSPORT", value)
+            .env("GROUP_SHM_CHILD_EXPECT", expect)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("1 passed"), "{value}: {text}");
+    }
+}
