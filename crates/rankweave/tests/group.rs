@@ -264,10 +264,11 @@ fn destroy_poisons_every_clone_and_the_peer_sees_it_lost() {
 }
 
 #[test]
-fn shared_memory_transport_is_reported_unsupported() {
+fn a_forced_shared_memory_world_of_one_reports_shm() {
     let store: SharedStore = Arc::new(HashStore::new());
     let o = GroupOptions { transport: TransportKind::Shm, ..opts() };
-    assert!(matches!(ProcessGroup::new_world(store, 0, 1, o), Err(Error::Unsupported(_))));
+    let g = ProcessGroup::new_world(store, 0, 1, o).unwrap();
+    assert_eq!(g.transport_kind(), TransportKind::Shm);
 }
 
 #[test]
