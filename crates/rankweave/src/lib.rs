@@ -64,3 +64,8 @@ pub use group::{GroupOptions, ProcessGroup, TransportKind};
 pub use reduce::ReduceOp;
 pub use store::{HashStore, PrefixStore, SharedStore, Store};
 pub use store::{Rendezvous, TcpStore, TcpStoreServer};
+
+/// The README's Rust code, compiled as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
