@@ -301,21 +301,17 @@ fn new_job_id() -> String {
         .collect()
 }
 
-/// Removes `/dev/shm/rankweave-<job>-*`; returns how many were removed.
+/// Removes `/dev/shm/rankweave-<job>-*` (through the library's
+/// `sys::shm::cleanup_job`, which knows how segments are named); returns how
+/// many were removed.
 pub fn remove_job_segments(job: &str) -> usize {
-    let prefix = format!("rankweave-{job}-");
-    let Ok(dir) = std::fs::read_dir("/dev/shm") else { return 0 };
-    let mut removed = 0;
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        if name.to_str().is_some_and(|n| n.starts_with(&prefix)) {
-            match std::fs::remove_file(entry.path()) {
-                Ok(()) => removed += 1,
-                Err(e) => tracing::warn!("cannot remove {}: {e}", entry.path().display()),
-            }
+    match rankweave::sys::shm::cleanup_job(job) {
+        Ok(removed) => removed.len(),
+        Err(e) => {
+            tracing::warn!("cannot remove the shared-memory segments of job {job}: {e}");
+            0
         }
     }
-    removed
 }
 
 /// One started worker.
