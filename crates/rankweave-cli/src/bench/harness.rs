@@ -12,10 +12,7 @@
 //! Both are the definitions of ../bench-anchors/RESULTS.md, so rows compare
 //! with torch gloo's and OpenMPI's.
 
-use super::ops::OpKind;
-use rankweave::transport::shm::ShmComm;
-use rankweave::{DType, Error, ProcessGroup, ReduceOp, Result};
-use std::cell::RefCell;
+use rankweave::{DType, ProcessGroup, ReduceOp, Result};
 use std::time::Instant;
 
 /// The group operations the benchmark drives. [`ProcessGroup`] implements
@@ -45,11 +42,6 @@ pub trait Comm {
     fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<()>;
     /// Returns once every rank entered.
     fn barrier(&self) -> Result<()>;
-    /// False when this communicator cannot run `op` (it is then skipped).
-    fn supports(&self, op: OpKind) -> bool {
-        let _ = op;
-        true
-    }
 }
 
 impl Comm for ProcessGroup {
@@ -88,62 +80,6 @@ impl Comm for ProcessGroup {
     }
     fn barrier(&self) -> Result<()> {
         ProcessGroup::barrier(self)
-    }
-}
-
-/// The shared-memory communicator measured directly, for builds whose
-/// process groups cannot use shared memory yet. It has every collective but
-/// no point-to-point send/recv.
-pub struct ShmDirect {
-    shm: RefCell<ShmComm>,
-}
-
-impl ShmDirect {
-    /// Wraps a communicator.
-    pub fn new(shm: ShmComm) -> ShmDirect {
-        ShmDirect { shm: RefCell::new(shm) }
-    }
-}
-
-impl Comm for ShmDirect {
-    fn rank(&self) -> usize {
-        self.shm.borrow().rank()
-    }
-    fn size(&self) -> usize {
-        self.shm.borrow().size()
-    }
-    fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-        self.shm.borrow_mut().all_reduce(buf, dtype, op)
-    }
-    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        self.shm.borrow_mut().broadcast(buf, root)
-    }
-    fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
-        self.shm.borrow_mut().all_gather(input, output)
-    }
-    fn gather_bytes(&self, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
-        self.shm.borrow_mut().gather(input, output, root)
-    }
-    fn reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
-        self.shm.borrow_mut().reduce(buf, dtype, op, root)
-    }
-    fn reduce_scatter_bytes(&self, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-        self.shm.borrow_mut().reduce_scatter(input, output, dtype, op)
-    }
-    fn all_to_all_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
-        self.shm.borrow_mut().all_to_all(input, output)
-    }
-    fn send_bytes(&self, _data: &[u8], _dst: usize) -> Result<()> {
-        Err(Error::Unsupported("send over the shared-memory communicator".into()))
-    }
-    fn recv_bytes(&self, _buf: &mut [u8], _src: usize) -> Result<()> {
-        Err(Error::Unsupported("recv over the shared-memory communicator".into()))
-    }
-    fn barrier(&self) -> Result<()> {
-        self.shm.borrow_mut().barrier()
-    }
-    fn supports(&self, op: OpKind) -> bool {
-        op != OpKind::SendRecv
     }
 }
 

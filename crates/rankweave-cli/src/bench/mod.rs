@@ -23,7 +23,6 @@ pub mod spawn;
 use harness::{Comm, Mode, Plan};
 use ops::{CollBench, ObjSize, OpKind};
 use rankweave::message_queue::MessageQueue;
-use rankweave::transport::shm::{ShmComm, ShmOptions};
 use rankweave::{DType, Error, GroupOptions, PrefixStore, ProcessGroup, ReduceOp, Result, SharedStore, TransportKind};
 use report::{Cell, Record, Table};
 use std::io::{IsTerminal, Write};
@@ -474,25 +473,8 @@ fn run_worker(cfg: &Config) -> Result<i32> {
         let gstore: SharedStore = Arc::new(PrefixStore::new(format!("bench-{}", transport_name(t)), store.clone()));
         let opts = GroupOptions { timeout: cfg.timeout, transport: t, ..GroupOptions::default() };
         let label = format!("rankweave-{}", transport_name(t));
-        let (group, direct) = match ProcessGroup::new_world(gstore.clone(), rank, world, opts.clone()) {
-            Ok(g) => (g, None),
-            Err(Error::Unsupported(why)) if t == TransportKind::Shm => {
-                // Process groups cannot run over shared memory in this build:
-                // measure the shared-memory communicator itself, with a TCP
-                // group beside it for the MessageQueue's set-up.
-                let tcp = GroupOptions { transport: TransportKind::Tcp, ..opts };
-                let g = ProcessGroup::new_world(gstore.clone(), rank, world, tcp)?;
-                let shm_opts = ShmOptions { timeout: cfg.timeout, ..ShmOptions::default() };
-                let shm = ShmComm::create(rank, world, "bench-shm", &*gstore, "shm-direct-name", &shm_opts)?;
-                out.line(&format!(
-                    "# transport shm: {why}
-# measuring the shared-memory communicator (ShmComm) directly; sendrecv is skipped"
-                ));
-                (g, Some(harness::ShmDirect::new(shm)))
-            }
-            Err(e) => return Err(e),
-        };
-        let used = if direct.is_some() { TransportKind::Shm } else { group.transport_kind() };
+        let group = ProcessGroup::new_world(gstore, rank, world, opts)?;
+        let used = group.transport_kind();
         let shown = if used == t {
             transport_name(t).to_string()
         } else {
@@ -513,11 +495,7 @@ fn run_worker(cfg: &Config) -> Result<i32> {
         } else {
             cfg
         };
-        let comm: &dyn Comm = match &direct {
-            Some(d) => d,
-            None => &group,
-        };
-        let (recs, w) = run_suite(comm, mq.as_ref(), cfg_here, &label, &shown, &mut out)?;
+        let (recs, w) = run_suite(&group, mq.as_ref(), cfg_here, &label, &shown, &mut out)?;
         records.extend(recs);
         wrong += w;
     }
@@ -663,14 +641,6 @@ pub fn run_suite(
     let mut records = Vec::new();
     let mut wrong_total = 0;
     for (op, mode, _) in plan_steps {
-        if !comm.supports(op) {
-            out.line(&format!(
-                "#\n# {}  mode={}: not available on transport {transport}, skipped",
-                op.name(),
-                mode.name()
-            ));
-            continue;
-        }
         if op.rooted() && cfg.root >= n {
             return Err(Error::invalid(format!("-r/--root {} is out of range for {n} ranks", cfg.root)));
         }
