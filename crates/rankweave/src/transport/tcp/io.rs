@@ -159,13 +159,41 @@ fn poll_timeout(deadline: Instant, now: Instant) -> PollTimeout {
     PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
 }
 
+/// How long [`drive`] retries non-blocking I/O before sleeping in `poll`
+/// when every local rank has a core of its own.
+const SPIN_BEFORE_POLL: std::time::Duration = std::time::Duration::from_micros(40);
+
+/// The busy phase for a group of `group_size` ranks: [`SPIN_BEFORE_POLL`]
+/// when the ranks on this node (`LOCAL_WORLD_SIZE`, set by the launcher, or
+/// else the group's size) fit the cores, none when they outnumber them — a
+/// spinning rank would then only delay the peer it waits for.
+pub(crate) fn spin_budget(group_size: usize) -> std::time::Duration {
+    static LOCAL: std::sync::OnceLock<(Option<usize>, usize)> = std::sync::OnceLock::new();
+    let (local, cores) = *LOCAL.get_or_init(|| {
+        let local = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.trim().parse::<usize>().ok());
+        (local, std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    if local.unwrap_or(group_size) <= cores {
+        SPIN_BEFORE_POLL
+    } else {
+        std::time::Duration::ZERO
+    }
+}
+
 /// Advances `out` and `inc` until both are done, a fault, or `deadline`.
 pub(crate) fn drive(
     mut out: Option<&mut Outgoing<'_>>,
     mut inc: Option<&mut Incoming<'_>>,
     check: &mut dyn FnMut(&mut Incoming<'_>) -> HeaderVerdict,
     deadline: Instant,
+    spin: std::time::Duration,
 ) -> Result<(), DriveFault> {
+    // Poll's wake-up after a blocking sleep costs tens of microseconds on a
+    // loaded VM; a short busy phase of non-blocking retries catches replies
+    // that arrive within microseconds (the common case for small messages)
+    // without sleeping. It is bounded in time, so oversubscribed ranks soon
+    // fall back to poll and give the core away.
+    let mut spin_until: Option<Instant> = None;
     loop {
         if let Some(o) = out.as_deref_mut() {
             o.advance().map_err(DriveFault::Send)?;
@@ -181,6 +209,11 @@ pub(crate) fn drive(
         let now = Instant::now();
         if now >= deadline {
             return Err(DriveFault::Timeout);
+        }
+        let spin_end = *spin_until.get_or_insert(now + spin);
+        if now < spin_end {
+            std::hint::spin_loop();
+            continue;
         }
         let timeout = poll_timeout(deadline, now);
         let res = match (want_out, want_in) {

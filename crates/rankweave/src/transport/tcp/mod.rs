@@ -389,7 +389,8 @@ impl TcpTransport {
             Some(t) => self.check_header(t, i),
             None => HeaderVerdict::Accept,
         };
-        let res = io::drive(out.as_mut().map(|(_, o)| o), inc.as_mut().map(|(_, i)| i), &mut check, deadline);
+        let spin = io::spin_budget(self.size);
+        let res = io::drive(out.as_mut().map(|(_, o)| o), inc.as_mut().map(|(_, i)| i), &mut check, deadline, spin);
         if let Some((_, o)) = &out {
             if o.done() {
                 self.mid_frame[o.peer].store(false, Ordering::Relaxed);
