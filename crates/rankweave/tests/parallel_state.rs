@@ -254,3 +254,28 @@ fn tp_group_broadcasts_objects_through_the_message_queue() {
         assert!(refused, "src != 0 must be refused by the message-queue broadcaster");
     }
 }
+
+/// The seed's graph_capture: the TP group starts a capture, the PP group
+/// joins its context, and collectives inside run (eagerly on CPU).
+#[test]
+fn graph_capture_runs_collectives_inside_and_refuses_after_destroy() {
+    use rankweave::tensor::Tensor;
+    let out = run_parallel(2, 2, 1, |rank, s| {
+        let sum = s
+            .graph_capture(|ctx| {
+                assert_eq!(ctx.stream, None, "no device streams on CPU");
+                let t = Tensor::from_vec(vec![rank as f32; 2], [2])?;
+                s.get_tp_group()?.all_reduce(t)?.to_vec::<f32>()
+            })
+            .expect("graph_capture");
+        let tp = s.get_tp_group().expect("tp");
+        tp.destroy();
+        let refused = tp.graph_capture(None, |_| Ok(())).is_err();
+        (rank, sum, refused)
+    });
+    for (rank, sum, refused) in out {
+        let base = (rank / 2 * 2) as f32; // TP groups [0, 1] and [2, 3]
+        assert_eq!(sum, vec![2.0 * base + 1.0; 2], "rank {rank}");
+        assert!(refused);
+    }
+}

@@ -90,6 +90,15 @@ pub(crate) trait ObjectBroadcaster: Send + Sync {
     fn broadcast_bytes(&self, data: Option<&[u8]>) -> Result<Vec<u8>>;
 }
 
+/// What a graph capture runs with (the seed's `GraphCaptureContext`): the
+/// device stream the captured work is recorded on. CPU builds have no
+/// streams, so `stream` is `None`; a device backend fills it in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GraphCaptureContext {
+    /// Identifier of the capture stream, when there is a device.
+    pub stream: Option<u64>,
+}
+
 /// Chunk size of the message-queue broadcaster (the seed's `1 << 22`).
 const MQ_CHUNK_BYTES: usize = 1 << 22;
 /// Number of chunks of the message-queue broadcaster (the seed's 6).
@@ -810,6 +819,23 @@ impl GroupCoordinator {
     /// (shared memory and host name) with group rank `source_rank`.
     pub fn in_the_same_node_as(&self, source_rank: usize) -> Result<Vec<bool>> {
         in_the_same_node_as(&self.cpu_group()?, source_rank)
+    }
+
+    /// Runs `f` inside a graph capture on this group, as the seed's
+    /// `graph_capture` context manager: with `Some(context)` the capture joins
+    /// that context (the pipeline group joining the tensor-parallel group's),
+    /// otherwise a new one starts. A capture records device work on a
+    /// side stream; a CPU build has no streams or graphs, so the context's
+    /// `stream` is `None` and the collectives inside run eagerly, exactly as
+    /// outside. The group must not be destroyed.
+    pub fn graph_capture<R>(
+        &self,
+        context: Option<GraphCaptureContext>,
+        f: impl FnOnce(&GraphCaptureContext) -> Result<R>,
+    ) -> Result<R> {
+        self.groups()?;
+        let context = context.unwrap_or_default();
+        f(&context)
     }
 
     /// Releases both groups and the message queue. Later operations fail

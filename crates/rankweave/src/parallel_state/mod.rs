@@ -36,7 +36,7 @@ mod layout;
 pub use crate::coordinator::in_the_same_node_as;
 pub use layout::{model_parallel_layout, Layout, RankPosition};
 
-use crate::coordinator::{CoordinatorOptions, GroupCoordinator, UniqueNames};
+use crate::coordinator::{CoordinatorOptions, GraphCaptureContext, GroupCoordinator, UniqueNames};
 use crate::error::{Error, Result};
 use crate::group::{GroupOptions, ProcessGroup};
 use crate::store::SharedStore;
@@ -356,6 +356,15 @@ impl ParallelState {
         Ok(self.get_tp_group()?.rank_in_group())
     }
 
+    /// Runs `f` inside a graph capture of the tensor- and pipeline-parallel
+    /// groups (the seed's module-level `graph_capture`): the TP group starts
+    /// the capture and the PP group joins its context. On CPU the context
+    /// carries no stream and collectives run eagerly.
+    pub fn graph_capture<R>(&self, f: impl FnOnce(&GraphCaptureContext) -> Result<R>) -> Result<R> {
+        let (tp, pp) = (self.get_tp_group()?, self.get_pp_group()?);
+        tp.graph_capture(None, |context| pp.graph_capture(Some(context.clone()), f))
+    }
+
     /// Replaces the TP group until the returned guard is dropped (also when
     /// unwinding from a panic), then restores the previous one. Patching an
     /// already patched state is an error.
@@ -559,6 +568,11 @@ pub fn get_tensor_model_parallel_world_size() -> Result<usize> {
 /// This rank's position in the process-wide TP group.
 pub fn get_tensor_model_parallel_rank() -> Result<usize> {
     global_state().get_tensor_model_parallel_rank()
+}
+
+/// [`ParallelState::graph_capture`] on the process-wide state.
+pub fn graph_capture<R>(f: impl FnOnce(&GraphCaptureContext) -> Result<R>) -> Result<R> {
+    global_state().graph_capture(f)
 }
 
 /// [`ParallelState::patch_tensor_parallel_group`] on the process-wide state.
