@@ -132,7 +132,9 @@ fn mismatched_sizes_fail_on_both_ranks() {
     }
 }
 
-/// Another collective on the peer is reported as a mismatch too.
+/// Another collective on the peer is reported as a mismatch too: rank 1
+/// waits for a broadcast from rank 0 and receives rank 0's all_reduce
+/// message instead; rank 0 fails too (mismatch, or its peer gone), no hang.
 #[test]
 fn mismatched_collective_fails() {
     let res = run_mem_timeout(2, Duration::from_secs(5), |rk| {
@@ -140,12 +142,13 @@ fn mismatched_collective_fails() {
         if rk.rank() == 0 {
             collectives::all_reduce(&mut rk.comm(), &mut buf, DType::F32, ReduceOp::Sum)
         } else {
-            collectives::broadcast(&mut rk.comm(), &mut buf, 1)
+            collectives::broadcast(&mut rk.comm(), &mut buf, 0)
         }
     });
-    let e = res[0].as_ref().unwrap_err();
+    let e = res[1].as_ref().unwrap_err();
     assert!(matches!(e, Error::Mismatch { .. }), "{e}");
-    assert!(e.to_string().contains("broadcast"), "{e}");
+    assert!(e.to_string().contains("broadcast") && e.to_string().contains("all_reduce"), "{e}");
+    assert!(res[0].is_err(), "rank 0 must fail too");
 }
 
 /// A rank that never joins: the others time out naming it.
