@@ -237,6 +237,19 @@ pub(crate) fn drive(
     }
 }
 
+/// Sleeps in `poll` until `sock` is ready for `flags` or `deadline` passes
+/// (then `TimedOut`); the small blocking helpers below share it.
+fn wait_ready(sock: &Socket, flags: PollFlags, deadline: Instant) -> io::Result<()> {
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+    }
+    match nix::poll::poll(&mut [PollFd::new(sock.as_fd(), flags)], poll_timeout(deadline, now)) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
 /// Reads exactly `n` (at most [`MAX_ABORT_PAYLOAD`]) bytes from `sock` by
 /// `deadline`; used for the tail of an ABORT frame.
 pub(crate) fn read_small(sock: &Socket, mut have: Vec<u8>, n: usize, deadline: Instant) -> io::Result<Vec<u8>> {
@@ -249,17 +262,7 @@ pub(crate) fn read_small(sock: &Socket, mut have: Vec<u8>, n: usize, deadline: I
         match s.read(&mut have[off..]) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
             Ok(k) => off += k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
-                }
-                match nix::poll::poll(&mut [PollFd::new(sock.as_fd(), PollFlags::POLLIN)], poll_timeout(deadline, now))
-                {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(io::Error::from(e)),
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_ready(sock, PollFlags::POLLIN, deadline)?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -274,17 +277,7 @@ pub(crate) fn write_small(sock: &Socket, bytes: &[u8], deadline: Instant) -> io:
         match sock.send_with_flags(&bytes[off..], nix::libc::MSG_NOSIGNAL) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes")),
             Ok(k) => off += k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
-                }
-                match nix::poll::poll(&mut [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)], poll_timeout(deadline, now))
-                {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(io::Error::from(e)),
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_ready(sock, PollFlags::POLLOUT, deadline)?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -301,17 +294,7 @@ pub(crate) fn skip(sock: &Socket, mut n: u64, deadline: Instant) -> io::Result<(
         match s.read(&mut scratch[..want]) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed")),
             Ok(k) => n -= k as u64,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
-                }
-                match nix::poll::poll(&mut [PollFd::new(sock.as_fd(), PollFlags::POLLIN)], poll_timeout(deadline, now))
-                {
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(io::Error::from(e)),
-                }
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_ready(sock, PollFlags::POLLIN, deadline)?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
