@@ -786,7 +786,7 @@ impl Drop for CloseOnPanic<'_> {
 /// This node's identity: the host name and, where readable, the kernel's
 /// boot id (two containers with one host name but separate kernels, or a
 /// host name reused across reboots, then differ).
-fn node_identity() -> String {
+pub(crate) fn node_identity() -> String {
     #[cfg(test)]
     if let Some(id) = tests::NODE.with(|n| n.borrow().clone()) {
         return id;

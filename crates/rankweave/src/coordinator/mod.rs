@@ -86,8 +86,9 @@ pub struct CoordinatorOptions {
 /// A broadcaster of byte blobs from group rank 0 (the shared-memory message
 /// queue plugs in here).
 pub(crate) trait ObjectBroadcaster: Send + Sync {
-    /// On group rank 0 `data` is `Some`; every rank gets the bytes back.
-    fn broadcast_bytes(&self, data: Option<&[u8]>) -> Result<Vec<u8>>;
+    /// On group rank 0 `data` is `Some`; every rank gets the bytes back
+    /// (the writer its own buffer, without a copy).
+    fn broadcast_bytes(&self, data: Option<Vec<u8>>) -> Result<Vec<u8>>;
 }
 
 /// What a graph capture runs with (the seed's `GraphCaptureContext`): the
@@ -105,11 +106,11 @@ const MQ_CHUNK_BYTES: usize = 1 << 22;
 const MQ_CHUNKS: usize = 6;
 
 impl ObjectBroadcaster for MessageQueue {
-    fn broadcast_bytes(&self, data: Option<&[u8]>) -> Result<Vec<u8>> {
+    fn broadcast_bytes(&self, data: Option<Vec<u8>>) -> Result<Vec<u8>> {
         if self.is_writer() {
             let data = data.ok_or_else(|| Error::invalid("message queue broadcast: the writer must pass the bytes"))?;
-            self.enqueue_bytes(data)?;
-            Ok(data.to_vec())
+            self.enqueue_bytes(&data)?;
+            Ok(data)
         } else {
             self.dequeue_bytes()
         }
@@ -578,7 +579,7 @@ impl GroupCoordinator {
                     self.unique_name()
                 )));
             }
-            return mq.broadcast_bytes(data.as_deref());
+            return mq.broadcast_bytes(data);
         }
         wire::broadcast_blob(&g.cpu, data, src, &self.inner.limits)
     }

@@ -68,13 +68,9 @@ fn peer_ctx(e: Error, op: &str, pg: &ProcessGroup, peer: usize) -> Error {
 
 const PROBE_BYTES: usize = 128;
 
-fn hostname() -> String {
-    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
 /// For every rank of `pg`, whether it runs on the same node as group rank
 /// `source_rank`: the source creates a small shared-memory segment holding a
-/// magic string and broadcasts its name and host name; each other rank opens
+/// magic string and broadcasts its name and node identity (host name and boot id, as groups use); each other rank opens
 /// it and checks both; the answers are all-reduced. A rank that cannot open
 /// the segment (another host, a private `/dev/shm`) answers "different
 /// node". A collective: every rank of `pg` calls it.
@@ -89,7 +85,7 @@ pub fn in_the_same_node_as(pg: &ProcessGroup, source_rank: usize) -> Result<Vec<
     let rank = pg.rank();
     let mut answers = vec![0i32; n];
     let limits = DecodeLimits::default();
-    let host = hostname();
+    let host = crate::group::node_identity();
     let mut segment = None;
     if rank == source_rank {
         static PROBES: AtomicU64 = AtomicU64::new(0);
