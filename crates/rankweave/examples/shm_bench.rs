@@ -6,8 +6,8 @@
 //! (`SHM_BENCH_SIZES=8,1024` picks the all_reduce sizes,
 //! `SHM_BENCH_DIRECT=BYTES` the largest all_reduce on the one-step path).
 
+use rankweave::collectives::shm::{ShmComm, ShmOptions};
 use rankweave::message_queue::{MessageQueue, MqOptions};
-use rankweave::transport::shm::{ShmComm, ShmOptions};
 use rankweave::{DType, HashStore, ReduceOp};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

@@ -44,6 +44,7 @@
 #![warn(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod backend;
 pub mod collectives;
 pub mod coordinator;
 pub mod dtype;
@@ -57,6 +58,7 @@ mod sync;
 pub mod sys;
 pub mod tensor;
 pub mod transport;
+mod validate;
 
 pub use dtype::{DType, Element};
 pub use error::{Context, Error, Result};

@@ -39,7 +39,6 @@
 
 use crate::error::{Context, Error, Result};
 use crate::group::ProcessGroup;
-use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::Backoff;
 use crate::sys::shm::ShmSegment;
 use crate::transport::tcp::advertised_ip;
@@ -47,6 +46,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,9 @@ pub struct MqOptions {
     /// Address remote readers connect to; `None`: `listen_host`, or for a
     /// wildcard listener the address that routes to the other nodes.
     pub connect_host: Option<String>,
+    /// The host remote readers reach the job through (`MASTER_ADDR`), which
+    /// picks the advertised address of a wildcard listener.
+    pub route_to: Option<String>,
 }
 
 impl Default for MqOptions {
@@ -86,6 +89,7 @@ impl Default for MqOptions {
             warn_interval: Duration::from_secs(60),
             listen_host: "127.0.0.1".into(),
             connect_host: None,
+            route_to: None,
         }
     }
 }
@@ -387,7 +391,10 @@ impl MessageQueue {
         let port = bound.port();
         // A wildcard listener advertises the address that reaches the other
         // nodes, as the TCP transport does.
-        let host = opts.connect_host.clone().unwrap_or_else(|| advertised_ip(bound.ip()).to_string());
+        let host = opts
+            .connect_host
+            .clone()
+            .unwrap_or_else(|| advertised_ip(bound.ip(), opts.route_to.as_deref()).to_string());
         let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host };
         let handle = Handle {
             writer_rank,
@@ -942,6 +949,7 @@ impl MessageQueue {
         let opts = MqOptions {
             timeout: group.timeout(),
             listen_host: group.options().listen_host.clone(),
+            route_to: group.options().route_to.clone(),
             ..Default::default()
         };
         Self::create_from_process_group_with(group, max_chunk_bytes, max_chunks, writer_rank, opts)

@@ -1,9 +1,12 @@
-//! Synchronization primitives shared by the shared-memory code: the one
-//! import point for atomics and the waiting strategy.
+//! The waiting strategy shared by the shared-memory code.
 //!
-//! Every atomic the shared-memory transport and the message queue use comes
-//! from [`atomic`], so a model-checking build (loom) can swap them in one
-//! place, the way crossbeam's `primitive::sync` does.
+//! The shared-memory collectives and the message queue use `std` atomics
+//! directly. A loom seam was tried and removed: loom models threads of one
+//! process, while these protocols run between processes over a mapped
+//! segment whose every access goes through raw offsets, which loom cannot
+//! follow; the protocols are covered instead by stress tests (thousands of
+//! mixed collectives and messages over small slots) and by the
+//! Release/Acquire pairs documented at each store and load.
 //!
 //! Waiting ([`Backoff`]) goes through three stages, because ranks often
 //! outnumber cores (8 ranks on 2 cores must not crawl):
@@ -22,11 +25,6 @@
 //! the group and the late peer.
 
 use std::time::{Duration, Instant};
-
-/// The atomics the shared-memory code uses (one import point, see the module docs).
-pub(crate) mod atomic {
-    pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
-}
 
 /// Spin iterations before the first yield.
 ///
@@ -122,6 +120,7 @@ pub(crate) fn current_cpu() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic;
     use std::sync::Arc;
 
     #[test]

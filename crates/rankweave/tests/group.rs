@@ -10,7 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn opts() -> GroupOptions {
-    GroupOptions { timeout: Duration::from_secs(20), transport: TransportKind::Tcp, listen_host: "127.0.0.1".into() }
+    GroupOptions {
+        timeout: Duration::from_secs(20),
+        transport: TransportKind::Tcp,
+        listen_host: "127.0.0.1".into(),
+        ..GroupOptions::builtin()
+    }
 }
 
 fn spawn<R, F>(n: usize, f: F) -> Vec<R>
@@ -91,11 +96,11 @@ fn new_group_memberships_names_and_ranks_match_the_model_parallel_layout() {
         let mut buf = [0u8];
         let tag = Tag::new(OpCode::SendRecv, 1);
         let deadline = Instant::now() + Duration::from_secs(20);
-        tp.transport().send_recv(peer, tag, &[me as u8], peer, tag, &mut buf, deadline).unwrap();
+        tp.transport().unwrap().send_recv(peer, tag, &[me as u8], peer, tag, &mut buf, deadline).unwrap();
         assert_eq!(buf[0] as usize, tp.global_ranks()[peer]);
         let n = pp.size();
         let (to, from) = ((pp.rank() + 1) % n, (pp.rank() + n - 1) % n);
-        pp.transport().send_recv(to, tag, &[me as u8], from, tag, &mut buf, deadline).unwrap();
+        pp.transport().unwrap().send_recv(to, tag, &[me as u8], from, tag, &mut buf, deadline).unwrap();
         assert_eq!(buf[0] as usize, pp.global_ranks()[from]);
         (tp.group_id(), pp.group_id())
     });
@@ -185,7 +190,7 @@ fn two_groups_run_at_once_from_two_threads() {
                     let (to, from) = ((me + 1) % n, (me + n - 1) % n);
                     let tag = Tag::new(OpCode::AllGather, step);
                     let deadline = Instant::now() + Duration::from_secs(20);
-                    g.transport().send_recv(to, tag, &data, from, tag, &mut buf, deadline).unwrap();
+                    g.transport().unwrap().send_recv(to, tag, &data, from, tag, &mut buf, deadline).unwrap();
                     assert!(buf.iter().all(|&x| x == salt ^ (from as u8) ^ step as u8));
                 }
             })

@@ -26,7 +26,12 @@ fn worker() {
     // With RW_STORE_MASTER, rank 0 hosts the store (as `rankweave launch` jobs do).
     let master = std::env::var("RW_STORE_MASTER").is_ok() && rank == 0;
     let store: SharedStore = Arc::new(TcpStore::new("127.0.0.1", port as u16, master, timeout).unwrap());
-    let opts = GroupOptions { timeout, transport: TransportKind::Tcp, listen_host: "127.0.0.1".into() };
+    let opts = GroupOptions {
+        timeout,
+        transport: TransportKind::Tcp,
+        listen_host: "127.0.0.1".into(),
+        ..GroupOptions::builtin()
+    };
     let g = ProcessGroup::new_world(store, rank, n, opts).unwrap();
     match scenario.as_str() {
         "ring" => {
@@ -36,7 +41,7 @@ fn worker() {
                 let mut buf = vec![0u8; len];
                 let tag = Tag::new(OpCode::AllGather, step as u64);
                 let deadline = Instant::now() + timeout;
-                g.transport().send_recv(to, tag, &data, from, tag, &mut buf, deadline).unwrap();
+                g.transport().unwrap().send_recv(to, tag, &data, from, tag, &mut buf, deadline).unwrap();
                 assert!(buf.iter().enumerate().all(|(i, &b)| b == (i * 7 + from) as u8), "rank {rank} len {len}");
             }
             println!("rank {rank} ok");
@@ -84,7 +89,7 @@ fn worker() {
                 }
                 let tag = Tag::new(OpCode::AllReduce, step);
                 let deadline = Instant::now() + timeout;
-                if let Err(e) = g.transport().send_recv(to, tag, &data, from, tag, &mut buf, deadline) {
+                if let Err(e) = g.transport().unwrap().send_recv(to, tag, &data, from, tag, &mut buf, deadline) {
                     println!("rank {rank} error: {e}");
                     assert!(matches!(e, Error::PeerLost { .. }), "{e}");
                     assert_eq!(e.peer(), Some(victim), "{e}");

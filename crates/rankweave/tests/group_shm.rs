@@ -9,8 +9,8 @@
 mod common;
 
 use common::{expected, input, pattern, random_floats};
+use rankweave::collectives::shm::DEFAULT_SLOT_BYTES;
 use rankweave::sys::shm::{job_id, list_job};
-use rankweave::transport::shm::DEFAULT_SLOT_BYTES;
 use rankweave::{DType, Error, GroupOptions, HashStore, ProcessGroup, ReduceOp, SharedStore, TransportKind};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -24,7 +24,12 @@ fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
 }
 
 fn opts(transport: TransportKind) -> GroupOptions {
-    GroupOptions { timeout: Duration::from_secs(30), transport, listen_host: "127.0.0.1".into() }
+    GroupOptions {
+        timeout: Duration::from_secs(30),
+        transport,
+        listen_host: "127.0.0.1".into(),
+        ..GroupOptions::builtin()
+    }
 }
 
 /// What a group built with `requested` reports, given this process's environment.

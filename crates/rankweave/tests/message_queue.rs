@@ -392,7 +392,7 @@ fn a_reader_timeout_can_be_retried() {
 fn queues_and_communicators_can_be_shared_across_threads() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<MessageQueue>();
-    send_sync::<rankweave::transport::shm::ShmComm>();
+    send_sync::<rankweave::collectives::shm::ShmComm>();
 }
 
 #[test]

@@ -4,7 +4,7 @@
 mod common;
 
 use half::{bf16, f16};
-use rankweave::transport::shm::{ShmComm, ShmOptions};
+use rankweave::collectives::shm::{ShmComm, ShmOptions};
 use rankweave::{DType, Error, HashStore, ReduceOp};
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,7 +261,7 @@ fn absurd_slot_sizes_are_errors() {
         let opts = ShmOptions { slot_bytes, ..small_opts() };
         assert!(matches!(ShmComm::create(0, 2, "absurd", &store, "k", &opts), Err(Error::InvalidArgument(_))));
     }
-    assert_eq!(rankweave::transport::shm::segment_bytes(usize::MAX, 4096), None);
+    assert_eq!(rankweave::collectives::shm::segment_bytes(usize::MAX, 4096), None);
 }
 
 #[test]

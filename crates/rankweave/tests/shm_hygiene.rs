@@ -1,9 +1,9 @@
 //! Shared-memory hygiene: free-space errors, no leftovers in /dev/shm, and
 //! cleanup of what a SIGKILLed process left behind.
 
+use rankweave::collectives::shm::{ShmComm, ShmOptions};
 use rankweave::message_queue::{MessageQueue, MqOptions};
 use rankweave::sys::shm::{check_free_space_at, cleanup_job, job_id, list_job, ShmSegment};
-use rankweave::transport::shm::{ShmComm, ShmOptions};
 use rankweave::{DType, Error, HashStore, ReduceOp};
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;

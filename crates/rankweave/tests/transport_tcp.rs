@@ -1,7 +1,7 @@
 //! The TCP transport between ranks running as threads over an in-process store:
 //! mesh creation, framing, deadlines, lost peers, abort propagation, mismatches.
 
-use rankweave::transport::tcp::{group_id_of, TcpTransport};
+use rankweave::transport::tcp::{group_id_of, TcpOptions, TcpTransport};
 use rankweave::transport::{OpCode, Tag, Transport};
 use rankweave::{Error, GroupOptions, HashStore, ProcessGroup, SharedStore, TransportKind};
 use std::io::Write;
@@ -37,7 +37,7 @@ fn allocations() -> u64 {
 }
 
 fn opts(timeout: Duration) -> GroupOptions {
-    GroupOptions { timeout, transport: TransportKind::Tcp, listen_host: "127.0.0.1".into() }
+    GroupOptions { timeout, transport: TransportKind::Tcp, listen_host: "127.0.0.1".into(), ..GroupOptions::builtin() }
 }
 
 /// Runs `f(world)` on `n` thread-ranks of a fresh world; returns results in rank order.
@@ -70,7 +70,7 @@ const T: Duration = Duration::from_secs(20);
 fn mesh_all_pairs_exchange_for_world_sizes_1_to_8() {
     for n in 1..=8usize {
         let out = spawn(n, T, move |g| {
-            let t = g.transport();
+            let t = g.transport().unwrap();
             assert_eq!((t.rank(), t.size(), t.group_name()), (g.rank(), n, "world:0"));
             let me = g.rank();
             let mut got = vec![usize::MAX; n];
@@ -102,7 +102,7 @@ fn ring_of_16_mib_per_rank_does_not_deadlock() {
     for n in [2usize, 4] {
         let len = 16 << 20;
         spawn(n, T, move |g| {
-            let t = g.transport();
+            let t = g.transport().unwrap();
             let me = g.rank();
             let data = pattern(me, len);
             let mut buf = vec![0u8; len];
@@ -119,7 +119,7 @@ fn ring_of_16_mib_per_rank_does_not_deadlock() {
 #[test]
 fn plain_send_and_recv_in_order_including_empty_messages() {
     spawn(2, T, |g| {
-        let t = g.transport();
+        let t = g.transport().unwrap();
         for (i, len) in [0usize, 1, 7, 100_000].into_iter().enumerate() {
             let tag = Tag::new(OpCode::SendRecv, i as u64);
             if g.rank() == 0 {
@@ -142,6 +142,7 @@ fn recv_times_out_naming_the_silent_peer() {
             let mut buf = [0u8; 8];
             let err = g
                 .transport()
+                .unwrap()
                 .recv(1, Tag::new(OpCode::Broadcast, 3), &mut buf, Instant::now() + Duration::from_millis(300))
                 .unwrap_err();
             let waited = start.elapsed();
@@ -150,7 +151,7 @@ fn recv_times_out_naming_the_silent_peer() {
             let msg = err.to_string();
             assert!(msg.contains("broadcast") && msg.contains("world:0") && msg.contains("rank 1"), "{msg}");
             assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "{waited:?}");
-            let again = g.transport().recv(1, Tag::new(OpCode::Broadcast, 4), &mut buf, soon(1)).unwrap_err();
+            let again = g.transport().unwrap().recv(1, Tag::new(OpCode::Broadcast, 4), &mut buf, soon(1)).unwrap_err();
             assert!(matches!(again, Error::Poisoned { .. }), "{again}");
         }
         done.wait();
@@ -170,7 +171,7 @@ fn a_closed_peer_is_reported_lost_by_name() {
         ready.wait();
         let mut buf = vec![0u8; 1 << 20];
         let start = Instant::now();
-        let err = g.transport().recv(1, Tag::new(OpCode::Gather, 1), &mut buf, soon(20)).unwrap_err();
+        let err = g.transport().unwrap().recv(1, Tag::new(OpCode::Gather, 1), &mut buf, soon(20)).unwrap_err();
         assert!(matches!(err, Error::PeerLost { .. }), "{err}");
         assert_eq!(err.peer(), Some(1));
         assert!(err.to_string().contains("rank 1 lost"), "{err}");
@@ -190,7 +191,7 @@ fn sending_to_a_closed_peer_is_reported_lost() {
         }
         ready.wait();
         let data = vec![1u8; 32 << 20];
-        let err = g.transport().send(1, Tag::new(OpCode::Scatter, 1), &data, soon(20)).unwrap_err();
+        let err = g.transport().unwrap().send(1, Tag::new(OpCode::Scatter, 1), &data, soon(20)).unwrap_err();
         assert!(matches!(err, Error::PeerLost { .. }), "{err}");
         assert_eq!(err.peer(), Some(1));
     });
@@ -201,7 +202,7 @@ fn abort_propagates_around_a_ring_naming_the_dropped_rank() {
     let n = 4;
     let victim = 2;
     let out = spawn(n, T, move |g| {
-        let t = g.transport();
+        let t = g.transport().unwrap();
         let me = g.rank();
         let len = 1 << 20;
         let data = pattern(me, len);
@@ -245,7 +246,7 @@ fn length_mismatch_errors_on_both_ranks_naming_each_other() {
         let mut buf = vec![0u8; len];
         let tag = Tag::new(OpCode::AllReduce, 5);
         let peer = 1 - me;
-        g.transport().send_recv(peer, tag, &data, peer, tag, &mut buf, soon(20)).unwrap_err()
+        g.transport().unwrap().send_recv(peer, tag, &data, peer, tag, &mut buf, soon(20)).unwrap_err()
     });
     for (me, err) in out.iter().enumerate() {
         assert!(matches!(err, Error::Mismatch { .. }), "rank {me}: {err}");
@@ -270,7 +271,7 @@ fn op_and_sequence_mismatches_are_reported() {
         let (op, seq) = if me == 0 { (OpCode::AllReduce, 1) } else { (OpCode::Broadcast, 2) };
         let tag = Tag::new(op, seq);
         let mut buf = [0u8; 4];
-        g.transport().send_recv(1 - me, tag, &[1, 2, 3, 4], 1 - me, tag, &mut buf, soon(20)).unwrap_err()
+        g.transport().unwrap().send_recv(1 - me, tag, &[1, 2, 3, 4], 1 - me, tag, &mut buf, soon(20)).unwrap_err()
     });
     assert!(out[0].to_string().contains("expected all_reduce seq 1 of 4 bytes from rank 1, got broadcast seq 2"));
     assert!(out[1].to_string().contains("expected broadcast seq 2 of 4 bytes from rank 0, got all_reduce seq 1"));
@@ -279,7 +280,7 @@ fn op_and_sequence_mismatches_are_reported() {
 #[test]
 fn invalid_peers_are_rejected_without_poisoning() {
     spawn(2, T, |g| {
-        let t = g.transport();
+        let t = g.transport().unwrap();
         let tag = Tag::new(OpCode::SendRecv, 0);
         let me = g.rank();
         assert!(matches!(t.send(me, tag, &[1], soon(1)), Err(Error::InvalidArgument(_))));
@@ -312,7 +313,8 @@ fn stray_connections_are_rejected_and_the_mesh_still_forms() {
     let store: SharedStore = Arc::new(HashStore::new());
     let gid = group_id_of("test/stray");
     let s0 = store.clone();
-    let rank0 = std::thread::spawn(move || TcpTransport::connect(s0, 0, 2, "stray:0", gid, "127.0.0.1", soon(20)));
+    let rank0 =
+        std::thread::spawn(move || TcpTransport::connect(s0, 0, 2, "stray:0", gid, &TcpOptions::default(), soon(20)));
     let addr = String::from_utf8(store.get_timeout("tcp/addr/0", Duration::from_secs(10)).unwrap()).unwrap();
     // Garbage bytes, then a well-formed hello of another group.
     let mut junk = std::net::TcpStream::connect(&addr).unwrap();
@@ -321,14 +323,23 @@ fn stray_connections_are_rejected_and_the_mesh_still_forms() {
         let store: SharedStore = Arc::new(HashStore::new());
         store.set("tcp/addr/0", addr.as_bytes()).unwrap();
         move || {
-            TcpTransport::connect(store, 1, 2, "other:0", gid ^ 1, "127.0.0.1", Instant::now() + Duration::from_secs(2))
+            TcpTransport::connect(
+                store,
+                1,
+                2,
+                "other:0",
+                gid ^ 1,
+                &TcpOptions::default(),
+                Instant::now() + Duration::from_secs(2),
+            )
         }
     });
     let other_err = other.join().unwrap().unwrap_err();
     assert!(matches!(other_err, Error::Protocol { .. }), "{other_err}");
     assert!(other_err.to_string().contains("rank 0 of group stray:0 rejected the handshake"), "{other_err}");
     let s1 = store.clone();
-    let rank1 = std::thread::spawn(move || TcpTransport::connect(s1, 1, 2, "stray:0", gid, "127.0.0.1", soon(20)));
+    let rank1 =
+        std::thread::spawn(move || TcpTransport::connect(s1, 1, 2, "stray:0", gid, &TcpOptions::default(), soon(20)));
     let (t0, t1) = (rank0.join().unwrap().unwrap(), rank1.join().unwrap().unwrap());
     let tag = Tag::new(OpCode::Object, 9);
     t0.send(1, tag, b"hello", soon(5)).unwrap();
@@ -344,7 +355,7 @@ fn world_of_one_opens_no_socket_and_rejects_peers() {
     assert_eq!((g.rank(), g.size(), g.name()), (0, 1, "world:0"));
     assert!(!store.check(&["rankweave/world:0/tcp/addr/0"]).unwrap());
     assert!(matches!(
-        g.transport().send(0, Tag::new(OpCode::SendRecv, 1), &[1], soon(1)),
+        g.transport().unwrap().send(0, Tag::new(OpCode::SendRecv, 1), &[1], soon(1)),
         Err(Error::InvalidArgument(_))
     ));
 }
@@ -359,7 +370,7 @@ fn exchange_over(listen_host: &'static str) {
                 let g = ProcessGroup::new_world(store, r, 2, o).unwrap();
                 let mut buf = [0u8; 2];
                 let tag = Tag::new(OpCode::SendRecv, 1);
-                g.transport().send_recv(1 - r, tag, &[r as u8, 9], 1 - r, tag, &mut buf, soon(20)).unwrap();
+                g.transport().unwrap().send_recv(1 - r, tag, &[r as u8, 9], 1 - r, tag, &mut buf, soon(20)).unwrap();
                 assert_eq!(buf, [1 - r as u8, 9]);
             })
         })
@@ -389,7 +400,7 @@ fn ipv6_loopback_works_where_available() {
 #[test]
 fn steady_state_exchanges_allocate_nothing() {
     spawn(3, T, |g| {
-        let t = g.transport();
+        let t = g.transport().unwrap();
         let me = g.rank();
         let (to, from) = ((me + 1) % 3, (me + 2) % 3);
         let data = pattern(me, 1 << 20);
@@ -414,7 +425,7 @@ fn a_relay_waiting_on_a_silent_rank_blames_that_rank_not_the_relay() {
     let out = spawn(3, T, move |g| {
         sync.wait();
         let deadline = Instant::now() + Duration::from_millis(400);
-        let t = g.transport();
+        let t = g.transport().unwrap();
         let tag = Tag::new(OpCode::Broadcast, 1);
         let mut buf = [0u8; 16];
         let res = match g.rank() {

@@ -19,7 +19,7 @@
 //! TPDS 8(11), 1997; Thakur, Rabenseifner & Gropp, IJHPCA 19(1), 2005.
 
 use super::util::{split_pair, sub_mod};
-use super::{check_all_gather, Comm};
+use super::Comm;
 use crate::error::{Error, Result};
 use crate::transport::OpCode;
 
@@ -41,7 +41,7 @@ fn bruck(c: &mut Comm<'_>, buf: &mut [u8], s: usize) -> Result<()> {
 
 /// Out-of-place Bruck all_gather: `output.len() == n * input.len()`.
 pub fn all_gather_bruck(c: &mut Comm<'_>, input: &[u8], output: &mut [u8]) -> Result<()> {
-    check_all_gather(c.size(), input.len(), output.len())?;
+    super::check(c, OpCode::AllGather).len("output (size x input)", c.size() * input.len(), output.len())?;
     output[..input.len()].copy_from_slice(input);
     bruck(c, output, input.len())
 }

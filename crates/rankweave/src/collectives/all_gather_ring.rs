@@ -56,7 +56,7 @@ pub fn all_gather_ring_inplace(c: &mut Comm<'_>, buf: &mut [u8]) -> Result<()> {
 
 /// Out-of-place ring all_gather: `output.len() == n * input.len()`.
 pub fn all_gather_ring(c: &mut Comm<'_>, input: &[u8], output: &mut [u8]) -> Result<()> {
-    super::check_all_gather(c.size(), input.len(), output.len())?;
+    super::check(c, OpCode::AllGather).len("output (size x input)", c.size() * input.len(), output.len())?;
     let r = c.rank();
     output[r * input.len()..(r + 1) * input.len()].copy_from_slice(input);
     all_gather_ring_inplace(c, output)

@@ -22,7 +22,7 @@
 //! 19(1), 2005 (recursive doubling, and the fold for non-powers of two).
 
 use super::util::{scratch, Link};
-use super::{check_elems, Comm};
+use super::Comm;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::reduce::{finish_avg, reduce_into, ReduceOp};
@@ -81,7 +81,7 @@ pub(crate) fn recursive_doubling(
 /// Recursive-doubling all_reduce of `buf` in place (any size; chosen by
 /// [`super::all_reduce`] for small buffers).
 pub fn all_reduce_recursive_doubling(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-    check_elems(OpCode::AllReduce, buf.len(), dtype)?;
+    super::check(c, OpCode::AllReduce).elems(buf.len(), dtype)?;
     let l = c.link(OpCode::AllReduce);
     let tmp = scratch(c.scratch, buf.len());
     recursive_doubling(l, buf, dtype, op, tmp)?;

@@ -22,7 +22,7 @@
 use super::all_gather_ring::ring_all_gather;
 use super::reduce_scatter_ring::ring_reduce_scatter;
 use super::util::{scratch, Blocks};
-use super::{check_elems, Comm, SEGMENT_BYTES};
+use super::{Comm, SEGMENT_BYTES};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::reduce::{finish_avg, ReduceOp};
@@ -37,7 +37,7 @@ pub fn all_reduce_ring_with(
     op: ReduceOp,
     segment_bytes: usize,
 ) -> Result<()> {
-    check_elems(OpCode::AllReduce, buf.len(), dtype)?;
+    super::check(c, OpCode::AllReduce).elems(buf.len(), dtype)?;
     let n = c.size();
     let blocks = Blocks::new(buf.len(), n, dtype.size(), segment_bytes);
     let l = c.link(OpCode::AllReduce);

@@ -14,14 +14,14 @@
 //! 19(1), 2005 (pairwise exchange for long messages).
 
 use super::util::sub_mod;
-use super::{check_all_to_all, Comm};
+use super::Comm;
 use crate::error::Result;
 use crate::transport::OpCode;
 
 /// Pairwise-exchange all_to_all.
 pub fn all_to_all_pairwise(c: &mut Comm<'_>, input: &[u8], output: &mut [u8]) -> Result<()> {
     let n = c.size();
-    check_all_to_all(n, input.len(), output.len())?;
+    super::check_all_to_all(c, input.len(), output.len())?;
     let s = input.len() / n;
     let l = c.link(OpCode::AllToAll);
     let r = l.rank();

@@ -16,14 +16,14 @@
 
 use super::all_gather_ring::ring_all_gather;
 use super::util::Blocks;
-use super::{check_root, Comm, SEGMENT_BYTES};
+use super::{Comm, SEGMENT_BYTES};
 use crate::error::Result;
 use crate::transport::OpCode;
 
 /// Scatter + ring all-gather broadcast of `buf` from group rank `root`.
 pub fn broadcast_scatter_all_gather(c: &mut Comm<'_>, buf: &mut [u8], root: usize) -> Result<()> {
     let n = c.size();
-    check_root(OpCode::Broadcast, root, n)?;
+    super::check(c, OpCode::Broadcast).root(root)?;
     if n == 1 || buf.is_empty() {
         return Ok(());
     }

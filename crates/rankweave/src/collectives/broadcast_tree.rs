@@ -16,7 +16,7 @@
 //! operations in MPICH", IJHPCA 19(1), 2005 (binomial tree broadcast).
 
 use super::util::Link;
-use super::{check_root, Comm};
+use super::Comm;
 use crate::error::Result;
 use crate::transport::OpCode;
 
@@ -48,6 +48,6 @@ pub(crate) fn binomial_broadcast(l: Link<'_>, buf: &mut [u8], root: usize) -> Re
 
 /// Binomial-tree broadcast of `buf` from group rank `root`.
 pub fn broadcast_tree(c: &mut Comm<'_>, buf: &mut [u8], root: usize) -> Result<()> {
-    check_root(OpCode::Broadcast, root, c.size())?;
+    super::check(c, OpCode::Broadcast).root(root)?;
     binomial_broadcast(c.link(OpCode::Broadcast), buf, root)
 }

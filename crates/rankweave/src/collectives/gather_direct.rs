@@ -13,7 +13,7 @@
 //! "Optimization of collective communication operations in MPICH", IJHPCA
 //! 19(1), 2005.
 
-use super::{check_root, Comm};
+use super::Comm;
 use crate::error::{Error, Result};
 use crate::transport::OpCode;
 
@@ -21,7 +21,7 @@ use crate::transport::OpCode;
 /// (`n * input.len()` bytes, `Some` on root; ignored elsewhere).
 pub fn gather_direct(c: &mut Comm<'_>, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
     let n = c.size();
-    check_root(OpCode::Gather, root, n)?;
+    super::check(c, OpCode::Gather).root(root)?;
     let l = c.link(OpCode::Gather);
     let s = input.len();
     if l.rank() != root {

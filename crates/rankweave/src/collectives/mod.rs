@@ -36,12 +36,15 @@
 //! same operands in the same order (recursive doubling).
 
 use crate::dtype::DType;
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::reduce::ReduceOp;
 use crate::transport::{OpCode, Tag, Transport};
+use crate::validate::Check;
 use std::time::Instant;
 
 mod util;
+
+pub mod shm;
 
 pub mod all_gather_bruck;
 pub mod all_gather_ring;
@@ -122,7 +125,7 @@ impl<'a> Comm<'a> {
 
 /// Reduces `buf` across all ranks in place; every rank gets the same bits.
 pub fn all_reduce(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-    check_elems(OpCode::AllReduce, buf.len(), dtype)?;
+    check(c, OpCode::AllReduce).elems(buf.len(), dtype)?;
     if c.size() == 1 || buf.is_empty() {
         return Ok(());
     }
@@ -134,7 +137,7 @@ pub fn all_reduce(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) 
 
 /// Copies root's `buf` to every rank.
 pub fn broadcast(c: &mut Comm<'_>, buf: &mut [u8], root: usize) -> Result<()> {
-    check_root(OpCode::Broadcast, root, c.size())?;
+    check(c, OpCode::Broadcast).root(root)?;
     if c.size() == 1 || buf.is_empty() {
         return Ok(());
     }
@@ -147,7 +150,7 @@ pub fn broadcast(c: &mut Comm<'_>, buf: &mut [u8], root: usize) -> Result<()> {
 
 /// Concatenates every rank's `input` in rank order into `output`.
 pub fn all_gather(c: &mut Comm<'_>, input: &[u8], output: &mut [u8]) -> Result<()> {
-    check_all_gather(c.size(), input.len(), output.len())?;
+    check(c, OpCode::AllGather).len("output (size x input)", c.size() * input.len(), output.len())?;
     if c.size() == 1 || input.is_empty() {
         output.copy_from_slice(input);
         return Ok(());
@@ -172,21 +175,21 @@ pub fn all_gather_inplace(c: &mut Comm<'_>, buf: &mut [u8]) -> Result<()> {
 
 /// Concatenates every rank's `input` into root's `output`.
 pub fn gather(c: &mut Comm<'_>, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
-    check_root(OpCode::Gather, root, c.size())?;
+    check(c, OpCode::Gather).root(root)?;
     gather_direct(c, input, output, root)
 }
 
 /// Splits root's `input` into equal blocks, block `r` to rank `r`.
 pub fn scatter(c: &mut Comm<'_>, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
-    check_root(OpCode::Scatter, root, c.size())?;
+    check(c, OpCode::Scatter).root(root)?;
     scatter_direct(c, input, output, root)
 }
 
 /// Reduces every rank's `buf` into root's `buf`. Other ranks' buffers are
 /// used as workspace and hold unspecified (partial) values afterwards.
 pub fn reduce(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
-    check_root(OpCode::Reduce, root, c.size())?;
-    check_elems(OpCode::Reduce, buf.len(), dtype)?;
+    check(c, OpCode::Reduce).root(root)?;
+    check(c, OpCode::Reduce).elems(buf.len(), dtype)?;
     if c.size() == 1 || buf.is_empty() {
         return Ok(());
     }
@@ -199,7 +202,7 @@ pub fn reduce(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp, root
 /// Reduces block `r` of every rank's `input` into rank `r`'s `output`.
 pub fn reduce_scatter(c: &mut Comm<'_>, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
     let n = c.size();
-    check_reduce_scatter(n, input.len(), output.len(), dtype)?;
+    check_reduce_scatter(c, input.len(), output.len(), dtype)?;
     if n == 1 || input.is_empty() {
         output.copy_from_slice(input);
         return Ok(());
@@ -227,13 +230,8 @@ pub fn reduce_scatter(c: &mut Comm<'_>, input: &[u8], output: &mut [u8], dtype: 
 /// blocks hold unspecified (partial) values.
 pub fn reduce_scatter_inplace(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
     let n = c.size();
-    check_elems(OpCode::ReduceScatter, buf.len(), dtype)?;
-    if buf.len() % (n * dtype.size()) != 0 {
-        return Err(Error::invalid(format!(
-            "reduce_scatter: buffer of {} bytes does not split into {n} blocks of whole {dtype} elements",
-            buf.len()
-        )));
-    }
+    check(c, OpCode::ReduceScatter).elems(buf.len(), dtype)?;
+    check(c, OpCode::ReduceScatter).blocks(buf.len(), Some(dtype))?;
     if n == 1 || buf.is_empty() {
         return Ok(());
     }
@@ -253,7 +251,7 @@ pub fn reduce_scatter_inplace(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op
 
 /// Block `j` of rank `i`'s input goes to block `i` of rank `j`'s output.
 pub fn all_to_all(c: &mut Comm<'_>, input: &[u8], output: &mut [u8]) -> Result<()> {
-    check_all_to_all(c.size(), input.len(), output.len())?;
+    check_all_to_all(c, input.len(), output.len())?;
     if c.size() == 1 || input.is_empty() {
         output.copy_from_slice(input);
         return Ok(());
@@ -269,58 +267,22 @@ pub fn barrier(c: &mut Comm<'_>) -> Result<()> {
     barrier_dissemination(c)
 }
 
-/// `len` bytes must be whole elements of `dtype`.
-pub(crate) fn check_elems(op: OpCode, len: usize, dtype: DType) -> Result<()> {
-    if len % dtype.size() != 0 {
-        return Err(Error::invalid(format!(
-            "{}: buffer of {len} bytes is not a whole number of {dtype} elements ({} bytes each)",
-            op.name(),
-            dtype.size()
-        )));
-    }
-    Ok(())
-}
-
-/// `root` must be a rank of a group of `n`.
-pub(crate) fn check_root(op: OpCode, root: usize, n: usize) -> Result<()> {
-    if root >= n {
-        return Err(Error::invalid(format!("{}: root {root} is not a rank of a group of size {n}", op.name())));
-    }
-    Ok(())
-}
-
-/// `output == n * input`.
-pub(crate) fn check_all_gather(n: usize, input: usize, output: usize) -> Result<()> {
-    if output != n * input {
-        return Err(Error::invalid(format!(
-            "all_gather: output has {output} bytes, expected {n} x {input} = {} bytes",
-            n * input
-        )));
-    }
-    Ok(())
+/// The checks of `op` in `c`'s group ([`crate::validate`], the same
+/// checks and wording as the group's).
+pub(crate) fn check<'a>(c: &'a Comm<'_>, op: OpCode) -> Check<'a> {
+    Check { op: op.name(), group: c.transport.group_name(), rank: c.rank(), size: c.size() }
 }
 
 /// `input == n * output`, whole elements.
-pub(crate) fn check_reduce_scatter(n: usize, input: usize, output: usize, dtype: DType) -> Result<()> {
-    check_elems(OpCode::ReduceScatter, output, dtype)?;
-    if input != n * output {
-        return Err(Error::invalid(format!(
-            "reduce_scatter: input has {input} bytes, expected {n} x {output} = {} bytes",
-            n * output
-        )));
-    }
-    Ok(())
+pub(crate) fn check_reduce_scatter(c: &Comm<'_>, input: usize, output: usize, dtype: DType) -> Result<()> {
+    let check = check(c, OpCode::ReduceScatter);
+    check.elems(output, dtype)?;
+    check.len("input (size x output)", c.size() * output, input)
 }
 
 /// Equal lengths, divisible by `n`.
-pub(crate) fn check_all_to_all(n: usize, input: usize, output: usize) -> Result<()> {
-    if input != output {
-        return Err(Error::invalid(format!(
-            "all_to_all: output has {output} bytes, expected {input} (the input's length)"
-        )));
-    }
-    if input % n != 0 {
-        return Err(Error::invalid(format!("all_to_all: {input} bytes do not split into {n} equal blocks")));
-    }
-    Ok(())
+pub(crate) fn check_all_to_all(c: &Comm<'_>, input: usize, output: usize) -> Result<()> {
+    let check = check(c, OpCode::AllToAll);
+    check.len("output (same as input)", input, output)?;
+    check.blocks(input, None)
 }

@@ -16,7 +16,7 @@
 
 use super::reduce_scatter_ring::ring_reduce_scatter;
 use super::util::{scratch, Blocks};
-use super::{check_elems, check_root, Comm, SEGMENT_BYTES};
+use super::{Comm, SEGMENT_BYTES};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::reduce::{finish_avg, ReduceOp};
@@ -25,8 +25,8 @@ use crate::transport::OpCode;
 /// Ring reduce-scatter + gather reduce of every rank's `buf` into root's.
 pub fn reduce_ring(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
     let n = c.size();
-    check_root(OpCode::Reduce, root, n)?;
-    check_elems(OpCode::Reduce, buf.len(), dtype)?;
+    super::check(c, OpCode::Reduce).root(root)?;
+    super::check(c, OpCode::Reduce).elems(buf.len(), dtype)?;
     if n == 1 || buf.is_empty() {
         return Ok(());
     }

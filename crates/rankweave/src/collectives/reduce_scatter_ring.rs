@@ -25,7 +25,7 @@
 //! communication operations in MPICH", IJHPCA 19(1), 2005.
 
 use super::util::{scratch, sub_mod, Blocks, Link};
-use super::{check_elems, Comm, SEGMENT_BYTES};
+use super::{Comm, SEGMENT_BYTES};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::reduce::{finish_avg, reduce_into, ReduceOp};
@@ -76,7 +76,7 @@ pub fn reduce_scatter_ring_inplace_with(
     segment_bytes: usize,
 ) -> Result<()> {
     let n = c.size();
-    check_elems(OpCode::ReduceScatter, buf.len(), dtype)?;
+    super::check(c, OpCode::ReduceScatter).elems(buf.len(), dtype)?;
     if buf.len() % (n * dtype.size()) != 0 {
         return Err(Error::invalid(format!(
             "reduce_scatter: buffer of {} bytes does not split into {n} blocks of whole {dtype} elements",
@@ -108,7 +108,7 @@ pub fn reduce_scatter_ring(
     op: ReduceOp,
 ) -> Result<()> {
     let n = c.size();
-    super::check_reduce_scatter(n, input.len(), output.len(), dtype)?;
+    super::check_reduce_scatter(c, input.len(), output.len(), dtype)?;
     let blocks = Blocks::new(input.len(), n, dtype.size(), SEGMENT_BYTES);
     let l = c.link(OpCode::ReduceScatter);
     let space = scratch(c.scratch, input.len() + blocks.max_seg_bytes());

@@ -15,7 +15,7 @@
 //! collective communication operations in MPICH", IJHPCA 19(1), 2005.
 
 use super::util::scratch;
-use super::{check_elems, check_root, Comm};
+use super::Comm;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::reduce::{finish_avg, reduce_into, ReduceOp};
@@ -24,8 +24,8 @@ use crate::transport::OpCode;
 /// Binomial-tree reduce of every rank's `buf` into root's `buf`.
 pub fn reduce_tree(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
     let n = c.size();
-    check_root(OpCode::Reduce, root, n)?;
-    check_elems(OpCode::Reduce, buf.len(), dtype)?;
+    super::check(c, OpCode::Reduce).root(root)?;
+    super::check(c, OpCode::Reduce).elems(buf.len(), dtype)?;
     if n == 1 || buf.is_empty() {
         return Ok(());
     }

@@ -10,7 +10,7 @@
 //! (the lower bound). Reference: Thakur, Rabenseifner & Gropp, "Optimization
 //! of collective communication operations in MPICH", IJHPCA 19(1), 2005.
 
-use super::{check_root, Comm};
+use super::Comm;
 use crate::error::{Error, Result};
 use crate::transport::OpCode;
 
@@ -18,7 +18,7 @@ use crate::transport::OpCode;
 /// root; ignored elsewhere): block `r` lands in rank `r`'s `output`.
 pub fn scatter_direct(c: &mut Comm<'_>, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
     let n = c.size();
-    check_root(OpCode::Scatter, root, n)?;
+    super::check(c, OpCode::Scatter).root(root)?;
     let l = c.link(OpCode::Scatter);
     let s = output.len();
     if l.rank() != root {

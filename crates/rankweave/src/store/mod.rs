@@ -25,12 +25,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The timeout to use when the caller gives none: `RANKWEAVE_TIMEOUT`
 /// (seconds, fractional allowed) when set and valid, else [`DEFAULT_TIMEOUT`].
 pub fn default_timeout() -> Duration {
-    std::env::var("RANKWEAVE_TIMEOUT")
-        .ok()
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(DEFAULT_TIMEOUT)
+    std::env::var("RANKWEAVE_TIMEOUT").ok().and_then(|v| parse_timeout(&v)).unwrap_or(DEFAULT_TIMEOUT)
+}
+
+/// Parses a timeout in seconds (fractional allowed, positive and finite).
+pub fn parse_timeout(v: &str) -> Option<Duration> {
+    v.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s > 0.0 && *s < 1e12).map(Duration::from_secs_f64)
 }
 
 /// A key-value store shared by all ranks of a job.

@@ -11,6 +11,12 @@ use nix::sys::stat::Mode;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
+/// An operating-system failure of `what` on `target`, keeping the errno as
+/// an [`std::io::Error`] (callers match on its kind, never on the text).
+fn os_error(what: &str, target: &str, e: nix::Error) -> Error {
+    Error::Io { ctx: crate::error::Context::op(format!("{what} {target}")), source: std::io::Error::from(e) }
+}
+
 /// The job id used in segment names.
 pub fn job_id() -> String {
     match std::env::var("RANKWEAVE_JOB_ID") {
@@ -159,11 +165,16 @@ impl ShmSegment {
             let name = segment_name(&format!("{purpose}-{}-{n}", std::process::id()));
             match Self::map(&name, len, true) {
                 Ok(seg) => return Ok(seg),
-                Err(Error::SharedMemory(m)) if m.contains("EEXIST") => last = Some(m),
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+                    last = Some(name)
+                }
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::SharedMemory(format!("no free segment name for {purpose}: {}", last.unwrap_or_default())))
+        Err(Error::SharedMemory(format!(
+            "no free segment name for {purpose} (the last tried, {}, exists)",
+            last.unwrap_or_default()
+        )))
     }
 
     /// Opens an existing segment of at least `len` bytes.
@@ -174,13 +185,12 @@ impl ShmSegment {
     fn map(name: &str, len: usize, create: bool) -> Result<Self> {
         let size = NonZeroUsize::new(len).ok_or_else(|| Error::invalid("shared-memory segment of 0 bytes"))?;
         let flags = if create { OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR } else { OFlag::O_RDWR };
-        let fd = shm_open(name, flags, Mode::S_IRUSR | Mode::S_IWUSR)
-            .map_err(|e| Error::SharedMemory(format!("shm_open {name}: {e}")))?;
+        let fd = shm_open(name, flags, Mode::S_IRUSR | Mode::S_IWUSR).map_err(|e| os_error("shm_open", name, e))?;
         let fail = |what: &str, e: nix::Error| {
             if create {
                 let _ = shm_unlink(name);
             }
-            Error::SharedMemory(format!("{what} {name} ({len} bytes): {e}"))
+            os_error(what, &format!("{name} ({len} bytes)"), e)
         };
         if create {
             nix::unistd::ftruncate(&fd, len as i64).map_err(|e| fail("ftruncate", e))?;

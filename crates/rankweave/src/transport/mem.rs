@@ -90,8 +90,10 @@ impl MemTransport {
     }
 }
 
-impl Drop for MemTransport {
-    fn drop(&mut self) {
+impl MemTransport {
+    /// Marks this rank gone: peers waiting on it get [`Error::PeerLost`].
+    /// Dropping the transport does the same. Idempotent.
+    pub fn leave(&self) {
         // Release pairs with the Acquire load in `recv`; the queue lock taken
         // before notifying orders this against a waiter's check.
         self.mesh.alive[self.rank].store(false, Ordering::Release);
@@ -100,6 +102,12 @@ impl Drop for MemTransport {
             let _guard = q.lock();
             q.arrived.notify_all();
         }
+    }
+}
+
+impl Drop for MemTransport {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 

@@ -7,7 +7,6 @@
 //! another size, and reports it instead of hanging or corrupting data.
 
 pub mod mem;
-pub mod shm;
 pub mod tcp;
 
 use crate::error::Result;

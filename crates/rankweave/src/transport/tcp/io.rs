@@ -163,17 +163,13 @@ fn poll_timeout(deadline: Instant, now: Instant) -> PollTimeout {
 /// when every local rank has a core of its own.
 const SPIN_BEFORE_POLL: std::time::Duration = std::time::Duration::from_micros(40);
 
-/// The busy phase for a group of `group_size` ranks: [`SPIN_BEFORE_POLL`]
-/// when the ranks on this node (`LOCAL_WORLD_SIZE`, set by the launcher, or
-/// else the group's size) fit the cores, none when they outnumber them — a
-/// spinning rank would then only delay the peer it waits for.
-pub(crate) fn spin_budget(group_size: usize) -> std::time::Duration {
-    static LOCAL: std::sync::OnceLock<(Option<usize>, usize)> = std::sync::OnceLock::new();
-    let (local, cores) = *LOCAL.get_or_init(|| {
-        let local = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.trim().parse::<usize>().ok());
-        (local, std::thread::available_parallelism().map_or(1, |n| n.get()))
-    });
-    if local.unwrap_or(group_size) <= cores {
+/// The busy phase when `local_ranks` ranks share this node:
+/// [`SPIN_BEFORE_POLL`] when they fit the cores, none when they outnumber
+/// them — a spinning rank would then only delay the peer it waits for.
+pub(crate) fn spin_budget(local_ranks: usize) -> std::time::Duration {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if local_ranks <= cores {
         SPIN_BEFORE_POLL
     } else {
         std::time::Duration::ZERO

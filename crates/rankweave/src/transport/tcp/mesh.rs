@@ -57,14 +57,18 @@ fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address")))
 }
 
-/// The address peers should dial to reach a socket bound to `bound`.
-pub fn advertised_ip(bound: IpAddr) -> IpAddr {
+/// The address peers should dial to reach a socket bound to `bound`:
+/// `bound` itself when concrete; for a wildcard, the address of the
+/// interface that routes to host `route_to` (the job's `MASTER_ADDR`), else a non-loopback address of the host name, else
+/// loopback.
+pub fn advertised_ip(bound: IpAddr, route_to: Option<&str>) -> IpAddr {
     if !bound.is_unspecified() {
         return bound;
     }
-    if let Ok(master) = std::env::var("MASTER_ADDR") {
-        let port = std::env::var("MASTER_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(29500);
-        if let Ok(target) = resolve(&master, port) {
+    if let Some(master) = route_to {
+        // Connecting a UDP socket sends nothing: it only asks the kernel for
+        // the route, so any port will do.
+        if let Ok(target) = resolve(master, 29500) {
             let local = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
             if let Ok(udp) = UdpSocket::bind(local) {
                 if udp.connect(target).is_ok() {
@@ -96,7 +100,7 @@ pub fn advertised_ip(bound: IpAddr) -> IpAddr {
 }
 
 /// Binds a nonblocking listener on `{host}:0`; returns it and the address to publish.
-pub fn listen(host: &str, backlog: usize) -> io::Result<(Socket, SocketAddr)> {
+pub fn listen(host: &str, route_to: Option<&str>, backlog: usize) -> io::Result<(Socket, SocketAddr)> {
     let addr = resolve(host, 0)?;
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Buffer sizes set before listen() are inherited by accepted sockets and
@@ -106,7 +110,7 @@ pub fn listen(host: &str, backlog: usize) -> io::Result<(Socket, SocketAddr)> {
     sock.listen(backlog.clamp(16, 4096) as i32)?;
     sock.set_nonblocking(true)?;
     let bound = sock.local_addr()?.as_socket().ok_or_else(|| io::Error::other("listener has no inet address"))?;
-    Ok((sock, SocketAddr::new(advertised_ip(bound.ip()), bound.port())))
+    Ok((sock, SocketAddr::new(advertised_ip(bound.ip(), route_to), bound.port())))
 }
 
 fn hello(group_id: u64, seq: u64, from: usize, to: usize, size: usize) -> Vec<u8> {
@@ -173,6 +177,7 @@ pub(crate) struct MeshSpec<'a> {
     pub name: &'a str,
     pub group_id: u64,
     pub listen_host: &'a str,
+    pub route_to: Option<&'a str>,
     pub deadline: Instant,
 }
 
@@ -196,7 +201,8 @@ pub(crate) fn build(spec: &MeshSpec<'_>) -> Result<Vec<Option<Socket>>> {
     if spec.size == 1 {
         return Ok(peers);
     }
-    let (listener, addr) = listen(spec.listen_host, spec.size).map_err(|e| Error::io(spec.ctx("listen"), e))?;
+    let (listener, addr) =
+        listen(spec.listen_host, spec.route_to, spec.size).map_err(|e| Error::io(spec.ctx("listen"), e))?;
     tracing::debug!(group = spec.name, rank = spec.rank, %addr, "listening");
     spec.store.set(&addr_key(spec.rank), addr.to_string().as_bytes())?;
 

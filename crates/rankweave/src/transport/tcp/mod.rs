@@ -50,6 +50,28 @@ pub fn group_id_of(namespace: &str) -> u64 {
     h
 }
 
+/// How a mesh listens, what it advertises and how it waits; filled from
+/// [`crate::GroupOptions`] (which reads the environment once, at the edge).
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// Address to listen on (`127.0.0.1`, `0.0.0.0`, `::`, a NIC's address).
+    pub listen_host: String,
+    /// A host peers reach this job through (its `MASTER_ADDR`): with a
+    /// wildcard `listen_host`, the mesh advertises the address of the
+    /// interface that routes there.
+    pub route_to: Option<String>,
+    /// Ranks of the job on this node (`LOCAL_WORLD_SIZE`), which decides
+    /// whether a short busy phase before `poll` pays off; `None`: the
+    /// group's size.
+    pub local_ranks: Option<usize>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions { listen_host: "127.0.0.1".into(), route_to: None, local_ranks: None }
+    }
+}
+
 /// An error plus, when it came from another rank's abort, that abort to pass on.
 pub(crate) struct Failure {
     err: Error,
@@ -74,6 +96,7 @@ impl From<Error> for Box<Failure> {
 /// transport itself keeps no per-operation state between calls except the
 /// poison flag.
 pub struct TcpTransport {
+    spin: Duration,
     rank: usize,
     size: usize,
     name: String,
@@ -112,15 +135,25 @@ impl TcpTransport {
         size: usize,
         name: &str,
         group_id: u64,
-        listen_host: &str,
+        opts: &TcpOptions,
         deadline: Instant,
     ) -> Result<TcpTransport> {
         if size == 0 || rank >= size {
             return Err(Error::invalid(format!("rank {rank} is not in a group of size {size}")));
         }
-        let spec = mesh::MeshSpec { store: &*store, rank, size, name, group_id, listen_host, deadline };
+        let spec = mesh::MeshSpec {
+            store: &*store,
+            rank,
+            size,
+            name,
+            group_id,
+            listen_host: &opts.listen_host,
+            route_to: opts.route_to.as_deref(),
+            deadline,
+        };
         let peers = mesh::build(&spec)?;
         Ok(TcpTransport {
+            spin: io::spin_budget(opts.local_ranks.unwrap_or(size)),
             rank,
             size,
             name: name.to_owned(),
@@ -389,7 +422,7 @@ impl TcpTransport {
             Some(t) => self.check_header(t, i),
             None => HeaderVerdict::Accept,
         };
-        let spin = io::spin_budget(self.size);
+        let spin = self.spin;
         let res = io::drive(out.as_mut().map(|(_, o)| o), inc.as_mut().map(|(_, i)| i), &mut check, deadline, spin);
         if let Some((_, o)) = &out {
             if o.done() {

@@ -57,10 +57,11 @@ use crate::dtype::DType;
 use crate::error::{Context, Error, Result};
 use crate::reduce::{finish_avg, reduce_into, ReduceOp};
 use crate::store::Store;
-use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{current_cpu, Backoff};
 use crate::sys::shm::ShmSegment;
 use crate::transport::OpCode;
+use crate::validate::Check;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Inline payload bytes per control line (a 64-byte line minus the step,
@@ -538,15 +539,9 @@ impl ShmComm {
     ) -> Result<()> {
         self.check()?;
         let es = dtype.size();
-        if buf.len() % es != 0 {
-            return Err(Error::invalid(format!(
-                "{} of {} bytes is not a whole number of {dtype}",
-                code.name(),
-                buf.len()
-            )));
-        }
+        self.args(code).elems(buf.len(), dtype)?;
         if let Some(root) = root {
-            self.check_root(root)?;
+            self.args(code).root(root)?;
         }
         let n = self.size;
         if n == 1 {
@@ -614,11 +609,10 @@ impl ShmComm {
         Ok(())
     }
 
-    fn check_root(&self, root: usize) -> Result<()> {
-        if root >= self.size {
-            return Err(Error::invalid(format!("root {root} in a group of {}", self.size)));
-        }
-        Ok(())
+    /// The argument checks of `op` ([`crate::validate`], the same checks
+    /// and wording as the group's).
+    fn args(&self, op: OpCode) -> Check<'_> {
+        Check { op: op.name(), group: &self.group, rank: self.rank, size: self.size }
     }
 
     /// gather to `root`: `output` (root only, `size * input.len()` bytes)
@@ -626,18 +620,9 @@ impl ShmComm {
     pub fn gather(&mut self, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
         const OP: OpCode = OpCode::Gather;
         self.check()?;
-        self.check_root(root)?;
         let (n, s, me) = (self.size, input.len(), self.rank);
-        let mut output = match (me == root, output) {
-            (true, Some(o)) if o.len() == n * s => Some(o),
-            (true, o) => {
-                return Err(Error::invalid(format!(
-                    "gather root needs an output of {n} x {s} bytes, got {:?}",
-                    o.map(|o| o.len())
-                )))
-            }
-            (false, _) => None,
-        };
+        self.args(OP).root_buffer("output", root, output.as_ref().map(|o| o.len()), n * s)?;
+        let mut output = output;
         if let Some(o) = output.as_deref_mut() {
             o[me * s..(me + 1) * s].copy_from_slice(input);
         }
@@ -670,18 +655,8 @@ impl ShmComm {
     pub fn scatter(&mut self, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
         const OP: OpCode = OpCode::Scatter;
         self.check()?;
-        self.check_root(root)?;
         let (n, s, me) = (self.size, output.len(), self.rank);
-        let input = match (me == root, input) {
-            (true, Some(i)) if i.len() == n * s => Some(i),
-            (true, i) => {
-                return Err(Error::invalid(format!(
-                    "scatter root needs an input of {n} x {s} bytes, got {:?}",
-                    i.map(|i| i.len())
-                )))
-            }
-            (false, _) => None,
-        };
+        self.args(OP).root_buffer("input", root, input.map(<[u8]>::len), n * s)?;
         if let Some(i) = input {
             output.copy_from_slice(&i[me * s..(me + 1) * s]);
         }
@@ -716,13 +691,8 @@ impl ShmComm {
         const OP: OpCode = OpCode::AllToAll;
         self.check()?;
         let (n, me) = (self.size, self.rank);
-        if input.len() != output.len() || input.len() % n != 0 {
-            return Err(Error::invalid(format!(
-                "all_to_all of {} input and {} output bytes over {n} ranks",
-                input.len(),
-                output.len()
-            )));
-        }
+        self.args(OP).len("output (same as input)", input.len(), output.len())?;
+        self.args(OP).blocks(input.len(), None)?;
         let s = input.len() / n;
         output[me * s..(me + 1) * s].copy_from_slice(&input[me * s..(me + 1) * s]);
         if n == 1 {
@@ -761,7 +731,7 @@ impl ShmComm {
     pub fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
         const OP: OpCode = OpCode::Broadcast;
         self.check()?;
-        self.check_root(root)?;
+        self.args(OpCode::Broadcast).root(root)?;
         if self.size == 1 {
             return Ok(());
         }
@@ -797,13 +767,7 @@ impl ShmComm {
         const OP: OpCode = OpCode::AllGather;
         self.check()?;
         let (n, s) = (self.size, input.len());
-        if output.len() != n * s {
-            return Err(Error::invalid(format!(
-                "all_gather output of {} bytes, expected {n} x {s} = {}",
-                output.len(),
-                n * s
-            )));
-        }
+        self.args(OP).len("output (size x input)", n * s, output.len())?;
         output[self.rank * s..(self.rank + 1) * s].copy_from_slice(input);
         if n == 1 {
             return Ok(());
@@ -836,13 +800,9 @@ impl ShmComm {
     pub fn reduce_scatter(&mut self, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         const OP: OpCode = OpCode::ReduceScatter;
         self.check()?;
-        let (n, s, es) = (self.size, output.len(), dtype.size());
-        if input.len() != n * s || s % es != 0 {
-            return Err(Error::invalid(format!(
-                "reduce_scatter of {} input bytes into {s} output bytes of {dtype} with {n} ranks",
-                input.len()
-            )));
-        }
+        let (n, s) = (self.size, output.len());
+        self.args(OP).elems(s, dtype)?;
+        self.args(OP).len("input (size x output)", n * s, input.len())?;
         let r = self.rank;
         if n == 1 {
             output.copy_from_slice(input);

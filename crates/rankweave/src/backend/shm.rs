@@ -1,0 +1,72 @@
+//! The shared-memory backend: collectives through one segment
+//! ([`ShmComm`]) for a group whose ranks share a node; point-to-point over
+//! the group's TCP mesh, which also carries abort messages.
+
+use super::tcp::{recv_on, send_on};
+use super::{Backend, Call, Communicator};
+use crate::collectives::shm::ShmComm;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::group::TransportKind;
+use crate::reduce::ReduceOp;
+use crate::transport::tcp::TcpTransport;
+use std::sync::Arc;
+
+/// Shared-memory collectives plus TCP point-to-point.
+pub struct ShmBackend {
+    shm: ShmComm,
+    mesh: Arc<TcpTransport>,
+}
+
+impl ShmBackend {
+    /// The backend over `shm`, with `mesh` for send/recv and aborts.
+    pub fn backend(shm: ShmComm, mesh: Arc<TcpTransport>) -> Backend {
+        Backend { comm: Box::new(ShmBackend { shm, mesh: mesh.clone() }), link: mesh, kind: TransportKind::Shm }
+    }
+}
+
+impl Communicator for ShmBackend {
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+    fn all_reduce(&mut self, _call: Call, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        self.shm.all_reduce(buf, dtype, op)
+    }
+    fn broadcast(&mut self, _call: Call, buf: &mut [u8], root: usize) -> Result<()> {
+        self.shm.broadcast(buf, root)
+    }
+    fn all_gather(&mut self, _call: Call, input: &[u8], output: &mut [u8]) -> Result<()> {
+        self.shm.all_gather(input, output)
+    }
+    fn gather(&mut self, _call: Call, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
+        self.shm.gather(input, output, root)
+    }
+    fn scatter(&mut self, _call: Call, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
+        self.shm.scatter(input, output, root)
+    }
+    fn reduce(&mut self, _call: Call, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+        self.shm.reduce(buf, dtype, op, root)
+    }
+    fn reduce_scatter(
+        &mut self,
+        _call: Call,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.shm.reduce_scatter(input, output, dtype, op)
+    }
+    fn all_to_all(&mut self, _call: Call, input: &[u8], output: &mut [u8]) -> Result<()> {
+        self.shm.all_to_all(input, output)
+    }
+    fn barrier(&mut self, _call: Call) -> Result<()> {
+        self.shm.barrier()
+    }
+    fn send(&mut self, call: Call, data: &[u8], dst: usize) -> Result<()> {
+        send_on(&*self.mesh, call, data, dst)
+    }
+    fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
+        recv_on(&*self.mesh, call, buf, src)
+    }
+}

@@ -1,0 +1,596 @@
+//! Process groups: the members' global ranks, this rank's position, one
+//! backend ([`crate::backend`]) and the sequence counters.
+//!
+//! Files, one concern each: `options` (options and the environment they
+//! are read from), this module (the group and its dispatch: each operation
+//! is validated once in `crate::validate`, short-circuited for a group of one,
+//! then handed to the backend once under the group lock with the next
+//! sequence number and a deadline of now plus [`GroupOptions::timeout`]),
+//! `node` (node identity), `agree` (how members agree on shared memory)
+//! and `factory` (which backend a new group gets).
+//!
+//! # Backend choice
+//! Every CPU group connects a TCP mesh (point-to-point traffic, aborts,
+//! fallback). Its collectives use shared memory instead when the resolved
+//! [`TransportKind`] allows it and every member runs on this node
+//! ([`node_identity`]); all members agree through the store (see `agree`),
+//! so a group uses shared memory on every rank or on none. A group spanning
+//! nodes runs all_reduce hierarchically (shared memory inside each node,
+//! TCP between node leaders) and its other collectives over TCP, and
+//! reports [`TransportKind::Tcp`]. [`ProcessGroup::transport_kind`] and
+//! [`ProcessGroup::backend_name`] report the outcome.
+
+mod agree;
+mod factory;
+mod node;
+mod options;
+
+pub use factory::{BackendFactory, CpuFactory, GroupInfo};
+pub use node::node_identity;
+pub use options::{GroupOptions, TransportKind, TRANSPORT_ENV};
+
+use crate::backend::{Backend, Call, Communicator, Link};
+use crate::collectives::Comm;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::reduce::ReduceOp;
+use crate::store::{PrefixStore, SharedStore};
+use crate::transport::tcp::group_id_of;
+use crate::transport::Transport;
+use crate::validate::Check;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A group of ranks that run collectives together. Cheap to clone.
+///
+/// Operations on one group are serialized by a lock inside it; different
+/// groups are independent and may run at once from different threads. After
+/// an operation fails with a timeout, a lost peer, a mismatch or an I/O error
+/// the group is poisoned (every member is told, see
+/// [`crate::transport::tcp`]): later calls return [`Error::Poisoned`]; drop
+/// or [`ProcessGroup::destroy`] it and build a new one.
+///
+/// ```
+/// use rankweave::{GroupOptions, HashStore, ProcessGroup, ReduceOp, SharedStore};
+/// use std::sync::Arc;
+///
+/// // Two ranks as threads meeting at an in-process store.
+/// let store: SharedStore = Arc::new(HashStore::new());
+/// let ranks: Vec<_> = (0..2)
+///     .map(|rank: usize| {
+///         let store = store.clone();
+///         std::thread::spawn(move || -> rankweave::Result<()> {
+///             let world = ProcessGroup::new_world(store, rank, 2, GroupOptions::default())?;
+///             let mut x = [rank as f32 + 1.0; 4];
+///             world.all_reduce(&mut x, ReduceOp::Sum)?;
+///             assert_eq!(x, [3.0; 4]);
+///             let pair = world.new_group(&[1, 0], "pair")?.expect("every rank is a member");
+///             assert_eq!((pair.name(), pair.rank()), ("pair:0", 1 - rank));
+///             Ok(())
+///         })
+///     })
+///     .collect();
+/// for r in ranks {
+///     r.join().unwrap()?;
+/// }
+/// # Ok::<(), rankweave::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct ProcessGroup {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    /// Store namespace of this group; its hash is the wire group id.
+    namespace: String,
+    rank: usize,
+    size: usize,
+    global_ranks: Vec<usize>,
+    /// The un-namespaced store every group of the world shares.
+    root: SharedStore,
+    store: SharedStore,
+    opts: GroupOptions,
+    /// What the collectives actually use (never `Auto`).
+    kind: TransportKind,
+    backend_name: &'static str,
+    link: Arc<dyn Link>,
+    factory: Arc<dyn BackendFactory>,
+    state: Mutex<OpState>,
+    /// Why the group is unusable, once an operation failed or it was destroyed.
+    poison: OnceLock<String>,
+    /// Subgroups created from this group so far (by every caller, members or not).
+    children: AtomicU64,
+    /// Unique-name counters, one registry per world instance.
+    names: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+struct OpState {
+    seq: u64,
+    send_seq: Vec<u64>,
+    recv_seq: Vec<u64>,
+    comm: Box<dyn Communicator>,
+    /// Scratch of [`ProcessGroup::with_comm`].
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessGroup")
+            .field("name", &self.inner.name)
+            .field("rank", &self.inner.rank)
+            .field("size", &self.inner.size)
+            .field("global_ranks", &self.inner.global_ranks)
+            .field("backend", &self.inner.backend_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves counters consistent (they are
+    // bumped before any I/O), and a panicking operation closes the group,
+    // so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Which counter an operation's sequence number comes from.
+enum Seq {
+    Collective,
+    SendTo(usize),
+    RecvFrom(usize),
+}
+
+impl ProcessGroup {
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        name: String,
+        namespace: String,
+        rank: usize,
+        global_ranks: Vec<usize>,
+        root: SharedStore,
+        opts: GroupOptions,
+        names: Arc<Mutex<HashMap<String, u64>>>,
+        factory: Arc<dyn BackendFactory>,
+    ) -> Result<ProcessGroup> {
+        let mut opts = opts;
+        opts.transport = TransportKind::resolve_from_env(opts.transport)?;
+        let size = global_ranks.len();
+        let store: SharedStore = Arc::new(PrefixStore::new(namespace.clone(), root.clone()));
+        let info = GroupInfo {
+            name: &name,
+            rank,
+            size,
+            global_ranks: &global_ranks,
+            store: store.clone(),
+            group_id: group_id_of(&namespace),
+            opts: &opts,
+        };
+        let Backend { comm, link, kind } = factory.build(&info)?;
+        let backend_name = comm.name();
+        tracing::debug!(group = %name, rank, size, transport = %kind, backend = backend_name, "group ready");
+        Ok(ProcessGroup {
+            inner: Arc::new(Inner {
+                name,
+                namespace,
+                rank,
+                size,
+                global_ranks,
+                root,
+                store,
+                opts,
+                kind,
+                backend_name,
+                link,
+                factory,
+                state: Mutex::new(OpState {
+                    seq: 0,
+                    send_seq: vec![0; size],
+                    recv_seq: vec![0; size],
+                    comm,
+                    scratch: Vec::new(),
+                }),
+                poison: OnceLock::new(),
+                children: AtomicU64::new(0),
+                names,
+            }),
+        })
+    }
+
+    /// Builds the world group: every rank calls it with the same store and
+    /// world size and its own rank.
+    ///
+    /// The world is named `world:N`, where `N` counts the worlds this rank
+    /// built on this store before (so normally `world:0`); its keys live under
+    /// `rankweave/world:N/` in the store. Connects the full mesh before
+    /// returning (a world of one opens no socket).
+    pub fn new_world(store: SharedStore, rank: usize, world_size: usize, opts: GroupOptions) -> Result<ProcessGroup> {
+        ProcessGroup::new_world_with(Arc::new(CpuFactory), store, rank, world_size, opts)
+    }
+
+    /// [`ProcessGroup::new_world`] with the backends `factory` builds (for
+    /// the world and every subgroup created from it).
+    pub fn new_world_with(
+        factory: Arc<dyn BackendFactory>,
+        store: SharedStore,
+        rank: usize,
+        world_size: usize,
+        opts: GroupOptions,
+    ) -> Result<ProcessGroup> {
+        if world_size == 0 {
+            return Err(Error::invalid("new_world: world_size must be at least 1, got 0"));
+        }
+        if rank >= world_size {
+            return Err(Error::invalid(format!("new_world: rank {rank} is out of range for world_size {world_size}")));
+        }
+        let generation = store.add(&format!("rankweave/world_gen/{rank}"), 1)? - 1;
+        let name = format!("world:{generation}");
+        let names = Arc::new(Mutex::new(HashMap::from([("world".to_string(), generation as u64 + 1)])));
+        let namespace = format!("rankweave/{name}");
+        ProcessGroup::build(name, namespace, rank, (0..world_size).collect(), store, opts, names, factory)
+    }
+
+    /// Creates a subgroup. Every member of `self` calls it with the same
+    /// `ranks` (ranks of `self`'s numbering, i.e. global ranks for the world)
+    /// in the same order; members get `Some`, the others `None`.
+    /// `name` prefixes the group's unique name (`tp` -> `tp:0`).
+    ///
+    /// The unique name counts, per world instance, the groups of that `name`
+    /// this rank is a member of (as the seed's `_get_unique_name`), so with
+    /// the usual partition into blocks every member of every TP group calls
+    /// its group `tp:0`. Group rank `i` is `ranks[i]`.
+    pub fn new_group(&self, ranks: &[usize], name: &str) -> Result<Option<ProcessGroup>> {
+        let inner = &self.inner;
+        if ranks.is_empty() {
+            return Err(Error::invalid(format!("new_group {name:?}: ranks must not be empty")));
+        }
+        let mut seen = vec![false; inner.size];
+        for &r in ranks {
+            if r >= inner.size {
+                return Err(Error::invalid(format!(
+                    "new_group {name:?}: rank {r} is out of range for group {} of size {}",
+                    inner.name, inner.size
+                )));
+            }
+            if std::mem::replace(&mut seen[r], true) {
+                return Err(Error::invalid(format!("new_group {name:?}: rank {r} appears twice in {ranks:?}")));
+            }
+        }
+        let child = inner.children.fetch_add(1, Ordering::Relaxed);
+        let Some(my_rank) = ranks.iter().position(|&r| r == inner.rank) else {
+            return Ok(None);
+        };
+        let unique = {
+            let mut names = lock(&inner.names);
+            let n = names.entry(name.to_string()).or_insert(0);
+            *n += 1;
+            format!("{name}:{}", *n - 1)
+        };
+        let namespace = format!("{}/sub{child}", inner.namespace);
+        let global_ranks = ranks.iter().map(|&r| inner.global_ranks[r]).collect();
+        let group = ProcessGroup::build(
+            unique,
+            namespace,
+            my_rank,
+            global_ranks,
+            inner.root.clone(),
+            inner.opts.clone(),
+            inner.names.clone(),
+            inner.factory.clone(),
+        )?;
+        Ok(Some(group))
+    }
+
+    /// This rank's position in the group.
+    pub fn rank(&self) -> usize {
+        self.inner.rank
+    }
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.inner.size
+    }
+    /// This process's global (world) rank.
+    pub fn global_rank(&self) -> usize {
+        self.inner.global_ranks[self.inner.rank]
+    }
+    /// The members' global ranks, in group order.
+    pub fn global_ranks(&self) -> &[usize] {
+        &self.inner.global_ranks
+    }
+    /// Unique name, e.g. `world:0`, `tp:1`.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+    /// The store, namespaced for this group.
+    pub fn store(&self) -> SharedStore {
+        self.inner.store.clone()
+    }
+    /// Per-operation deadline.
+    pub fn timeout(&self) -> Duration {
+        self.inner.opts.timeout
+    }
+    /// The transport collectives use in this group: [`TransportKind::Shm`]
+    /// or [`TransportKind::Tcp`], never `Auto` (see the module docs for how
+    /// it is chosen). A group of one reports `Shm` unless TCP was forced.
+    /// Point-to-point traffic ([`ProcessGroup::send_bytes`]) is always TCP.
+    pub fn transport_kind(&self) -> TransportKind {
+        self.inner.kind
+    }
+    /// The backend's short name: `tcp`, `shm`, `hier`, `mem`, ...
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend_name
+    }
+    /// The options the group was created with (subgroups inherit them).
+    pub fn options(&self) -> &GroupOptions {
+        &self.inner.opts
+    }
+    /// The backend's point-to-point transport, for traffic outside the
+    /// group's operations (callers must not interleave it with them); an
+    /// error for a backend without one.
+    pub fn transport(&self) -> Result<&dyn Transport> {
+        self.inner.link.transport().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "group {}: the {} backend has no point-to-point transport",
+                self.inner.name, self.inner.backend_name
+            ))
+        })
+    }
+    /// The id carried in every message header of this group.
+    pub fn group_id(&self) -> u64 {
+        group_id_of(&self.inner.namespace)
+    }
+    /// Why the group is unusable, once it failed or was destroyed.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.inner.poison.get().map(String::as_str)
+    }
+    /// Closes every connection of this group (on every clone); peers still
+    /// talking to this rank see it as lost (peers waiting in a shared-memory
+    /// collective see it late, at their timeout). Later calls return
+    /// [`Error::Poisoned`]. Dropping the last clone closes too.
+    pub fn destroy(&self) {
+        let _ = self.inner.poison.set("group destroyed".into());
+        self.inner.link.close();
+    }
+
+    fn check_ready(&self) -> Result<()> {
+        match self.inner.poison.get() {
+            Some(cause) => Err(Error::Poisoned { group: self.inner.name.clone(), cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn check(&self, op: &'static str) -> Check<'_> {
+        Check { op, group: &self.inner.name, rank: self.inner.rank, size: self.inner.size }
+    }
+
+    /// Records a failure: poisons the group and tells the peers.
+    fn failed(&self, e: &Error) {
+        if e.poisons_group() {
+            let _ = self.inner.poison.set(e.to_string());
+            self.inner.link.abort(e);
+        }
+    }
+
+    /// Runs one operation on the backend under the group lock with the next
+    /// sequence number and a fresh deadline; a failure poisons the group,
+    /// and a panic closes it (the peers are left mid-operation).
+    #[inline]
+    fn run<R>(&self, seq: Seq, f: impl FnOnce(&mut dyn Communicator, Call) -> Result<R>) -> Result<R> {
+        self.check_ready()?;
+        let inner = &self.inner;
+        let mut state = lock(&inner.state);
+        let seq = match seq {
+            Seq::Collective => {
+                state.seq += 1;
+                state.seq
+            }
+            Seq::SendTo(p) => {
+                state.send_seq[p] += 1;
+                state.send_seq[p]
+            }
+            Seq::RecvFrom(p) => {
+                state.recv_seq[p] += 1;
+                state.recv_seq[p]
+            }
+        };
+        let call = Call { seq, deadline: Instant::now() + inner.opts.timeout };
+        let guard = CloseOnPanic(inner);
+        let res = f(&mut *state.comm, call);
+        drop(guard);
+        if let Err(e) = &res {
+            self.failed(e);
+        }
+        res
+    }
+
+    /// Runs a custom algorithm over the backend's point-to-point transport
+    /// as one collective: takes the group lock, advances the sequence number
+    /// (every rank counts the same), sets the deadline to now plus the group
+    /// timeout and hands `f` a [`Comm`]. A failure poisons the group as for
+    /// the built-in operations.
+    pub fn with_comm<R>(&self, f: impl FnOnce(&mut Comm<'_>) -> Result<R>) -> Result<R> {
+        let transport = self.transport()?;
+        self.check_ready()?;
+        let inner = &self.inner;
+        let mut state = lock(&inner.state);
+        state.seq += 1;
+        let OpState { seq, scratch, .. } = &mut *state;
+        let mut comm = Comm { transport, seq: *seq, deadline: Instant::now() + inner.opts.timeout, scratch };
+        let guard = CloseOnPanic(inner);
+        let res = f(&mut comm);
+        drop(guard);
+        if let Err(e) = &res {
+            self.failed(e);
+        }
+        res
+    }
+
+    /// In-place all_reduce of `buf` (elements of `dtype`).
+    pub fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        self.check("all_reduce").elems(buf.len(), dtype)?;
+        self.check_ready()?;
+        if self.inner.size == 1 {
+            return Ok(());
+        }
+        self.run(Seq::Collective, |c, call| c.all_reduce(call, buf, dtype, op))
+    }
+    /// In-place broadcast from group rank `root`.
+    pub fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
+        self.check("broadcast").root(root)?;
+        self.check_ready()?;
+        if self.inner.size == 1 {
+            return Ok(());
+        }
+        self.run(Seq::Collective, |c, call| c.broadcast(call, buf, root))
+    }
+    /// `output.len() == size * input.len()`.
+    pub fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
+        self.check("all_gather").len("output (size x input)", self.inner.size * input.len(), output.len())?;
+        self.check_ready()?;
+        if self.inner.size == 1 {
+            output.copy_from_slice(input);
+            return Ok(());
+        }
+        self.run(Seq::Collective, |c, call| c.all_gather(call, input, output))
+    }
+    /// `output` is `Some` (`size * input.len()` bytes) on root only.
+    pub fn gather_bytes(&self, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
+        let n = self.inner.size;
+        self.check("gather").root_buffer("output", root, output.as_ref().map(|o| o.len()), n * input.len())?;
+        self.check_ready()?;
+        if n == 1 {
+            if let Some(out) = output {
+                out.copy_from_slice(input);
+            }
+            return Ok(());
+        }
+        self.run(Seq::Collective, |c, call| c.gather(call, input, output, root))
+    }
+    /// `input` is `Some` (`size * output.len()` bytes) on root only.
+    pub fn scatter_bytes(&self, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
+        let n = self.inner.size;
+        self.check("scatter").root_buffer("input", root, input.map(<[u8]>::len), n * output.len())?;
+        self.check_ready()?;
+        if n == 1 {
+            if let Some(inp) = input {
+                output.copy_from_slice(inp);
+            }
+            return Ok(());
+        }
+        self.run(Seq::Collective, |c, call| c.scatter(call, input, output, root))
+    }
+    /// In place; the result is defined on root only.
+    pub fn reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+        let check = self.check("reduce");
+        check.root(root)?;
+        check.elems(buf.len(), dtype)?;
+        self.check_ready()?;
+        if self.inner.size == 1 {
+            return Ok(());
+        }
+        self.run(Seq::Collective, |c, call| c.reduce(call, buf, dtype, op, root))
+    }
+    /// `input.len() == size * output.len()`.
+    pub fn reduce_scatter_bytes(&self, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        let check = self.check("reduce_scatter");
+        check.elems(output.len(), dtype)?;
+        check.len("input (size x output)", self.inner.size * output.len(), input.len())?;
+        self.check_ready()?;
+        if self.inner.size == 1 {
+            output.copy_from_slice(input);
+            return Ok(());
+        }
+        self.run(Seq::Collective, |c, call| c.reduce_scatter(call, input, output, dtype, op))
+    }
+    /// Both `size * S` bytes.
+    pub fn all_to_all_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
+        let check = self.check("all_to_all");
+        check.len("output (same as input)", input.len(), output.len())?;
+        check.blocks(input.len(), None)?;
+        self.check_ready()?;
+        if self.inner.size == 1 {
+            output.copy_from_slice(input);
+            return Ok(());
+        }
+        self.run(Seq::Collective, |c, call| c.all_to_all(call, input, output))
+    }
+    /// Sends `data` to group rank `dst`; `recv_bytes` on `dst` must expect the same length.
+    pub fn send_bytes(&self, data: &[u8], dst: usize) -> Result<()> {
+        self.check("send").peer(dst)?;
+        self.run(Seq::SendTo(dst), |c, call| c.send(call, data, dst))
+    }
+    /// Receives exactly `buf.len()` bytes from group rank `src`.
+    pub fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<()> {
+        self.check("recv").peer(src)?;
+        self.run(Seq::RecvFrom(src), |c, call| c.recv(call, buf, src))
+    }
+    /// Returns once every rank entered.
+    pub fn barrier(&self) -> Result<()> {
+        self.check_ready()?;
+        if self.inner.size == 1 {
+            return Ok(());
+        }
+        self.run(Seq::Collective, |c, call| c.barrier(call))
+    }
+
+    /// Typed [`ProcessGroup::all_reduce_bytes`].
+    pub fn all_reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        self.all_reduce_bytes(bytemuck::cast_slice_mut(buf), T::DTYPE, op)
+    }
+    /// Typed [`ProcessGroup::broadcast_bytes`].
+    pub fn broadcast<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
+        self.broadcast_bytes(bytemuck::cast_slice_mut(buf), root)
+    }
+    /// Typed [`ProcessGroup::all_gather_bytes`].
+    pub fn all_gather<T: Element>(&self, input: &[T], output: &mut [T]) -> Result<()> {
+        self.all_gather_bytes(bytemuck::cast_slice(input), bytemuck::cast_slice_mut(output))
+    }
+    /// Typed [`ProcessGroup::gather_bytes`].
+    pub fn gather<T: Element>(&self, input: &[T], output: Option<&mut [T]>, root: usize) -> Result<()> {
+        self.gather_bytes(bytemuck::cast_slice(input), output.map(bytemuck::cast_slice_mut), root)
+    }
+    /// Typed [`ProcessGroup::scatter_bytes`].
+    pub fn scatter<T: Element>(&self, input: Option<&[T]>, output: &mut [T], root: usize) -> Result<()> {
+        self.scatter_bytes(input.map(bytemuck::cast_slice), bytemuck::cast_slice_mut(output), root)
+    }
+    /// Typed [`ProcessGroup::reduce_bytes`].
+    pub fn reduce<T: Element>(&self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
+        self.reduce_bytes(bytemuck::cast_slice_mut(buf), T::DTYPE, op, root)
+    }
+    /// Typed [`ProcessGroup::reduce_scatter_bytes`].
+    pub fn reduce_scatter<T: Element>(&self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()> {
+        self.reduce_scatter_bytes(bytemuck::cast_slice(input), bytemuck::cast_slice_mut(output), T::DTYPE, op)
+    }
+    /// Typed [`ProcessGroup::all_to_all_bytes`].
+    pub fn all_to_all<T: Element>(&self, input: &[T], output: &mut [T]) -> Result<()> {
+        self.all_to_all_bytes(bytemuck::cast_slice(input), bytemuck::cast_slice_mut(output))
+    }
+    /// Typed [`ProcessGroup::send_bytes`].
+    pub fn send<T: Element>(&self, data: &[T], dst: usize) -> Result<()> {
+        self.send_bytes(bytemuck::cast_slice(data), dst)
+    }
+    /// Typed [`ProcessGroup::recv_bytes`].
+    pub fn recv<T: Element>(&self, buf: &mut [T], src: usize) -> Result<()> {
+        self.recv_bytes(bytemuck::cast_slice_mut(buf), src)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.link.close();
+    }
+}
+
+/// Poisons and closes the group when dropped during a panic (an operation
+/// that panicked left its peers mid-operation).
+struct CloseOnPanic<'a>(&'a Inner);
+
+impl Drop for CloseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.poison.set("an operation panicked on this rank".into());
+            self.0.link.close();
+        }
+    }
+}
