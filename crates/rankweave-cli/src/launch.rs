@@ -24,7 +24,6 @@ mod signals;
 use output::{Forwarders, Stream};
 use rankweave::{Context, Error, Result};
 use std::ffi::OsString;
-use std::hash::{BuildHasher, Hasher};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -265,47 +264,25 @@ pub fn free_port() -> Result<u16> {
     Ok(addr.port())
 }
 
-/// Whether `id` is usable in shared-memory names (the library's rule).
-fn valid_job_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// `RANKWEAVE_JOB_ID` from the environment when it is valid, else a fresh
-/// 10-character alphanumeric id.
+/// `RANKWEAVE_JOB_ID` from the environment when it is valid (the library's
+/// rule, [`rankweave::segments::is_valid_job_id`]), else a fresh id.
 pub fn job_id() -> String {
-    match std::env::var("RANKWEAVE_JOB_ID") {
-        Ok(id) if valid_job_id(&id) => id,
+    use rankweave::segments::{is_valid_job_id, new_job_id, JOB_ID_ENV};
+    match std::env::var(JOB_ID_ENV) {
+        Ok(id) if is_valid_job_id(&id) => id,
         Ok(id) => {
-            tracing::warn!("ignoring RANKWEAVE_JOB_ID={id:?} (letters, digits and _ only); using a fresh id");
+            tracing::warn!("ignoring {JOB_ID_ENV}={id:?} (1 to 64 letters, digits and _); using a fresh id");
             new_job_id()
         }
         Err(_) => new_job_id(),
     }
 }
 
-fn new_job_id() -> String {
-    // RandomState is seeded from the OS; mix in pid and time so two launches
-    // in one process differ as well.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    h.write_u128(nanos);
-    let mut x = h.finish();
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    (0..10)
-        .map(|_| {
-            let c = ALPHABET[(x % 36) as usize] as char;
-            x /= 36;
-            c
-        })
-        .collect()
-}
-
 /// Removes `/dev/shm/rankweave-<job>-*` (through the library's
-/// `sys::shm::cleanup_job`, which knows how segments are named); returns how
+/// `segments::cleanup_job`, which knows how segments are named); returns how
 /// many were removed.
 pub fn remove_job_segments(job: &str) -> usize {
-    match rankweave::sys::shm::cleanup_job(job) {
+    match rankweave::segments::cleanup_job(job) {
         Ok(removed) => removed.len(),
         Err(e) => {
             tracing::warn!("cannot remove the shared-memory segments of job {job}: {e}");
@@ -501,12 +478,12 @@ mod tests {
 
     #[test]
     fn fresh_job_ids_are_short_alphanumeric_and_differ() {
-        let a = new_job_id();
-        let b = new_job_id();
+        let a = rankweave::segments::new_job_id();
+        let b = rankweave::segments::new_job_id();
         assert_eq!(a.len(), 10);
-        assert!(valid_job_id(&a));
+        assert!(rankweave::segments::is_valid_job_id(&a));
         assert_ne!(a, b);
-        assert!(!valid_job_id("a-b"));
-        assert!(!valid_job_id(""));
+        assert!(!rankweave::segments::is_valid_job_id("a-b"));
+        assert!(!rankweave::segments::is_valid_job_id(""));
     }
 }

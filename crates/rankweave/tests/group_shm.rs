@@ -10,7 +10,7 @@ mod common;
 
 use common::{expected, input, pattern, random_floats};
 use rankweave::collectives::shm::DEFAULT_SLOT_BYTES;
-use rankweave::sys::shm::{job_id, list_job};
+use rankweave::segments::{job_id, list_job};
 use rankweave::{DType, Error, GroupOptions, HashStore, ProcessGroup, ReduceOp, SharedStore, TransportKind};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};

@@ -250,7 +250,7 @@ fn the_segment_name_is_gone_once_every_rank_attached() {
         comm.segment_name().to_string()
     });
     assert!(names.iter().all(|n| *n == names[0]));
-    assert!(names[0].starts_with(&format!("/rankweave-{}-", rankweave::sys::shm::job_id())), "{}", names[0]);
+    assert!(names[0].starts_with(&format!("/rankweave-{}-", rankweave::segments::job_id())), "{}", names[0]);
     assert!(!std::path::Path::new(&format!("/dev/shm{}", names[0])).exists());
 }
 

@@ -3,7 +3,7 @@
 
 use rankweave::collectives::shm::{ShmComm, ShmOptions};
 use rankweave::message_queue::{MessageQueue, MqOptions};
-use rankweave::sys::shm::{check_free_space_at, cleanup_job, job_id, list_job, ShmSegment};
+use rankweave::segments::{check_free_space_at, cleanup_job, job_id, list_job, ShmSegment};
 use rankweave::{DType, Error, HashStore, ReduceOp};
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;

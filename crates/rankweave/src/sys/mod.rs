@@ -1,3 +1,16 @@
-//! Operating-system specifics behind small safe interfaces.
+//! Operating-system specifics behind small safe interfaces (private).
+//!
+//! The contract with the rest of the crate:
+//! - `shm::ShmSegment` owns one POSIX shared-memory mapping and is the only
+//!   place that turns an offset into a pointer: atomics
+//!   (`ShmSegment::atomic_u64`) and copies (`write`, `read`, `bytes`) by
+//!   offset, each bounds checked. The unsafe copy functions leave exactly one
+//!   obligation to the caller, stated on each: the module's own
+//!   Release/Acquire protocol must give it exclusive access to the bytes.
+//! - Segment names carry the job id (`/rankweave-<job>-…`); the job-id rule,
+//!   listing and cleanup live here too. Failures keep the operating
+//!   system's error as an `std::io::Error` inside [`crate::Error::Io`].
+//!
+//! What users need of it is re-exported by [`crate::segments`].
 
-pub mod shm;
+pub(crate) mod shm;

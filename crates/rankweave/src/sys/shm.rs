@@ -10,6 +10,7 @@ use nix::sys::mman::{mmap, munmap, shm_open, shm_unlink, MapFlags, ProtFlags};
 use nix::sys::stat::Mode;
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
+use std::sync::atomic::AtomicU64;
 
 /// An operating-system failure of `what` on `target`, keeping the errno as
 /// an [`std::io::Error`] (callers match on its kind, never on the text).
@@ -17,12 +18,44 @@ fn os_error(what: &str, target: &str, e: nix::Error) -> Error {
     Error::Io { ctx: crate::error::Context::op(format!("{what} {target}")), source: std::io::Error::from(e) }
 }
 
-/// The job id used in segment names.
+/// The environment variable naming the job (set by `rankweave launch`).
+pub const JOB_ID_ENV: &str = "RANKWEAVE_JOB_ID";
+
+/// The one rule for job ids: 1 to 64 ASCII letters, digits or `_` (they
+/// become part of segment names).
+pub fn is_valid_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The job id used in segment names: [`JOB_ID_ENV`] when valid, else one of
+/// this process alone (`p<pid>`). Read once per process.
 pub fn job_id() -> String {
-    match std::env::var("RANKWEAVE_JOB_ID") {
-        Ok(v) if !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => v,
+    static JOB: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JOB.get_or_init(|| match std::env::var(JOB_ID_ENV) {
+        Ok(v) if is_valid_job_id(&v) => v,
         _ => format!("p{}", std::process::id()),
-    }
+    })
+    .clone()
+}
+
+/// A fresh job id for a launcher: 10 random lower-case letters and digits.
+pub fn new_job_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS; mix in pid and time so two launches
+    // in one process differ as well.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    h.write_u128(nanos);
+    let mut x = h.finish();
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    (0..10)
+        .map(|_| {
+            let c = ALPHABET[(x % 36) as usize] as char;
+            x /= 36;
+            c
+        })
+        .collect()
 }
 
 /// Where POSIX shared-memory names live on Linux.
@@ -107,8 +140,8 @@ pub fn list_job(job: &str) -> Result<Vec<String>> {
 /// returns the names removed. The launcher calls it when a job ends; it is
 /// safe to call while the job runs only for segments nobody opens any more.
 pub fn cleanup_job(job: &str) -> Result<Vec<String>> {
-    if job.is_empty() || !job.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(Error::invalid(format!("job id `{job}` must be non-empty ASCII letters, digits or `_`")));
+    if !is_valid_job_id(job) {
+        return Err(Error::invalid(format!("job id `{job}` must be 1 to 64 ASCII letters, digits or `_`")));
     }
     let mut removed = Vec::new();
     for name in list_job(job)? {
@@ -116,7 +149,7 @@ pub fn cleanup_job(job: &str) -> Result<Vec<String>> {
             Ok(()) => removed.push(name),
             // Raced with its owner unlinking it: already gone.
             Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(Error::SharedMemory(format!("shm_unlink {name}: {e}"))),
+            Err(e) => return Err(os_error("shm_unlink", &name, e)),
         }
     }
     Ok(removed)
@@ -224,6 +257,73 @@ impl ShmSegment {
     /// Start of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
+    }
+
+    /// The start of `len` bytes at `off`, after checking they lie inside
+    /// the mapping (a bug in the caller's layout panics here instead of
+    /// touching memory outside it).
+    fn range(&self, off: usize, len: usize) -> *mut u8 {
+        assert!(
+            off.checked_add(len).is_some_and(|end| end <= self.len),
+            "segment {}: {len} bytes at offset {off} exceed its {} bytes",
+            self.name,
+            self.len
+        );
+        // SAFETY: `off + len <= self.len`, so the result stays inside (or one
+        // past the end of) the mapping.
+        unsafe { self.ptr.as_ptr().add(off) }
+    }
+
+    /// The 8-byte atomic at `off` (8-byte aligned, inside the mapping).
+    ///
+    /// Every process that maps the segment may access the word, but only
+    /// through atomics: a layout that also reads or writes it as plain
+    /// bytes is a bug of the caller.
+    pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
+        assert!(off % 8 == 0, "segment {}: atomic at unaligned offset {off}", self.name);
+        let p = self.range(off, 8);
+        // SAFETY: inside the mapping (checked), 8-byte aligned (the mapping
+        // is page aligned and `off` is a multiple of 8), valid for the
+        // lifetime of `&self`, and only ever accessed atomically (the
+        // contract above).
+        unsafe { &*p.cast::<AtomicU64>() }
+    }
+
+    /// Copies `data` into the segment at `off` (bounds checked).
+    ///
+    /// # Safety
+    /// No other thread or process may access those bytes until a
+    /// Release/Acquire handshake through one of the segment's atomics
+    /// publishes them (the protocol of the module using the segment).
+    pub unsafe fn write(&self, off: usize, data: &[u8]) {
+        let p = self.range(off, data.len());
+        // SAFETY: inside the mapping (checked); exclusive access to the
+        // range is the caller's contract; `data` is a distinct local buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+    }
+
+    /// Copies `out.len()` bytes at `off` out of the segment (bounds checked).
+    ///
+    /// # Safety
+    /// The bytes must have been published to this process (an Acquire load
+    /// that pairs with the writer's Release store) and must not be written
+    /// while they are copied.
+    pub unsafe fn read(&self, off: usize, out: &mut [u8]) {
+        let p = self.range(off, out.len());
+        // SAFETY: inside the mapping (checked); no concurrent writer is the
+        // caller's contract; `out` is a distinct local buffer.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len()) };
+    }
+
+    /// A view of `len` bytes at `off` (bounds checked), for reading in place.
+    ///
+    /// # Safety
+    /// As [`ShmSegment::read`], for as long as the slice lives.
+    pub unsafe fn bytes(&self, off: usize, len: usize) -> &[u8] {
+        let p = self.range(off, len);
+        // SAFETY: inside the mapping (checked) and valid for `&self`; no
+        // concurrent writer while the slice lives is the caller's contract.
+        unsafe { std::slice::from_raw_parts(p, len) }
     }
 
     /// Length in bytes.
