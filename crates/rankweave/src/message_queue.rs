@@ -40,6 +40,7 @@
 use crate::error::{Context, Error, Result};
 use crate::group::ProcessGroup;
 use crate::sync::Backoff;
+use crate::sys::net::retry_connect;
 use crate::sys::shm::ShmSegment;
 use crate::transport::tcp::advertised_ip;
 use serde::de::DeserializeOwned;
@@ -171,25 +172,20 @@ struct Shm {
 }
 
 impl Shm {
-    fn chunk(&self, k: usize) -> *mut u8 {
+    /// Offset of chunk `k`.
+    fn chunk(&self, k: usize) -> usize {
         debug_assert!(k < self.layout.chunks);
-        // SAFETY: chunk k lies inside the mapping (Layout::len).
-        unsafe { self.seg.as_ptr().add(HEADER + k * self.layout.stride) }
+        HEADER + k * self.layout.stride
     }
     fn written(&self, k: usize) -> &AtomicU64 {
-        // SAFETY: 64-byte aligned word inside the mapping, only accessed atomically.
-        unsafe { &*self.chunk(k).cast::<AtomicU64>() }
+        self.seg.atomic_u64(self.chunk(k))
     }
     fn length(&self, k: usize) -> &AtomicU64 {
-        // SAFETY: as above, 8 bytes further.
-        unsafe { &*self.chunk(k).add(8).cast::<AtomicU64>() }
+        self.seg.atomic_u64(self.chunk(k) + 8)
     }
     fn read_flag(&self, i: usize, k: usize) -> &AtomicU64 {
         debug_assert!(i < self.layout.readers && k < self.layout.chunks);
-        // SAFETY: reader i's flag for chunk k: 8-byte aligned, inside the mapping.
-        unsafe {
-            &*self.seg.as_ptr().add(self.layout.flags + i * self.layout.reader_stride + k * 8).cast::<AtomicU64>()
-        }
+        self.seg.atomic_u64(self.layout.flags + i * self.layout.reader_stride + k * 8)
     }
 }
 
@@ -382,8 +378,8 @@ impl MessageQueue {
             let layout = Layout::new(max_chunks, max_chunk_bytes, local_reader_ranks.len())?;
             let seg = ShmSegment::create_unique("mq", layout.len)?;
             let words = [MAGIC, local_reader_ranks.len() as u64, max_chunks as u64, max_chunk_bytes as u64];
-            // SAFETY: the fresh segment has at least HEADER bytes and nobody else knows its name yet.
-            unsafe { std::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), seg.as_ptr(), 32) };
+            // SAFETY: nobody else knows the fresh segment's name yet.
+            unsafe { seg.write(0, bytemuck::cast_slice(&words)) };
             Some(Shm { seg, layout })
         };
         let listener = TcpListener::bind((opts.listen_host.as_str(), 0)).map_err(|e| Error::io(ctx(), e))?;
@@ -439,9 +435,9 @@ impl MessageQueue {
                 let layout = Layout::new(handle.max_chunks, handle.max_chunk_bytes, handle.local_reader_ranks.len())?;
                 let seg = ShmSegment::open(name, layout.len)?;
                 let mut words = [0u64; 4];
-                // SAFETY: the segment has at least HEADER bytes; the writer
-                // wrote the header before publishing the handle.
-                unsafe { std::ptr::copy_nonoverlapping(seg.as_ptr(), words.as_mut_ptr().cast::<u8>(), 32) };
+                // SAFETY: the writer wrote the header before publishing the
+                // handle and never writes it again.
+                unsafe { seg.read(0, bytemuck::cast_slice_mut(&mut words)) };
                 let want = [MAGIC, layout.readers as u64, layout.chunks as u64, layout.chunk_bytes as u64];
                 if words != want {
                     return Err(Error::protocol(
@@ -732,7 +728,7 @@ impl MessageQueue {
                 // every local reader has finished with it (their read numbers
                 // reached `prev`, Acquire above) and none reads it again
                 // before `written` says `m` (Release below).
-                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), shm.chunk(k).add(CHUNK_HEADER), data.len()) };
+                unsafe { shm.seg.write(shm.chunk(k) + CHUNK_HEADER, data) };
             }
             shm.length(k).store(if overflow { len | OVERFLOW } else { len }, Ordering::Relaxed);
             // Release: publishes the data and the length; pairs with the
@@ -903,7 +899,7 @@ impl MessageQueue {
             // SAFETY: `len` bytes of chunk k's data area, published by the
             // writer before its Release store of `written` (Acquire above);
             // the writer reuses the chunk only after our Release store below.
-            let data = unsafe { std::slice::from_raw_parts(shm.chunk(k).add(CHUNK_HEADER), len) };
+            let data = unsafe { shm.seg.bytes(shm.chunk(k) + CHUNK_HEADER, len) };
             f(data)
         };
         // Release: tells the writer we are done with chunk k; pairs with its
@@ -1007,26 +1003,17 @@ pub fn in_the_same_node_as(group: &ProcessGroup, src: usize) -> Result<Vec<bool>
 }
 
 fn connect(addr: &str, timeout: Duration, ctx: impl Fn() -> Context) -> Result<TcpStream> {
-    let start = Instant::now();
-    let deadline = start + timeout;
-    let mut last: Option<std::io::Error> = None;
-    loop {
-        let addrs: Vec<_> = addr.to_socket_addrs().map_err(|e| Error::io(ctx(), e))?.collect();
+    let addrs: Vec<_> = addr.to_socket_addrs().map_err(|e| Error::io(ctx(), e))?.collect();
+    retry_connect(Some(Instant::now() + timeout), |left| {
+        let mut last = std::io::Error::new(ErrorKind::NotFound, format!("{addr} resolves to no address"));
         for a in &addrs {
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-            match TcpStream::connect_timeout(a, left.min(Duration::from_secs(5))) {
+            let wait = left.unwrap_or(Duration::MAX).clamp(Duration::from_millis(1), Duration::from_secs(5));
+            match TcpStream::connect_timeout(a, wait) {
                 Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
+                Err(e) => last = e,
             }
         }
-        if Instant::now() >= deadline {
-            let why = last.map_or_else(|| "no address".to_string(), |e| e.to_string());
-            return Err(Error::timeout(
-                ctx(),
-                start.elapsed(),
-                format!("a connection to the writer at {addr} (last error: {why})"),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        Err(last)
+    })
+    .map_err(|g| Error::timeout(ctx(), g.waited, format!("a connection to the writer at {addr}{}", g.why())))
 }

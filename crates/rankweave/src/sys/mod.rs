@@ -13,4 +13,5 @@
 //!
 //! What users need of it is re-exported by [`crate::segments`].
 
+pub(crate) mod net;
 pub(crate) mod shm;

@@ -230,18 +230,17 @@ impl ShmComm {
         let seg = if rank == 0 {
             let seg = ShmSegment::create_unique(group, len)?;
             let words = [MAGIC, VERSION, size as u64, slot as u64];
-            // SAFETY: the segment is at least HEADER (64) bytes, page aligned,
-            // and nobody else knows its name yet.
-            unsafe { std::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), seg.as_ptr(), 32) };
+            // SAFETY: nobody else knows the segment's name yet.
+            unsafe { seg.write(0, bytemuck::cast_slice(&words)) };
             exchange(Some(seg.name()))?;
             seg
         } else {
             let name = exchange(None)?;
             let seg = ShmSegment::open(&name, len)?;
             let mut words = [0u64; 4];
-            // SAFETY: the segment has at least `len` > 32 bytes; rank 0 wrote
-            // the header before publishing the name.
-            unsafe { std::ptr::copy_nonoverlapping(seg.as_ptr(), words.as_mut_ptr().cast::<u8>(), 32) };
+            // SAFETY: rank 0 wrote the header before publishing the name (the
+            // store's exchange orders it) and never writes it again.
+            unsafe { seg.read(0, bytemuck::cast_slice_mut(&mut words)) };
             if words != [MAGIC, VERSION, size as u64, slot as u64] {
                 return Err(Error::protocol(
                     Context::new("shm.create", group, rank).with_peer(0),
@@ -322,30 +321,24 @@ impl ShmComm {
         e
     }
 
-    /// Control line `p` (0 or 1) of rank `j`.
-    fn line(&self, j: usize, p: usize) -> *mut u8 {
+    /// Offset of control line `p` (0 or 1) of rank `j`.
+    fn line(&self, j: usize, p: usize) -> usize {
         debug_assert!(j < self.size && p < 2);
-        // SAFETY: HEADER + (j*2+p+1)*LINE <= segment length by construction.
-        unsafe { self.seg.as_ptr().add(HEADER + j * CTRL + p * LINE) }
+        HEADER + j * CTRL + p * LINE
     }
 
     fn line_step(&self, j: usize, p: usize) -> &AtomicU64 {
-        // SAFETY: the line start is 64-byte aligned, inside the mapping, and
-        // only ever accessed atomically at this offset.
-        unsafe { &*self.line(j, p).cast::<AtomicU64>() }
+        self.seg.atomic_u64(self.line(j, p))
     }
 
     fn line_desc(&self, j: usize, p: usize) -> &AtomicU64 {
-        // SAFETY: as above, 8 bytes further.
-        unsafe { &*self.line(j, p).add(8).cast::<AtomicU64>() }
+        self.seg.atomic_u64(self.line(j, p) + 8)
     }
 
     /// Rank `j`'s process: word 0 its pid, word 1 its pid namespace.
     fn info(&self, j: usize, w: usize) -> &AtomicU64 {
         debug_assert!(j < self.size && w < 2);
-        // SAFETY: the third line of rank j's control block, 8-byte aligned,
-        // inside the mapping, only accessed atomically.
-        unsafe { &*self.seg.as_ptr().add(HEADER + j * CTRL + 2 * LINE + w * 8).cast::<AtomicU64>() }
+        self.seg.atomic_u64(HEADER + j * CTRL + 2 * LINE + w * 8)
     }
 
     /// A late rank whose process no longer exists, if any. Only ranks in our
@@ -370,41 +363,38 @@ impl ShmComm {
 
     /// The CPU rank `j` ran on when it last signalled on line `p` (a hint).
     fn line_cpu(&self, j: usize, p: usize) -> &AtomicU64 {
-        // SAFETY: as above, 16 bytes from the line start.
-        unsafe { &*self.line(j, p).add(16).cast::<AtomicU64>() }
+        self.seg.atomic_u64(self.line(j, p) + 16)
     }
 
     /// Inline payload of rank `j`'s line `p`, read side.
     fn inline(&self, j: usize, p: usize, len: usize) -> &[u8] {
         assert!(len <= INLINE_BYTES);
-        // SAFETY: 48 bytes at offset 16 of the line are inside the mapping;
-        // the caller reads only after the Acquire load of that line's step
-        // and before its own next step, while the owner writes them again
-        // only two steps later (see the module docs).
-        unsafe { std::slice::from_raw_parts(self.line(j, p).add(INLINE_AT), len) }
+        // SAFETY: the caller reads only after the Acquire load of that
+        // line's step and before its own next step, while the owner writes
+        // the payload again only two steps later (see the module docs).
+        unsafe { self.seg.bytes(self.line(j, p) + INLINE_AT, len) }
     }
 
-    /// Start of half `u % 2` of rank `j`'s slot.
-    fn slot_ptr(&self, j: usize, u: u64) -> *mut u8 {
-        // SAFETY: slots follow the control lines; j < size, the half fits.
-        unsafe { self.seg.as_ptr().add(HEADER + self.size * CTRL + j * self.slot + (u as usize & 1) * self.half) }
+    /// Offset of half `u % 2` of rank `j`'s slot.
+    fn slot_at(&self, j: usize, u: u64) -> usize {
+        HEADER + self.size * CTRL + j * self.slot + (u as usize & 1) * self.half
     }
 
     /// Read view of `len` bytes at `off` in half `u % 2` of rank `j`'s slot.
     fn slot(&self, j: usize, u: u64, off: usize, len: usize) -> &[u8] {
         assert!(off + len <= self.half);
-        // SAFETY: inside the half; read only between the step that published
-        // the unit and this rank's next step, while the owner writes the half
-        // again only at unit u + 2 (see the module docs).
-        unsafe { std::slice::from_raw_parts(self.slot_ptr(j, u).add(off), len) }
+        // SAFETY: read only between the step that published the unit and
+        // this rank's next step, while the owner writes the half again only
+        // at unit u + 2 (see the module docs).
+        unsafe { self.seg.bytes(self.slot_at(j, u) + off, len) }
     }
 
     /// Copies `data` into this rank's half `u % 2` at `off`.
     fn write_slot(&self, u: u64, off: usize, data: &[u8]) {
         assert!(off + data.len() <= self.half);
-        // SAFETY: inside this rank's own half, which no rank reads during
-        // unit `u` before the next step (see the module docs).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot_ptr(self.rank, u).add(off), data.len()) };
+        // SAFETY: this rank's own half, which no rank reads during unit `u`
+        // before the next step (see the module docs).
+        unsafe { self.seg.write(self.slot_at(self.rank, u) + off, data) };
     }
 
     fn next_unit(&mut self) -> u64 {
@@ -422,7 +412,7 @@ impl ShmComm {
             assert!(data.len() <= INLINE_BYTES);
             // SAFETY: this rank's own line, bytes 24..64; readers of step e-2
             // are done (they signalled step e-1 before we got here).
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.line(self.rank, p).add(INLINE_AT), data.len()) };
+            unsafe { self.seg.write(self.line(self.rank, p) + INLINE_AT, data) };
         }
         self.line_desc(self.rank, p).store(d, Ordering::Relaxed);
         let my_cpu = current_cpu();

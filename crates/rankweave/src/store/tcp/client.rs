@@ -5,15 +5,11 @@ use super::server::{token_from_env, TcpStoreServer};
 use crate::error::{Context, Error, Result};
 use crate::store::protocol::{self, Request, Response, HEADER_LEN};
 use crate::store::Store;
+use crate::sys::net::retry_connect;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-/// First pause between connection attempts while the server starts.
-const BACKOFF_START: Duration = Duration::from_millis(10);
-/// Longest pause between connection attempts.
-const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// Extra time the client waits for a reply beyond the server-side wait, so
 /// that a reply which is on its way is not cut off.
@@ -160,41 +156,22 @@ impl TcpStore {
     ) -> Result<TcpStore> {
         let addr = format!("tcp://{}", join_host_port(host, port));
         let ctx = || Context { op: "store.connect".into(), group: addr.clone(), ..Default::default() };
-        let start = Instant::now();
-        let deadline = start.checked_add(timeout);
-        let mut backoff = BACKOFF_START;
-        let mut last_err: Option<io::Error>;
-        loop {
-            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            match try_connect(host, port, remaining) {
-                Ok(mut stream) => {
-                    let store = TcpStore {
-                        idle: Mutex::new(Vec::new()),
-                        host: host.to_string(),
-                        addr: addr.clone(),
-                        port,
-                        token: token.map(<[u8]>::to_vec),
-                        timeout: Mutex::new(timeout),
-                        server,
-                    };
-                    store.authenticate(&mut stream)?;
-                    store.lock_idle().push(stream);
-                    return Ok(store);
-                }
-                Err(e) => last_err = Some(e),
-            }
-            let now = Instant::now();
-            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));
-            if left.is_zero() {
-                let detail = format!(
-                    "store server at {addr} to accept a connection (last error: {})",
-                    last_err.map_or_else(|| "none".to_string(), |e| e.to_string())
-                );
-                return Err(Error::timeout(ctx(), timeout, detail));
-            }
-            std::thread::sleep(backoff.min(left));
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+        let deadline = Instant::now().checked_add(timeout);
+        let mut stream = retry_connect(deadline, |left| try_connect(host, port, left)).map_err(|g| {
+            Error::timeout(ctx(), g.waited, format!("store server at {addr} to accept a connection{}", g.why()))
+        })?;
+        let store = TcpStore {
+            idle: Mutex::new(Vec::new()),
+            host: host.to_string(),
+            addr: addr.clone(),
+            port,
+            token: token.map(<[u8]>::to_vec),
+            timeout: Mutex::new(timeout),
+            server,
+        };
+        store.authenticate(&mut stream)?;
+        store.lock_idle().push(stream);
+        Ok(store)
     }
 
     /// Presents the token (if any) on a fresh connection.

@@ -21,6 +21,7 @@ use super::header::{AbortInfo, AbortKind, FrameKind, Header, HEADER_LEN};
 use super::io::{read_small, write_small};
 use crate::error::{Context, Error, Result};
 use crate::store::Store;
+use crate::sys::net::retry_connect;
 use crate::transport::OpCode;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -310,53 +311,32 @@ fn dial(spec: &MeshSpec<'_>, peer: usize, start: Instant) -> Result<Socket> {
             })?
         }
     };
-    let mut backoff = Duration::from_millis(5);
-    let mut last_err: Option<io::Error> = None;
-    loop {
-        let now = Instant::now();
-        if now >= spec.deadline {
-            let why = last_err.map(|e| format!(" (last error: {e})")).unwrap_or_default();
-            return Err(spec.timeout_err(start, Some(peer), format!("a connection to rank {peer} at {addr}{why}")));
-        }
-        let attempt = (|| -> io::Result<Socket> {
-            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            tune(&sock)?;
-            let wait = spec.deadline.saturating_duration_since(now).clamp(Duration::from_millis(1), HELLO_GRACE);
-            sock.connect_timeout(&SockAddr::from(addr), wait)?;
-            sock.set_nonblocking(true)?;
+    let sock = retry_connect(Some(spec.deadline), |left| {
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        tune(&sock)?;
+        let wait = left.unwrap_or(HELLO_GRACE).clamp(Duration::from_millis(1), HELLO_GRACE);
+        sock.connect_timeout(&SockAddr::from(addr), wait)?;
+        sock.set_nonblocking(true)?;
+        Ok(sock)
+    })
+    .map_err(|g| spec.timeout_err(start, Some(peer), format!("a connection to rank {peer} at {addr}{}", g.why())))?;
+    write_small(&sock, &hello(spec.group_id, 0, spec.rank, peer, spec.size), spec.deadline)
+        .map_err(|e| Error::io(spec.ctx("connect").with_peer(peer), e))?;
+    match read_hello(&sock, spec.group_id, spec.deadline) {
+        Ok([from, to, size, _]) if from as usize == peer && to as usize == spec.rank && size as usize == spec.size => {
             Ok(sock)
-        })();
-        match attempt {
-            Ok(sock) => {
-                write_small(&sock, &hello(spec.group_id, 0, spec.rank, peer, spec.size), spec.deadline)
-                    .map_err(|e| Error::io(spec.ctx("connect").with_peer(peer), e))?;
-                return match read_hello(&sock, spec.group_id, spec.deadline) {
-                    Ok([from, to, size, _])
-                        if from as usize == peer && to as usize == spec.rank && size as usize == spec.size =>
-                    {
-                        Ok(sock)
-                    }
-                    Ok([from, to, size, _]) => Err(Error::protocol(
-                        spec.ctx("connect").with_peer(peer),
-                        format!("rank {peer} at {addr} answered as rank {from} (to {to}, size {size})"),
-                    )),
-                    Err(HelloError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
-                        Err(spec.timeout_err(start, Some(peer), format!("rank {peer} to answer the handshake")))
-                    }
-                    Err(HelloError::Io(e)) => Err(Error::PeerLost {
-                        ctx: spec.ctx("connect").with_peer(peer),
-                        detail: format!("rank {peer} lost: {e} during the handshake (at {addr})"),
-                    }),
-                    Err(HelloError::Bad(why)) => Err(Error::protocol(spec.ctx("connect").with_peer(peer), why)),
-                };
-            }
-            Err(e) => {
-                tracing::trace!(group = spec.name, rank = spec.rank, peer, "connect failed: {e}");
-                last_err = Some(e);
-                let left = spec.deadline.saturating_duration_since(Instant::now());
-                std::thread::sleep(backoff.min(left));
-                backoff = (backoff * 2).min(Duration::from_millis(250));
-            }
         }
+        Ok([from, to, size, _]) => Err(Error::protocol(
+            spec.ctx("connect").with_peer(peer),
+            format!("rank {peer} at {addr} answered as rank {from} (to {to}, size {size})"),
+        )),
+        Err(HelloError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            Err(spec.timeout_err(start, Some(peer), format!("rank {peer} to answer the handshake")))
+        }
+        Err(HelloError::Io(e)) => Err(Error::PeerLost {
+            ctx: spec.ctx("connect").with_peer(peer),
+            detail: format!("rank {peer} lost: {e} during the handshake (at {addr})"),
+        }),
+        Err(HelloError::Bad(why)) => Err(Error::protocol(spec.ctx("connect").with_peer(peer), why)),
     }
 }
