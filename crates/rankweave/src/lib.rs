@@ -37,9 +37,12 @@
 //! --nproc-per-node N -- PROGRAM` and call
 //! [`parallel_state::init_distributed_environment`] with `env://`.
 //!
-//! Layers, bottom up: [`store`] (rendezvous), [`transport`] (TCP and shared
-//! memory), [`collectives`] (algorithms), [`group`] (process groups),
-//! [`tensor`], [`coordinator`], [`message_queue`], [`parallel_state`].
+//! Layers, bottom up: [`store`] (rendezvous), [`transport`] (point-to-point
+//! bytes: the TCP mesh), [`collectives`] (algorithms over a transport, and the
+//! shared-memory collectives), [`backend`] (the seam: one [`backend::Communicator`]
+//! per group, built by a [`group::BackendFactory`]), [`group`] (process
+//! groups), [`tensor`], [`coordinator`], [`message_queue`],
+//! [`parallel_state`], [`segments`] (shared-memory naming and cleanup).
 #![warn(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]

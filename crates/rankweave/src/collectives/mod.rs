@@ -27,7 +27,7 @@
 //! when small); gather and
 //! scatter go direct, all_to_all uses pairwise exchange and barrier the
 //! dissemination algorithm. Every front door validates lengths
-//! ([`Error::InvalidArgument`] with expected vs actual), and returns at once
+//! ([`crate::Error::InvalidArgument`] with expected vs actual), and returns at once
 //! for a single rank (copying where input and output differ) and for empty
 //! buffers.
 //!
