@@ -239,8 +239,8 @@ pub mod testing {
 
     use rankweave::backend::tcp::InProcessFactory;
     use rankweave::backend::{Backend, Call, Communicator};
-    use rankweave::group::{BackendFactory, GroupInfo};
-    use rankweave::{DType, GroupOptions, HashStore, ProcessGroup, ReduceOp, Result, SharedStore};
+    use rankweave::group::{BackendFactory, CpuFactory, GroupInfo};
+    use rankweave::{DType, GroupOptions, HashStore, ProcessGroup, ReduceOp, Result, SharedStore, TransportKind};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -319,7 +319,20 @@ pub mod testing {
     /// Runs `f` on every rank of an `n`-rank world of threads (rank
     /// `corrupt_rank`'s all_reduce corrupted); returns the results in rank order.
     pub fn run_world<R: Send>(n: usize, corrupt_rank: Option<usize>, f: impl Fn(&ProcessGroup) -> R + Sync) -> Vec<R> {
-        let factory: Arc<dyn BackendFactory> = Arc::new(Factory { corrupt: corrupt_rank, ..Factory::default() });
+        run_world_with(Arc::new(Factory { corrupt: corrupt_rank, ..Factory::default() }), None, n, f)
+    }
+
+    /// [`run_world`] on the real CPU backends (`kind`: TCP or shared memory).
+    pub fn run_cpu_world<R: Send>(kind: TransportKind, n: usize, f: impl Fn(&ProcessGroup) -> R + Sync) -> Vec<R> {
+        run_world_with(Arc::new(CpuFactory), Some(kind), n, f)
+    }
+
+    fn run_world_with<R: Send>(
+        factory: Arc<dyn BackendFactory>,
+        kind: Option<TransportKind>,
+        n: usize,
+        f: impl Fn(&ProcessGroup) -> R + Sync,
+    ) -> Vec<R> {
         let store: SharedStore = Arc::new(HashStore::new());
         let f = &f;
         std::thread::scope(|s| {
@@ -327,7 +340,8 @@ pub mod testing {
                 .map(|r| {
                     let (factory, store) = (factory.clone(), store.clone());
                     s.spawn(move || {
-                        let opts = GroupOptions { timeout: Duration::from_secs(60), ..GroupOptions::builtin() };
+                        let mut opts = GroupOptions { timeout: Duration::from_secs(60), ..GroupOptions::builtin() };
+                        opts.transport = kind.unwrap_or_default();
                         let pg = ProcessGroup::new_world_with(factory, store, r, n, opts).expect("thread world");
                         f(&pg)
                     })

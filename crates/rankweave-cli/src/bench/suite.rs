@@ -301,6 +301,7 @@ fn measure_mq(comm: &ProcessGroup, q: &MessageQueue, cfg: &Config, mode: Mode, s
 mod tests {
     use super::super::args::testing::options as args;
     use super::*;
+    use rankweave::TransportKind;
 
     fn suite(n: usize, cmd: &str, corrupt: Option<usize>) -> Vec<(Vec<Record>, u64, Vec<String>)> {
         let cfg = Config::from_args(&args(cmd)).unwrap();
@@ -330,6 +331,20 @@ mod tests {
             let obj = recs.iter().find(|r| r.op == "bcast_obj").unwrap();
             assert_eq!(obj.bytes, 103);
             assert!(obj.note.starts_with("obj=small encoded="));
+        }
+    }
+
+    #[test]
+    fn checks_out_over_real_tcp_and_shared_memory_groups() {
+        let cfg =
+            Config::from_args(&args("all_reduce,all_gather,sendrecv,bcast_obj -b 8 -e 4K -f 8 -n 2 -w 1")).unwrap();
+        for kind in [TransportKind::Tcp, TransportKind::Shm] {
+            let res = harness::testing::run_cpu_world(kind, 3, |pg| {
+                assert_eq!(pg.transport_kind(), kind);
+                let mut out = Out::new(false, false);
+                run_suite(pg, None, &cfg, "rankweave-test", kind.name(), &mut out).unwrap()
+            });
+            assert!(res.iter().all(|(recs, wrong)| *wrong == 0 && recs.iter().all(|r| r.wrong == 0)), "{kind}");
         }
     }
 
