@@ -221,7 +221,7 @@ pub fn worker_env(spec: &JobSpec, local_rank: usize, port: u16, job: &str) -> Ve
         ("GROUP_RANK", spec.node_rank.to_string()),
         ("MASTER_ADDR", spec.master_addr.clone()),
         ("MASTER_PORT", port.to_string()),
-        ("RANKWEAVE_JOB_ID", job.to_string()),
+        (rankweave::segments::JOB_ID_ENV, job.to_string()),
     ];
     if spec.nproc_per_node > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
         env.push(("OMP_NUM_THREADS", "1".to_string()));

@@ -40,7 +40,7 @@ fn check(expect_world: Option<usize>) -> std::result::Result<Seen, String> {
         local_world: number("LOCAL_WORLD_SIZE")?,
         node: number("GROUP_RANK")?,
         master: format!("{}:{}", var("MASTER_ADDR")?, number("MASTER_PORT")?),
-        job: var("RANKWEAVE_JOB_ID")?,
+        job: var(rankweave::segments::JOB_ID_ENV)?,
     };
     if let Some(w) = expect_world {
         if s.world != w {

@@ -11,92 +11,27 @@
 //!
 //! Both are the definitions of ../bench-anchors/RESULTS.md, so rows compare
 //! with torch gloo's and OpenMPI's.
+//!
+//! Everything runs on a [`ProcessGroup`] directly (the library's backend
+//! seam); the unit tests build groups of threads on the in-process backend.
 
 use rankweave::{DType, ProcessGroup, ReduceOp, Result};
 use std::time::Instant;
 
-/// The group operations the benchmark drives. [`ProcessGroup`] implements
-/// it; the unit tests implement it with threads.
-pub trait Comm {
-    /// This rank's position in the group.
-    fn rank(&self) -> usize;
-    /// Number of ranks.
-    fn size(&self) -> usize;
-    /// In-place all_reduce.
-    fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()>;
-    /// In-place broadcast.
-    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()>;
-    /// all_gather; `output.len() == size * input.len()`.
-    fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()>;
-    /// gather to `root`.
-    fn gather_bytes(&self, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()>;
-    /// In-place reduce to `root`.
-    fn reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()>;
-    /// reduce_scatter; `input.len() == size * output.len()`.
-    fn reduce_scatter_bytes(&self, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()>;
-    /// all_to_all.
-    fn all_to_all_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()>;
-    /// Point-to-point send.
-    fn send_bytes(&self, data: &[u8], dst: usize) -> Result<()>;
-    /// Point-to-point receive.
-    fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<()>;
-    /// Returns once every rank entered.
-    fn barrier(&self) -> Result<()>;
-}
-
-impl Comm for ProcessGroup {
-    fn rank(&self) -> usize {
-        ProcessGroup::rank(self)
-    }
-    fn size(&self) -> usize {
-        ProcessGroup::size(self)
-    }
-    fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-        ProcessGroup::all_reduce_bytes(self, buf, dtype, op)
-    }
-    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-        ProcessGroup::broadcast_bytes(self, buf, root)
-    }
-    fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
-        ProcessGroup::all_gather_bytes(self, input, output)
-    }
-    fn gather_bytes(&self, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
-        ProcessGroup::gather_bytes(self, input, output, root)
-    }
-    fn reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
-        ProcessGroup::reduce_bytes(self, buf, dtype, op, root)
-    }
-    fn reduce_scatter_bytes(&self, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-        ProcessGroup::reduce_scatter_bytes(self, input, output, dtype, op)
-    }
-    fn all_to_all_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
-        ProcessGroup::all_to_all_bytes(self, input, output)
-    }
-    fn send_bytes(&self, data: &[u8], dst: usize) -> Result<()> {
-        ProcessGroup::send_bytes(self, data, dst)
-    }
-    fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<()> {
-        ProcessGroup::recv_bytes(self, buf, src)
-    }
-    fn barrier(&self) -> Result<()> {
-        ProcessGroup::barrier(self)
-    }
-}
-
 /// Element-wise maximum of `vals` over all ranks, in place.
-pub fn max_over_ranks(comm: &dyn Comm, vals: &mut [f64]) -> Result<()> {
+pub fn max_over_ranks(comm: &ProcessGroup, vals: &mut [f64]) -> Result<()> {
     comm.all_reduce_bytes(bytemuck::cast_slice_mut(vals), DType::F64, ReduceOp::Max)
 }
 
 /// Sum of `v` over all ranks.
-pub fn sum_over_ranks(comm: &dyn Comm, v: u64) -> Result<u64> {
+pub fn sum_over_ranks(comm: &ProcessGroup, v: u64) -> Result<u64> {
     let mut x = [i64::try_from(v).unwrap_or(i64::MAX)];
     comm.all_reduce_bytes(bytemuck::cast_slice_mut(&mut x), DType::I64, ReduceOp::Sum)?;
     Ok(x[0].max(0) as u64)
 }
 
 /// Every rank's `vals`, rank after rank.
-pub fn gather_i64(comm: &dyn Comm, vals: &[i64]) -> Result<Vec<i64>> {
+pub fn gather_i64(comm: &ProcessGroup, vals: &[i64]) -> Result<Vec<i64>> {
     let mut out = vec![0i64; vals.len() * comm.size()];
     comm.all_gather_bytes(bytemuck::cast_slice(vals), bytemuck::cast_slice_mut(&mut out))?;
     Ok(out)
@@ -195,7 +130,7 @@ pub fn iters_for(target_s: f64, per_op_s: f64, max: usize) -> usize {
 /// Estimates seconds per call of `f`, the same on every rank (the maximum):
 /// one call (which also pays any lazy setup), then a short batch when that
 /// was quick.
-fn estimate(comm: &dyn Comm, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+fn estimate(comm: &ProcessGroup, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     let t = Instant::now();
     f()?;
     let mut est = [t.elapsed().as_secs_f64()];
@@ -214,14 +149,20 @@ fn estimate(comm: &dyn Comm, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
 
 /// Measures `f` in `mode`. Every rank calls it with the same plan; `div`
 /// divides each measured time (2 for a ping-pong's half round trip).
-pub fn measure(comm: &dyn Comm, mode: Mode, plan: &Plan, div: f64, f: &mut dyn FnMut() -> Result<()>) -> Result<Stats> {
+pub fn measure(
+    comm: &ProcessGroup,
+    mode: Mode,
+    plan: &Plan,
+    div: f64,
+    f: &mut dyn FnMut() -> Result<()>,
+) -> Result<Stats> {
     match mode {
         Mode::Loop => time_loop(comm, plan, div, f),
         Mode::Sync => time_sync(comm, plan, div, f),
     }
 }
 
-fn time_loop(comm: &dyn Comm, plan: &Plan, div: f64, f: &mut dyn FnMut() -> Result<()>) -> Result<Stats> {
+fn time_loop(comm: &ProcessGroup, plan: &Plan, div: f64, f: &mut dyn FnMut() -> Result<()>) -> Result<Stats> {
     let (warmup, iters) = match plan.iters_time {
         Some(target) => {
             let per = estimate(comm, f)?;
@@ -249,7 +190,7 @@ fn time_loop(comm: &dyn Comm, plan: &Plan, div: f64, f: &mut dyn FnMut() -> Resu
     Ok(Stats { median_s: st[0], mean_s: st[1], min_s: st[2], iters })
 }
 
-fn time_sync(comm: &dyn Comm, plan: &Plan, div: f64, f: &mut dyn FnMut() -> Result<()>) -> Result<Stats> {
+fn time_sync(comm: &ProcessGroup, plan: &Plan, div: f64, f: &mut dyn FnMut() -> Result<()>) -> Result<Stats> {
     let iters = match plan.iters_time {
         Some(target) => {
             f()?;
@@ -291,205 +232,122 @@ fn time_sync(comm: &dyn Comm, plan: &Plan, div: f64, f: &mut dyn FnMut() -> Resu
 
 #[cfg(test)]
 pub mod testing {
-    //! Ranks as threads over one shared board: each collective deposits
-    //! every rank's input, waits for all, and computes its result from the
-    //! deposits. Slow, simple and obviously correct; enough to exercise the
-    //! harness and the checks before a real group exists.
+    //! Ranks as threads over the library's in-process backend, plugged in
+    //! through a [`BackendFactory`]; one rank's backend may be wrapped in a
+    //! [`Corrupting`] communicator to show that the checks catch a wrong
+    //! result.
 
-    use super::Comm;
-    use crate::bench::ops::Num;
-    use rankweave::{DType, Error, ReduceOp, Result};
-    use std::sync::{Arc, Barrier, Mutex};
+    use rankweave::backend::tcp::InProcessFactory;
+    use rankweave::backend::{Backend, Call, Communicator};
+    use rankweave::group::{BackendFactory, CpuFactory, GroupInfo};
+    use rankweave::{DType, GroupOptions, HashStore, ProcessGroup, ReduceOp, Result, SharedStore, TransportKind};
+    use std::sync::Arc;
+    use std::time::Duration;
 
-    struct Shared {
-        barrier: Barrier,
-        slots: Mutex<Vec<Vec<u8>>>,
-        mail: Mutex<Vec<Vec<Option<Vec<u8>>>>>,
-        mail_cv: std::sync::Condvar,
+    /// Another backend whose all_reduce results come back with bit 6 of
+    /// byte 0 flipped: a faulty backend, as the checks must see it.
+    struct Corrupting(Box<dyn Communicator>);
+
+    impl Communicator for Corrupting {
+        fn name(&self) -> &'static str {
+            "corrupting"
+        }
+        fn all_reduce(&mut self, call: Call, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+            self.0.all_reduce(call, buf, dtype, op)?;
+            if let Some(b) = buf.first_mut() {
+                *b ^= 0x40;
+            }
+            Ok(())
+        }
+        fn broadcast(&mut self, call: Call, buf: &mut [u8], root: usize) -> Result<()> {
+            self.0.broadcast(call, buf, root)
+        }
+        fn all_gather(&mut self, call: Call, input: &[u8], output: &mut [u8]) -> Result<()> {
+            self.0.all_gather(call, input, output)
+        }
+        fn gather(&mut self, call: Call, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
+            self.0.gather(call, input, output, root)
+        }
+        fn scatter(&mut self, call: Call, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
+            self.0.scatter(call, input, output, root)
+        }
+        fn reduce(&mut self, call: Call, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+            self.0.reduce(call, buf, dtype, op, root)
+        }
+        fn reduce_scatter(
+            &mut self,
+            call: Call,
+            input: &[u8],
+            output: &mut [u8],
+            dtype: DType,
+            op: ReduceOp,
+        ) -> Result<()> {
+            self.0.reduce_scatter(call, input, output, dtype, op)
+        }
+        fn all_to_all(&mut self, call: Call, input: &[u8], output: &mut [u8]) -> Result<()> {
+            self.0.all_to_all(call, input, output)
+        }
+        fn barrier(&mut self, call: Call) -> Result<()> {
+            self.0.barrier(call)
+        }
+        fn send(&mut self, call: Call, data: &[u8], dst: usize) -> Result<()> {
+            self.0.send(call, data, dst)
+        }
+        fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
+            self.0.recv(call, buf, src)
+        }
     }
 
-    /// One rank of a thread world.
-    pub struct ThreadComm {
-        rank: usize,
+    /// In-process backends; the one of global rank `corrupt` is wrapped in
+    /// [`Corrupting`].
+    #[derive(Default)]
+    struct Factory {
+        mem: InProcessFactory,
+        corrupt: Option<usize>,
+    }
+
+    impl BackendFactory for Factory {
+        fn build(&self, g: &GroupInfo<'_>) -> Result<Backend> {
+            let mut b = self.mem.build(g)?;
+            if self.corrupt.is_some() && g.global_ranks.get(g.rank).copied() == self.corrupt {
+                b.comm = Box::new(Corrupting(b.comm));
+            }
+            Ok(b)
+        }
+    }
+
+    /// Runs `f` on every rank of an `n`-rank world of threads (rank
+    /// `corrupt_rank`'s all_reduce corrupted); returns the results in rank order.
+    pub fn run_world<R: Send>(n: usize, corrupt_rank: Option<usize>, f: impl Fn(&ProcessGroup) -> R + Sync) -> Vec<R> {
+        run_world_with(Arc::new(Factory { corrupt: corrupt_rank, ..Factory::default() }), None, n, f)
+    }
+
+    /// [`run_world`] on the real CPU backends (`kind`: TCP or shared memory).
+    pub fn run_cpu_world<R: Send>(kind: TransportKind, n: usize, f: impl Fn(&ProcessGroup) -> R + Sync) -> Vec<R> {
+        run_world_with(Arc::new(CpuFactory), Some(kind), n, f)
+    }
+
+    fn run_world_with<R: Send>(
+        factory: Arc<dyn BackendFactory>,
+        kind: Option<TransportKind>,
         n: usize,
-        shared: Arc<Shared>,
-        /// When set, all_reduce adds 1 to element 0 on this rank (to test #wrong).
-        pub corrupt: bool,
-    }
-
-    /// `n` connected ranks.
-    pub fn world(n: usize) -> Vec<ThreadComm> {
-        let shared = Arc::new(Shared {
-            barrier: Barrier::new(n),
-            slots: Mutex::new(vec![Vec::new(); n]),
-            mail: Mutex::new(vec![vec![None; n]; n]),
-            mail_cv: std::sync::Condvar::new(),
-        });
-        (0..n).map(|rank| ThreadComm { rank, n, shared: shared.clone(), corrupt: false }).collect()
-    }
-
-    fn reduce_into(dtype: DType, op: ReduceOp, n: usize, parts: &[&[u8]], out: &mut [u8]) {
-        macro_rules! go {
-            ($T:ty) => {{
-                let outs: &mut [$T] = bytemuck::cast_slice_mut(out);
-                for (i, o) in outs.iter_mut().enumerate() {
-                    let vals = parts.iter().map(|p| {
-                        let s: &[$T] = bytemuck::cast_slice(p);
-                        s[i].to_f64()
-                    });
-                    let v = match op {
-                        ReduceOp::Sum => vals.sum::<f64>(),
-                        ReduceOp::Prod => vals.product::<f64>(),
-                        ReduceOp::Min => vals.fold(f64::INFINITY, f64::min),
-                        ReduceOp::Max => vals.fold(f64::NEG_INFINITY, f64::max),
-                        ReduceOp::Avg => {
-                            let s = vals.sum::<f64>() / n as f64;
-                            if dtype.is_float() {
-                                s
-                            } else {
-                                s.trunc()
-                            }
-                        }
-                    };
-                    *o = <$T as Num>::from_f64(v);
-                }
-            }};
-        }
-        match dtype {
-            DType::F32 => go!(f32),
-            DType::F64 => go!(f64),
-            DType::F16 => go!(half::f16),
-            DType::BF16 => go!(half::bf16),
-            DType::I8 => go!(i8),
-            DType::U8 => go!(u8),
-            DType::I32 => go!(i32),
-            DType::I64 => go!(i64),
-        }
-    }
-
-    impl ThreadComm {
-        /// Deposits `data`, waits for everyone, runs `f` on all deposits,
-        /// waits again so the slots can be reused.
-        fn exchange<R>(&self, data: Vec<u8>, f: impl FnOnce(&[Vec<u8>]) -> R) -> R {
-            self.shared.slots.lock().unwrap()[self.rank] = data;
-            self.shared.barrier.wait();
-            let r = {
-                let slots = self.shared.slots.lock().unwrap().clone();
-                f(&slots)
-            };
-            self.shared.barrier.wait();
-            r
-        }
-    }
-
-    impl Comm for ThreadComm {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-        fn size(&self) -> usize {
-            self.n
-        }
-        fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-            let n = self.n;
-            self.exchange(buf.to_vec(), |s| {
-                let parts: Vec<&[u8]> = s.iter().map(|v| v.as_slice()).collect();
-                reduce_into(dtype, op, n, &parts, buf)
-            });
-            if self.corrupt && !buf.is_empty() {
-                buf[0] ^= 0x40;
-            }
-            Ok(())
-        }
-        fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
-            self.exchange(buf.to_vec(), |s| buf.copy_from_slice(&s[root]));
-            Ok(())
-        }
-        fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
-            if output.len() != self.n * input.len() {
-                return Err(Error::invalid("all_gather: output size"));
-            }
-            self.exchange(input.to_vec(), |s| {
-                for (r, part) in s.iter().enumerate() {
-                    output[r * input.len()..(r + 1) * input.len()].copy_from_slice(part);
-                }
-            });
-            Ok(())
-        }
-        fn gather_bytes(&self, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
-            self.exchange(input.to_vec(), |s| {
-                if let Some(out) = output {
-                    assert_eq!(self.rank, root);
-                    for (r, part) in s.iter().enumerate() {
-                        out[r * input.len()..(r + 1) * input.len()].copy_from_slice(part);
-                    }
-                }
-            });
-            Ok(())
-        }
-        fn reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
-            let n = self.n;
-            let me = self.rank;
-            self.exchange(buf.to_vec(), |s| {
-                if me == root {
-                    let parts: Vec<&[u8]> = s.iter().map(|v| v.as_slice()).collect();
-                    reduce_into(dtype, op, n, &parts, buf)
-                }
-            });
-            Ok(())
-        }
-        fn reduce_scatter_bytes(&self, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-            let (n, me, blk) = (self.n, self.rank, output.len());
-            self.exchange(input.to_vec(), |s| {
-                let parts: Vec<&[u8]> = s.iter().map(|v| &v[me * blk..(me + 1) * blk]).collect();
-                reduce_into(dtype, op, n, &parts, output)
-            });
-            Ok(())
-        }
-        fn all_to_all_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
-            let (n, me) = (self.n, self.rank);
-            let blk = input.len() / n;
-            self.exchange(input.to_vec(), |s| {
-                for (src, part) in s.iter().enumerate() {
-                    output[src * blk..(src + 1) * blk].copy_from_slice(&part[me * blk..(me + 1) * blk]);
-                }
-            });
-            Ok(())
-        }
-        fn send_bytes(&self, data: &[u8], dst: usize) -> Result<()> {
-            let mut mail = self.shared.mail.lock().unwrap();
-            while mail[self.rank][dst].is_some() {
-                mail = self.shared.mail_cv.wait(mail).unwrap();
-            }
-            mail[self.rank][dst] = Some(data.to_vec());
-            self.shared.mail_cv.notify_all();
-            Ok(())
-        }
-        fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<()> {
-            let mut mail = self.shared.mail.lock().unwrap();
-            loop {
-                if let Some(m) = mail[src][self.rank].take() {
-                    buf.copy_from_slice(&m);
-                    self.shared.mail_cv.notify_all();
-                    return Ok(());
-                }
-                mail = self.shared.mail_cv.wait(mail).unwrap();
-            }
-        }
-        fn barrier(&self) -> Result<()> {
-            self.shared.barrier.wait();
-            Ok(())
-        }
-    }
-
-    /// Runs `f` on every rank of an `n`-rank thread world; returns the results in rank order.
-    pub fn run_world<R: Send>(n: usize, corrupt_rank: Option<usize>, f: impl Fn(&ThreadComm) -> R + Sync) -> Vec<R> {
-        let mut comms = world(n);
-        if let Some(c) = corrupt_rank {
-            comms[c].corrupt = true;
-        }
+        f: impl Fn(&ProcessGroup) -> R + Sync,
+    ) -> Vec<R> {
+        let store: SharedStore = Arc::new(HashStore::new());
+        let f = &f;
         std::thread::scope(|s| {
-            let handles: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
-            handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+            let handles: Vec<_> = (0..n)
+                .map(|r| {
+                    let (factory, store) = (factory.clone(), store.clone());
+                    s.spawn(move || {
+                        let mut opts = GroupOptions { timeout: Duration::from_secs(60), ..GroupOptions::builtin() };
+                        opts.transport = kind.unwrap_or_default();
+                        let pg = ProcessGroup::new_world_with(factory, store, r, n, opts).expect("thread world");
+                        f(&pg)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
         })
     }
 }

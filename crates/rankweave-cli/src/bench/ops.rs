@@ -16,8 +16,7 @@
 //! element so that a block landing in the wrong place or a missing rank's
 //! contribution changes the result.
 
-use super::harness::Comm;
-use rankweave::{DType, Element, Error, ReduceOp, Result};
+use rankweave::{DType, Element, Error, ProcessGroup, ReduceOp, Result};
 use serde::{Deserialize, Serialize};
 
 /// An operation `rankweave bench` measures.
@@ -474,7 +473,7 @@ impl CollBench {
     }
 
     /// Runs the operation once.
-    pub fn run(&mut self, comm: &dyn Comm) -> Result<()> {
+    pub fn run(&mut self, comm: &ProcessGroup) -> Result<()> {
         let (dt, op, root) = (self.dtype, self.redop, self.root);
         match self.op {
             OpKind::AllReduce => comm.all_reduce_bytes(self.a.bytes_mut(), dt, op),
@@ -656,7 +655,7 @@ pub const MAX_OBJECT_BYTES: u64 = 1 << 30;
 /// Broadcasts an object from `root` over the group as
 /// `broadcast_object_list` does: the encoded length, then the bytes. The
 /// root encodes on every call and the others decode, as users pay it.
-pub fn broadcast_object(comm: &dyn Comm, obj: Option<&BenchObject>, root: usize) -> Result<BenchObject> {
+pub fn broadcast_object(comm: &ProcessGroup, obj: Option<&BenchObject>, root: usize) -> Result<BenchObject> {
     if comm.rank() == root {
         let obj = obj.ok_or_else(|| Error::invalid("the root of an object broadcast must pass the object"))?;
         let bytes = encode(obj)?;

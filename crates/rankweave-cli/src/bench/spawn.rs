@@ -29,14 +29,6 @@ pub fn is_worker() -> bool {
     std::env::var_os(WORKER_ENV).is_some()
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> Result<u16> {
-    let l =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io(Context::op("bench: pick a free port"), e))?;
-    let port = l.local_addr().map_err(|e| Error::io(Context::op("bench: pick a free port"), e))?.port();
-    Ok(port)
-}
-
 struct Rank {
     child: Child,
     output: Arc<Mutex<Vec<u8>>>,
@@ -91,9 +83,9 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) {
 pub fn run_world(n: usize) -> Result<(i32, Vec<Record>)> {
     let exe = std::env::current_exe().map_err(|e| Error::io(Context::op("bench: find own executable"), e))?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let port = free_port()?;
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let job = format!("bench{}x{}n{}", std::process::id(), stamp % 1_000_000_000, n);
+    let port = crate::launch::free_port()?;
+    // The library's job-id rule; the `bench` prefix marks the segments as ours.
+    let job = format!("bench{}", rankweave::segments::new_job_id());
     let results: PathBuf = std::env::temp_dir().join(format!("rankweave-{job}.csv"));
     let mut ranks: Vec<Rank> = Vec::with_capacity(n);
     for r in 0..n {
@@ -107,7 +99,7 @@ pub fn run_world(n: usize) -> Result<(i32, Vec<Record>)> {
             .env("GROUP_RANK", "0")
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
-            .env("RANKWEAVE_JOB_ID", &job)
+            .env(rankweave::segments::JOB_ID_ENV, &job)
             .stdin(Stdio::null());
         if std::env::var_os("OMP_NUM_THREADS").is_none() && n > 1 {
             cmd.env("OMP_NUM_THREADS", "1");
@@ -214,7 +206,7 @@ mod tests {
 
     #[test]
     fn free_ports_are_nonzero() {
-        assert_ne!(free_port().unwrap(), 0);
+        assert_ne!(crate::launch::free_port().unwrap(), 0);
     }
 
     #[test]

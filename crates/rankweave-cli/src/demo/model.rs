@@ -15,10 +15,14 @@
 //!
 //! With `tp == 1` the same code is the single-process model: the shards are
 //! the full matrices and every reduction is the identity. Layers talk to their
-//! group through [`TpComm`], so the same structs run over a real
-//! `GroupCoordinator`, over threads in a test, or with no communication.
+//! group through [`Tp`], a [`ProcessGroup`] (the library's backend seam), so
+//! the same structs run over the TP group of a real job, over ranks as
+//! threads in a test, or over a group of one.
 
+use super::worker::{Op, OpTimes};
 use ndarray::{concatenate, s, Array1, Array2, ArrayView2, Axis};
+use rankweave::backend::tcp::InProcessFactory;
+use rankweave::{Error, GroupOptions, HashStore, ProcessGroup, ReduceOp};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -97,37 +101,64 @@ pub fn block(n: usize, rank: usize, size: usize) -> Range<usize> {
     rank * len..(rank + 1) * len
 }
 
-/// How a layer reaches the other ranks of its tensor-parallel group.
+/// How a layer reaches the other ranks of its tensor-parallel group: the
+/// group itself, with the time of its collectives charged to an [`OpTimes`].
 ///
 /// `all_reduce` sums element-wise over the group; `all_gather_cols`
 /// concatenates the ranks' matrices along the last axis in rank order.
-pub trait TpComm: Send + Sync {
-    /// This rank's position in the tensor-parallel group.
-    fn tp_rank(&self) -> usize;
-    /// Tensor-parallel degree.
-    fn tp_size(&self) -> usize;
-    /// Element-wise sum over the group.
-    fn all_reduce(&self, x: Array2<f32>) -> Result<Array2<f32>, rankweave::Error>;
-    /// Concatenation along the last axis in rank order.
-    fn all_gather_cols(&self, x: Array2<f32>) -> Result<Array2<f32>, rankweave::Error>;
+#[derive(Clone)]
+pub struct Tp {
+    group: ProcessGroup,
+    times: Arc<OpTimes>,
 }
 
-/// The group of one: the single-process model.
-#[derive(Debug, Default)]
-pub struct NoComm;
+impl Tp {
+    /// The layers' view of `group`, timing into `times`.
+    pub fn new(group: ProcessGroup, times: Arc<OpTimes>) -> Tp {
+        Tp { group, times }
+    }
 
-impl TpComm for NoComm {
-    fn tp_rank(&self) -> usize {
-        0
+    /// A group of one (the single-process model): every collective is the
+    /// identity, short-circuited by the group.
+    pub fn single() -> Result<Tp, Error> {
+        let store = Arc::new(HashStore::new());
+        let group =
+            ProcessGroup::new_world_with(Arc::new(InProcessFactory::default()), store, 0, 1, GroupOptions::builtin())?;
+        Ok(Tp::new(group, Arc::new(OpTimes::default())))
     }
-    fn tp_size(&self) -> usize {
-        1
+
+    /// This rank's position in the tensor-parallel group.
+    pub fn rank(&self) -> usize {
+        self.group.rank()
     }
-    fn all_reduce(&self, x: Array2<f32>) -> Result<Array2<f32>, rankweave::Error> {
+
+    /// Tensor-parallel degree.
+    pub fn size(&self) -> usize {
+        self.group.size()
+    }
+
+    /// Element-wise sum over the group.
+    pub fn all_reduce(&self, x: Array2<f32>) -> Result<Array2<f32>, Error> {
+        let mut x = x.as_standard_layout().into_owned();
+        let buf = x.as_slice_mut().ok_or_else(|| Error::invalid("all_reduce: matrix is not contiguous"))?;
+        self.times.time(Op::AllReduce, || self.group.all_reduce(buf, ReduceOp::Sum))?;
         Ok(x)
     }
-    fn all_gather_cols(&self, x: Array2<f32>) -> Result<Array2<f32>, rankweave::Error> {
-        Ok(x)
+
+    /// Concatenation along the last axis in rank order.
+    pub fn all_gather_cols(&self, x: Array2<f32>) -> Result<Array2<f32>, Error> {
+        let x = x.as_standard_layout().into_owned();
+        let input = x.as_slice().ok_or_else(|| Error::invalid("all_gather: matrix is not contiguous"))?;
+        let mut out = vec![0f32; input.len() * self.size()];
+        self.times.time(Op::AllGather, || self.group.all_gather(input, &mut out))?;
+        let shape = x.dim();
+        let blocks = out
+            .chunks(input.len().max(1))
+            .take(self.size())
+            .map(|c| ArrayView2::from_shape(shape, c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::invalid(format!("all_gather: {e}")))?;
+        concatenate(Axis(1), &blocks).map_err(|e| Error::invalid(format!("all_gather: {e}")))
     }
 }
 
@@ -235,14 +266,14 @@ pub struct VocabParallelEmbedding {
     /// Rows `vocab_range` of the full table.
     weight: Array2<f32>,
     vocab_range: Range<usize>,
-    tp: Arc<dyn TpComm>,
+    tp: Tp,
 }
 
 impl VocabParallelEmbedding {
     /// This rank's shard of the embedding table.
-    pub fn new(cfg: &ModelConfig, tp: Arc<dyn TpComm>) -> Self {
+    pub fn new(cfg: &ModelConfig, tp: Tp) -> Self {
         let full = gen_matrix(cfg, 0, Kind::Embed, cfg.vocab, cfg.hidden, 1.0);
-        let vocab_range = block(cfg.vocab, tp.tp_rank(), tp.tp_size());
+        let vocab_range = block(cfg.vocab, tp.rank(), tp.size());
         let weight = full.slice(s![vocab_range.clone(), ..]).to_owned();
         VocabParallelEmbedding { weight, vocab_range, tp }
     }
@@ -313,18 +344,18 @@ pub struct Attention {
     local_heads: usize,
     head_dim: usize,
     cache: KvCache,
-    tp: Arc<dyn TpComm>,
+    tp: Tp,
 }
 
 impl Attention {
     /// This rank's shard of layer `layer`'s attention, with a cache for
     /// `max_seq` positions.
-    pub fn new(cfg: &ModelConfig, layer: usize, max_seq: usize, tp: Arc<dyn TpComm>) -> Self {
+    pub fn new(cfg: &ModelConfig, layer: usize, max_seq: usize, tp: Tp) -> Self {
         let h = cfg.hidden;
         let full_qkv = gen_matrix(cfg, layer, Kind::Qkv, h, 3 * h, init_scale(h));
         let full_wo = gen_matrix(cfg, layer, Kind::Out, h, h, init_scale(h));
-        let local_heads = cfg.heads / tp.tp_size();
-        let cols = block(h, tp.tp_rank(), tp.tp_size());
+        let local_heads = cfg.heads / tp.size();
+        let cols = block(h, tp.rank(), tp.size());
         let parts: Vec<ArrayView2<f32>> =
             (0..3).map(|p| full_qkv.slice(s![.., p * h + cols.start..p * h + cols.end])).collect();
         let wqkv = concatenate(Axis(1), &parts).expect("equal row counts");
@@ -385,13 +416,13 @@ pub struct Mlp {
     up: Array2<f32>,
     /// `[ffn / tp, hidden]`.
     down: Array2<f32>,
-    tp: Arc<dyn TpComm>,
+    tp: Tp,
 }
 
 impl Mlp {
     /// This rank's shard of layer `layer`'s MLP.
-    pub fn new(cfg: &ModelConfig, layer: usize, tp: Arc<dyn TpComm>) -> Self {
-        let cols = block(cfg.ffn, tp.tp_rank(), tp.tp_size());
+    pub fn new(cfg: &ModelConfig, layer: usize, tp: Tp) -> Self {
+        let cols = block(cfg.ffn, tp.rank(), tp.size());
         let up = gen_matrix(cfg, layer, Kind::Up, cfg.hidden, cfg.ffn, init_scale(cfg.hidden));
         let down = gen_matrix(cfg, layer, Kind::Down, cfg.ffn, cfg.hidden, init_scale(cfg.ffn));
         Mlp { up: up.slice(s![.., cols.clone()]).to_owned(), down: down.slice(s![cols, ..]).to_owned(), tp }
@@ -415,7 +446,7 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// This rank's shard of layer `layer`.
-    pub fn new(cfg: &ModelConfig, layer: usize, max_seq: usize, tp: Arc<dyn TpComm>) -> Self {
+    pub fn new(cfg: &ModelConfig, layer: usize, max_seq: usize, tp: Tp) -> Self {
         DecoderLayer {
             attn_norm: RmsNorm { gain: gen_gain(cfg, layer, Kind::AttnNorm), eps: 1e-5 },
             attn: Attention::new(cfg, layer, max_seq, tp.clone()),
@@ -438,13 +469,13 @@ pub struct LmHead {
     norm: RmsNorm,
     /// `[hidden, vocab / tp]`.
     weight: Array2<f32>,
-    tp: Arc<dyn TpComm>,
+    tp: Tp,
 }
 
 impl LmHead {
     /// This rank's shard of the LM head.
-    pub fn new(cfg: &ModelConfig, tp: Arc<dyn TpComm>) -> Self {
-        let cols = block(cfg.vocab, tp.tp_rank(), tp.tp_size());
+    pub fn new(cfg: &ModelConfig, tp: Tp) -> Self {
+        let cols = block(cfg.vocab, tp.rank(), tp.size());
         let full = gen_matrix(cfg, cfg.layers, Kind::LmHead, cfg.hidden, cfg.vocab, init_scale(cfg.hidden));
         LmHead {
             norm: RmsNorm { gain: gen_gain(cfg, cfg.layers, Kind::FinalNorm), eps: 1e-5 },
@@ -475,7 +506,7 @@ pub struct Stage {
 
 impl Stage {
     /// This rank's part of the model: stage `stage` of `pp`, TP shard from `tp`.
-    pub fn new(cfg: &ModelConfig, pp: usize, stage: usize, max_seq: usize, tp: Arc<dyn TpComm>) -> Self {
+    pub fn new(cfg: &ModelConfig, pp: usize, stage: usize, max_seq: usize, tp: Tp) -> Self {
         let range = stage_layers(cfg.layers, pp, stage);
         Stage {
             embed: (stage == 0).then(|| VocabParallelEmbedding::new(cfg, tp.clone())),
@@ -514,7 +545,7 @@ pub fn step_inputs(prompt: &[i64], generated: &[i64]) -> (Vec<i64>, Vec<i64>) {
 
 /// The single-process model: greedy decoding of `tokens` tokens after `prompt`.
 pub fn generate_single(cfg: &ModelConfig, prompt: &[i64], tokens: usize) -> Result<Generation, rankweave::Error> {
-    let mut stage = Stage::new(cfg, 1, 0, prompt.len() + tokens, Arc::new(NoComm));
+    let mut stage = Stage::new(cfg, 1, 0, prompt.len() + tokens, Tp::single()?);
     let mut out = Generation { tokens: Vec::new(), logits: Vec::new() };
     for _ in 0..tokens {
         let (ids, positions) = step_inputs(prompt, &out.tokens);
@@ -539,65 +570,37 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Barrier, Mutex};
+    use std::sync::Mutex;
 
     fn tiny() -> ModelConfig {
         ModelConfig { vocab: 96, hidden: 32, heads: 4, layers: 3, ffn: 64, seed: 7 }
     }
 
-    /// Ranks as threads: each all-reduce/all-gather parks the rank's matrix
-    /// in a slot, waits for all, combines the slots in rank order, waits again.
-    type Slots = (Barrier, Mutex<Vec<Option<Array2<f32>>>>);
-
-    struct ThreadComm {
-        rank: usize,
-        shared: Arc<Slots>,
-    }
-
-    impl ThreadComm {
-        fn exchange(&self, x: Array2<f32>) -> Vec<Array2<f32>> {
-            let (barrier, slots) = &*self.shared;
-            slots.lock().unwrap()[self.rank] = Some(x);
-            barrier.wait();
-            let all: Vec<Array2<f32>> = slots.lock().unwrap().iter().map(|s| s.clone().unwrap()).collect();
-            barrier.wait();
-            all
-        }
-    }
-
-    impl TpComm for ThreadComm {
-        fn tp_rank(&self) -> usize {
-            self.rank
-        }
-        fn tp_size(&self) -> usize {
-            self.shared.1.lock().unwrap().len()
-        }
-        fn all_reduce(&self, x: Array2<f32>) -> Result<Array2<f32>, rankweave::Error> {
-            let all = self.exchange(x);
-            Ok(all.iter().skip(1).fold(all[0].clone(), |acc, m| acc + m))
-        }
-        fn all_gather_cols(&self, x: Array2<f32>) -> Result<Array2<f32>, rankweave::Error> {
-            let all = self.exchange(x);
-            let views: Vec<_> = all.iter().map(|m| m.view()).collect();
-            Ok(concatenate(Axis(1), &views).unwrap())
-        }
+    /// The `tp` groups of one stage: ranks as threads on the in-process
+    /// backend, each building its part of the stage.
+    fn stage_ranks(cfg: &ModelConfig, tp: usize, pp: usize, stage: usize, max_seq: usize) -> Vec<Stage> {
+        let factory: Arc<dyn rankweave::group::BackendFactory> = Arc::new(InProcessFactory::default());
+        let store: rankweave::SharedStore = Arc::new(HashStore::new());
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..tp)
+                .map(|rank| {
+                    let (factory, store) = (factory.clone(), store.clone());
+                    s.spawn(move || {
+                        let group =
+                            ProcessGroup::new_world_with(factory, store, rank, tp, GroupOptions::builtin()).unwrap();
+                        Stage::new(cfg, pp, stage, max_seq, Tp::new(group, Arc::default()))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
     }
 
     /// Runs the sharded model: `tp` threads per stage, the stages one after
     /// another in each step (the hidden state handed over in memory).
     fn generate_sharded(cfg: &ModelConfig, tp: usize, pp: usize, prompt: &[i64], tokens: usize) -> Generation {
         let max_seq = prompt.len() + tokens;
-        let stages: Vec<Vec<Stage>> = (0..pp)
-            .map(|stage| {
-                let shared = Arc::new((Barrier::new(tp), Mutex::new(vec![None; tp])));
-                (0..tp)
-                    .map(|rank| {
-                        let comm: Arc<dyn TpComm> = Arc::new(ThreadComm { rank, shared: shared.clone() });
-                        Stage::new(cfg, pp, stage, max_seq, comm)
-                    })
-                    .collect()
-            })
-            .collect();
+        let stages: Vec<Vec<Stage>> = (0..pp).map(|stage| stage_ranks(cfg, tp, pp, stage, max_seq)).collect();
         let stages: Vec<Vec<Mutex<Stage>>> =
             stages.into_iter().map(|s| s.into_iter().map(Mutex::new).collect()).collect();
         let mut out = Generation { tokens: Vec::new(), logits: Vec::new() };
@@ -683,11 +686,11 @@ mod tests {
         let cfg = tiny();
         let full = gen_matrix(&cfg, 0, Kind::Embed, cfg.vocab, cfg.hidden, 1.0);
         let ids = [0i64, 95, 40, 47, 48, 3];
-        let single = VocabParallelEmbedding::new(&cfg, Arc::new(NoComm)).forward(&ids).unwrap();
+        let single = VocabParallelEmbedding::new(&cfg, Tp::single().unwrap()).forward(&ids).unwrap();
         for (i, &id) in ids.iter().enumerate() {
             assert_eq!(single.row(i), full.row(id as usize));
         }
-        assert!(VocabParallelEmbedding::new(&cfg, Arc::new(NoComm)).forward(&[-1]).is_err());
+        assert!(VocabParallelEmbedding::new(&cfg, Tp::single().unwrap()).forward(&[-1]).is_err());
     }
 
     #[test]

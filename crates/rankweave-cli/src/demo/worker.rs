@@ -14,13 +14,13 @@
 //!    all-gather) and picks the next token; with more than one stage it sends
 //!    token and logits round the pipeline ring to the first stage.
 //!
-//! Every coordinator call is timed, so the report can say what share of the
-//! decoding time each communication operation took.
+//! Every communication call is timed (the TP collectives inside
+//! [`model::Tp`], the coordinator calls here), so the report can say what
+//! share of the decoding time each communication operation took.
 
-use super::model::{self, argmax, Generation, ModelConfig, Stage, TpComm};
+use super::model::{self, argmax, Generation, ModelConfig, Stage, Tp};
 use super::DemoArgs;
 use ndarray::Array2;
-use rankweave::coordinator::GroupCoordinator;
 use rankweave::parallel_state;
 use rankweave::tensor::{Tensor, TensorDict};
 use rankweave::{Error, Result};
@@ -102,31 +102,6 @@ pub fn to_array(t: &Tensor) -> Result<Array2<f32>> {
         .map_err(|e| Error::invalid(format!("tensor of shape {:?}: {e}", t.shape())))
 }
 
-/// The tensor-parallel group as the model layers see it: a coordinator, timed.
-pub struct CoordinatorTp {
-    group: GroupCoordinator,
-    times: Arc<OpTimes>,
-}
-
-impl TpComm for CoordinatorTp {
-    fn tp_rank(&self) -> usize {
-        self.group.rank_in_group()
-    }
-    fn tp_size(&self) -> usize {
-        self.group.world_size()
-    }
-    fn all_reduce(&self, x: Array2<f32>) -> Result<Array2<f32>> {
-        let t = to_tensor(&x)?;
-        let out = self.times.time(Op::AllReduce, || self.group.all_reduce(t))?;
-        to_array(&out)
-    }
-    fn all_gather_cols(&self, x: Array2<f32>) -> Result<Array2<f32>> {
-        let t = to_tensor(&x)?;
-        let out = self.times.time(Op::AllGather, || self.group.all_gather(&t, -1))?;
-        to_array(&out)
-    }
-}
-
 fn get_tensor<'a>(dict: &'a TensorDict, key: &str) -> Result<&'a Tensor> {
     dict.get_tensor(key).ok_or_else(|| Error::invalid(format!("tensor dict has no tensor {key:?}")))
 }
@@ -175,7 +150,9 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig) -> Result<i32> {
     );
 
     let times = Arc::new(OpTimes::default());
-    let comm: Arc<dyn TpComm> = Arc::new(CoordinatorTp { group: tp.clone(), times: times.clone() });
+    // The layers use the TP group's process group directly (the library's
+    // backend seam); the coordinator carries the pipeline and the inputs.
+    let comm = Tp::new(tp.device_group()?, times.clone());
     let prompt = model::prompt(cfg, args.prompt_len);
     let mut stage = Stage::new(cfg, args.pp, stage_idx, args.prompt_len + args.tokens, comm);
     world.barrier()?;
