@@ -11,12 +11,8 @@ fn kind() -> impl Strategy<Value = FrameKind> {
 }
 
 fn valid_header() -> impl Strategy<Value = Header> {
-    (kind(), any::<u64>(), any::<u64>(), 0..=1024u64).prop_map(|(kind, group_id, seq, len)| Header {
-        kind,
-        group_id,
-        seq,
-        len,
-    })
+    (kind(), any::<u64>(), any::<u64>(), 0..=1024u64, any::<u64>())
+        .prop_map(|(kind, group_id, seq, len, desc)| Header { kind, group_id, seq, len, desc })
 }
 
 proptest! {

@@ -6,6 +6,7 @@
 //! throughout and divides once, on the leaders, so every rank ends with the
 //! same bits. Every other operation runs over the TCP mesh.
 
+use super::shm::MeshAndSegments;
 use super::tcp::TransportComm;
 use super::{Backend, Call, Communicator};
 use crate::collectives::shm::ShmComm;
@@ -43,11 +44,10 @@ impl HierBackend {
     /// The backend of a group of `size` ranks laid out as `layout` over `mesh`.
     pub fn backend(layout: NodeLayout, size: usize, mesh: Arc<TcpTransport>) -> Backend {
         let tcp = TransportComm::new(mesh.clone(), "tcp");
-        Backend {
-            comm: Box::new(HierBackend { layout, size, mesh: mesh.clone(), tcp, scratch: Vec::new() }),
-            link: mesh,
-            kind: TransportKind::Tcp,
-        }
+        let segments = layout.local.iter().map(ShmComm::abort_handle).collect();
+        let link = Arc::new(MeshAndSegments { mesh: mesh.clone(), segments });
+        let comm = Box::new(HierBackend { layout, size, mesh, tcp, scratch: Vec::new() });
+        Backend { comm, link, kind: TransportKind::Tcp }
     }
 }
 
@@ -102,8 +102,13 @@ impl Communicator for HierBackend {
         if let Some(li) = h.leader_index {
             if h.leaders.len() > 1 {
                 let sub = SubTransport { inner: &self.mesh, members: &h.leaders, rank: li };
-                let mut comm =
-                    Comm { transport: &sub, seq: call.seq, deadline: call.deadline, scratch: &mut self.scratch };
+                let mut comm = Comm {
+                    transport: &sub,
+                    seq: call.seq,
+                    deadline: call.deadline,
+                    scratch: &mut self.scratch,
+                    desc: call.desc,
+                };
                 collectives::all_reduce(&mut comm, buf, dtype, sum_op)?;
             }
             if op == ReduceOp::Avg {

@@ -58,7 +58,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::group::TransportKind;
 use crate::reduce::ReduceOp;
-use crate::transport::Transport;
+use crate::transport::{OpDesc, Transport};
 use std::time::Instant;
 
 /// What the group hands a backend with every operation.
@@ -70,6 +70,11 @@ pub struct Call {
     pub seq: u64,
     /// When the whole operation must be done.
     pub deadline: Instant,
+    /// What this rank calls (operation, dtype, reduce op, root, size): a
+    /// backend carries it with the call's messages and fails with
+    /// [`crate::Error::Mismatch`] naming both descriptors when a peer's
+    /// differs, also for empty buffers (a zero-length call still takes part).
+    pub desc: OpDesc,
 }
 
 /// One group's operations on byte buffers (see the module docs for the

@@ -3,13 +3,14 @@
 //! the group's TCP mesh, which also carries abort messages.
 
 use super::tcp::{recv_on, send_on};
-use super::{Backend, Call, Communicator};
-use crate::collectives::shm::ShmComm;
+use super::{Backend, Call, Communicator, Link};
+use crate::collectives::shm::{ShmAbort, ShmComm};
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::group::TransportKind;
 use crate::reduce::ReduceOp;
 use crate::transport::tcp::TcpTransport;
+use crate::transport::Transport;
 use std::sync::Arc;
 
 /// Shared-memory collectives plus TCP point-to-point.
@@ -21,7 +22,30 @@ pub struct ShmBackend {
 impl ShmBackend {
     /// The backend over `shm`, with `mesh` for send/recv and aborts.
     pub fn backend(shm: ShmComm, mesh: Arc<TcpTransport>) -> Backend {
-        Backend { comm: Box::new(ShmBackend { shm, mesh: mesh.clone() }), link: mesh, kind: TransportKind::Shm }
+        let link = Arc::new(MeshAndSegments { mesh: mesh.clone(), segments: vec![shm.abort_handle()] });
+        Backend { comm: Box::new(ShmBackend { shm, mesh }), link, kind: TransportKind::Shm }
+    }
+}
+
+/// The link of a backend that uses the TCP mesh and shared-memory
+/// segments: an abort goes to both, so peers waiting in either stop at once.
+pub(crate) struct MeshAndSegments {
+    pub mesh: Arc<TcpTransport>,
+    pub segments: Vec<ShmAbort>,
+}
+
+impl Link for MeshAndSegments {
+    fn abort(&self, err: &Error) {
+        for s in &self.segments {
+            s.abort(err);
+        }
+        self.mesh.abort(err);
+    }
+    fn close(&self) {
+        self.mesh.close();
+    }
+    fn transport(&self) -> Option<&dyn Transport> {
+        Some(&*self.mesh)
     }
 }
 

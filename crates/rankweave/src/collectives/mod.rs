@@ -28,8 +28,10 @@
 //! scatter go direct, all_to_all uses pairwise exchange and barrier the
 //! dissemination algorithm. Every front door validates lengths
 //! ([`crate::Error::InvalidArgument`] with expected vs actual), and returns at once
-//! for a single rank (copying where input and output differ) and for empty
-//! buffers.
+//! for a single rank (copying where input and output differ). An empty
+//! buffer still takes part: its ranks meet in a barrier whose messages carry
+//! the call's descriptor ([`Comm::desc`]), so a peer that called the same
+//! collective with data is reported as a mismatch, not left waiting.
 //!
 //! Results are bitwise identical on every rank: every reduced value is
 //! computed once by one rank and copied (ring), or by both partners from the
@@ -38,7 +40,7 @@
 use crate::dtype::DType;
 use crate::error::{Context, Result};
 use crate::reduce::ReduceOp;
-use crate::transport::{OpCode, Tag, Transport};
+use crate::transport::{OpCode, OpDesc, Tag, Transport};
 use crate::validate::Check;
 use std::time::Instant;
 
@@ -98,6 +100,9 @@ pub struct Comm<'a> {
     pub deadline: Instant,
     /// Scratch space reused across calls (grow it, never shrink it).
     pub scratch: &'a mut Vec<u8>,
+    /// The call's descriptor, carried by every message of the call and
+    /// checked by every receiver ([`OpDesc::NONE`]: tag and length only).
+    pub desc: OpDesc,
 }
 
 impl<'a> Comm<'a> {
@@ -111,7 +116,7 @@ impl<'a> Comm<'a> {
     }
     /// Tag for a message of `op` in this call.
     pub fn tag(&self, op: OpCode) -> Tag {
-        Tag::new(op, self.seq)
+        Tag::new(op, self.seq).with_desc(self.desc)
     }
     /// Error context for `op` on this rank.
     pub fn ctx(&self, op: OpCode) -> Context {
@@ -126,8 +131,11 @@ impl<'a> Comm<'a> {
 /// Reduces `buf` across all ranks in place; every rank gets the same bits.
 pub fn all_reduce(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
     check(c, OpCode::AllReduce).elems(buf.len(), dtype)?;
-    if c.size() == 1 || buf.is_empty() {
+    if c.size() == 1 {
         return Ok(());
+    }
+    if buf.is_empty() {
+        return empty_call(c);
     }
     match buf.len() < SMALL_MESSAGE_BYTES {
         true => all_reduce_recursive_doubling(c, buf, dtype, op),
@@ -138,8 +146,11 @@ pub fn all_reduce(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) 
 /// Copies root's `buf` to every rank.
 pub fn broadcast(c: &mut Comm<'_>, buf: &mut [u8], root: usize) -> Result<()> {
     check(c, OpCode::Broadcast).root(root)?;
-    if c.size() == 1 || buf.is_empty() {
+    if c.size() == 1 {
         return Ok(());
+    }
+    if buf.is_empty() {
+        return empty_call(c);
     }
     // With two ranks the tree is one message, already optimal.
     match c.size() > 2 && buf.len() >= SMALL_MESSAGE_BYTES {
@@ -151,9 +162,12 @@ pub fn broadcast(c: &mut Comm<'_>, buf: &mut [u8], root: usize) -> Result<()> {
 /// Concatenates every rank's `input` in rank order into `output`.
 pub fn all_gather(c: &mut Comm<'_>, input: &[u8], output: &mut [u8]) -> Result<()> {
     check(c, OpCode::AllGather).len("output (size x input)", c.size() * input.len(), output.len())?;
-    if c.size() == 1 || input.is_empty() {
+    if c.size() == 1 {
         output.copy_from_slice(input);
         return Ok(());
+    }
+    if input.is_empty() {
+        return empty_call(c);
     }
     match output.len() < SMALL_MESSAGE_BYTES {
         true => all_gather_bruck(c, input, output),
@@ -176,12 +190,18 @@ pub fn all_gather_inplace(c: &mut Comm<'_>, buf: &mut [u8]) -> Result<()> {
 /// Concatenates every rank's `input` into root's `output`.
 pub fn gather(c: &mut Comm<'_>, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
     check(c, OpCode::Gather).root(root)?;
+    if c.size() > 1 && input.is_empty() {
+        return empty_call(c);
+    }
     gather_direct(c, input, output, root)
 }
 
 /// Splits root's `input` into equal blocks, block `r` to rank `r`.
 pub fn scatter(c: &mut Comm<'_>, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
     check(c, OpCode::Scatter).root(root)?;
+    if c.size() > 1 && output.is_empty() {
+        return empty_call(c);
+    }
     scatter_direct(c, input, output, root)
 }
 
@@ -190,8 +210,11 @@ pub fn scatter(c: &mut Comm<'_>, input: Option<&[u8]>, output: &mut [u8], root: 
 pub fn reduce(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
     check(c, OpCode::Reduce).root(root)?;
     check(c, OpCode::Reduce).elems(buf.len(), dtype)?;
-    if c.size() == 1 || buf.is_empty() {
+    if c.size() == 1 {
         return Ok(());
+    }
+    if buf.is_empty() {
+        return empty_call(c);
     }
     match buf.len() < SMALL_MESSAGE_BYTES {
         true => reduce_tree(c, buf, dtype, op, root),
@@ -203,9 +226,12 @@ pub fn reduce(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp, root
 pub fn reduce_scatter(c: &mut Comm<'_>, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
     let n = c.size();
     check_reduce_scatter(c, input.len(), output.len(), dtype)?;
-    if n == 1 || input.is_empty() {
+    if n == 1 {
         output.copy_from_slice(input);
         return Ok(());
+    }
+    if input.is_empty() {
+        return empty_call(c);
     }
     if input.len() >= SMALL_MESSAGE_BYTES {
         return reduce_scatter_ring(c, input, output, dtype, op);
@@ -252,11 +278,22 @@ pub fn reduce_scatter_inplace(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op
 /// Block `j` of rank `i`'s input goes to block `i` of rank `j`'s output.
 pub fn all_to_all(c: &mut Comm<'_>, input: &[u8], output: &mut [u8]) -> Result<()> {
     check_all_to_all(c, input.len(), output.len())?;
-    if c.size() == 1 || input.is_empty() {
+    if c.size() == 1 {
         output.copy_from_slice(input);
         return Ok(());
     }
+    if input.is_empty() {
+        return empty_call(c);
+    }
     all_to_all_pairwise(c, input, output)
+}
+
+/// A call with nothing to move still takes part: its ranks meet in a
+/// barrier whose messages carry the call's descriptor, so a peer that
+/// called the same collective with data (or anything else) is reported as
+/// a mismatch on both sides instead of leaving one rank waiting.
+fn empty_call(c: &mut Comm<'_>) -> Result<()> {
+    barrier_dissemination(c)
 }
 
 /// Returns once every rank has entered the barrier.

@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::reduce::ReduceOp;
 use crate::store::{PrefixStore, SharedStore};
 use crate::transport::tcp::group_id_of;
-use crate::transport::Transport;
+use crate::transport::{OpCode, OpDesc, Transport};
 use crate::validate::Check;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -376,7 +376,7 @@ impl ProcessGroup {
     /// sequence number and a fresh deadline; a failure poisons the group,
     /// and a panic closes it (the peers are left mid-operation).
     #[inline]
-    fn run<R>(&self, seq: Seq, f: impl FnOnce(&mut dyn Communicator, Call) -> Result<R>) -> Result<R> {
+    fn run<R>(&self, seq: Seq, desc: OpDesc, f: impl FnOnce(&mut dyn Communicator, Call) -> Result<R>) -> Result<R> {
         self.check_ready()?;
         let inner = &self.inner;
         let mut state = lock(&inner.state);
@@ -394,7 +394,7 @@ impl ProcessGroup {
                 state.recv_seq[p]
             }
         };
-        let call = Call { seq, deadline: Instant::now() + inner.opts.timeout };
+        let call = Call { seq, deadline: Instant::now() + inner.opts.timeout, desc };
         let guard = CloseOnPanic(inner);
         let res = f(&mut *state.comm, call);
         drop(guard);
@@ -416,7 +416,8 @@ impl ProcessGroup {
         let mut state = lock(&inner.state);
         state.seq += 1;
         let OpState { seq, scratch, .. } = &mut *state;
-        let mut comm = Comm { transport, seq: *seq, deadline: Instant::now() + inner.opts.timeout, scratch };
+        let mut comm =
+            Comm { transport, seq: *seq, deadline: Instant::now() + inner.opts.timeout, scratch, desc: OpDesc::NONE };
         let guard = CloseOnPanic(inner);
         let res = f(&mut comm);
         drop(guard);
@@ -433,7 +434,8 @@ impl ProcessGroup {
         if self.inner.size == 1 {
             return Ok(());
         }
-        self.run(Seq::Collective, |c, call| c.all_reduce(call, buf, dtype, op))
+        let desc = OpDesc::new(OpCode::AllReduce, Some(dtype), Some(op), None, buf.len());
+        self.run(Seq::Collective, desc, |c, call| c.all_reduce(call, buf, dtype, op))
     }
     /// In-place broadcast from group rank `root`.
     pub fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
@@ -442,7 +444,8 @@ impl ProcessGroup {
         if self.inner.size == 1 {
             return Ok(());
         }
-        self.run(Seq::Collective, |c, call| c.broadcast(call, buf, root))
+        let desc = OpDesc::new(OpCode::Broadcast, None, None, Some(root), buf.len());
+        self.run(Seq::Collective, desc, |c, call| c.broadcast(call, buf, root))
     }
     /// `output.len() == size * input.len()`.
     pub fn all_gather_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
@@ -452,7 +455,8 @@ impl ProcessGroup {
             output.copy_from_slice(input);
             return Ok(());
         }
-        self.run(Seq::Collective, |c, call| c.all_gather(call, input, output))
+        let desc = OpDesc::new(OpCode::AllGather, None, None, None, input.len());
+        self.run(Seq::Collective, desc, |c, call| c.all_gather(call, input, output))
     }
     /// `output` is `Some` (`size * input.len()` bytes) on root only.
     pub fn gather_bytes(&self, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
@@ -465,7 +469,8 @@ impl ProcessGroup {
             }
             return Ok(());
         }
-        self.run(Seq::Collective, |c, call| c.gather(call, input, output, root))
+        let desc = OpDesc::new(OpCode::Gather, None, None, Some(root), input.len());
+        self.run(Seq::Collective, desc, |c, call| c.gather(call, input, output, root))
     }
     /// `input` is `Some` (`size * output.len()` bytes) on root only.
     pub fn scatter_bytes(&self, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
@@ -478,7 +483,8 @@ impl ProcessGroup {
             }
             return Ok(());
         }
-        self.run(Seq::Collective, |c, call| c.scatter(call, input, output, root))
+        let desc = OpDesc::new(OpCode::Scatter, None, None, Some(root), output.len());
+        self.run(Seq::Collective, desc, |c, call| c.scatter(call, input, output, root))
     }
     /// In place; the result is defined on root only.
     pub fn reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
@@ -489,7 +495,8 @@ impl ProcessGroup {
         if self.inner.size == 1 {
             return Ok(());
         }
-        self.run(Seq::Collective, |c, call| c.reduce(call, buf, dtype, op, root))
+        let desc = OpDesc::new(OpCode::Reduce, Some(dtype), Some(op), Some(root), buf.len());
+        self.run(Seq::Collective, desc, |c, call| c.reduce(call, buf, dtype, op, root))
     }
     /// `input.len() == size * output.len()`.
     pub fn reduce_scatter_bytes(&self, input: &[u8], output: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
@@ -501,7 +508,8 @@ impl ProcessGroup {
             output.copy_from_slice(input);
             return Ok(());
         }
-        self.run(Seq::Collective, |c, call| c.reduce_scatter(call, input, output, dtype, op))
+        let desc = OpDesc::new(OpCode::ReduceScatter, Some(dtype), Some(op), None, output.len());
+        self.run(Seq::Collective, desc, |c, call| c.reduce_scatter(call, input, output, dtype, op))
     }
     /// Both `size * S` bytes.
     pub fn all_to_all_bytes(&self, input: &[u8], output: &mut [u8]) -> Result<()> {
@@ -513,17 +521,20 @@ impl ProcessGroup {
             output.copy_from_slice(input);
             return Ok(());
         }
-        self.run(Seq::Collective, |c, call| c.all_to_all(call, input, output))
+        let desc = OpDesc::new(OpCode::AllToAll, None, None, None, input.len());
+        self.run(Seq::Collective, desc, |c, call| c.all_to_all(call, input, output))
     }
     /// Sends `data` to group rank `dst`; `recv_bytes` on `dst` must expect the same length.
     pub fn send_bytes(&self, data: &[u8], dst: usize) -> Result<()> {
         self.check("send").peer(dst)?;
-        self.run(Seq::SendTo(dst), |c, call| c.send(call, data, dst))
+        let desc = OpDesc::new(OpCode::SendRecv, None, None, None, data.len());
+        self.run(Seq::SendTo(dst), desc, |c, call| c.send(call, data, dst))
     }
     /// Receives exactly `buf.len()` bytes from group rank `src`.
     pub fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<()> {
         self.check("recv").peer(src)?;
-        self.run(Seq::RecvFrom(src), |c, call| c.recv(call, buf, src))
+        let desc = OpDesc::new(OpCode::SendRecv, None, None, None, buf.len());
+        self.run(Seq::RecvFrom(src), desc, |c, call| c.recv(call, buf, src))
     }
     /// Returns once every rank entered.
     pub fn barrier(&self) -> Result<()> {
@@ -531,7 +542,8 @@ impl ProcessGroup {
         if self.inner.size == 1 {
             return Ok(());
         }
-        self.run(Seq::Collective, |c, call| c.barrier(call))
+        let desc = OpDesc::new(OpCode::Barrier, None, None, None, 0);
+        self.run(Seq::Collective, desc, |c, call| c.barrier(call))
     }
 
     /// Typed [`ProcessGroup::all_reduce_bytes`].

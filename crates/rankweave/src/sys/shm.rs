@@ -163,7 +163,7 @@ pub struct ShmSegment {
     name: String,
     ptr: NonNull<u8>,
     len: usize,
-    owner: bool,
+    owner: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the mapping is plain shared memory; all access goes through raw
@@ -251,7 +251,7 @@ impl ShmSegment {
         let ptr =
             unsafe { mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, &fd, 0) }
                 .map_err(|e| fail("mmap", e))?;
-        Ok(ShmSegment { name: name.to_string(), ptr: ptr.cast(), len, owner: create })
+        Ok(ShmSegment { name: name.to_string(), ptr: ptr.cast(), len, owner: create.into() })
     }
 
     /// Start of the mapping.
@@ -343,14 +343,13 @@ impl ShmSegment {
 
     /// Whether this handle created the segment (and unlinks it on drop).
     pub fn is_owner(&self) -> bool {
-        self.owner
+        self.owner.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Removes the name now (mappings stay valid); idempotent.
-    pub fn unlink(&mut self) {
-        if self.owner {
+    pub fn unlink(&self) {
+        if self.owner.swap(false, std::sync::atomic::Ordering::Relaxed) {
             let _ = shm_unlink(self.name.as_str());
-            self.owner = false;
         }
     }
 }

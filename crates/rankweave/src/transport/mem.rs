@@ -9,16 +9,26 @@
 //! the same errors. Dropping a [`MemTransport`] marks its rank gone: peers
 //! waiting on it get [`Error::PeerLost`].
 
-use super::{Tag, Transport};
+use super::{OpDesc, Tag, Transport};
 use crate::error::{Context, Error, Result};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 struct Message {
     tag: Tag,
     data: Vec<u8>,
+    /// A probe: the sender waits for this rank in collective `tag` (as the
+    /// TCP transport's PROBE frame).
+    probe: bool,
+}
+
+/// How long a collective's receive waits before probing its peer.
+const PROBE_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn collective(t: &Tag) -> bool {
+    t.op != super::OpCode::SendRecv && !t.desc.is_none()
 }
 
 #[derive(Default)]
@@ -47,6 +57,10 @@ struct Mesh {
 pub struct MemTransport {
     rank: usize,
     mesh: Arc<Mesh>,
+    /// The collective this rank runs or last ran: (sequence, descriptor).
+    current: Mutex<(u64, OpDesc)>,
+    /// `last_sent[p]`: the sequence number of the last collective that sent `p` a message.
+    last_sent: Vec<AtomicU64>,
 }
 
 impl std::fmt::Debug for MemTransport {
@@ -69,7 +83,14 @@ impl MemTransport {
             queues: (0..n * n).map(|_| Queue::default()).collect(),
             alive: (0..n).map(|_| AtomicBool::new(true)).collect(),
         });
-        (0..n).map(|rank| MemTransport { rank, mesh: mesh.clone() }).collect()
+        (0..n)
+            .map(|rank| MemTransport {
+                rank,
+                mesh: mesh.clone(),
+                current: Mutex::new((0, OpDesc::NONE)),
+                last_sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            })
+            .collect()
     }
 
     fn ctx(&self, tag: Tag, peer: usize) -> Context {
@@ -129,8 +150,12 @@ impl Transport for MemTransport {
         if !self.mesh.alive[peer].load(Ordering::Acquire) {
             return Err(Error::PeerLost { ctx: self.ctx(tag, peer), detail: "peer transport was dropped".into() });
         }
+        if collective(&tag) {
+            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (tag.seq, tag.desc);
+            self.last_sent[peer].store(tag.seq, Ordering::Relaxed);
+        }
         let q = &self.mesh.queues[self.rank * self.mesh.size + peer];
-        q.lock().push_back(Message { tag, data: data.to_vec() });
+        q.lock().push_back(Message { tag, data: data.to_vec(), probe: false });
         q.arrived.notify_all();
         Ok(())
     }
@@ -138,11 +163,48 @@ impl Transport for MemTransport {
     fn recv(&self, peer: usize, tag: Tag, buf: &mut [u8], deadline: Instant) -> Result<()> {
         self.check_peer(peer, tag)?;
         let start = Instant::now();
+        if collective(&tag) {
+            *self.current.lock().unwrap_or_else(|e| e.into_inner()) = (tag.seq, tag.desc);
+        }
+        let mut probed = !collective(&tag);
         let q = &self.mesh.queues[peer * self.mesh.size + self.rank];
         let mut guard = q.lock();
         let msg = loop {
             if let Some(m) = guard.pop_front() {
-                break m;
+                if !m.probe {
+                    break m;
+                }
+                let (seq, desc) = *self.current.lock().unwrap_or_else(|e| e.into_inner());
+                if m.tag.seq < seq && self.last_sent[peer].load(Ordering::Relaxed) < m.tag.seq {
+                    return Err(Error::Mismatch {
+                        ctx: self.ctx(tag, peer),
+                        detail: format!(
+                            "rank {peer} waits in {} (seq {}) for data from rank {}, which finished that \
+                             collective without sending it any",
+                            m.tag.desc, m.tag.seq, self.rank
+                        ),
+                    });
+                }
+                if m.tag.seq == seq && m.tag.desc != desc && !desc.is_none() {
+                    return Err(Error::Mismatch {
+                        ctx: self.ctx(tag, peer),
+                        detail: format!(
+                            "rank {peer} waits in {} (seq {seq}), rank {} called {desc}",
+                            m.tag.desc, self.rank
+                        ),
+                    });
+                }
+                continue;
+            }
+            if !probed && start.elapsed() >= PROBE_AFTER {
+                probed = true;
+                // Never hold two queue locks at once (the peer may be probing us).
+                drop(guard);
+                let back = &self.mesh.queues[self.rank * self.mesh.size + peer];
+                back.lock().push_back(Message { tag, data: Vec::new(), probe: true });
+                back.arrived.notify_all();
+                guard = q.lock();
+                continue;
             }
             if !self.mesh.alive[peer].load(Ordering::Acquire) {
                 return Err(Error::PeerLost {
@@ -158,9 +220,20 @@ impl Transport for MemTransport {
                     format!("{} bytes of {} seq {} from rank {peer}", buf.len(), tag.op.name(), tag.seq),
                 ));
             }
-            guard = q.arrived.wait_timeout(guard, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            let wake = if probed { deadline } else { deadline.min(start + PROBE_AFTER) };
+            guard =
+                q.arrived.wait_timeout(guard, wake.saturating_duration_since(now)).unwrap_or_else(|e| e.into_inner()).0;
         };
         drop(guard);
+        if msg.tag.desc != tag.desc {
+            return Err(Error::Mismatch {
+                ctx: self.ctx(tag, peer),
+                detail: format!(
+                    "rank {peer} called {}, rank {} called {} (seq {})",
+                    msg.tag.desc, self.rank, tag.desc, tag.seq
+                ),
+            });
+        }
         if msg.tag != tag || msg.data.len() != buf.len() {
             return Err(Error::Mismatch {
                 ctx: self.ctx(tag, peer),

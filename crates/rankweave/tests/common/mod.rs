@@ -6,7 +6,7 @@
 use half::{bf16, f16};
 use rankweave::collectives::Comm;
 use rankweave::transport::mem::MemTransport;
-use rankweave::transport::Transport;
+use rankweave::transport::{OpDesc, Transport};
 use rankweave::{DType, GroupOptions, HashStore, ProcessGroup, ReduceOp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +43,13 @@ impl Rank {
     /// A [`Comm`] for the next collective call.
     pub fn comm(&mut self) -> Comm<'_> {
         self.seq += 1;
-        Comm { transport: &self.t, seq: self.seq, deadline: Instant::now() + self.timeout, scratch: &mut self.scratch }
+        Comm {
+            transport: &self.t,
+            seq: self.seq,
+            deadline: Instant::now() + self.timeout,
+            scratch: &mut self.scratch,
+            desc: OpDesc::NONE,
+        }
     }
 }
 

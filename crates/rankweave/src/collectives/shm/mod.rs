@@ -59,9 +59,10 @@ use crate::reduce::{finish_avg, reduce_into, ReduceOp};
 use crate::store::Store;
 use crate::sync::{current_cpu, Backoff};
 use crate::sys::shm::ShmSegment;
-use crate::transport::OpCode;
+use crate::transport::{OpCode, OpDesc};
 use crate::validate::Check;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Inline payload bytes per control line (a 64-byte line minus the step,
@@ -77,7 +78,9 @@ const CTRL: usize = 3 * LINE;
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 3;
+const VERSION: u64 = 4;
+/// Offset of the abort word in the header (see [`ShmAbort`]).
+const ABORT_AT: usize = 32;
 /// Interval of the warning that names the ranks a step waits for.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -123,10 +126,40 @@ pub fn segment_bytes(size: usize, slot_bytes: usize) -> Option<usize> {
     size.checked_mul(CTRL + slot)?.checked_add(HEADER)
 }
 
+/// Aborts a shared-memory group from any thread: the first failure is
+/// written to the segment's abort word, and every rank waiting in a step
+/// stops with an error naming the culprit at once instead of at its
+/// deadline.
+#[derive(Debug, Clone)]
+pub struct ShmAbort {
+    seg: Arc<ShmSegment>,
+    rank: usize,
+}
+
+impl ShmAbort {
+    /// Records `err` (when it poisons the group) as this group's failure;
+    /// the first recorded failure wins.
+    pub fn abort(&self, err: &Error) {
+        if !err.poisons_group() {
+            return;
+        }
+        let kind: u64 = match err {
+            Error::PeerLost { .. } => 0,
+            Error::Timeout { .. } => 1,
+            Error::Mismatch { .. } => 2,
+            _ => 3,
+        };
+        let culprit = err.peer().unwrap_or(self.rank) as u64 & 0x0fff_ffff;
+        let word = (1 << 63) | (kind << 56) | ((self.rank as u64 & 0x0fff_ffff) << 28) | culprit;
+        // Release: pairs with the Acquire load of waiting ranks.
+        let _ = self.seg.atomic_u64(ABORT_AT).compare_exchange(0, word, Ordering::Release, Ordering::Relaxed);
+    }
+}
+
 /// One rank's handle on a group's shared-memory collectives.
 #[derive(Debug)]
 pub struct ShmComm {
-    seg: ShmSegment,
+    seg: Arc<ShmSegment>,
     rank: usize,
     size: usize,
     group: String,
@@ -139,31 +172,14 @@ pub struct ShmComm {
     poisoned: Option<String>,
 }
 
-/// A step's descriptor: what the rank is doing, compared across ranks.
-/// Bits: operation (8), dtype (4), reduce op (4), root (8), length (40).
+/// A step's descriptor: what the rank is doing, compared across ranks (the
+/// crate's one descriptor format, [`OpDesc`]).
 fn desc(op: OpCode, dtype: Option<DType>, rop: Option<ReduceOp>, root: Option<usize>, len: usize) -> u64 {
-    let d = dtype.map_or(0xf, |d| d.code() as u64);
-    let r = rop.map_or(0xf, |r| r as u64);
-    let root = root.map_or(0xff, |x| x.min(0xfe) as u64);
-    ((op as u64) << 56) | (d << 52) | (r << 48) | (root << 40) | (len as u64 & LEN_MASK)
+    OpDesc::new(op, dtype, rop, root, len).0
 }
 
-const LEN_MASK: u64 = (1 << 40) - 1;
-
 fn describe(desc: u64) -> String {
-    let op = OpCode::from_u8((desc >> 56) as u8).map_or("?", |o| o.name());
-    let mut s = format!("{op} of {} bytes", desc & LEN_MASK);
-    if let Some(d) = DType::from_code(((desc >> 52) & 0xf) as u8) {
-        s += &format!(" of {d}");
-    }
-    if let Some(r) = ReduceOp::ALL.get(((desc >> 48) & 0xf) as usize) {
-        s += &format!(" ({r})");
-    }
-    let root = (desc >> 40) & 0xff;
-    if root != 0xff {
-        s += &format!(" with root {root}");
-    }
-    s
+    OpDesc(desc).to_string()
 }
 
 /// The inode of this process's pid namespace (0 when unknown).
@@ -253,7 +269,7 @@ impl ShmComm {
             seg
         };
         let mut comm = ShmComm {
-            seg,
+            seg: Arc::new(seg),
             rank,
             size,
             group: group.to_string(),
@@ -455,6 +471,9 @@ impl ShmComm {
                         self.late(p, e)
                     );
                 }
+                if let Some(err) = self.aborted(op) {
+                    return Err(self.fail(err));
+                }
                 if waited >= check_after {
                     check_after = waited + LIVENESS_EVERY;
                     if let Some(j) = self.vanished(self.late(p, e).into_iter()) {
@@ -490,6 +509,27 @@ impl ShmComm {
             }
         }
         Ok(())
+    }
+
+    /// The error to stop with when another rank aborted the group through
+    /// the segment's abort word ([`ShmAbort`]).
+    fn aborted(&self, op: OpCode) -> Option<Error> {
+        // Acquire: pairs with the Release compare-exchange in `ShmAbort::abort`.
+        let w = self.seg.atomic_u64(ABORT_AT).load(Ordering::Acquire);
+        if w == 0 {
+            return None;
+        }
+        let (kind, reporter, culprit) =
+            ((w >> 56) & 0x7f, ((w >> 28) & 0x0fff_ffff) as usize, (w & 0x0fff_ffff) as usize);
+        let ctx = self.ctx(op).with_peer(culprit);
+        let what = ["lost", "timed out", "mismatched", "failed"].get(kind as usize).copied().unwrap_or("failed");
+        let detail = format!("rank {culprit} {what}: reported by rank {reporter}, which aborted the group");
+        Some(if kind == 2 { Error::Mismatch { ctx, detail } } else { Error::PeerLost { ctx, detail } })
+    }
+
+    /// A handle that aborts this communicator's group from any thread.
+    pub fn abort_handle(&self) -> ShmAbort {
+        ShmAbort { seg: self.seg.clone(), rank: self.rank }
     }
 
     /// Ranks whose line `p` has not reached step `e`.

@@ -1,6 +1,6 @@
 //! The wire format of one TCP frame header.
 //!
-//! Every frame on a rankweave TCP connection is a fixed 32-byte header
+//! Every frame on a rankweave TCP connection is a fixed 40-byte header
 //! followed by `len` payload bytes. All integers are little-endian:
 //!
 //! ```text
@@ -12,6 +12,7 @@
 //!      8    8 group id (hash of the group's store namespace)
 //!     16    8 sequence number
 //!     24    8 payload length in bytes
+//!     32    8 the call's descriptor (crate::transport::OpDesc; 0 = none)
 //! ```
 //!
 //! [`decode_header`] is pure and total: any byte string either decodes to a
@@ -21,13 +22,16 @@ use crate::error::{Context, Error, Result};
 use crate::transport::OpCode;
 
 /// Size of an encoded header in bytes.
-pub const HEADER_LEN: usize = 32;
+pub const HEADER_LEN: usize = 40;
 /// The four bytes every header starts with.
 pub const MAGIC: [u8; 4] = *b"RKWV";
 /// Wire protocol version; a peer with another version is rejected.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Reserved op byte of an ABORT frame (not an [`OpCode`]).
 pub const ABORT_OP: u8 = 0xFF;
+/// Reserved op byte of a PROBE frame (not an [`OpCode`]): no payload; its
+/// sequence number and descriptor say which collective the sender waits in.
+pub const PROBE_OP: u8 = 0xFE;
 /// Largest payload an ABORT frame may carry.
 pub const MAX_ABORT_PAYLOAD: u64 = 1024;
 /// Largest payload a data frame may announce (256 TiB; anything larger is garbage).
@@ -40,6 +44,9 @@ pub enum FrameKind {
     Op(OpCode),
     /// The sender's group failed; the payload names the culprit rank and why.
     Abort,
+    /// The sender has waited a while for data from the receiver in the
+    /// collective its sequence number and descriptor name (no payload).
+    Probe,
 }
 
 impl FrameKind {
@@ -48,6 +55,7 @@ impl FrameKind {
         match self {
             FrameKind::Op(op) => op as u8,
             FrameKind::Abort => ABORT_OP,
+            FrameKind::Probe => PROBE_OP,
         }
     }
 
@@ -56,6 +64,7 @@ impl FrameKind {
         match self {
             FrameKind::Op(op) => op.name(),
             FrameKind::Abort => "abort",
+            FrameKind::Probe => "probe",
         }
     }
 }
@@ -71,10 +80,12 @@ pub struct Header {
     pub seq: u64,
     /// Payload length in bytes.
     pub len: u64,
+    /// The descriptor of the call the frame belongs to (0: none).
+    pub desc: u64,
 }
 
 impl Header {
-    /// Encodes the header into its 32 wire bytes.
+    /// Encodes the header into its 40 wire bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&MAGIC);
@@ -83,6 +94,7 @@ impl Header {
         b[8..16].copy_from_slice(&self.group_id.to_le_bytes());
         b[16..24].copy_from_slice(&self.seq.to_le_bytes());
         b[24..32].copy_from_slice(&self.len.to_le_bytes());
+        b[32..40].copy_from_slice(&self.desc.to_le_bytes());
         b
     }
 }
@@ -111,6 +123,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header> {
     }
     let kind = if bytes[5] == ABORT_OP {
         FrameKind::Abort
+    } else if bytes[5] == PROBE_OP {
+        FrameKind::Probe
     } else {
         match OpCode::from_u8(bytes[5]) {
             Some(op) => FrameKind::Op(op),
@@ -123,11 +137,16 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header> {
     let group_id = le_u64(bytes, 8);
     let seq = le_u64(bytes, 16);
     let len = le_u64(bytes, 24);
-    let max = if kind == FrameKind::Abort { MAX_ABORT_PAYLOAD } else { MAX_PAYLOAD };
+    let desc = le_u64(bytes, 32);
+    let max = match kind {
+        FrameKind::Abort => MAX_ABORT_PAYLOAD,
+        FrameKind::Probe => 0,
+        FrameKind::Op(_) => MAX_PAYLOAD,
+    };
     if len > max {
         return Err(bad(format!("{} frame announces {len} bytes, more than the limit {max}", kind.name())));
     }
-    Ok(Header { kind, group_id, seq, len })
+    Ok(Header { kind, group_id, seq, len, desc })
 }
 
 /// Why a group aborted; carried in ABORT frames and the store's abort record.
@@ -216,21 +235,21 @@ mod tests {
     #[test]
     fn round_trip_every_kind() {
         for kind in OpCode::ALL.iter().map(|o| FrameKind::Op(*o)).chain([FrameKind::Abort]) {
-            let h = Header { kind, group_id: 0xdead_beef, seq: 7, len: 40 };
+            let h = Header { kind, group_id: 0xdead_beef, seq: 7, len: 40, desc: 9 };
             assert_eq!(decode_header(&h.encode()).unwrap(), h);
         }
     }
 
     #[test]
     fn rejects_bad_fields() {
-        let good = Header { kind: FrameKind::Op(OpCode::AllReduce), group_id: 1, seq: 2, len: 3 }.encode();
+        let good = Header { kind: FrameKind::Op(OpCode::AllReduce), group_id: 1, seq: 2, len: 3, desc: 0 }.encode();
         for (i, v) in [(0, b'X'), (4, 9), (5, 0), (5, 200), (6, 1), (7, 1)] {
             let mut b = good;
             b[i] = v;
             assert!(matches!(decode_header(&b), Err(Error::Protocol { .. })), "byte {i} = {v}");
         }
         assert!(decode_header(&good[..31]).is_err());
-        let big = Header { kind: FrameKind::Abort, group_id: 1, seq: 0, len: MAX_ABORT_PAYLOAD + 1 }.encode();
+        let big = Header { kind: FrameKind::Abort, group_id: 1, seq: 0, len: MAX_ABORT_PAYLOAD + 1, desc: 0 }.encode();
         assert!(decode_header(&big).is_err());
     }
 

@@ -66,6 +66,9 @@ impl<'a> Outgoing<'a> {
 pub(crate) enum HeaderVerdict {
     /// The header matches; read the payload.
     Accept,
+    /// A frame without payload that is not the one expected (a peer's
+    /// probe): drop it and read the next header.
+    Skip,
     /// Stop with this failure.
     Reject(Box<super::Failure>),
 }
@@ -116,13 +119,27 @@ impl<'a> Incoming<'a> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ReadFault::Io(e)),
             }
-            if self.hdr_got == HEADER_LEN && !self.checked {
+            while self.hdr_got == HEADER_LEN && !self.checked {
                 match check(self) {
                     HeaderVerdict::Accept => self.checked = true,
+                    HeaderVerdict::Skip => self.drop_header(),
                     HeaderVerdict::Reject(f) => return Err(ReadFault::Rejected(f)),
                 }
             }
         }
+    }
+
+    /// Drops the header just read (a frame without payload): what the
+    /// vectored read put into the payload buffer is the start of the next
+    /// frame, so it moves back into the header (and payload) position.
+    fn drop_header(&mut self) {
+        let spilled = self.got;
+        let h = spilled.min(HEADER_LEN);
+        self.hdr[..h].copy_from_slice(&self.buf[..h]);
+        self.buf.copy_within(h..spilled, 0);
+        self.hdr_got = h;
+        self.got = spilled - h;
+        self.checked = false;
     }
 
     /// Bytes received so far (header included), for messages.
@@ -149,6 +166,8 @@ pub(crate) enum DriveFault {
     Timeout,
     /// `poll` itself failed.
     Poll(io::Error),
+    /// The watch hook stopped the wait (another rank aborted the group).
+    Aborted(Box<super::Failure>),
 }
 
 /// Milliseconds until `deadline`, rounded up so that a short remainder sleeps
@@ -177,13 +196,26 @@ pub(crate) fn spin_budget(local_ranks: usize) -> std::time::Duration {
 }
 
 /// Advances `out` and `inc` until both are done, a fault, or `deadline`.
+/// [`drive`] first calls its `watch` hook after this long waiting, then
+/// every [`WATCH_EVERY`].
+pub(crate) const PROBE_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+/// Interval of the later `watch` calls of one wait.
+pub(crate) const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What a long wait in [`drive`] does now and then: `(waited, receiving
+/// only)`; an error stops the wait.
+pub(crate) type Watch<'w> = &'w mut dyn FnMut(std::time::Duration, bool) -> Result<(), Box<super::Failure>>;
+
 pub(crate) fn drive(
     mut out: Option<&mut Outgoing<'_>>,
     mut inc: Option<&mut Incoming<'_>>,
     check: &mut dyn FnMut(&mut Incoming<'_>) -> HeaderVerdict,
     deadline: Instant,
     spin: std::time::Duration,
+    watch: Watch<'_>,
 ) -> Result<(), DriveFault> {
+    let start = Instant::now();
+    let mut next_watch = PROBE_AFTER;
     // Poll's wake-up after a blocking sleep costs tens of microseconds on a
     // loaded VM; a short busy phase of non-blocking retries catches replies
     // that arrive within microseconds (the common case for small messages)
@@ -211,7 +243,12 @@ pub(crate) fn drive(
             std::hint::spin_loop();
             continue;
         }
-        let timeout = poll_timeout(deadline, now);
+        let waited = now - start;
+        if waited >= next_watch {
+            watch(waited, want_out.is_none()).map_err(DriveFault::Aborted)?;
+            next_watch = waited + WATCH_EVERY;
+        }
+        let timeout = poll_timeout(deadline.min(start + next_watch), now);
         let res = match (want_out, want_in) {
             (Some(o), Some(i)) if o.sock.as_raw_fd() == i.sock.as_raw_fd() => {
                 let mut fds = [PollFd::new(o.sock.as_fd(), PollFlags::POLLOUT | PollFlags::POLLIN)];

@@ -115,7 +115,7 @@ pub fn listen(host: &str, route_to: Option<&str>, backlog: usize) -> io::Result<
 }
 
 fn hello(group_id: u64, seq: u64, from: usize, to: usize, size: usize) -> Vec<u8> {
-    let h = Header { kind: FrameKind::Op(OpCode::Hello), group_id, seq, len: HELLO_LEN as u64 };
+    let h = Header { kind: FrameKind::Op(OpCode::Hello), group_id, seq, len: HELLO_LEN as u64, desc: 0 };
     let mut v = h.encode().to_vec();
     for x in [from, to, size] {
         v.extend_from_slice(&(x as u64).to_le_bytes());
@@ -261,7 +261,8 @@ fn accept_one(
             reason: format!("rank {} of group {} rejected the handshake: {why}", spec.rank, spec.name),
         };
         let payload = info.encode();
-        let hdr = Header { kind: FrameKind::Abort, group_id: spec.group_id, seq: 0, len: payload.len() as u64 };
+        let hdr =
+            Header { kind: FrameKind::Abort, group_id: spec.group_id, seq: 0, len: payload.len() as u64, desc: 0 };
         let mut frame = hdr.encode().to_vec();
         frame.extend_from_slice(&payload);
         let _ = write_small(&sock, &frame, Instant::now() + Duration::from_millis(100));

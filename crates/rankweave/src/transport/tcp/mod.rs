@@ -28,15 +28,19 @@ pub use mesh::{advertised_ip, SOCKET_BUFFER};
 
 use crate::error::{Context, Error, Result};
 use crate::store::SharedStore;
-use crate::transport::{Tag, Transport};
+use crate::transport::{OpCode, OpDesc, Tag, Transport};
 use io::{DriveFault, HeaderVerdict, Incoming, Outgoing, ReadFault};
 use socket2::Socket;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 const ABORT_KEY: &str = "tcp/abort";
+/// A wait checks the store's abort record first after this long...
+const ABORT_CHECK_AFTER: Duration = Duration::from_millis(200);
+/// ...and then at this interval (one small store request each).
+const ABORT_CHECK_EVERY: Duration = Duration::from_millis(250);
 /// How long a failing rank spends delivering ABORT frames.
 const ABORT_GRACE: Duration = Duration::from_millis(200);
 
@@ -110,6 +114,12 @@ pub struct TcpTransport {
     /// from `p` are not a header.
     in_mid_frame: Vec<AtomicBool>,
     poison: OnceLock<String>,
+    /// The collective this rank runs or last ran: its sequence number and
+    /// descriptor, which a peer's PROBE frame is compared with.
+    current: [AtomicU64; 2],
+    /// `last_sent[p]`: the sequence number of the last collective that sent
+    /// `p` a frame.
+    last_sent: Vec<AtomicU64>,
 }
 
 impl std::fmt::Debug for TcpTransport {
@@ -163,6 +173,8 @@ impl TcpTransport {
             mid_frame: (0..size).map(|_| AtomicBool::new(false)).collect(),
             in_mid_frame: (0..size).map(|_| AtomicBool::new(false)).collect(),
             poison: OnceLock::new(),
+            current: [AtomicU64::new(0), AtomicU64::new(0)],
+            last_sent: (0..size).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -221,7 +233,8 @@ impl TcpTransport {
         }
         tracing::debug!(group = %self.name, rank = self.rank, "aborting: {err}");
         let payload = info.encode();
-        let hdr = Header { kind: FrameKind::Abort, group_id: self.group_id, seq: 0, len: payload.len() as u64 };
+        let hdr =
+            Header { kind: FrameKind::Abort, group_id: self.group_id, seq: 0, len: payload.len() as u64, desc: 0 };
         let mut frame = hdr.encode().to_vec();
         frame.extend_from_slice(&payload);
         let deadline = Instant::now() + ABORT_GRACE;
@@ -317,6 +330,42 @@ impl TcpTransport {
         Error::PeerLost { ctx: ctx.with_peer(peer), detail: format!("rank {peer} lost: {e} while {doing}") }.into()
     }
 
+    /// A peer's PROBE frame `h` (it waits for this rank in collective
+    /// `h.seq`): the mismatch it reveals, if any (see `check_header`).
+    fn judge_probe(&self, ctx: Context, peer: usize, h: &Header) -> Option<Error> {
+        // The peer waits for us in collective `h.seq`. If that is the
+        // collective we are in (or finished last) under another
+        // descriptor, nothing will ever arrive there: a mismatch both
+        // ranks would otherwise sit out until the deadline. Otherwise it
+        // was only early: drop it.
+        let (seq, desc) = self.current();
+        if h.seq < seq && self.last_sent[peer].load(Ordering::Relaxed) < h.seq {
+            // We finished that collective without sending the peer
+            // anything (nor since): what it waits for will never come.
+            return Some(Error::Mismatch {
+                ctx: ctx.clone().with_peer(peer),
+                detail: format!(
+                    "rank {peer} waits in {} (seq {}) for data from rank {}, which finished that \
+                         collective without sending it any",
+                    OpDesc(h.desc),
+                    h.seq,
+                    self.rank
+                ),
+            });
+        }
+        if h.seq == seq && h.desc != desc.0 && !desc.is_none() {
+            return Some(Error::Mismatch {
+                ctx: ctx.clone().with_peer(peer),
+                detail: format!(
+                    "rank {peer} waits in {} (seq {seq}), rank {} called {desc}",
+                    OpDesc(h.desc),
+                    self.rank
+                ),
+            });
+        }
+        None
+    }
+
     fn check_header(&self, tag: Tag, inc: &mut Incoming<'_>) -> HeaderVerdict {
         // Built only on failure: the success path allocates nothing.
         let ctx = || self.ctx(tag);
@@ -333,6 +382,12 @@ impl TcpTransport {
                 );
             }
         };
+        if h.kind == FrameKind::Probe {
+            return match self.judge_probe(ctx(), peer, &h) {
+                Some(err) => HeaderVerdict::Reject(err.into()),
+                None => HeaderVerdict::Skip,
+            };
+        }
         if h.kind == FrameKind::Abort {
             let have = inc.buf[..inc.got.min(h.len as usize)].to_vec();
             let deadline = Instant::now() + ABORT_GRACE;
@@ -355,6 +410,23 @@ impl TcpTransport {
                     detail: format!(
                         "rank {} expected group id {:#x} from rank {peer}, got {:#x}",
                         self.rank, self.group_id, h.group_id
+                    ),
+                }
+                .into(),
+            );
+        }
+        // The call descriptors first: they say what each rank called
+        // (operation, dtype, reduce op, root, size), not just which step.
+        if h.desc != tag.desc.0 && h.kind != FrameKind::Op(OpCode::Hello) {
+            return HeaderVerdict::Reject(
+                Error::Mismatch {
+                    ctx: ctx().with_peer(peer),
+                    detail: format!(
+                        "rank {peer} called {}, rank {} called {} (seq {})",
+                        OpDesc(h.desc),
+                        self.rank,
+                        tag.desc,
+                        tag.seq
                     ),
                 }
                 .into(),
@@ -399,8 +471,73 @@ impl TcpTransport {
         }
     }
 
+    /// While waiting on `busy` (or sending): reads a PROBE or ABORT frame
+    /// that starts another peer's stream (peeking first, so a data frame for
+    /// a later receive stays unread), and returns the failure it reveals.
+    fn look_at_other_peers(&self, tag: Tag, busy: Option<usize>) -> Option<Failure> {
+        for (p, sock) in self.peers.iter().enumerate() {
+            let Some(sock) = sock else { continue };
+            if Some(p) == busy || self.in_mid_frame[p].load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut raw = [0u8; HEADER_LEN];
+            let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
+            if !matches!(nix::sys::socket::recv(fd, &mut raw, flags), Ok(n) if n == HEADER_LEN) {
+                continue;
+            }
+            let Ok(h) = decode_header(&raw) else { continue };
+            let deadline = Instant::now() + ABORT_GRACE;
+            match h.kind {
+                FrameKind::Probe => {
+                    // Consume it: it was read whole by the peek.
+                    if io::read_small(sock, Vec::new(), HEADER_LEN, deadline).is_err() {
+                        continue;
+                    }
+                    if let Some(err) = self.judge_probe(self.ctx(tag), p, &h) {
+                        return Some(Failure::from(err));
+                    }
+                }
+                FrameKind::Abort => {
+                    let _ = io::read_small(sock, Vec::new(), HEADER_LEN, deadline);
+                    let payload = io::read_small(sock, Vec::new(), h.len as usize, deadline).ok();
+                    let info = payload.and_then(|b| AbortInfo::decode(&b)).unwrap_or(AbortInfo {
+                        kind: AbortKind::Other,
+                        culprit: p as u64,
+                        reporter: p as u64,
+                        reason: "aborted (unreadable reason)".into(),
+                    });
+                    return Some(self.failure_from_abort(self.ctx(tag), &info));
+                }
+                FrameKind::Op(op) => {
+                    // A frame of the collective we are in, under another
+                    // descriptor: the peer called something else. (Left
+                    // unread; the group fails now.)
+                    let (seq, desc) = self.current();
+                    if op != OpCode::SendRecv && h.desc != 0 && h.seq == seq && h.desc != desc.0 && !desc.is_none() {
+                        return Some(Failure::from(Error::Mismatch {
+                            ctx: self.ctx(tag).with_peer(p),
+                            detail: format!(
+                                "rank {p} called {}, rank {} called {desc} (seq {seq})",
+                                OpDesc(h.desc),
+                                self.rank
+                            ),
+                        }));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The collective this rank runs or last ran (sequence, descriptor).
+    fn current(&self) -> (u64, OpDesc) {
+        (self.current[0].load(Ordering::Relaxed), OpDesc(self.current[1].load(Ordering::Relaxed)))
+    }
+
     fn header(&self, tag: Tag, len: usize) -> [u8; HEADER_LEN] {
-        Header { kind: FrameKind::Op(tag.op), group_id: self.group_id, seq: tag.seq, len: len as u64 }.encode()
+        Header { kind: FrameKind::Op(tag.op), group_id: self.group_id, seq: tag.seq, len: len as u64, desc: tag.desc.0 }
+            .encode()
     }
 
     /// Runs one send and/or receive to completion; maps every fault to an
@@ -412,6 +549,7 @@ impl TcpTransport {
         deadline: Instant,
     ) -> Result<()> {
         let start = Instant::now();
+        let send_tag = send.as_ref().map(|s| s.1);
         let mut out = send.map(|(p, t, d)| (t, Outgoing::new(p, self.sock(p), self.header(t, d.len()), d)));
         let recv_tag = recv.as_ref().map(|r| r.1);
         let mut inc = recv.map(|(p, t, b)| (t, Incoming::new(p, self.sock(p), b)));
@@ -423,7 +561,58 @@ impl TcpTransport {
             None => HeaderVerdict::Accept,
         };
         let spin = self.spin;
-        let res = io::drive(out.as_mut().map(|(_, o)| o), inc.as_mut().map(|(_, i)| i), &mut check, deadline, spin);
+        // A collective's receive that waits with nothing to send probes
+        // its peer (see `check_header`); point-to-point receives do not.
+        let collective = |t: &Tag| t.op != OpCode::SendRecv && !t.desc.is_none();
+        let probing = recv_tag.filter(collective);
+        if let Some(t) = probing.or(send_tag.filter(collective)) {
+            self.current[0].store(t.seq, Ordering::Relaxed);
+            self.current[1].store(t.desc.0, Ordering::Relaxed);
+        }
+        if let (Some(t), Some((_, o))) = (send_tag.filter(collective), out.as_ref()) {
+            self.last_sent[o.peer].store(t.seq, Ordering::Relaxed);
+        }
+        let probe_peer = inc.as_ref().map(|(_, i)| i.peer);
+        let mut probed = false;
+        let mut next_abort_check = ABORT_CHECK_AFTER;
+        let any_tag = recv_tag.or(send_tag);
+        let mut watch = |waited: Duration, receiving_only: bool| -> Result<(), Box<Failure>> {
+            // Waiting only to receive in a collective: tell the peer what
+            // we wait in, once (see `check_header`).
+            if let (false, true, Some(t), Some(p)) = (probed, receiving_only, probing, probe_peer) {
+                probed = true;
+                if !self.mid_frame[p].load(Ordering::Relaxed) {
+                    let h =
+                        Header { kind: FrameKind::Probe, group_id: self.group_id, seq: t.seq, len: 0, desc: t.desc.0 };
+                    let _ = io::write_small(self.sock(p), &h.encode(), Instant::now() + ABORT_GRACE);
+                }
+            }
+            // Ranks can wait on each other in a cycle, each reading only
+            // the next one's stream: look at the frame boundary of every
+            // other peer's stream for a probe or an abort.
+            if let Some(t) = any_tag {
+                if let Some(f) = self.look_at_other_peers(t, probe_peer) {
+                    return Err(Box::new(f));
+                }
+            }
+            // A rank that failed elsewhere in the group recorded why; stop
+            // waiting for a peer that may be waiting on it in turn.
+            if waited >= next_abort_check {
+                next_abort_check = waited + ABORT_CHECK_EVERY;
+                if let (Some(info), Some(t)) = (self.recorded_abort(), any_tag) {
+                    return Err(Box::new(self.failure_from_abort(self.ctx(t), &info)));
+                }
+            }
+            Ok(())
+        };
+        let res = io::drive(
+            out.as_mut().map(|(_, o)| o),
+            inc.as_mut().map(|(_, i)| i),
+            &mut check,
+            deadline,
+            spin,
+            &mut watch,
+        );
         if let Some((_, o)) = &out {
             if o.done() {
                 self.mid_frame[o.peer].store(false, Ordering::Relaxed);
@@ -458,7 +647,7 @@ impl TcpTransport {
                 let (t, o) = out.as_ref().map(|(t, o)| (*t, o)).expect("send fault implies a send");
                 self.socket_failure(self.ctx(t), o.peer, e, describe_out(t, o))
             }
-            DriveFault::Recv(ReadFault::Rejected(f)) => *f,
+            DriveFault::Recv(ReadFault::Rejected(f)) | DriveFault::Aborted(f) => *f,
             DriveFault::Recv(ReadFault::Io(e)) => {
                 let (t, i) = inc.as_ref().map(|(t, i)| (*t, i)).expect("recv fault implies a recv");
                 self.socket_failure(self.ctx(t), i.peer, e, describe_in(t, i))
