@@ -322,7 +322,7 @@ fn barrier_and_destroy() {
         w.destroy();
         assert!(w.is_destroyed());
         let e = w.all_reduce(Tensor::from_vec(vec![1i32], [1]).unwrap()).unwrap_err();
-        assert!(matches!(e, Error::NotInitialized(_)), "{e}");
+        assert!(matches!(e, Error::Destroyed(_)), "{e}");
         assert!(e.to_string().contains("world:0 was destroyed"), "{e}");
         assert_eq!(w.world_size(), 3);
         w.destroy();
@@ -340,21 +340,25 @@ fn debug_detail_reports_mismatched_collectives() {
         assert_eq!(w.all_reduce(x.clone()).unwrap().as_slice::<f32>().unwrap(), &[2.0; 32]);
         w.barrier().unwrap();
         // Then rank 1 calls all_gather while rank 0 calls all_reduce.
-        if rank == 0 {
-            w.all_reduce(x).unwrap_err()
-        } else {
-            w.all_gather(&x, 0).unwrap_err()
-        }
+        let e = if rank == 0 { w.all_reduce(x).unwrap_err() } else { w.all_gather(&x, 0).unwrap_err() };
+        assert!(w.poisoned().is_some());
+        let after = w.barrier().unwrap_err();
+        (e, after)
     });
-    for e in out {
+    for (rank, (e, after)) in out.into_iter().enumerate() {
         assert!(matches!(e, Error::Mismatch { .. }), "{e}");
         let msg = e.to_string();
         assert!(
             msg.contains("rank 1 called all_gather(shape [4, 8], float32, dim 0) while rank 0 called all_reduce(shape [4, 8], float32"),
             "{msg}"
         );
-        assert!(msg.contains("world:0"), "{msg}");
-        assert_eq!(e.peer(), Some(1));
+        assert!(msg.contains("in group world:0"), "{msg}");
+        // Each rank names the other one, never itself.
+        let other = 1 - rank;
+        assert_eq!(e.peer(), Some(other), "{msg}");
+        assert!(msg.contains(&format!("on rank {rank} (peer rank {other})")), "{msg}");
+        // The group is poisoned: later calls refuse without communicating.
+        assert!(matches!(&after, Error::Poisoned { group, .. } if group == "world:0"), "{after}");
     }
 }
 

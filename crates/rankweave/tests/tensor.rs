@@ -68,8 +68,8 @@ fn every_dtype_has_typed_views() {
         assert_eq!(t.nbytes(), 6 * dt.size());
         assert_eq!(t.numel(), 6);
         let moved = t.movedim(1, 0).unwrap();
-        assert_eq!(moved.to_f64_vec(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0], "{dt}");
-        assert_eq!(Tensor::from_bytes(t.as_bytes(), [3, 2], dt).unwrap(), t.reshape(&[3, 2]).unwrap());
+        assert_eq!(moved.to_f64_vec().unwrap(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0], "{dt}");
+        assert_eq!(Tensor::from_bytes(t.as_bytes().unwrap(), [3, 2], dt).unwrap(), t.reshape(&[3, 2]).unwrap());
     }
     let t = Tensor::from_vec(vec![i64::MAX, -1], [2]).unwrap();
     assert_eq!(t.as_slice::<i64>().unwrap(), &[i64::MAX, -1]);
