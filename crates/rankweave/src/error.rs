@@ -264,9 +264,10 @@ impl Error {
     /// Re-attributes an error that happened inside a lower layer (a
     /// coordinator's device or CPU group, its message queue) to the layer
     /// the caller knows: `op` in `group` on `rank`. The inner operation and
-    /// group stay in the message (`broadcast_tensor_dict via mq.dequeue in
-    /// mq:1f2e...`); the peer is kept. A [`Error::Poisoned`] of the inner
-    /// group is renamed the same way.
+    /// group stay in the message, in brackets (`broadcast_tensor_dict
+    /// [mq.dequeue in mq:1f2e...] in group tp:0 on rank 1 (peer rank 0)`);
+    /// the peer is kept. A [`Error::Poisoned`] of the inner group is renamed
+    /// the same way.
     pub fn in_group(mut self, op: &str, group: &str, rank: usize) -> Error {
         if let Error::Poisoned { group: g, cause } = &mut self {
             if g != group {
@@ -276,16 +277,16 @@ impl Error {
             return self;
         }
         if let Some(ctx) = self.context_mut() {
-            if ctx.group == group && (ctx.op == op || ctx.op.starts_with(&format!("{op} via "))) {
+            if ctx.group == group && (ctx.op == op || ctx.op.starts_with(&format!("{op} ["))) {
                 ctx.rank = Some(rank);
                 return self;
             }
-            let inner = match (ctx.op.is_empty(), ctx.group.is_empty() || ctx.group == group) {
+            let same_op = ctx.op.is_empty() || ctx.op == op;
+            let inner = match (same_op, ctx.group.is_empty() || ctx.group == group) {
                 (true, true) => String::new(),
-                (true, false) => format!(" via group {}", ctx.group),
-                (false, true) if ctx.op == op => String::new(),
-                (false, true) => format!(" via {}", ctx.op),
-                (false, false) => format!(" via {} in {}", ctx.op, ctx.group),
+                (true, false) => format!(" [in {}]", ctx.group),
+                (false, true) => format!(" [{}]", ctx.op),
+                (false, false) => format!(" [{} in {}]", ctx.op, ctx.group),
             };
             ctx.op = format!("{op}{inner}");
             ctx.group = group.to_string();

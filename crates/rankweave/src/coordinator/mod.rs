@@ -21,8 +21,8 @@
 //!
 //! Errors name the coordinator's group and operation as the caller knows
 //! them (`broadcast_tensor_dict in group tp:0`), also when the failure
-//! happened in one of its inner groups or its message queue (named after
-//! `via` in the message).
+//! happened in one of its inner groups or its message queue (those are
+//! named in brackets: `[mq.dequeue in mq:62cd...]`).
 //!
 //! After any error that [poisons](Error::poisons_group) a group (a
 //! mismatch, a timeout, a lost peer...), every later operation of the
@@ -290,10 +290,14 @@ impl GroupCoordinator {
                 .collect()
         };
         let mut mine = None;
+        // The inner groups get names of their own (`tp_device:0`,
+        // `tp_cpu:0`): only the coordinator is `tp:0`, and errors from the
+        // inner groups are renamed to it at this boundary (`run`).
+        let device_name = format!("{base}_device");
         let cpu_name = format!("{base}_cpu");
         for (g, ranks) in group_ranks.iter().enumerate() {
             let wr = to_world(ranks)?;
-            let device = world.new_group(&wr, base)?;
+            let device = world.new_group(&wr, &device_name)?;
             let cpu = world.new_group(&wr, &cpu_name)?;
             if g == own {
                 match (device, cpu) {
@@ -1113,7 +1117,7 @@ fn with_ctx(mut e: Error, ctx: Context) -> Error {
                 *c = ctx;
                 c.peer = peer;
                 if !inner_op.is_empty() && inner_op != c.op {
-                    c.op = format!("{} via {inner_op}", c.op);
+                    c.op = format!("{} [{inner_op}]", c.op);
                 }
             }
         }
