@@ -156,3 +156,31 @@ mod props {
         }
     }
 }
+
+#[test]
+fn storage_is_host_memory_reached_through_methods() {
+    use rankweave::tensor::{HostBuffer, Storage};
+    let t = Tensor::from_vec(vec![1.5f64, -2.0, 3.0], [3]).unwrap();
+    assert_eq!(t.device(), Device::Cpu);
+    assert_eq!(t.storage().device(), Device::Cpu);
+    assert_eq!(t.storage().nbytes(), 24);
+    assert!(matches!(t.storage(), Storage::Host(h) if h.len() == 24));
+    assert_eq!(t.as_bytes().unwrap(), t.storage().host_bytes().unwrap());
+    assert_eq!(&t.as_bytes().unwrap()[..8], &1.5f64.to_le_bytes());
+    let mut z = Tensor::zeros([2, 2], DType::I32).unwrap();
+    z.as_bytes_mut().unwrap()[0] = 7;
+    assert_eq!(z.to_vec::<i32>().unwrap(), vec![7, 0, 0, 0]);
+    assert!(HostBuffer::try_zeroed(0).unwrap().is_empty());
+    assert_eq!(HostBuffer::from_bytes(&[1, 2, 3]).as_bytes(), &[1, 2, 3]);
+}
+
+#[test]
+fn sizes_that_do_not_fit_in_memory_are_errors() {
+    // 4 EiB: the byte count fits in usize, the allocation cannot succeed.
+    let e = Tensor::zeros([1usize << 62], DType::U8).unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory { bytes, .. } if bytes == 1 << 62), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("4611686018427387904 bytes") && msg.contains("shape [4611686018427387904]"), "{msg}");
+    let e = rankweave::tensor::HostBuffer::try_zeroed(usize::MAX).unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
+}

@@ -229,6 +229,20 @@ pub struct HostBuffer {
     len: usize,
 }
 
+impl std::fmt::Debug for HostBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuffer").field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Host(h) => f.debug_tuple("Host").field(h).finish(),
+        }
+    }
+}
+
 impl HostBuffer {
     /// `len` zero bytes, or [`Error::OutOfMemory`] when they cannot be
     /// allocated (the allocator refused, or the size overflows).
