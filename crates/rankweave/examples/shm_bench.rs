@@ -7,7 +7,7 @@
 //! `SHM_BENCH_DIRECT=BYTES` the largest all_reduce on the one-step path).
 
 use rankweave::collectives::shm::{ShmComm, ShmOptions};
-use rankweave::message_queue::{MessageQueue, MqOptions};
+use rankweave::message_queue::{MessageQueue, MqOptions, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_CHUNK_BYTES};
 use rankweave::{DType, HashStore, ReduceOp};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -137,8 +137,8 @@ fn main() {
             read_timeout: Some(Duration::from_secs(60)),
             ..Default::default()
         };
-        let (a, ha) = MessageQueue::new_writer(1, 0, 4 << 20, 6, o.clone()).unwrap();
-        let (b, hb) = MessageQueue::new_writer(1, 0, 4 << 20, 6, o.clone()).unwrap();
+        let (a, ha) = MessageQueue::new_writer(1, 0, DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CHUNKS, o.clone()).unwrap();
+        let (b, hb) = MessageQueue::new_writer(1, 0, DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CHUNKS, o.clone()).unwrap();
         let a_reader = MessageQueue::from_handle(&ha, 1, o.clone()).unwrap();
         let b_reader = MessageQueue::from_handle(&hb, 1, o).unwrap();
         let iters = 20000;
@@ -167,7 +167,8 @@ fn main() {
             read_timeout: Some(Duration::from_secs(60)),
             ..Default::default()
         };
-        let (w, h) = MessageQueue::new_writer(readers, 0, 4 << 20, 6, o.clone()).unwrap();
+        let (w, h) =
+            MessageQueue::new_writer(readers, 0, DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CHUNKS, o.clone()).unwrap();
         let mut qs = vec![w];
         qs.extend((1..=readers).map(|r| MessageQueue::from_handle(&h, r, o.clone()).unwrap()));
         let len = postcard::to_allocvec(&small()).unwrap().len();
@@ -181,7 +182,8 @@ fn main() {
         });
         println!("mq_broadcast_object,{},{len},{us:.3},", readers + 1);
 
-        let (w, h) = MessageQueue::new_writer(readers, 0, 4 << 20, 6, o.clone()).unwrap();
+        let (w, h) =
+            MessageQueue::new_writer(readers, 0, DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CHUNKS, o.clone()).unwrap();
         let mut qs = vec![w];
         qs.extend((1..=readers).map(|r| MessageQueue::from_handle(&h, r, o.clone()).unwrap()));
         let big = Arc::new(vec![b'x'; 1 << 20]);

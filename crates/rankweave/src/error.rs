@@ -131,9 +131,33 @@ pub enum Error {
         detail: String,
     },
 
-    /// A parallel-state function was called before initialization.
+    /// A parallel-state function was called before initialization (the
+    /// group or world was never built).
     #[error("not initialized: {0}")]
     NotInitialized(String),
+
+    /// The group or world existed and was destroyed (`destroy`,
+    /// `destroy_model_parallel`, `destroy_distributed_environment`); build a
+    /// new one.
+    #[error("destroyed: {0}")]
+    Destroyed(String),
+
+    /// No group of that name is registered (see
+    /// [`crate::coordinator::lookup_group`]).
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    /// A buffer could not be allocated: its size, often declared by a peer
+    /// (`ctx.peer`), does not fit in this process's memory.
+    #[error("out of memory: {ctx}: cannot allocate {bytes} bytes for {detail}")]
+    OutOfMemory {
+        /// Where; `ctx.peer` names the peer that declared the size, if any.
+        ctx: Context,
+        /// The size that was asked for.
+        bytes: u64,
+        /// What the buffer was for.
+        detail: String,
+    },
 
     /// An initialization conflicts with the existing state.
     #[error("already initialized: {0}")]
@@ -192,6 +216,7 @@ impl Error {
                 | Error::Mismatch { .. }
                 | Error::Protocol { .. }
                 | Error::Io { .. }
+                | Error::OutOfMemory { .. }
         )
     }
     /// The peer rank this error is attributed to, when there is one.
@@ -202,8 +227,71 @@ impl Error {
             | Error::Mismatch { ctx, .. }
             | Error::Protocol { ctx, .. }
             | Error::Io { ctx, .. }
-            | Error::Serialization { ctx, .. } => ctx.peer,
+            | Error::Serialization { ctx, .. }
+            | Error::OutOfMemory { ctx, .. } => ctx.peer,
             _ => None,
         }
+    }
+
+    /// The context of errors that carry one.
+    pub fn context(&self) -> Option<&Context> {
+        match self {
+            Error::Timeout { ctx, .. }
+            | Error::PeerLost { ctx, .. }
+            | Error::Mismatch { ctx, .. }
+            | Error::Protocol { ctx, .. }
+            | Error::Io { ctx, .. }
+            | Error::Serialization { ctx, .. }
+            | Error::OutOfMemory { ctx, .. } => Some(ctx),
+            _ => None,
+        }
+    }
+
+    /// The context of errors that carry one, mutable.
+    pub fn context_mut(&mut self) -> Option<&mut Context> {
+        match self {
+            Error::Timeout { ctx, .. }
+            | Error::PeerLost { ctx, .. }
+            | Error::Mismatch { ctx, .. }
+            | Error::Protocol { ctx, .. }
+            | Error::Io { ctx, .. }
+            | Error::Serialization { ctx, .. }
+            | Error::OutOfMemory { ctx, .. } => Some(ctx),
+            _ => None,
+        }
+    }
+
+    /// Re-attributes an error that happened inside a lower layer (a
+    /// coordinator's device or CPU group, its message queue) to the layer
+    /// the caller knows: `op` in `group` on `rank`. The inner operation and
+    /// group stay in the message, in brackets (`broadcast_tensor_dict
+    /// [mq.dequeue in mq:1f2e...] in group tp:0 on rank 1 (peer rank 0)`);
+    /// the peer is kept. A [`Error::Poisoned`] of the inner group is renamed
+    /// the same way.
+    pub fn in_group(mut self, op: &str, group: &str, rank: usize) -> Error {
+        if let Error::Poisoned { group: g, cause } = &mut self {
+            if g != group {
+                *cause = format!("{cause}; inner group {g}");
+                *g = group.to_string();
+            }
+            return self;
+        }
+        if let Some(ctx) = self.context_mut() {
+            if ctx.group == group && (ctx.op == op || ctx.op.starts_with(&format!("{op} ["))) {
+                ctx.rank = Some(rank);
+                return self;
+            }
+            let same_op = ctx.op.is_empty() || ctx.op == op;
+            let inner = match (same_op, ctx.group.is_empty() || ctx.group == group) {
+                (true, true) => String::new(),
+                (true, false) => format!(" [in {}]", ctx.group),
+                (false, true) => format!(" [{}]", ctx.op),
+                (false, false) => format!(" [{} in {}]", ctx.op, ctx.group),
+            };
+            ctx.op = format!("{op}{inner}");
+            ctx.group = group.to_string();
+            ctx.rank = Some(rank);
+        }
+        self
     }
 }

@@ -56,6 +56,12 @@ const HEADER: usize = 64;
 const CHUNK_HEADER: usize = 16;
 const MAGIC: u64 = 0x7261_6e6b_6d71_3031; // "rankmq01"
 const OVERFLOW: u64 = 1 << 63;
+/// Data bytes per chunk of the queues the coordinator builds (the seed's
+/// `1 << 22`, 4 MiB); the one place this number lives.
+pub const DEFAULT_MAX_CHUNK_BYTES: usize = 1 << 22;
+/// Number of chunks of the queues the coordinator builds (the seed's 6).
+pub const DEFAULT_MAX_CHUNKS: usize = 6;
+
 /// How often a waiting side checks its peers' sockets for a hang-up.
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 

@@ -5,7 +5,7 @@ mod coord_common;
 use coord_common::{run_parallel, run_ranks, world_state};
 use rankweave::coordinator::GroupCoordinator;
 use rankweave::tensor::{Tensor, TensorDict, Value};
-use rankweave::{DType, Error};
+use rankweave::{DType, Error, ReduceOp};
 use serde::{Deserialize, Serialize};
 
 /// Rank `r`'s block for all_gather tests: values `r * 1000 + i`.
@@ -322,7 +322,7 @@ fn barrier_and_destroy() {
         w.destroy();
         assert!(w.is_destroyed());
         let e = w.all_reduce(Tensor::from_vec(vec![1i32], [1]).unwrap()).unwrap_err();
-        assert!(matches!(e, Error::NotInitialized(_)), "{e}");
+        assert!(matches!(e, Error::Destroyed(_)), "{e}");
         assert!(e.to_string().contains("world:0 was destroyed"), "{e}");
         assert_eq!(w.world_size(), 3);
         w.destroy();
@@ -340,21 +340,25 @@ fn debug_detail_reports_mismatched_collectives() {
         assert_eq!(w.all_reduce(x.clone()).unwrap().as_slice::<f32>().unwrap(), &[2.0; 32]);
         w.barrier().unwrap();
         // Then rank 1 calls all_gather while rank 0 calls all_reduce.
-        if rank == 0 {
-            w.all_reduce(x).unwrap_err()
-        } else {
-            w.all_gather(&x, 0).unwrap_err()
-        }
+        let e = if rank == 0 { w.all_reduce(x).unwrap_err() } else { w.all_gather(&x, 0).unwrap_err() };
+        assert!(w.poisoned().is_some());
+        let after = w.barrier().unwrap_err();
+        (e, after)
     });
-    for e in out {
+    for (rank, (e, after)) in out.into_iter().enumerate() {
         assert!(matches!(e, Error::Mismatch { .. }), "{e}");
         let msg = e.to_string();
         assert!(
             msg.contains("rank 1 called all_gather(shape [4, 8], float32, dim 0) while rank 0 called all_reduce(shape [4, 8], float32"),
             "{msg}"
         );
-        assert!(msg.contains("world:0"), "{msg}");
-        assert_eq!(e.peer(), Some(1));
+        assert!(msg.contains("in group world:0"), "{msg}");
+        // Each rank names the other one, never itself.
+        let other = 1 - rank;
+        assert_eq!(e.peer(), Some(other), "{msg}");
+        assert!(msg.contains(&format!("on rank {rank} (peer rank {other})")), "{msg}");
+        // The group is poisoned: later calls refuse without communicating.
+        assert!(matches!(&after, Error::Poisoned { group, .. } if group == "world:0"), "{after}");
     }
 }
 
@@ -421,4 +425,144 @@ fn world_size_matrix() {
         });
         assert_eq!(out.len(), n);
     }
+}
+
+/// Rank `r`'s input for the reduce tests: `r * 100 + i`, shape [4, 6].
+fn ramp(rank: usize) -> Tensor {
+    Tensor::from_vec((0..24).map(|i| rank as i64 * 100 + i).collect::<Vec<_>>(), [4, 6]).unwrap()
+}
+
+/// The element-wise sum of `ramp(r)` over `n` ranks.
+fn ramp_sum(n: usize) -> Tensor {
+    let v: Vec<i64> = (0..24).map(|i| (0..n as i64).map(|r| r * 100 + i).sum()).collect();
+    Tensor::from_vec(v, [4, 6]).unwrap()
+}
+
+#[test]
+fn reduce_sums_on_dst_only() {
+    let out = run_ranks(3, |rank, store| {
+        let s = world_state(store, 3, rank);
+        let w = world(&s);
+        let r = w.reduce(ramp(rank), 2).unwrap();
+        let m = w.reduce_with(Tensor::from_vec(vec![rank as f32, -(rank as f32)], [2]).unwrap(), 0, ReduceOp::Max);
+        assert!(w.reduce(ramp(rank), 3).is_err(), "dst out of range");
+        (r, m.unwrap())
+    });
+    assert_eq!(out[2].0.as_ref(), Some(&ramp_sum(3)));
+    assert!(out[0].0.is_none() && out[1].0.is_none());
+    assert_eq!(out[0].1.as_ref().unwrap().to_vec::<f32>().unwrap(), vec![2.0, 0.0]);
+    assert!(out[1].1.is_none() && out[2].1.is_none());
+}
+
+#[test]
+fn reduce_scatter_along_first_and_last_dims() {
+    let out = run_ranks(2, |rank, store| {
+        let s = world_state(store, 2, rank);
+        let w = world(&s);
+        let d0 = w.reduce_scatter(&ramp(rank), 0).unwrap();
+        let d1 = w.reduce_scatter(&ramp(rank), -1).unwrap();
+        let e = w.reduce_scatter(&Tensor::zeros([3, 2], DType::F32).unwrap(), 0).unwrap_err();
+        assert!(e.to_string().contains("does not split into 2 equal blocks"), "{e}");
+        (d0, d1)
+    });
+    let sum = ramp_sum(2);
+    for (rank, (d0, d1)) in out.iter().enumerate() {
+        assert_eq!(d0, &sum.narrow(0, rank * 2, 2).unwrap(), "rank {rank} dim 0");
+        assert_eq!(d1, &sum.narrow(1, rank * 3, 3).unwrap(), "rank {rank} dim -1");
+    }
+}
+
+#[test]
+fn all_to_all_exchanges_blocks() {
+    let n = 3;
+    let out = run_ranks(n, move |rank, store| {
+        let s = world_state(store, n, rank);
+        let w = world(&s);
+        let x = Tensor::from_vec((0..18).map(|i| rank as i32 * 100 + i).collect::<Vec<_>>(), [3, 6]).unwrap();
+        let same = w.all_to_all(&x, 1, 1).unwrap();
+        let moved = w.all_to_all(&x, 1, 0).unwrap();
+        (same, moved)
+    });
+    let inputs: Vec<Tensor> = (0..n)
+        .map(|r| Tensor::from_vec((0..18).map(|i| r as i32 * 100 + i).collect::<Vec<_>>(), [3, 6]).unwrap())
+        .collect();
+    for (rank, (same, moved)) in out.iter().enumerate() {
+        // Rank `rank` receives block `rank` of dim 1 from every rank.
+        let blocks: Vec<Tensor> = inputs.iter().map(|t| t.narrow(1, rank * 2, 2).unwrap()).collect();
+        let refs: Vec<&Tensor> = blocks.iter().collect();
+        assert_eq!(same, &Tensor::cat(&refs, 1).unwrap(), "rank {rank}");
+        assert_eq!(moved.shape(), &[9, 2]);
+        assert_eq!(moved, &Tensor::cat(&refs, 0).unwrap(), "rank {rank}");
+    }
+}
+
+#[test]
+fn groups_are_found_by_name_for_the_seed_custom_ops() {
+    let out = run_parallel(2, 2, 1, |rank, s| {
+        let tp = s.get_tp_group().unwrap();
+        assert_eq!(tp.device(), rankweave::tensor::Device::Cpu);
+        assert_eq!(tp.device_group().unwrap().device(), rankweave::tensor::Device::Cpu);
+        assert_eq!(s.lookup_group("world:0").unwrap().world_size(), 4);
+        let mut t = Tensor::from_vec(vec![rank as i64 + 1; 2], [2]).unwrap();
+        s.inplace_all_reduce(&mut t, "tp:0").unwrap();
+        let pp_sum = s.outplace_all_reduce(&Tensor::from_vec(vec![rank as i64], [1]).unwrap(), "pp:0").unwrap();
+        let missing = s.lookup_group("tp:5").unwrap_err();
+        assert!(matches!(missing, Error::NotFound(_)), "{missing}");
+        assert!(missing.to_string().contains("pp:0") && missing.to_string().contains("world:0"), "{missing}");
+        tp.destroy();
+        let gone = s.inplace_all_reduce(&mut t, "tp:0").unwrap_err();
+        assert!(matches!(gone, Error::Destroyed(_)), "{gone}");
+        (t.to_vec::<i64>().unwrap(), pp_sum.to_vec::<i64>().unwrap())
+    });
+    // TP groups [0, 1] and [2, 3]; PP groups [0, 2] and [1, 3].
+    assert_eq!(out[0], (vec![3, 3], vec![2]));
+    assert_eq!(out[3], (vec![7, 7], vec![4]));
+}
+
+#[test]
+fn world_errors_name_world_0_and_poison_it() {
+    let out = run_ranks(2, |rank, store| {
+        let s = rankweave::parallel_state::ParallelState::new();
+        let short = rankweave::GroupOptions { timeout: std::time::Duration::from_secs(3), ..coord_common::opts() };
+        s.init_world_with_store(store, 2, rank, rank, short).unwrap();
+        let w = world(&s);
+        w.barrier().unwrap();
+        if rank == 1 {
+            // Rank 1 leaves; rank 0's next all_reduce fails (lost peer or timeout).
+            w.destroy();
+            return None;
+        }
+        let e = w.all_reduce(Tensor::from_vec(vec![1.0f32; 4], [4]).unwrap()).unwrap_err();
+        let after = w.all_reduce(Tensor::from_vec(vec![1.0f32; 4], [4]).unwrap()).unwrap_err();
+        Some((e, after))
+    });
+    let (e, after) = out[0].as_ref().unwrap();
+    let msg = e.to_string();
+    assert!(e.poisons_group(), "{msg}");
+    assert!(msg.contains("all_reduce") && msg.contains("in group world:0 on rank 0"), "{msg}");
+    assert!(!msg.contains("world:1"), "{msg}");
+    assert!(matches!(after, Error::Poisoned { group, .. } if group == "world:0"), "{after}");
+}
+
+#[test]
+fn tp_broadcast_failures_name_tp_0_and_the_operation() {
+    let out = run_parallel(2, 1, 1, |rank, s| {
+        let tp = s.get_tp_group().unwrap();
+        assert!(tp.uses_message_queue_broadcaster());
+        let d = TensorDict::new().with("x", Tensor::from_vec(vec![1i32, 2], [2]).unwrap());
+        let got = tp.broadcast_tensor_dict((rank == 0).then_some(&d), 0).unwrap();
+        assert_eq!(got, d);
+        tp.barrier().unwrap();
+        if rank == 0 {
+            // The writer leaves: its queue closes under the waiting reader.
+            tp.destroy();
+            return None;
+        }
+        Some(tp.broadcast_tensor_dict(None, 0).unwrap_err())
+    });
+    let e = out[1].as_ref().unwrap();
+    let msg = e.to_string();
+    assert!(msg.contains("broadcast_tensor_dict") && msg.contains("in group tp:0 on rank 1"), "{msg}");
+    assert!(msg.contains("[mq.dequeue in mq:"), "the queue stays visible as the inner cause: {msg}");
+    assert_eq!(e.peer(), Some(0), "{msg}");
 }

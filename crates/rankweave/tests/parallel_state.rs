@@ -115,7 +115,7 @@ fn destroy_then_reinit() {
         s.destroy_model_parallel();
         assert!(!s.model_parallel_is_initialized());
         assert!(old_tp.is_destroyed());
-        assert!(matches!(s.get_pp_group(), Err(Error::NotInitialized(_))));
+        assert!(matches!(s.get_pp_group(), Err(Error::Destroyed(_))));
         s.destroy_distributed_environment();
         assert!(!s.is_initialized());
         // A fresh world (new namespace in the same store) with another layout.
@@ -174,9 +174,16 @@ fn process_wide_free_functions() {
         );
     }
     assert_eq!(ps::get_tp_group().unwrap().unique_name(), tp_name);
+    // The seed's custom ops find the group by name.
+    let mut t = Tensor::vec1(&[2.0f32, 3.0]);
+    ps::inplace_all_reduce(&mut t, &tp_name).unwrap();
+    assert_eq!(ps::outplace_all_reduce(&t, &tp_name).unwrap(), Tensor::vec1(&[2.0f32, 3.0]));
     ps::destroy_model_parallel();
     ps::destroy_distributed_environment();
-    assert!(matches!(ps::get_tp_group(), Err(Error::NotInitialized(_))));
+    assert!(matches!(ps::get_tp_group(), Err(Error::Destroyed(_))));
+    assert!(matches!(ps::get_world_group(), Err(Error::Destroyed(_))));
+    assert!(matches!(ps::inplace_all_reduce(&mut Tensor::vec1(&[1i32]), &tp_name), Err(Error::Destroyed(_))));
+    assert!(matches!(ps::outplace_all_reduce(&Tensor::vec1(&[1i32]), "nope:0"), Err(Error::NotFound(_))));
     drop(store);
     // A fresh init through the seed's entry point (a TCP store on a free port).
     assert!(matches!(
@@ -278,4 +285,58 @@ fn graph_capture_runs_collectives_inside_and_refuses_after_destroy() {
         assert_eq!(sum, vec![2.0 * base + 1.0; 2], "rank {rank}");
         assert!(refused);
     }
+}
+
+/// The Rust-shaped entry point: options from an explicit environment map,
+/// explicit settings winning, and the backends this build refuses.
+#[test]
+fn init_from_options_and_an_env_map() {
+    use rankweave::parallel_state::{Backend, InitOptions};
+    use std::collections::HashMap;
+    use std::time::Duration;
+    let env: HashMap<String, String> = [
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "0"),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "5"),
+        ("RANKWEAVE_TIMEOUT", "30"),
+        ("RANKWEAVE_TRANSPORT", "tcp"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let s = ParallelState::new();
+    for b in ["nccl", "mpi"] {
+        let opts = InitOptions::new().backend(b.parse::<Backend>().unwrap()).with_env_map(&env).unwrap();
+        assert!(matches!(s.init(&opts), Err(Error::Unsupported(_))), "{b}");
+        assert!(!s.is_initialized());
+    }
+    let opts = InitOptions::new().local_rank(2).timeout(Duration::from_secs(20)).with_env_map(&env).unwrap();
+    assert_eq!(opts.group_options().timeout, Duration::from_secs(20), "explicit timeout beats RANKWEAVE_TIMEOUT");
+    s.init(&opts).unwrap();
+    let w = s.get_world_group().unwrap();
+    assert_eq!((w.world_size(), w.rank(), w.local_rank()), (1, 0, 2));
+    assert_eq!(s.backend().as_deref(), Some("gloo"));
+    // Initialized: a matching world size is a no-op, another one an error.
+    s.init(&opts).unwrap();
+    assert!(matches!(s.init(&opts.clone().world_size(3)), Err(Error::AlreadyInitialized(_))));
+    s.initialize_model_parallel(1, 1, Some("cpu")).unwrap();
+    assert!(matches!(s.initialize_model_parallel(1, 1, Some("tpu")), Err(Error::InvalidArgument(_))));
+    s.destroy_model_parallel();
+    s.destroy_distributed_environment();
+
+    // Without LOCAL_RANK, env:// starts at local rank 0; tcp:// uses the rank.
+    let mut no_local = env.clone();
+    no_local.remove("LOCAL_RANK");
+    let s = ParallelState::new();
+    s.init(&InitOptions::new().with_env_map(&no_local).unwrap()).unwrap();
+    assert_eq!(s.get_world_group().unwrap().local_rank(), 0);
+    s.destroy_distributed_environment();
+    let s = ParallelState::new();
+    s.init(&InitOptions::new().init_method("tcp://127.0.0.1:0").world_size(1).rank(0)).unwrap();
+    assert_eq!(s.get_world_group().unwrap().local_rank(), 0);
+    s.destroy_distributed_environment();
+    let e = "hccl".parse::<Backend>().unwrap_err().to_string();
+    assert!(e.contains("gloo, cpu, mpi, nccl"), "{e}");
 }

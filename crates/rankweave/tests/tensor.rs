@@ -68,8 +68,8 @@ fn every_dtype_has_typed_views() {
         assert_eq!(t.nbytes(), 6 * dt.size());
         assert_eq!(t.numel(), 6);
         let moved = t.movedim(1, 0).unwrap();
-        assert_eq!(moved.to_f64_vec(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0], "{dt}");
-        assert_eq!(Tensor::from_bytes(t.as_bytes(), [3, 2], dt).unwrap(), t.reshape(&[3, 2]).unwrap());
+        assert_eq!(moved.to_f64_vec().unwrap(), vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0], "{dt}");
+        assert_eq!(Tensor::from_bytes(t.as_bytes().unwrap(), [3, 2], dt).unwrap(), t.reshape(&[3, 2]).unwrap());
     }
     let t = Tensor::from_vec(vec![i64::MAX, -1], [2]).unwrap();
     assert_eq!(t.as_slice::<i64>().unwrap(), &[i64::MAX, -1]);
@@ -155,4 +155,32 @@ mod props {
             prop_assert_eq!(stacked.unstack_into_dim(d).unwrap(), Tensor::cat(&refs, d as isize).unwrap());
         }
     }
+}
+
+#[test]
+fn storage_is_host_memory_reached_through_methods() {
+    use rankweave::tensor::{HostBuffer, Storage};
+    let t = Tensor::from_vec(vec![1.5f64, -2.0, 3.0], [3]).unwrap();
+    assert_eq!(t.device(), Device::Cpu);
+    assert_eq!(t.storage().device(), Device::Cpu);
+    assert_eq!(t.storage().nbytes(), 24);
+    assert!(matches!(t.storage(), Storage::Host(h) if h.len() == 24));
+    assert_eq!(t.as_bytes().unwrap(), t.storage().host_bytes().unwrap());
+    assert_eq!(&t.as_bytes().unwrap()[..8], &1.5f64.to_le_bytes());
+    let mut z = Tensor::zeros([2, 2], DType::I32).unwrap();
+    z.as_bytes_mut().unwrap()[0] = 7;
+    assert_eq!(z.to_vec::<i32>().unwrap(), vec![7, 0, 0, 0]);
+    assert!(HostBuffer::try_zeroed(0).unwrap().is_empty());
+    assert_eq!(HostBuffer::from_bytes(&[1, 2, 3]).as_bytes(), &[1, 2, 3]);
+}
+
+#[test]
+fn sizes_that_do_not_fit_in_memory_are_errors() {
+    // 4 EiB: the byte count fits in usize, the allocation cannot succeed.
+    let e = Tensor::zeros([1usize << 62], DType::U8).unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory { bytes, .. } if bytes == 1 << 62), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("4611686018427387904 bytes") && msg.contains("shape [4611686018427387904]"), "{msg}");
+    let e = rankweave::tensor::HostBuffer::try_zeroed(usize::MAX).unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
 }

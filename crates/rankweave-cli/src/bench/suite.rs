@@ -264,9 +264,9 @@ fn measure_object(
 }
 
 /// Chunk size of the benchmarked MessageQueue (the seed's 4 MiB).
-pub const MQ_CHUNK_BYTES: usize = 4 << 20;
+pub const MQ_CHUNK_BYTES: usize = rankweave::message_queue::DEFAULT_MAX_CHUNK_BYTES;
 /// Chunks of the benchmarked MessageQueue (the seed's 6).
-pub const MQ_CHUNKS: usize = 6;
+pub const MQ_CHUNKS: usize = rankweave::message_queue::DEFAULT_MAX_CHUNKS;
 
 fn measure_mq(comm: &ProcessGroup, q: &MessageQueue, cfg: &Config, mode: Mode, size: ObjSize) -> Result<(Record, u64)> {
     let obj = size.object();

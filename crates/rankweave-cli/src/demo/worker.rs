@@ -152,7 +152,12 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig) -> Result<i32> {
     let times = Arc::new(OpTimes::default());
     // The layers use the TP group's process group directly (the library's
     // backend seam); the coordinator carries the pipeline and the inputs.
-    let comm = Tp::new(tp.device_group()?, times.clone());
+    let device = tp.device_group()?;
+    let group = device
+        .as_process_group()
+        .ok_or_else(|| rankweave::Error::Unsupported("the demo runs on CPU process groups".into()))?
+        .clone();
+    let comm = Tp::new(group, times.clone());
     let prompt = model::prompt(cfg, args.prompt_len);
     let mut stage = Stage::new(cfg, args.pp, stage_idx, args.prompt_len + args.tokens, comm);
     world.barrier()?;

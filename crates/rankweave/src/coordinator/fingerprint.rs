@@ -33,10 +33,13 @@ pub(crate) enum CoordOp {
     RecvObject = 12,
     SendTensorDict = 13,
     RecvTensorDict = 14,
+    Reduce = 15,
+    ReduceScatter = 16,
+    AllToAll = 17,
 }
 
 impl CoordOp {
-    const ALL: [CoordOp; 14] = [
+    const ALL: [CoordOp; 17] = [
         CoordOp::AllReduce,
         CoordOp::AllGather,
         CoordOp::Gather,
@@ -51,6 +54,9 @@ impl CoordOp {
         CoordOp::RecvObject,
         CoordOp::SendTensorDict,
         CoordOp::RecvTensorDict,
+        CoordOp::Reduce,
+        CoordOp::ReduceScatter,
+        CoordOp::AllToAll,
     ];
 
     pub(crate) const fn name(self) -> &'static str {
@@ -69,6 +75,9 @@ impl CoordOp {
             CoordOp::RecvObject => "recv_object",
             CoordOp::SendTensorDict => "send_tensor_dict",
             CoordOp::RecvTensorDict => "recv_tensor_dict",
+            CoordOp::Reduce => "reduce",
+            CoordOp::ReduceScatter => "reduce_scatter",
+            CoordOp::AllToAll => "all_to_all",
         }
     }
 
@@ -92,8 +101,9 @@ impl CoordOp {
     /// What the first argument means in a description (`src 0`, `dim -1`).
     const fn arg_name(self) -> Option<&'static str> {
         match self {
-            CoordOp::AllGather => Some("dim"),
-            CoordOp::Gather => Some("dst"),
+            CoordOp::AllGather | CoordOp::ReduceScatter => Some("dim"),
+            CoordOp::Gather | CoordOp::Reduce => Some("dst"),
+            CoordOp::AllToAll => Some("scatter_dim"),
             CoordOp::Broadcast
             | CoordOp::BroadcastObject
             | CoordOp::BroadcastObjectList
@@ -234,6 +244,14 @@ impl Fingerprint {
                     None => parts.push(format!("op #{}", self.arg)),
                 }
             }
+            Some(CoordOp::Reduce | CoordOp::ReduceScatter) => {
+                match usize::try_from(self.arg2).ok().and_then(|i| ReduceOp::ALL.get(i)) {
+                    Some(ReduceOp::Sum) => {}
+                    Some(r) => parts.push(format!("op {r}")),
+                    None => parts.push(format!("op #{}", self.arg2)),
+                }
+            }
+            Some(CoordOp::AllToAll) => parts.push(format!("gather_dim {}", self.arg2)),
             Some(CoordOp::Gather) => parts.push(format!("dim {}", self.arg2)),
             Some(CoordOp::BroadcastObjectList) => parts.push(format!("{} objects", self.arg2)),
             _ => {}
@@ -256,11 +274,12 @@ fn ranks_str(ranks: &[usize]) -> String {
     }
 }
 
-/// Compares every rank's fingerprint (index = group rank). Returns `None`
-/// when all agree, else the first differing rank and a description such as
-/// `rank 1 called all_gather(shape [4, 8], float32, dim 0) while rank 0
-/// called all_reduce(shape [4, 8], float32)`.
-pub(crate) fn compare(all: &[Fingerprint]) -> Option<(usize, String)> {
+/// Compares every rank's fingerprint (index = group rank) on rank `me`.
+/// Returns `None` when all agree, else the first rank whose call differs
+/// from `me`'s (never `me` itself) and a description such as `rank 1 called
+/// all_gather(shape [4, 8], float32, dim 0) while rank 0 called
+/// all_reduce(shape [4, 8], float32)`, the same on every rank.
+pub(crate) fn compare(all: &[Fingerprint], me: usize) -> Option<(usize, String)> {
     let reference = all.first()?;
     if all.iter().all(|f| f == reference) {
         return None;
@@ -288,7 +307,9 @@ pub(crate) fn compare(all: &[Fingerprint]) -> Option<(usize, String)> {
             )
         })
         .collect();
-    Some((classes[1].1[0], parts.join("; ")))
+    let mine = all.get(me).unwrap_or(reference);
+    let peer = all.iter().position(|f| f != mine).unwrap_or(classes[1].1[0]);
+    Some((peer, parts.join("; ")))
 }
 
 /// Checks a point-to-point peer's fingerprint against this rank's call.
@@ -323,15 +344,19 @@ mod tests {
     fn compare_names_the_differing_ranks() {
         let ar = Fingerprint::new(CoordOp::AllReduce, 0).tensor(DType::F32, &[4, 8]);
         let ag = Fingerprint::new(CoordOp::AllGather, 0).tensor(DType::F32, &[4, 8]).arg(0);
-        assert_eq!(compare(&[ar.clone(), ar.clone()]), None);
-        let (peer, msg) = compare(&[ar.clone(), ag.clone(), ar.clone()]).unwrap();
+        assert_eq!(compare(&[ar.clone(), ar.clone()], 0), None);
+        let (peer, msg) = compare(&[ar.clone(), ag.clone(), ar.clone()], 0).unwrap();
         assert_eq!(peer, 1);
+        // The odd one out names the first rank that differs from it.
+        let (peer1, msg1) = compare(&[ar.clone(), ag.clone(), ar.clone()], 1).unwrap();
+        assert_eq!((peer1, &msg1), (0, &msg));
+        assert_eq!(compare(&[ar.clone(), ag.clone(), ar.clone()], 2).unwrap().0, 1);
         assert_eq!(
             msg,
             "rank 1 called all_gather(shape [4, 8], float32, dim 0) while ranks 0, 2 called all_reduce(shape [4, 8], float32)"
         );
         let max = Fingerprint::new(CoordOp::AllReduce, 0).tensor(DType::F32, &[4, 8]).arg(ReduceOp::Max as i64);
-        let (_, msg) = compare(&[ar.clone(), max]).unwrap();
+        let (_, msg) = compare(&[ar.clone(), max], 0).unwrap();
         assert!(
             msg.contains(
                 "all_reduce(shape [4, 8], float32, op max) while rank 0 called all_reduce(shape [4, 8], float32)"
@@ -339,7 +364,7 @@ mod tests {
             "{msg}"
         );
         let later = Fingerprint::new(CoordOp::AllReduce, 1).tensor(DType::F32, &[4, 8]);
-        let (_, msg) = compare(&[ar, later]).unwrap();
+        let (_, msg) = compare(&[ar, later], 1).unwrap();
         assert!(msg.contains("call #1") && msg.contains("call #0"), "{msg}");
     }
 

@@ -1,9 +1,10 @@
 //! [`GroupCoordinator`]: the seed's operations on tensors, objects and tensor
 //! dicts over one group of ranks.
 //!
-//! A coordinator owns two process groups over the same ranks, as the seed
-//! does: a CPU group for metadata, objects and barriers, and a device group
-//! for tensors. Both are CPU groups in this build. Ranks passed to methods
+//! A coordinator owns two groups over the same ranks, as the seed does: a
+//! CPU [`ProcessGroup`] for metadata, objects and barriers, and a
+//! [`DeviceGroup`] for tensors ([`DeviceGroup::Cpu`] in this build). Ranks
+//! passed to methods
 //! (`src`, `dst`) are positions in the group (`rank_in_group`), as in the
 //! seed; [`GroupCoordinator::rank`] and [`GroupCoordinator::ranks`] are
 //! global ranks.
@@ -15,37 +16,57 @@
 //! With `RANKWEAVE_DEBUG=detail` (read when the coordinator is created, or
 //! [`GroupCoordinator::set_debug_detail`] on every rank), each operation
 //! first checks that all ranks make the same call, and returns
-//! [`Error::Mismatch`] naming the ranks that differ.
+//! [`Error::Mismatch`] naming the ranks that differ (`ctx.peer` is the first
+//! rank whose call differs from this rank's).
 //!
-//! After any error that [poisons](Error::poisons_group) a group, call
-//! [`GroupCoordinator::destroy`] on every rank and build new groups.
+//! Errors name the coordinator's group and operation as the caller knows
+//! them (`broadcast_tensor_dict in group tp:0`), also when the failure
+//! happened in one of its inner groups or its message queue (those are
+//! named in brackets: `[mq.dequeue in mq:62cd...]`).
+//!
+//! After any error that [poisons](Error::poisons_group) a group (a
+//! mismatch, a timeout, a lost peer...), every later operation of the
+//! coordinator returns [`Error::Poisoned`]: call
+//! [`GroupCoordinator::destroy`] on every rank and build new groups. After
+//! `destroy`, operations return [`Error::Destroyed`].
+//!
+//! Every coordinator is registered under its unique name in the
+//! [`UniqueNames`] that named it; [`lookup_group`] (process-wide) and
+//! [`UniqueNames::lookup`] find it again, as the seed's `_groups` does for
+//! `inplace_all_reduce(tensor, group_name)`.
 
+mod device;
 mod fingerprint;
 mod wire;
 
+pub use device::DeviceGroup;
 pub use wire::in_the_same_node_as;
 
 use crate::dtype::DType;
 use crate::error::{Context, Error, Result};
 use crate::group::ProcessGroup;
-use crate::message_queue::MessageQueue;
+use crate::message_queue::{MessageQueue, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_CHUNK_BYTES};
 use crate::reduce::ReduceOp;
 use crate::tensor::codec::{self, DecodeLimits, MetadataEntry};
-use crate::tensor::{normalize_dim, Tensor, TensorDict, TensorDictValue};
+use crate::tensor::{normalize_dim, Device, Tensor, TensorDict, TensorDictValue};
 use fingerprint::{CoordOp, Fingerprint, FP_BYTES};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
-/// Hands out the seed's unique group names: `tp:0`, `tp:1`, ...
+/// Hands out the seed's unique group names (`tp:0`, `tp:1`, ...) and keeps
+/// the registry of the coordinators it named (the seed's `_groups`).
 ///
 /// Every rank creates groups in the same order, so each rank's own counter
 /// yields the same name for the same group. A [`crate::parallel_state::ParallelState`]
 /// owns one; [`UniqueNames::global`] is the process-wide one.
 #[derive(Debug, Default)]
-pub struct UniqueNames(Mutex<HashMap<String, usize>>);
+pub struct UniqueNames {
+    counters: Mutex<HashMap<String, usize>>,
+    groups: Mutex<HashMap<String, Weak<Inner>>>,
+}
 
 impl UniqueNames {
     /// A fresh counter set.
@@ -61,12 +82,59 @@ impl UniqueNames {
 
     /// `name:N` with `N` counting per name from 0.
     pub fn next(&self, name: &str) -> String {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(name.to_string()).or_insert(0);
         let out = format!("{name}:{n}");
         *n += 1;
         out
     }
+
+    fn register(&self, c: &GroupCoordinator) {
+        let mut m = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(c.unique_name().to_string(), Arc::downgrade(&c.inner));
+    }
+
+    /// The coordinator registered as `unique_name` (`tp:0`).
+    ///
+    /// [`Error::NotFound`] when no coordinator of that name was built here
+    /// (the message lists the names that exist); [`Error::Destroyed`] when
+    /// it was destroyed or dropped.
+    pub fn lookup(&self, unique_name: &str) -> Result<GroupCoordinator> {
+        let m = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(unique_name) {
+            None => {
+                let mut known: Vec<&str> = m.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                Err(Error::NotFound(format!(
+                    "no group named `{unique_name}`; registered groups: [{}]",
+                    known.join(", ")
+                )))
+            }
+            Some(w) => match w.upgrade().map(|inner| GroupCoordinator { inner }) {
+                Some(c) if !c.is_destroyed() => Ok(c),
+                _ => Err(Error::Destroyed(format!("group {unique_name} was destroyed"))),
+            },
+        }
+    }
+
+    /// Unique names of the registered coordinators that are alive.
+    pub fn registered(&self) -> Vec<String> {
+        let m = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<String> = m
+            .iter()
+            .filter(|(_, w)| w.upgrade().is_some_and(|i| i.groups.read().unwrap_or_else(|e| e.into_inner()).is_some()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// The coordinator registered as `unique_name` in the process-wide
+/// [`UniqueNames::global`] (coordinators built without their own
+/// [`CoordinatorOptions::names`], such as the process-wide parallel state's).
+pub fn lookup_group(unique_name: &str) -> Result<GroupCoordinator> {
+    UniqueNames::global().lookup(unique_name)
 }
 
 /// How to build a [`GroupCoordinator`] beyond its ranks.
@@ -100,11 +168,6 @@ pub struct GraphCaptureContext {
     pub stream: Option<u64>,
 }
 
-/// Chunk size of the message-queue broadcaster (the seed's `1 << 22`).
-const MQ_CHUNK_BYTES: usize = 1 << 22;
-/// Number of chunks of the message-queue broadcaster (the seed's 6).
-const MQ_CHUNKS: usize = 6;
-
 impl ObjectBroadcaster for MessageQueue {
     fn broadcast_bytes(&self, data: Option<Vec<u8>>) -> Result<Vec<u8>> {
         if self.is_writer() {
@@ -120,7 +183,7 @@ impl ObjectBroadcaster for MessageQueue {
 #[derive(Clone)]
 struct Groups {
     cpu: ProcessGroup,
-    device: ProcessGroup,
+    device: DeviceGroup,
 }
 
 struct Inner {
@@ -129,7 +192,10 @@ struct Inner {
     ranks: Vec<usize>,
     local_rank: usize,
     rank_in_group: usize,
+    device: Device,
     groups: RwLock<Option<Groups>>,
+    /// The first poisoning error, one line; later operations refuse.
+    poisoned: Mutex<Option<String>>,
     debug_detail: AtomicBool,
     calls: AtomicU64,
     use_message_queue_broadcaster: bool,
@@ -207,10 +273,11 @@ impl GroupCoordinator {
         let rank = world.global_rank();
         let (own, rank_in_group) = find_own_group(group_ranks, world.size(), rank)?;
         let base = opts.group_name.as_deref().unwrap_or("anonymous");
-        let unique_name = match &opts.names {
-            Some(n) => n.next(base),
-            None => UniqueNames::global().next(base),
+        let names: &UniqueNames = match &opts.names {
+            Some(n) => n,
+            None => UniqueNames::global(),
         };
+        let unique_name = names.next(base);
         // World-relative ranks: `new_group` takes ranks in `world`'s numbering.
         let to_world = |ranks: &[usize]| -> Result<Vec<usize>> {
             ranks
@@ -223,14 +290,18 @@ impl GroupCoordinator {
                 .collect()
         };
         let mut mine = None;
+        // The inner groups get names of their own (`tp_device:0`,
+        // `tp_cpu:0`): only the coordinator is `tp:0`, and errors from the
+        // inner groups are renamed to it at this boundary (`run`).
+        let device_name = format!("{base}_device");
         let cpu_name = format!("{base}_cpu");
         for (g, ranks) in group_ranks.iter().enumerate() {
             let wr = to_world(ranks)?;
-            let device = world.new_group(&wr, base)?;
+            let device = world.new_group(&wr, &device_name)?;
             let cpu = world.new_group(&wr, &cpu_name)?;
             if g == own {
                 match (device, cpu) {
-                    (Some(device), Some(cpu)) => mine = Some(Groups { cpu, device }),
+                    (Some(device), Some(cpu)) => mine = Some(Groups { cpu, device: DeviceGroup::Cpu(device) }),
                     _ => {
                         return Err(Error::invalid(format!(
                             "new_group did not return a group for member rank {rank} of {ranks:?}"
@@ -244,28 +315,36 @@ impl GroupCoordinator {
         // As the seed: groups that ask for it broadcast objects (and the
         // metadata of tensor dicts) from rank 0 through a shared-memory queue
         // of 6 chunks of 4 MiB; readers on other nodes get them by socket.
-        let mq_broadcaster: Option<Arc<dyn ObjectBroadcaster>> =
-            if opts.use_message_queue_broadcaster && groups.cpu.size() > 1 {
-                let mq = MessageQueue::create_from_process_group(&groups.cpu, MQ_CHUNK_BYTES, MQ_CHUNKS, 0)?;
-                Some(Arc::new(mq))
-            } else {
-                None
-            };
-        Ok(GroupCoordinator {
+        let mq_broadcaster: Option<Arc<dyn ObjectBroadcaster>> = if opts.use_message_queue_broadcaster
+            && groups.cpu.size() > 1
+        {
+            let mq =
+                MessageQueue::create_from_process_group(&groups.cpu, DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CHUNKS, 0)
+                    .map_err(|e| e.in_group("create message queue", &unique_name, rank_in_group))?;
+            Some(Arc::new(mq))
+        } else {
+            None
+        };
+        let device = groups.device.device();
+        let coordinator = GroupCoordinator {
             inner: Arc::new(Inner {
                 unique_name,
                 rank,
                 ranks,
                 local_rank,
                 rank_in_group,
+                device,
                 groups: RwLock::new(Some(groups)),
+                poisoned: Mutex::new(None),
                 debug_detail: AtomicBool::new(debug_detail_from_env()),
                 calls: AtomicU64::new(0),
                 use_message_queue_broadcaster: opts.use_message_queue_broadcaster,
                 mq_broadcaster: Mutex::new(mq_broadcaster),
                 limits: opts.limits.unwrap_or_else(DecodeLimits::from_env),
             }),
-        })
+        };
+        names.register(&coordinator);
+        Ok(coordinator)
     }
 
     // ----- accessors -------------------------------------------------------
@@ -323,9 +402,18 @@ impl GroupCoordinator {
     pub fn cpu_group(&self) -> Result<ProcessGroup> {
         Ok(self.groups()?.cpu)
     }
-    /// The device group (tensors); a CPU group in this build.
-    pub fn device_group(&self) -> Result<ProcessGroup> {
+    /// The device group (tensors); [`DeviceGroup::Cpu`] in this build.
+    pub fn device_group(&self) -> Result<DeviceGroup> {
         Ok(self.groups()?.device)
+    }
+    /// The device this group's tensors live on (the seed's `self.device`):
+    /// [`Device::Cpu`] in this build.
+    pub fn device(&self) -> Device {
+        self.inner.device
+    }
+    /// Why the group is unusable, once an error poisoned it.
+    pub fn poisoned(&self) -> Option<String> {
+        self.inner.poisoned.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
     /// Whether objects and tensor-dict metadata go through the shared-memory
     /// message queue (the group asked for one and has more than one rank).
@@ -351,13 +439,38 @@ impl GroupCoordinator {
         self.inner.limits
     }
 
+    /// The groups, or why they cannot be used (destroyed, poisoned).
     fn groups(&self) -> Result<Groups> {
-        self.inner
+        let g = self
+            .inner
             .groups
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(|| Error::NotInitialized(format!("group {} was destroyed", self.inner.unique_name)))
+            .ok_or_else(|| Error::Destroyed(format!("group {} was destroyed", self.inner.unique_name)))?;
+        if let Some(cause) = self.poisoned() {
+            return Err(Error::Poisoned { group: self.inner.unique_name.clone(), cause });
+        }
+        Ok(g)
+    }
+
+    /// Runs one operation: `f` gets the groups; its error is renamed to this
+    /// coordinator's group and `op`, and poisons the coordinator when it is
+    /// of a poisoning kind.
+    fn run<R>(&self, op: CoordOp, f: impl FnOnce(&Groups) -> Result<R>) -> Result<R> {
+        let g = self.groups()?;
+        f(&g).map_err(|e| self.fail(op.name(), e))
+    }
+
+    fn fail(&self, op: &str, e: Error) -> Error {
+        let e = e.in_group(op, self.unique_name(), self.rank_in_group());
+        if e.poisons_group() {
+            let mut p = self.inner.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+            if p.is_none() {
+                *p = Some(e.to_string());
+            }
+        }
+        e
     }
 
     fn ctx(&self, op: CoordOp) -> Context {
@@ -412,7 +525,7 @@ impl GroupCoordinator {
                 Fingerprint::decode(&a)
             })
             .collect();
-        match fingerprint::compare(&fps) {
+        match fingerprint::compare(&fps, self.rank_in_group()) {
             None => Ok(()),
             Some((peer, detail)) => Err(Error::Mismatch {
                 ctx: self.ctx(op).with_peer(peer),
@@ -460,15 +573,21 @@ impl GroupCoordinator {
 
     /// [`GroupCoordinator::all_reduce`] with another reduction.
     pub fn all_reduce_with(&self, mut input: Tensor, op: ReduceOp) -> Result<Tensor> {
-        if self.world_size() == 1 {
-            return Ok(input);
-        }
-        input.check_cpu()?;
-        let g = self.groups()?;
-        self.check_collective(&g, CoordOp::AllReduce, |f| f.tensor(input.dtype(), input.shape()).arg(op_index(op)))?;
-        let dtype = input.dtype();
-        g.device.all_reduce_bytes(input.as_bytes_mut(), dtype, op)?;
+        self.all_reduce_in_place(&mut input, op)?;
         Ok(input)
+    }
+
+    /// Reduces `tensor` over the group in place (the seed's
+    /// `inplace_all_reduce` body). A group of one leaves it untouched.
+    pub fn all_reduce_in_place(&self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let cop = CoordOp::AllReduce;
+        self.run(cop, |g| {
+            self.check_collective(g, cop, |f| f.tensor(tensor.dtype(), tensor.shape()).arg(op_index(op)))?;
+            g.device.all_reduce(tensor, op)
+        })
     }
 
     /// Gathers every rank's `input` along `dim` (negative counts from the
@@ -480,15 +599,14 @@ impl GroupCoordinator {
             return Ok(input.clone());
         }
         let d = normalize_dim(dim, input.shape())?;
-        input.check_cpu()?;
-        let g = self.groups()?;
-        // The normalized dim, so that -1 and ndim - 1 compare equal.
-        self.check_collective(&g, CoordOp::AllGather, |f| f.tensor(input.dtype(), input.shape()).arg(d as i64))?;
-        let mut shape = vec![n];
-        shape.extend_from_slice(input.shape());
-        let mut out = Tensor::zeros(shape, input.dtype())?;
-        g.device.all_gather_bytes(input.as_bytes(), out.as_bytes_mut())?;
-        out.unstack_into_dim(d)
+        let op = CoordOp::AllGather;
+        self.run(op, |g| {
+            // The normalized dim, so that -1 and ndim - 1 compare equal.
+            self.check_collective(g, op, |f| f.tensor(input.dtype(), input.shape()).arg(d as i64))?;
+            let mut out = Tensor::zeros(stacked_shape(n, input.shape()), input.dtype())?;
+            g.device.all_gather(input, &mut out)?;
+            out.unstack_into_dim(d)
+        })
     }
 
     /// Gathers every rank's `input` along `dim` on group rank `dst`, which
@@ -499,49 +617,150 @@ impl GroupCoordinator {
             return Ok(Some(input.clone()));
         }
         let d = normalize_dim(dim, input.shape())?;
-        self.check_rank(CoordOp::Gather, "dst", dst)?;
-        input.check_cpu()?;
-        let g = self.groups()?;
-        self.check_collective(&g, CoordOp::Gather, |f| {
-            f.tensor(input.dtype(), input.shape()).arg(dst as i64).arg2(d as i32)
-        })?;
-        if self.rank_in_group() == dst {
-            let mut shape = vec![n];
-            shape.extend_from_slice(input.shape());
-            let mut out = Tensor::zeros(shape, input.dtype())?;
-            g.device.gather_bytes(input.as_bytes(), Some(out.as_bytes_mut()), dst)?;
-            Ok(Some(out.unstack_into_dim(d)?))
-        } else {
-            g.device.gather_bytes(input.as_bytes(), None, dst)?;
-            Ok(None)
-        }
+        let op = CoordOp::Gather;
+        self.check_rank(op, "dst", dst)?;
+        self.run(op, |g| {
+            self.check_collective(g, op, |f| f.tensor(input.dtype(), input.shape()).arg(dst as i64).arg2(d as i32))?;
+            if self.rank_in_group() == dst {
+                let mut out = Tensor::zeros(stacked_shape(n, input.shape()), input.dtype())?;
+                g.device.gather(input, Some(&mut out), dst)?;
+                Ok(Some(out.unstack_into_dim(d)?))
+            } else {
+                g.device.gather(input, None, dst)?;
+                Ok(None)
+            }
+        })
     }
 
     /// Broadcasts `input` from group rank `src` (every rank passes a tensor
     /// of the same shape and dtype) and returns it.
     pub fn broadcast(&self, mut input: Tensor, src: usize) -> Result<Tensor> {
-        self.check_rank(CoordOp::Broadcast, "src", src)?;
+        let op = CoordOp::Broadcast;
+        self.check_rank(op, "src", src)?;
         if self.world_size() == 1 {
             return Ok(input);
         }
-        input.check_cpu()?;
-        let g = self.groups()?;
-        self.check_collective(&g, CoordOp::Broadcast, |f| f.tensor(input.dtype(), input.shape()).arg(src as i64))?;
-        g.device.broadcast_bytes(input.as_bytes_mut(), src)?;
+        self.run(op, |g| {
+            self.check_collective(g, op, |f| f.tensor(input.dtype(), input.shape()).arg(src as i64))?;
+            g.device.broadcast(&mut input, src)
+        })?;
         Ok(input)
+    }
+
+    /// Sums every rank's `input` on group rank `dst`, which gets `Some`; the
+    /// others get `None`. A group of one returns `Some(input)`.
+    pub fn reduce(&self, input: Tensor, dst: usize) -> Result<Option<Tensor>> {
+        self.reduce_with(input, dst, ReduceOp::Sum)
+    }
+
+    /// [`GroupCoordinator::reduce`] with another reduction.
+    pub fn reduce_with(&self, mut input: Tensor, dst: usize, op: ReduceOp) -> Result<Option<Tensor>> {
+        let cop = CoordOp::Reduce;
+        self.check_rank(cop, "dst", dst)?;
+        if self.world_size() == 1 {
+            return Ok(Some(input));
+        }
+        self.run(cop, |g| {
+            self.check_collective(g, cop, |f| {
+                f.tensor(input.dtype(), input.shape()).arg(dst as i64).arg2(op_index(op) as i32)
+            })?;
+            g.device.reduce(&mut input, op, dst)
+        })?;
+        Ok((self.rank_in_group() == dst).then_some(input))
+    }
+
+    /// Sums `input` over the group and leaves each rank its block of `dim`
+    /// (negative counts from the end): `dim` splits into `world_size` equal
+    /// blocks and rank `i` gets the reduced block `i`, so the output's `dim`
+    /// is `world_size` times shorter (vLLM's `reduce_scatter`). A group of
+    /// one returns a copy.
+    pub fn reduce_scatter(&self, input: &Tensor, dim: isize) -> Result<Tensor> {
+        self.reduce_scatter_with(input, dim, ReduceOp::Sum)
+    }
+
+    /// [`GroupCoordinator::reduce_scatter`] with another reduction.
+    pub fn reduce_scatter_with(&self, input: &Tensor, dim: isize, op: ReduceOp) -> Result<Tensor> {
+        let cop = CoordOp::ReduceScatter;
+        let n = self.world_size();
+        let d = normalize_dim(dim, input.shape())?;
+        self.check_split(cop, input.shape(), d)?;
+        if n == 1 {
+            return Ok(input.clone());
+        }
+        self.run(cop, |g| {
+            self.check_collective(g, cop, |f| {
+                f.tensor(input.dtype(), input.shape()).arg(d as i64).arg2(op_index(op) as i32)
+            })?;
+            // Blocks of `dim` are contiguous once `dim` is the leading one.
+            let moved = if d == 0 { input.clone() } else { input.movedim(d as isize, 0)? };
+            let mut shape = moved.shape().to_vec();
+            shape[0] /= n;
+            let mut out = Tensor::zeros(shape, input.dtype())?;
+            g.device.reduce_scatter(&moved, &mut out, op)?;
+            if d == 0 {
+                Ok(out)
+            } else {
+                out.movedim(0, d as isize)
+            }
+        })
+    }
+
+    /// Exchanges blocks between all ranks: `scatter_dim` of `input` splits
+    /// into `world_size` equal blocks, block `j` goes to rank `j`, and the
+    /// blocks received from ranks `0..world_size` are concatenated along
+    /// `gather_dim` (negative dims count from the end). With
+    /// `scatter_dim == gather_dim` the shape is unchanged. A group of one
+    /// returns a copy.
+    pub fn all_to_all(&self, input: &Tensor, scatter_dim: isize, gather_dim: isize) -> Result<Tensor> {
+        let op = CoordOp::AllToAll;
+        let n = self.world_size();
+        let s = normalize_dim(scatter_dim, input.shape())?;
+        let gd = normalize_dim(gather_dim, input.shape())?;
+        self.check_split(op, input.shape(), s)?;
+        if n == 1 {
+            return Ok(input.clone());
+        }
+        self.run(op, |g| {
+            self.check_collective(g, op, |f| f.tensor(input.dtype(), input.shape()).arg(s as i64).arg2(gd as i32))?;
+            let moved = if s == 0 { input.clone() } else { input.movedim(s as isize, 0)? };
+            let mut out = Tensor::zeros(moved.shape().to_vec(), input.dtype())?;
+            g.device.all_to_all(&moved, &mut out)?;
+            // Received: block i (from rank i) is out[i*c..(i+1)*c] in the
+            // moved layout. As (n, c, rest...), move the block's own leading
+            // dimension back to `scatter_dim`, then stack along `gather_dim`.
+            let mut split = vec![n, moved.shape()[0] / n];
+            split.extend_from_slice(&moved.shape()[1..]);
+            let stacked = out.into_shape(split)?;
+            let stacked = if s == 0 { stacked } else { stacked.movedim(1, s as isize + 1)? };
+            stacked.unstack_into_dim(gd)
+        })
+    }
+
+    fn check_split(&self, op: CoordOp, shape: &[usize], d: usize) -> Result<()> {
+        let n = self.world_size();
+        if shape[d] % n != 0 {
+            return Err(Error::invalid(format!(
+                "{}: dim {d} of shape {shape:?} has size {}, which does not split into {n} equal blocks for group {}",
+                op.name(),
+                shape[d],
+                self.unique_name()
+            )));
+        }
+        Ok(())
     }
 
     /// Sends `tensor` to group rank `dst` (default: the next rank).
     pub fn send(&self, tensor: &Tensor, dst: Option<usize>) -> Result<()> {
         let dst = dst.unwrap_or((self.rank_in_group() + 1) % self.world_size());
-        self.check_peer(CoordOp::Send, "dst", dst)?;
-        tensor.check_cpu()?;
-        let g = self.groups()?;
-        self.check_p2p(&g, CoordOp::Send, dst, true, |f| f.tensor(tensor.dtype(), tensor.shape()))?;
-        if tensor.nbytes() > 0 {
-            g.device.send_bytes(tensor.as_bytes(), dst)?;
-        }
-        Ok(())
+        let op = CoordOp::Send;
+        self.check_peer(op, "dst", dst)?;
+        self.run(op, |g| {
+            self.check_p2p(g, op, dst, true, |f| f.tensor(tensor.dtype(), tensor.shape()))?;
+            if tensor.nbytes() > 0 {
+                g.device.send(tensor, dst)?;
+            }
+            Ok(())
+        })
     }
 
     /// Receives a tensor of `shape` and `dtype` from group rank `src`
@@ -549,21 +768,26 @@ impl GroupCoordinator {
     pub fn recv(&self, shape: &[usize], dtype: DType, src: Option<usize>) -> Result<Tensor> {
         let n = self.world_size();
         let src = src.unwrap_or((self.rank_in_group() + n - 1) % n);
-        self.check_peer(CoordOp::Recv, "src", src)?;
-        let mut t = Tensor::zeros(shape.to_vec(), dtype)?;
-        let g = self.groups()?;
-        self.check_p2p(&g, CoordOp::Recv, src, false, |f| f.tensor(dtype, shape))?;
-        if t.nbytes() > 0 {
-            g.device.recv_bytes(t.as_bytes_mut(), src)?;
-        }
+        let op = CoordOp::Recv;
+        self.check_peer(op, "src", src)?;
+        let mut t = Tensor::zeros_on(shape.to_vec(), dtype, self.device())?;
+        self.run(op, |g| {
+            self.check_p2p(g, op, src, false, |f| f.tensor(dtype, shape))?;
+            if t.nbytes() > 0 {
+                g.device.recv(&mut t, src)?;
+            }
+            Ok(())
+        })?;
         Ok(t)
     }
 
     /// Blocks until every rank of the group reached the barrier (CPU group).
     pub fn barrier(&self) -> Result<()> {
-        let g = self.groups()?;
-        self.check_collective(&g, CoordOp::Barrier, |f| f)?;
-        g.cpu.barrier()
+        let op = CoordOp::Barrier;
+        self.run(op, |g| {
+            self.check_collective(g, op, |f| f)?;
+            g.cpu.barrier()
+        })
     }
 
     // ----- objects ---------------------------------------------------------
@@ -601,15 +825,16 @@ impl GroupCoordinator {
         if obj.is_none() && self.rank_in_group() == src {
             return Err(missing());
         }
-        let g = self.groups()?;
-        self.check_collective(&g, op, |f| f.arg(src as i64))?;
-        if let (true, Some(obj)) = (self.rank_in_group() == src, obj) {
-            self.broadcast_blob(&g, Some(codec::encode_object(&obj)?), src, op)?;
-            Ok(obj)
-        } else {
-            let bytes = self.broadcast_blob(&g, None, src, op)?;
-            codec::decode_object(&bytes).map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))
-        }
+        self.run(op, |g| {
+            self.check_collective(g, op, |f| f.arg(src as i64))?;
+            if let (true, Some(obj)) = (self.rank_in_group() == src, obj) {
+                self.broadcast_blob(g, Some(codec::encode_object(&obj)?), src, op)?;
+                Ok(obj)
+            } else {
+                let bytes = self.broadcast_blob(g, None, src, op).map_err(|e| self.at_peer(e, op, src))?;
+                codec::decode_object(&bytes).map_err(|e| self.at_peer(e, op, src))
+            }
+        })
     }
 
     /// Broadcasts a list of objects from group rank `src` into `obj_list` on
@@ -620,14 +845,15 @@ impl GroupCoordinator {
         if self.world_size() == 1 {
             return Ok(());
         }
-        let g = self.groups()?;
         let len = obj_list.len();
-        self.check_collective(&g, op, |f| f.arg(src as i64).arg2(len.min(i32::MAX as usize) as i32))?;
-        if self.rank_in_group() == src {
-            wire::broadcast_blob(&g.device, Some(codec::encode_object(&*obj_list)?), src, &self.inner.limits)?;
-        } else {
-            let bytes = wire::broadcast_blob(&g.device, None, src, &self.inner.limits)?;
-            let got: Vec<T> = codec::decode_object(&bytes).map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))?;
+        self.run(op, |g| {
+            self.check_collective(g, op, |f| f.arg(src as i64).arg2(len.min(i32::MAX as usize) as i32))?;
+            if self.rank_in_group() == src {
+                wire::broadcast_blob(&g.cpu, Some(codec::encode_object(&*obj_list)?), src, &self.inner.limits)?;
+                return Ok(());
+            }
+            let bytes = wire::broadcast_blob(&g.cpu, None, src, &self.inner.limits)?;
+            let got: Vec<T> = codec::decode_object(&bytes).map_err(|e| self.at_peer(e, op, src))?;
             if got.len() != len {
                 return Err(Error::invalid(format!(
                     "broadcast_object_list: src rank {src} sent {} objects but this rank's list holds {len}; \
@@ -638,8 +864,8 @@ impl GroupCoordinator {
             for (slot, v) in obj_list.iter_mut().zip(got) {
                 *slot = v;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Sends an object to group rank `dst`: its size, then its bytes, over
@@ -647,9 +873,10 @@ impl GroupCoordinator {
     pub fn send_object<T: Serialize + ?Sized>(&self, obj: &T, dst: usize) -> Result<()> {
         let op = CoordOp::SendObject;
         self.check_peer(op, "dst", dst)?;
-        let g = self.groups()?;
-        self.check_p2p(&g, op, dst, true, |f| f)?;
-        wire::send_blob(&g.cpu, &codec::encode_object(obj)?, dst)
+        self.run(op, |g| {
+            self.check_p2p(g, op, dst, true, |f| f)?;
+            wire::send_blob(&g.cpu, &codec::encode_object(obj)?, dst)
+        })
     }
 
     /// Receives an object sent by group rank `src` with
@@ -657,24 +884,33 @@ impl GroupCoordinator {
     pub fn recv_object<T: DeserializeOwned>(&self, src: usize) -> Result<T> {
         let op = CoordOp::RecvObject;
         self.check_peer(op, "src", src)?;
-        let g = self.groups()?;
-        self.check_p2p(&g, op, src, false, |f| f)?;
-        let bytes = wire::recv_blob(&g.cpu, src, &self.inner.limits)?;
-        codec::decode_object(&bytes).map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))
+        self.run(op, |g| {
+            self.check_p2p(g, op, src, false, |f| f)?;
+            let bytes = wire::recv_blob(&g.cpu, src, &self.inner.limits)?;
+            codec::decode_object(&bytes).map_err(|e| self.at_peer(e, op, src))
+        })
     }
 
     // ----- tensor dicts ----------------------------------------------------
 
-    fn build_tensor(&self, m: &crate::tensor::TensorMetadata, op: CoordOp) -> Result<Tensor> {
+    /// A zeroed tensor for metadata declared by group rank `peer`; refusals
+    /// (an unsupported device, a size that does not fit in memory) name the
+    /// peer and the size.
+    fn build_tensor(&self, m: &crate::tensor::TensorMetadata, op: CoordOp, peer: usize) -> Result<Tensor> {
         m.zeros().map_err(|e| match e {
-            Error::Unsupported(d) => Error::Unsupported(format!("{} in group {}: {d}", op.name(), self.unique_name())),
-            other => other,
+            Error::Unsupported(d) => Error::Unsupported(format!(
+                "{} in group {} (tensor declared by peer rank {peer}): {d}",
+                op.name(),
+                self.unique_name()
+            )),
+            other => self.at_peer(other, op, peer),
         })
     }
 
     /// Broadcasts a tensor dict from group rank `src` (which passes `Some`):
     /// its metadata as one object, then each non-empty tensor. Every rank
     /// returns the dict. A group of one returns a copy of `tensor_dict`.
+    /// Tensors travel over the CPU group, as the seed sends host tensors.
     pub fn broadcast_tensor_dict(&self, tensor_dict: Option<&TensorDict>, src: usize) -> Result<TensorDict> {
         let op = CoordOp::BroadcastTensorDict;
         let missing = || {
@@ -693,31 +929,30 @@ impl GroupCoordinator {
                 t.check_cpu()?;
             }
         }
-        let g = self.groups()?;
-        self.check_collective(&g, op, |f| f.arg(src as i64))?;
-        if let (true, Some(dict)) = (is_src, tensor_dict) {
-            let (meta, _) = codec::encode_dict_metadata(dict)?;
-            self.broadcast_blob(&g, Some(meta), src, op)?;
-            let mut out = dict.clone();
-            for (_, v) in out.iter_mut() {
-                if let TensorDictValue::Tensor(t) = v {
-                    if t.numel() > 0 {
-                        g.cpu.broadcast_bytes(t.as_bytes_mut(), src)?;
+        self.run(op, |g| {
+            self.check_collective(g, op, |f| f.arg(src as i64))?;
+            if let (true, Some(dict)) = (is_src, tensor_dict) {
+                let (meta, _) = codec::encode_dict_metadata(dict)?;
+                self.broadcast_blob(g, Some(meta), src, op)?;
+                let mut out = dict.clone();
+                for (_, v) in out.iter_mut() {
+                    if let TensorDictValue::Tensor(t) = v {
+                        if t.numel() > 0 {
+                            g.cpu.broadcast_bytes(t.as_bytes_mut()?, src)?;
+                        }
                     }
                 }
+                return Ok(out);
             }
-            Ok(out)
-        } else {
-            let bytes = self.broadcast_blob(&g, None, src, op)?;
-            let meta = codec::decode_metadata(&bytes, &self.inner.limits)
-                .map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))?;
+            let bytes = self.broadcast_blob(g, None, src, op).map_err(|e| self.at_peer(e, op, src))?;
+            let meta = codec::decode_metadata(&bytes, &self.inner.limits).map_err(|e| self.at_peer(e, op, src))?;
             let mut out = TensorDict::new();
             for (key, entry) in meta {
                 match entry {
                     MetadataEntry::Tensor(m) => {
-                        let mut t = self.build_tensor(&m, op)?;
+                        let mut t = self.build_tensor(&m, op, src)?;
                         if t.numel() > 0 {
-                            g.cpu.broadcast_bytes(t.as_bytes_mut(), src)?;
+                            g.cpu.broadcast_bytes(t.as_bytes_mut()?, src)?;
                         }
                         out.insert(key, t);
                     }
@@ -727,7 +962,7 @@ impl GroupCoordinator {
                 }
             }
             Ok(out)
-        }
+        })
     }
 
     /// Sends a tensor dict to group rank `dst` (default: the next rank):
@@ -751,23 +986,24 @@ impl GroupCoordinator {
         for t in tensor_dict.tensors() {
             t.check_cpu()?;
         }
-        let g = self.groups()?;
-        self.check_p2p(&g, op, dst, true, |f| f)?;
-        let (meta, tensors) = codec::encode_dict_metadata(tensor_dict)?;
-        wire::send_blob(&g.cpu, &meta, dst)?;
-        for t in tensors {
-            if t.numel() == 0 {
-                continue;
+        self.run(op, |g| {
+            self.check_p2p(g, op, dst, true, |f| f)?;
+            let (meta, tensors) = codec::encode_dict_metadata(tensor_dict)?;
+            wire::send_blob(&g.cpu, &meta, dst)?;
+            for t in tensors {
+                if t.numel() == 0 {
+                    continue;
+                }
+                let bytes = t.as_bytes()?;
+                if all_gather_group.is_some() && t.numel() % k == 0 {
+                    let part = bytes.len() / k;
+                    g.cpu.send_bytes(&bytes[r * part..(r + 1) * part], dst)?;
+                } else {
+                    g.cpu.send_bytes(bytes, dst)?;
+                }
             }
-            let bytes = t.as_bytes();
-            if all_gather_group.is_some() && t.numel() % k == 0 {
-                let part = bytes.len() / k;
-                g.cpu.send_bytes(&bytes[r * part..(r + 1) * part], dst)?;
-            } else {
-                g.cpu.send_bytes(bytes, dst)?;
-            }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Receives a tensor dict sent with [`GroupCoordinator::send_tensor_dict`]
@@ -786,40 +1022,42 @@ impl GroupCoordinator {
         let k = all_gather_group.map_or(1, |a| a.world_size());
         let src = src.unwrap_or((self.rank_in_group() + n - 1) % n);
         self.check_peer(op, "src", src)?;
-        let g = self.groups()?;
-        self.check_p2p(&g, op, src, false, |f| f)?;
-        let bytes = wire::recv_blob(&g.cpu, src, &self.inner.limits)?;
-        let meta =
-            codec::decode_metadata(&bytes, &self.inner.limits).map_err(|e| with_ctx(e, self.ctx(op).with_peer(src)))?;
-        let mut out = TensorDict::new();
-        for (key, entry) in meta {
-            match entry {
-                MetadataEntry::Tensor(m) => {
-                    let mut t = self.build_tensor(&m, op)?;
-                    if t.numel() > 0 {
-                        match all_gather_group {
-                            Some(ag) if t.numel() % k == 0 => {
-                                let mut part = Tensor::zeros([t.numel() / k], t.dtype())?;
-                                g.cpu.recv_bytes(part.as_bytes_mut(), src)?;
-                                t = ag.all_gather(&part, 0)?.into_shape(m.shape.clone())?;
+        self.run(op, |g| {
+            self.check_p2p(g, op, src, false, |f| f)?;
+            let bytes = wire::recv_blob(&g.cpu, src, &self.inner.limits)?;
+            let meta = codec::decode_metadata(&bytes, &self.inner.limits).map_err(|e| self.at_peer(e, op, src))?;
+            let mut out = TensorDict::new();
+            for (key, entry) in meta {
+                match entry {
+                    MetadataEntry::Tensor(m) => {
+                        let mut t = self.build_tensor(&m, op, src)?;
+                        if t.numel() > 0 {
+                            match all_gather_group {
+                                Some(ag) if t.numel() % k == 0 => {
+                                    let mut part = Tensor::zeros([t.numel() / k], t.dtype())
+                                        .map_err(|e| self.at_peer(e, op, src))?;
+                                    g.cpu.recv_bytes(part.as_bytes_mut()?, src)?;
+                                    t = ag.all_gather(&part, 0)?.into_shape(m.shape.clone())?;
+                                }
+                                _ => g.cpu.recv_bytes(t.as_bytes_mut()?, src)?,
                             }
-                            _ => g.cpu.recv_bytes(t.as_bytes_mut(), src)?,
                         }
+                        out.insert(key, t);
                     }
-                    out.insert(key, t);
-                }
-                MetadataEntry::Value(v) => {
-                    out.insert(key, v);
+                    MetadataEntry::Value(v) => {
+                        out.insert(key, v);
+                    }
                 }
             }
-        }
-        Ok(Some(out))
+            Ok(Some(out))
+        })
     }
 
     /// Answers, for every rank of this group, whether it shares a node
     /// (shared memory and host name) with group rank `source_rank`.
     pub fn in_the_same_node_as(&self, source_rank: usize) -> Result<Vec<bool>> {
-        in_the_same_node_as(&self.cpu_group()?, source_rank)
+        let g = self.groups()?;
+        in_the_same_node_as(&g.cpu, source_rank).map_err(|e| self.fail("in_the_same_node_as", e))
     }
 
     /// Runs `f` inside a graph capture on this group, as the seed's
@@ -840,11 +1078,26 @@ impl GroupCoordinator {
     }
 
     /// Releases both groups and the message queue. Later operations fail
-    /// with [`Error::NotInitialized`]; accessors keep working. Idempotent.
+    /// with [`Error::Destroyed`] (and [`UniqueNames::lookup`] says so);
+    /// accessors keep working. Idempotent.
     pub fn destroy(&self) {
         self.inner.groups.write().unwrap_or_else(|e| e.into_inner()).take();
         self.inner.mq_broadcaster.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
+
+    /// Attaches this group's context and `peer` to an error about bytes or
+    /// sizes that peer sent.
+    fn at_peer(&self, e: Error, op: CoordOp, peer: usize) -> Error {
+        with_ctx(e, self.ctx(op).with_peer(peer))
+    }
+}
+
+/// `(n, *shape)`.
+fn stacked_shape(n: usize, shape: &[usize]) -> Vec<usize> {
+    let mut s = Vec::with_capacity(shape.len() + 1);
+    s.push(n);
+    s.extend_from_slice(shape);
+    s
 }
 
 /// Position of `op` in [`ReduceOp::ALL`], as fingerprints carry it.
@@ -852,12 +1105,24 @@ fn op_index(op: ReduceOp) -> i64 {
     ReduceOp::ALL.iter().position(|o| *o == op).unwrap_or(0) as i64
 }
 
-/// Attaches `ctx` to a serialization error that lacks one.
-fn with_ctx(e: Error, ctx: Context) -> Error {
-    match e {
-        Error::Serialization { detail, .. } => Error::Serialization { ctx, detail },
-        other => other,
+/// Attaches `ctx` to an error about a peer's bytes (a serialization error,
+/// a declared size that does not fit in memory, a bad length) whose own
+/// context is only an operation name; the peer is kept when `ctx` has none.
+fn with_ctx(mut e: Error, ctx: Context) -> Error {
+    if let Error::Serialization { .. } | Error::OutOfMemory { .. } | Error::Protocol { .. } = e {
+        if let Some(c) = e.context_mut() {
+            if c.group.is_empty() || c.group == ctx.group {
+                let peer = ctx.peer.or(c.peer);
+                let inner_op = std::mem::take(&mut c.op);
+                *c = ctx;
+                c.peer = peer;
+                if !inner_op.is_empty() && inner_op != c.op {
+                    c.op = format!("{} [{inner_op}]", c.op);
+                }
+            }
+        }
     }
+    e
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use crate::error::{Context, Error, Result};
 use crate::group::ProcessGroup;
 use crate::sys::shm::{job_id, ShmSegment};
-use crate::tensor::DecodeLimits;
+use crate::tensor::{try_zeroed_vec, DecodeLimits};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Broadcasts `data` (on `root`) to every rank; returns the bytes everywhere.
@@ -27,7 +27,7 @@ pub(crate) fn broadcast_blob(
         pg.broadcast_bytes(&mut len, root)?;
         let n =
             limits.check_object_len(u64::from_le_bytes(len)).map_err(|e| peer_ctx(e, "broadcast_object", pg, root))?;
-        let mut data = vec![0u8; n];
+        let mut data = alloc_blob(n, "broadcast_object", pg, root)?;
         if n > 0 {
             pg.broadcast_bytes(&mut data, root)?;
         }
@@ -50,11 +50,21 @@ pub(crate) fn recv_blob(pg: &ProcessGroup, src: usize, limits: &DecodeLimits) ->
     let mut len = [0u8; 8];
     pg.recv_bytes(&mut len, src)?;
     let n = limits.check_object_len(u64::from_le_bytes(len)).map_err(|e| peer_ctx(e, "recv_object", pg, src))?;
-    let mut data = vec![0u8; n];
+    let mut data = alloc_blob(n, "recv_object", pg, src)?;
     if n > 0 {
         pg.recv_bytes(&mut data, src)?;
     }
     Ok(data)
+}
+
+/// A zeroed buffer for `n` bytes that `peer` declared, or an
+/// [`Error::OutOfMemory`] naming the peer and the size.
+fn alloc_blob(n: usize, op: &str, pg: &ProcessGroup, peer: usize) -> Result<Vec<u8>> {
+    try_zeroed_vec::<u8>(n).ok_or_else(|| Error::OutOfMemory {
+        ctx: Context::new(op, pg.name(), pg.rank()).with_peer(peer),
+        bytes: n as u64,
+        detail: format!("an object of {n} bytes declared by peer rank {peer}"),
+    })
 }
 
 fn peer_ctx(e: Error, op: &str, pg: &ProcessGroup, peer: usize) -> Error {

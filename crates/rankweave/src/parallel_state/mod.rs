@@ -11,6 +11,15 @@
 //! then `initialize_model_parallel` (or `ensure_model_parallel_initialized`),
 //! then the work, then `destroy_model_parallel` and
 //! `destroy_distributed_environment` (after which a fresh init works).
+//! Asking for a group before it was built is [`Error::NotInitialized`];
+//! after it was destroyed, [`Error::Destroyed`].
+//!
+//! From Rust, [`ParallelState::init`] takes an [`InitOptions`] (built
+//! explicitly, from the environment with [`InitOptions::from_env`], or both:
+//! explicit options win); the seed's `init_distributed_environment` is a
+//! thin shim over it. Every group is registered under its unique name:
+//! [`ParallelState::lookup_group`], [`inplace_all_reduce`] and
+//! [`outplace_all_reduce`] find it as the seed's custom ops do.
 //!
 //! ```
 //! use rankweave::parallel_state::ParallelState;
@@ -32,14 +41,18 @@
 //! ```
 
 mod layout;
+mod options;
 
 pub use crate::coordinator::in_the_same_node_as;
 pub use layout::{model_parallel_layout, Layout, RankPosition};
+pub use options::{Backend, InitOptions, TIMEOUT_ENV};
 
 use crate::coordinator::{CoordinatorOptions, GraphCaptureContext, GroupCoordinator, UniqueNames};
 use crate::error::{Error, Result};
 use crate::group::{GroupOptions, ProcessGroup};
+use crate::reduce::ReduceOp;
 use crate::store::SharedStore;
+use crate::tensor::Tensor;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Sizes of the model-parallel dimensions.
@@ -84,6 +97,22 @@ struct State {
     /// the store server alive).
     store: Option<SharedStore>,
     layout: Option<Layout>,
+    /// The world was destroyed (and not re-initialized since).
+    world_destroyed: bool,
+    /// The model-parallel groups were destroyed (and not rebuilt since).
+    mp_destroyed: bool,
+}
+
+impl State {
+    /// `NotInitialized` or `Destroyed` for the group `what`.
+    fn missing(&self, what: &str, model_parallel: bool) -> Error {
+        let destroyed = if model_parallel { self.mp_destroyed || self.world_destroyed } else { self.world_destroyed };
+        if destroyed {
+            Error::Destroyed(format!("{what} was destroyed; initialize it again before use"))
+        } else {
+            Error::NotInitialized(format!("{what} is not initialized"))
+        }
+    }
 }
 
 /// One rank's distributed state: the world group and the model-parallel
@@ -112,15 +141,12 @@ impl Default for ParallelState {
     }
 }
 
-/// The backends this build runs: both groups of every coordinator are CPU
-/// groups. Empty means "the world's backend" / "gloo".
-fn check_backend(backend: &str) -> Result<String> {
-    match backend.trim().to_ascii_lowercase().as_str() {
-        "" | "gloo" | "cpu" => Ok("gloo".into()),
-        other => {
-            Err(Error::Unsupported(format!("backend `{other}`: this build runs CPU process groups only; use `gloo`")))
-        }
-    }
+/// Parses a backend name and checks that this build runs it; empty means
+/// "the world's backend" ([`Backend::Cpu`]).
+fn check_backend(backend: &str) -> Result<Backend> {
+    let b = if backend.trim().is_empty() { Backend::Cpu } else { backend.parse::<Backend>()? };
+    b.check_supported()?;
+    Ok(b)
 }
 
 impl ParallelState {
@@ -147,6 +173,13 @@ impl ParallelState {
         // A panic while holding the lock leaves the state as consistent as
         // the last completed assignment; keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn names(&self) -> &UniqueNames {
+        match &self.names {
+            Some(n) => n,
+            None => UniqueNames::global(),
+        }
     }
 
     fn opts(&self, name: &str, mq: bool) -> CoordinatorOptions {
@@ -182,9 +215,53 @@ impl ParallelState {
         let world = GroupCoordinator::new(&pg, &[ranks], local_rank, self.opts("world", false))?;
         s.world_pg = Some(pg);
         s.world = Some(world);
+        s.world_destroyed = false;
         if s.backend.is_empty() {
-            s.backend = "gloo".into();
+            s.backend = Backend::Cpu.name().into();
         }
+        Ok(())
+    }
+
+    /// Starts the distributed environment from `opts`: meets the other ranks
+    /// through the init method (`env://` by default: the store at
+    /// `master_addr:master_port`; or `tcp://host:port`), then builds the
+    /// world group with `opts`' timeout and transport. Fields left `None`
+    /// are not read from the environment here: call
+    /// [`InitOptions::with_env`] first for that. The local rank defaults to
+    /// 0 with `env://` and to the rank otherwise.
+    ///
+    /// [`Backend::Mpi`] and [`Backend::Nccl`] are [`Error::Unsupported`] in
+    /// this build. Called again once initialized, it only checks that the
+    /// world size matches.
+    pub fn init(&self, opts: &InitOptions) -> Result<()> {
+        opts.backend.check_supported()?;
+        if let Some(w) = self.lock().world.clone() {
+            return match opts.world_size {
+                Some(n) => check_same_world(&w, n),
+                None => Ok(()),
+            };
+        }
+        let method = opts.init_method_or_default();
+        // The store's auth token is a secret, not an option: it is passed
+        // through from the process environment to the store only.
+        let token = std::env::var("RANKWEAVE_TOKEN").ok();
+        let env = |name: &str| opts.rendezvous_var(name, token.as_deref());
+        let rv = crate::store::init::rendezvous_with_env(
+            method,
+            opts.rank,
+            opts.world_size,
+            opts.timeout_or_default(),
+            &env,
+        )?;
+        let local_rank = match (opts.local_rank, method.trim() == "env://") {
+            (Some(l), _) => l,
+            (None, true) => 0,
+            (None, false) => rv.rank,
+        };
+        self.init_world_with_store(rv.store.clone(), rv.world_size, rv.rank, local_rank, opts.group_options())?;
+        let mut s = self.lock();
+        s.backend = opts.backend.name().into();
+        s.store = Some(rv.store);
         Ok(())
     }
 
@@ -194,8 +271,10 @@ impl ParallelState {
     ///
     /// `world_size` and `rank` of `-1` come from the environment (`env://`).
     /// `local_rank == -1` means `LOCAL_RANK` (0 when unset) with `env://`,
-    /// else the rank. Called again once initialized, it only checks that the
-    /// world size matches.
+    /// else the rank. `backend` is a [`Backend`] name (empty: `gloo`).
+    /// Called again once initialized, it only checks that the world size
+    /// matches. A shim over [`ParallelState::init`] with
+    /// [`InitOptions::with_env`].
     pub fn init_distributed_environment(
         &self,
         world_size: isize,
@@ -205,27 +284,23 @@ impl ParallelState {
         backend: &str,
     ) -> Result<()> {
         let backend = check_backend(backend)?;
-        if let Some(w) = self.lock().world.clone() {
-            return if world_size >= 0 { check_same_world(&w, world_size as usize) } else { Ok(()) };
-        }
-        let rv = crate::store::init::rendezvous(
-            init_method,
-            usize::try_from(rank).ok(),
-            usize::try_from(world_size).ok(),
-            crate::store::default_timeout(),
-        )?;
-        let local_rank = if local_rank >= 0 {
-            local_rank as usize
-        } else if init_method.trim() == "env://" {
-            rv.local_rank.unwrap_or(0)
-        } else {
-            rv.rank
+        let mut explicit = InitOptions::new().init_method(init_method.trim()).backend(backend);
+        explicit.world_size = usize::try_from(world_size).ok();
+        explicit.rank = usize::try_from(rank).ok();
+        explicit.local_rank = match usize::try_from(local_rank) {
+            Ok(l) => Some(l),
+            // The seed: LOCAL_RANK only with env://, the rank otherwise.
+            Err(_) if init_method.trim() != "env://" => explicit.rank,
+            Err(_) => None,
         };
-        self.init_world_with_store(rv.store.clone(), rv.world_size, rv.rank, local_rank, GroupOptions::default())?;
-        let mut s = self.lock();
-        s.backend = backend;
-        s.store = Some(rv.store);
-        Ok(())
+        let (rank, world_size, local_rank) = (explicit.rank, explicit.world_size, explicit.local_rank);
+        let mut opts = explicit.with_env()?;
+        if init_method.trim() != "env://" {
+            // As the seed: only env:// takes the rank and sizes from the
+            // environment; tcp:// needs them from the caller.
+            (opts.rank, opts.world_size, opts.local_rank) = (rank, world_size, local_rank);
+        }
+        self.init(&opts)
     }
 
     /// True once the world group exists.
@@ -233,7 +308,7 @@ impl ParallelState {
         self.lock().world.is_some()
     }
 
-    /// The backend the world was initialized with (`gloo`).
+    /// The backend the world was initialized with ([`Backend::name`]: `gloo`).
     pub fn backend(&self) -> Option<String> {
         let s = self.lock();
         s.world.as_ref().map(|_| s.backend.clone())
@@ -250,11 +325,7 @@ impl ParallelState {
         let mut s = self.lock();
         let (world_pg, world) = match (&s.world_pg, &s.world) {
             (Some(pg), Some(w)) => (pg.clone(), w.clone()),
-            _ => {
-                return Err(Error::NotInitialized(
-                    "world group is not initialized; call init_distributed_environment first".into(),
-                ))
-            }
+            _ => return Err(s.missing("world group (call init_distributed_environment first)", false)),
         };
         if let Some(b) = backend {
             check_backend(b)?;
@@ -280,6 +351,7 @@ impl ParallelState {
         s.pp = Some(pp);
         s.dp = Some(dp);
         s.layout = Some(layout);
+        s.mp_destroyed = false;
         Ok(())
     }
 
@@ -319,14 +391,13 @@ impl ParallelState {
 
     /// The world group.
     pub fn get_world_group(&self) -> Result<GroupCoordinator> {
-        self.lock().world.clone().ok_or_else(|| Error::NotInitialized("world group is not initialized".into()))
+        let s = self.lock();
+        s.world.clone().ok_or_else(|| s.missing("world group", false))
     }
     /// The tensor-parallel group.
     pub fn get_tp_group(&self) -> Result<GroupCoordinator> {
-        self.lock()
-            .tp
-            .clone()
-            .ok_or_else(|| Error::NotInitialized("tensor model parallel group is not initialized".into()))
+        let s = self.lock();
+        s.tp.clone().ok_or_else(|| s.missing("tensor model parallel group", true))
     }
     /// Alias of [`ParallelState::get_tp_group`], kept as in the seed.
     pub fn get_tensor_model_parallel_group(&self) -> Result<GroupCoordinator> {
@@ -334,10 +405,8 @@ impl ParallelState {
     }
     /// The pipeline-parallel group.
     pub fn get_pp_group(&self) -> Result<GroupCoordinator> {
-        self.lock()
-            .pp
-            .clone()
-            .ok_or_else(|| Error::NotInitialized("pipeline model parallel group is not initialized".into()))
+        let s = self.lock();
+        s.pp.clone().ok_or_else(|| s.missing("pipeline model parallel group", true))
     }
     /// Alias of [`ParallelState::get_pp_group`], kept as in the seed.
     pub fn get_pipeline_model_parallel_group(&self) -> Result<GroupCoordinator> {
@@ -345,7 +414,27 @@ impl ParallelState {
     }
     /// The data-parallel group.
     pub fn get_dp_group(&self) -> Result<GroupCoordinator> {
-        self.lock().dp.clone().ok_or_else(|| Error::NotInitialized("data parallel group is not initialized".into()))
+        let s = self.lock();
+        s.dp.clone().ok_or_else(|| s.missing("data parallel group", true))
+    }
+
+    /// The group registered as `group_name` (`tp:0`, `world:0`) by this
+    /// state: [`Error::NotFound`] for a name never built here,
+    /// [`Error::Destroyed`] for a destroyed group.
+    pub fn lookup_group(&self, group_name: &str) -> Result<GroupCoordinator> {
+        self.names().lookup(group_name)
+    }
+
+    /// The seed's `inplace_all_reduce(tensor, group_name)`: sums `tensor`
+    /// in place over the group registered as `group_name`.
+    pub fn inplace_all_reduce(&self, tensor: &mut Tensor, group_name: &str) -> Result<()> {
+        self.lookup_group(group_name)?.all_reduce_in_place(tensor, ReduceOp::Sum)
+    }
+
+    /// The seed's `outplace_all_reduce(tensor, group_name)`: the sum of
+    /// `tensor` over the group registered as `group_name`, in a new tensor.
+    pub fn outplace_all_reduce(&self, tensor: &Tensor, group_name: &str) -> Result<Tensor> {
+        self.lookup_group(group_name)?.all_reduce(tensor.clone())
     }
     /// Size of the TP group.
     pub fn get_tensor_model_parallel_world_size(&self) -> Result<usize> {
@@ -373,9 +462,7 @@ impl ParallelState {
         if s.tp_patched {
             return Err(Error::invalid("patch_tensor_parallel_group: the tensor parallel group is already patched"));
         }
-        let old =
-            s.tp.clone()
-                .ok_or_else(|| Error::NotInitialized("tensor model parallel group is not initialized".into()))?;
+        let old = s.tp.clone().ok_or_else(|| s.missing("tensor model parallel group", true))?;
         s.tp = Some(tp_group);
         s.tp_patched = true;
         Ok(TpGroupPatch { state: self, old: Some(old) })
@@ -385,9 +472,12 @@ impl ParallelState {
     /// called again afterwards.
     pub fn destroy_model_parallel(&self) {
         let mut s = self.lock();
+        let mut any = false;
         for g in [s.tp.take(), s.pp.take(), s.dp.take()].into_iter().flatten() {
             g.destroy();
+            any = true;
         }
+        s.mp_destroyed |= any;
         s.layout = None;
     }
 
@@ -396,6 +486,7 @@ impl ParallelState {
         let mut s = self.lock();
         if let Some(w) = s.world.take() {
             w.destroy();
+            s.world_destroyed = true;
         }
         s.world_pg = None;
         s.store = None;
@@ -487,6 +578,11 @@ pub fn init_model_parallel_group(
 pub fn global_state() -> &'static ParallelState {
     static GLOBAL: OnceLock<ParallelState> = OnceLock::new();
     GLOBAL.get_or_init(ParallelState::new_global)
+}
+
+/// [`ParallelState::init`] on the process-wide state.
+pub fn init(opts: &InitOptions) -> Result<()> {
+    global_state().init(opts)
 }
 
 /// [`ParallelState::init_distributed_environment`] on the process-wide state.
@@ -590,6 +686,20 @@ pub fn destroy_distributed_environment() {
     global_state().destroy_distributed_environment()
 }
 
+/// The seed's `inplace_all_reduce(tensor, group_name)`: sums `tensor` in
+/// place over the process-wide group registered as `group_name` (groups of
+/// the process-wide state and those built with the seed's group
+/// constructors; see [`crate::coordinator::lookup_group`]).
+pub fn inplace_all_reduce(tensor: &mut Tensor, group_name: &str) -> Result<()> {
+    crate::coordinator::lookup_group(group_name)?.all_reduce_in_place(tensor, ReduceOp::Sum)
+}
+
+/// The seed's `outplace_all_reduce(tensor, group_name)`: the sum of `tensor`
+/// over the process-wide group registered as `group_name`.
+pub fn outplace_all_reduce(tensor: &Tensor, group_name: &str) -> Result<Tensor> {
+    crate::coordinator::lookup_group(group_name)?.all_reduce(tensor.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,7 +719,28 @@ mod tests {
 
     #[test]
     fn backends() {
-        assert_eq!(check_backend("GLOO").unwrap(), "gloo");
+        assert_eq!(check_backend("GLOO").unwrap(), Backend::Cpu);
+        assert_eq!(check_backend("").unwrap(), Backend::Cpu);
         assert!(matches!(check_backend("nccl"), Err(Error::Unsupported(_))));
+        assert!(matches!(check_backend("mpi"), Err(Error::Unsupported(_))));
+        assert!(matches!(check_backend("hccl"), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn destroyed_differs_from_never_initialized() {
+        let s = ParallelState::init_with_store(Arc::new(crate::HashStore::new()), 1, 0, 0).unwrap();
+        s.initialize_model_parallel(1, 1, None).unwrap();
+        let tp = s.get_tp_group().unwrap();
+        assert_eq!(s.lookup_group("tp:0").unwrap().unique_name(), "tp:0");
+        s.destroy_model_parallel();
+        assert!(matches!(s.get_tp_group(), Err(Error::Destroyed(_))));
+        assert!(matches!(s.lookup_group("tp:0"), Err(Error::Destroyed(_))));
+        assert!(matches!(tp.barrier(), Err(Error::Destroyed(_))));
+        assert!(s.get_world_group().is_ok());
+        s.destroy_distributed_environment();
+        assert!(matches!(s.get_world_group(), Err(Error::Destroyed(_))));
+        assert!(matches!(s.initialize_model_parallel(1, 1, None), Err(Error::Destroyed(_))));
+        let e = s.lookup_group("tp:7").unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)) && e.to_string().contains("tp:0"), "{e}");
     }
 }

@@ -5,9 +5,12 @@
 //! keys in order, each with either a plain [`Value`] or a tensor's
 //! [`TensorMetadata`] (device, dtype, shape); the tensors' bytes follow
 //! separately. Both decoders treat their input as hostile: any byte string
-//! yields a value or an error, never a panic, and a declared tensor whose
-//! size overflows or exceeds [`DecodeLimits`] is refused before anything is
-//! allocated for it.
+//! yields a value or an error, never a panic; sequence lengths declared in
+//! the bytes are not trusted for preallocation (serde's cautious size
+//! hints), and a declared tensor whose size overflows or exceeds
+//! [`DecodeLimits`] is refused before anything is allocated for it. A
+//! tensor within the limits is allocated fallibly ([`TensorMetadata::zeros`]
+//! returns [`Error::OutOfMemory`] when it does not fit in memory).
 
 use super::dict::{TensorDict, TensorDictValue, Value};
 use super::{checked_nbytes, Device, Tensor};
@@ -267,6 +270,22 @@ mod tests {
         assert!(decode_metadata(&encode_metadata(&dup).unwrap(), &DecodeLimits::default()).is_err());
         assert!(decode_metadata(b"nope", &DecodeLimits::default()).is_err());
         assert!(DecodeLimits::default().check_object_len(u64::MAX).is_err());
+    }
+
+    #[test]
+    fn declared_lengths_do_not_preallocate() {
+        // A sequence declaring 2^62 elements with no bytes behind it: serde
+        // preallocates cautiously, so this is an error, not an abort.
+        let mut b = Vec::new();
+        let mut n: u64 = 1 << 62;
+        while n >= 0x80 {
+            b.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        b.push(n as u8);
+        assert!(decode_object::<Vec<u64>>(&b).is_err());
+        assert!(decode_object::<String>(&b).is_err());
+        assert!(decode_metadata(&[&METADATA_MAGIC[..], &b].concat(), &DecodeLimits::default()).is_err());
     }
 
     #[test]

@@ -6,8 +6,17 @@
 //! needs: typed views, reshape (with `-1` inference), narrow/select, and the
 //! copies behind `all_gather`/`gather` along a dimension (`cat`, `movedim`).
 //!
-//! The bytes live in a `u64`-backed buffer, so every typed view
-//! (`as_slice::<f64>()`, `as_slice::<i64>()`...) is correctly aligned.
+//! The bytes live in a [`Storage`]: today always host memory
+//! ([`Storage::Host`], a `u64`-backed [`HostBuffer`], so every typed view
+//! such as `as_slice::<f64>()` is correctly aligned). A device backend adds
+//! its own variant; code outside this module reaches the bytes only through
+//! [`Tensor::as_bytes`] / [`Tensor::as_bytes_mut`], which return
+//! [`Error::Unsupported`] for storage that is not in host memory, and asks
+//! [`Tensor::device`] where they live.
+//!
+//! Buffers whose size comes from outside (a peer's metadata, a caller's
+//! shape) are allocated fallibly: a size that does not fit in memory is an
+//! [`Error::OutOfMemory`], never an abort.
 //!
 //! ```
 //! use rankweave::tensor::Tensor;
@@ -32,7 +41,7 @@ pub use codec::{DecodeLimits, MetadataEntry, TensorMetadata};
 pub use dict::{TensorDict, TensorDictValue, Value};
 
 use crate::dtype::{DType, Element};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
@@ -129,22 +138,21 @@ pub fn normalize_dim(dim: isize, shape: &[usize]) -> Result<usize> {
 ///
 /// Equality ([`PartialEq`]) compares dtype, shape, device and the bytes, so
 /// two float tensors holding the same NaN bits are equal.
+/// Two tensors on a device other than the host never compare equal here
+/// (their bytes are not visible).
 #[derive(Clone)]
 pub struct Tensor {
     dtype: DType,
     shape: Vec<usize>,
-    device: Device,
-    /// Storage, 8-byte aligned; bytes past `nbytes` stay zero.
-    data: Vec<u64>,
-    nbytes: usize,
+    storage: Storage,
 }
 
 impl PartialEq for Tensor {
     fn eq(&self, other: &Self) -> bool {
         self.dtype == other.dtype
             && self.shape == other.shape
-            && self.device == other.device
-            && self.as_bytes() == other.as_bytes()
+            && self.device() == other.device()
+            && matches!((self.storage.host_bytes(), other.storage.host_bytes()), (Some(a), Some(b)) if a == b)
     }
 }
 
@@ -152,20 +160,148 @@ impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         const SHOW: usize = 8;
         let mut d = f.debug_struct("Tensor");
-        d.field("dtype", &self.dtype).field("shape", &self.shape).field("device", &self.device);
-        if self.numel() <= SHOW {
-            d.field("values", &self.to_f64_vec());
+        d.field("dtype", &self.dtype).field("shape", &self.shape).field("device", &self.device());
+        if self.storage.host_bytes().is_none() {
+            d.field("values", &"<not in host memory>");
+        } else if self.numel() <= SHOW {
+            d.field("values", &self.to_f64_vec().unwrap_or_default());
         } else {
             // Convert only what is shown: tensors can be large.
-            let head = self.prefix(SHOW);
-            d.field("first_values", &head.to_f64_vec());
+            let head = self.prefix(SHOW).and_then(|h| h.to_f64_vec()).unwrap_or_default();
+            d.field("first_values", &head);
         }
         d.finish()
     }
 }
 
-fn alloc_words(nbytes: usize) -> Vec<u64> {
-    vec![0u64; nbytes.div_ceil(8)]
+/// Where a tensor's bytes are held.
+///
+/// Only host memory exists in this build. A device backend (NCCL/CUDA)
+/// adds its own variant behind a feature; code outside [`crate::tensor`]
+/// never matches on this enum, it calls [`Tensor::as_bytes`] (host bytes or
+/// [`Error::Unsupported`]) and [`Tensor::device`].
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum Storage {
+    /// Host memory.
+    Host(HostBuffer),
+    // A device backend adds e.g. `#[cfg(feature = "cuda")] Cuda(CudaBuffer)`.
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage::Host(HostBuffer::default())
+    }
+}
+
+impl Storage {
+    /// The device the bytes live on.
+    pub fn device(&self) -> Device {
+        match self {
+            Storage::Host(_) => Device::Cpu,
+        }
+    }
+    /// Number of bytes held.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            Storage::Host(h) => h.len(),
+        }
+    }
+    /// The bytes, when they are in host memory.
+    pub fn host_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Storage::Host(h) => Some(h.as_bytes()),
+        }
+    }
+    /// The bytes, mutable, when they are in host memory.
+    pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Storage::Host(h) => Some(h.as_bytes_mut()),
+        }
+    }
+}
+
+/// Zero-initialized host bytes in `u64` words, so that views of every
+/// element type are aligned; bytes past [`HostBuffer::len`] stay zero.
+#[derive(Clone, Default)]
+pub struct HostBuffer {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl std::fmt::Debug for HostBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBuffer").field("len", &self.len).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Host(h) => f.debug_tuple("Host").field(h).finish(),
+        }
+    }
+}
+
+impl HostBuffer {
+    /// `len` zero bytes, or [`Error::OutOfMemory`] when they cannot be
+    /// allocated (the allocator refused, or the size overflows).
+    pub fn try_zeroed(len: usize) -> Result<HostBuffer> {
+        let words = try_zeroed_vec::<u64>(len.div_ceil(8)).ok_or_else(|| Error::OutOfMemory {
+            ctx: Context::op("alloc"),
+            bytes: len as u64,
+            detail: "host tensor storage".into(),
+        })?;
+        Ok(HostBuffer { words, len })
+    }
+    /// A copy of `bytes` (memory the caller already holds, so this does not
+    /// fail).
+    pub fn from_bytes(bytes: &[u8]) -> HostBuffer {
+        let mut b = HostBuffer { words: vec![0u64; bytes.len().div_ceil(8)], len: bytes.len() };
+        b.as_bytes_mut().copy_from_slice(bytes);
+        b
+    }
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
+    }
+    /// The bytes, mutable.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[..self.len]
+    }
+}
+
+fn not_on_host(device: Device) -> Error {
+    Error::Unsupported(format!("the bytes of a tensor on {device} are not in host memory; copy it to the cpu first"))
+}
+
+/// `n` zeroed elements, or `None` when the allocator refuses (or the byte
+/// size overflows) instead of aborting the process as `vec![0; n]` does.
+/// Zeroed pages come from the allocator's zeroing path, so a large buffer is
+/// not written twice.
+pub(crate) fn try_zeroed_vec<T: bytemuck::Zeroable>(n: usize) -> Option<Vec<T>> {
+    if n == 0 || std::mem::size_of::<T>() == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<T>(n).ok()?;
+    // SAFETY: `layout` has a non-zero size (n > 0 and T is not zero-sized).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` was just allocated by the global allocator with the
+    // layout of `[T; n]` (so its alignment and size are those a `Vec<T>` of
+    // capacity `n` uses), and all-zero bytes are a valid `T` (`Zeroable`),
+    // so all `n` elements are initialized.
+    Some(unsafe { Vec::from_raw_parts(ptr, n, n) })
 }
 
 impl Tensor {
@@ -175,7 +311,15 @@ impl Tensor {
         let nbytes = checked_nbytes(&shape, dtype).ok_or_else(|| {
             Error::invalid(format!("tensor of shape {} and dtype {dtype} is too large", shape_str(&shape)))
         })?;
-        Ok(Tensor { dtype, shape, device: Device::Cpu, data: alloc_words(nbytes), nbytes })
+        let storage = Storage::Host(HostBuffer::try_zeroed(nbytes).map_err(|e| match e {
+            Error::OutOfMemory { ctx, bytes, .. } => Error::OutOfMemory {
+                ctx,
+                bytes,
+                detail: format!("tensor of shape {} and dtype {dtype}", shape_str(&shape)),
+            },
+            other => other,
+        })?);
+        Ok(Tensor { dtype, shape, storage })
     }
 
     /// A zero-filled tensor on `device`; only [`Device::Cpu`] is supported.
@@ -186,7 +330,7 @@ impl Tensor {
 
     /// A 0-element tensor of `dtype` with shape `[0]`.
     pub fn empty(dtype: DType) -> Tensor {
-        Tensor { dtype, shape: vec![0], device: Device::Cpu, data: Vec::new(), nbytes: 0 }
+        Tensor { dtype, shape: vec![0], storage: Storage::default() }
     }
 
     /// A tensor of `shape` holding `data` (row-major). The element count must match.
@@ -202,9 +346,7 @@ impl Tensor {
             )));
         }
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        let mut t = Tensor::zeros(shape, T::DTYPE)?;
-        t.as_bytes_mut().copy_from_slice(bytes);
-        Ok(t)
+        Ok(Tensor { dtype: T::DTYPE, shape, storage: Storage::Host(HostBuffer::from_bytes(bytes)) })
     }
 
     /// Like [`Tensor::from_slice`], taking ownership of the values.
@@ -214,30 +356,26 @@ impl Tensor {
 
     /// A 1-D tensor holding `data`.
     pub fn vec1<T: Element>(data: &[T]) -> Tensor {
-        let mut t = Tensor {
+        Tensor {
             dtype: T::DTYPE,
             shape: vec![data.len()],
-            device: Device::Cpu,
-            data: alloc_words(std::mem::size_of_val(data)),
-            nbytes: std::mem::size_of_val(data),
-        };
-        t.as_bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
-        t
+            storage: Storage::Host(HostBuffer::from_bytes(bytemuck::cast_slice(data))),
+        }
     }
 
     /// A tensor of `shape` and `dtype` from raw little-endian element bytes.
     pub fn from_bytes(bytes: &[u8], shape: impl Into<Vec<usize>>, dtype: DType) -> Result<Tensor> {
-        let mut t = Tensor::zeros(shape, dtype)?;
-        if bytes.len() != t.nbytes {
+        let shape = shape.into();
+        let nbytes = checked_nbytes(&shape, dtype);
+        if nbytes != Some(bytes.len()) {
             return Err(Error::invalid(format!(
                 "shape {} of {dtype} needs {} bytes but {} were given",
-                shape_str(&t.shape),
-                t.nbytes,
+                shape_str(&shape),
+                nbytes.map_or_else(|| "more than usize::MAX".to_string(), |n| n.to_string()),
                 bytes.len()
             )));
         }
-        t.as_bytes_mut().copy_from_slice(bytes);
-        Ok(t)
+        Ok(Tensor { dtype, shape, storage: Storage::Host(HostBuffer::from_bytes(bytes)) })
     }
 
     /// A tensor of `shape` and `dtype` whose elements are `values` converted
@@ -285,32 +423,39 @@ impl Tensor {
     }
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.nbytes / self.dtype.size()
+        self.nbytes() / self.dtype.size()
     }
     /// Number of bytes.
     pub fn nbytes(&self) -> usize {
-        self.nbytes
+        self.storage.nbytes()
     }
     /// Where the bytes live.
     pub fn device(&self) -> Device {
-        self.device
+        self.storage.device()
     }
     /// True for host tensors.
     pub fn is_cpu(&self) -> bool {
-        self.device == Device::Cpu
+        self.device() == Device::Cpu
+    }
+    /// The storage (host memory in this build).
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
     /// The metadata the seed sends ahead of a tensor: device type, dtype, shape.
     pub fn metadata(&self) -> TensorMetadata {
-        TensorMetadata { device: self.device, dtype: self.dtype, shape: self.shape.clone() }
+        TensorMetadata { device: self.device(), dtype: self.dtype, shape: self.shape.clone() }
     }
 
-    /// The element bytes, row-major.
-    pub fn as_bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice::<u64, u8>(&self.data)[..self.nbytes]
+    /// The element bytes, row-major; [`Error::Unsupported`] when the storage
+    /// is not in host memory.
+    pub fn as_bytes(&self) -> Result<&[u8]> {
+        self.storage.host_bytes().ok_or_else(|| not_on_host(self.storage.device()))
     }
-    /// The element bytes, mutable.
-    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.data)[..self.nbytes]
+    /// The element bytes, mutable; [`Error::Unsupported`] when the storage
+    /// is not in host memory.
+    pub fn as_bytes_mut(&mut self) -> Result<&mut [u8]> {
+        let device = self.storage.device();
+        self.storage.host_bytes_mut().ok_or_else(|| not_on_host(device))
     }
 
     fn check_dtype<T: Element>(&self) -> Result<()> {
@@ -329,13 +474,13 @@ impl Tensor {
         self.check_dtype::<T>()?;
         // The storage is u64-aligned and nbytes is a multiple of size_of::<T>(),
         // so the cast cannot fail.
-        bytemuck::try_cast_slice(self.as_bytes())
+        bytemuck::try_cast_slice(self.as_bytes()?)
             .map_err(|e| Error::invalid(format!("cannot view tensor bytes as {}: {e}", T::DTYPE)))
     }
     /// The elements as `&mut [T]`; `T` must match the dtype.
     pub fn as_slice_mut<T: Element>(&mut self) -> Result<&mut [T]> {
         self.check_dtype::<T>()?;
-        bytemuck::try_cast_slice_mut(self.as_bytes_mut())
+        bytemuck::try_cast_slice_mut(self.as_bytes_mut()?)
             .map_err(|e| Error::invalid(format!("cannot view tensor bytes as {}: {e}", T::DTYPE)))
     }
     /// The elements copied into a `Vec<T>`; `T` must match the dtype.
@@ -344,27 +489,20 @@ impl Tensor {
     }
 
     /// The first `n` elements as a 1-D tensor (for printing).
-    fn prefix(&self, n: usize) -> Tensor {
+    fn prefix(&self, n: usize) -> Result<Tensor> {
         let n = n.min(self.numel());
-        let bytes = &self.as_bytes()[..n * self.dtype.size()];
-        let mut t = Tensor {
-            dtype: self.dtype,
-            shape: vec![n],
-            device: self.device,
-            data: alloc_words(bytes.len()),
-            nbytes: bytes.len(),
-        };
-        t.as_bytes_mut().copy_from_slice(bytes);
-        t
+        let bytes = &self.as_bytes()?[..n * self.dtype.size()];
+        Tensor::from_bytes(bytes, [n], self.dtype)
     }
 
-    /// Every element converted to `f64` (for printing and tolerant comparisons).
-    pub fn to_f64_vec(&self) -> Vec<f64> {
+    /// Every element converted to `f64` (for printing and tolerant
+    /// comparisons); [`Error::Unsupported`] when not in host memory.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
         fn conv<T: Element>(b: &[u8], f: impl Fn(T) -> f64) -> Vec<f64> {
             bytemuck::cast_slice::<u8, T>(b).iter().map(|&x| f(x)).collect()
         }
-        let b = self.as_bytes();
-        match self.dtype {
+        let b = self.as_bytes()?;
+        Ok(match self.dtype {
             DType::F32 => conv(b, |x: f32| x as f64),
             DType::F64 => conv(b, |x: f64| x),
             DType::F16 => conv(b, |x: f16| x.to_f64()),
@@ -373,30 +511,33 @@ impl Tensor {
             DType::U8 => conv(b, |x: u8| x as f64),
             DType::I32 => conv(b, |x: i32| x as f64),
             DType::I64 => conv(b, |x: i64| x as f64),
-        }
+        })
     }
 
     /// True when shapes and dtypes match and every element differs by at most
-    /// `atol + rtol * |other|` (compared in `f64`).
+    /// `atol + rtol * |other|` (compared in `f64`). Tensors whose bytes are
+    /// not in host memory are never close.
     pub fn allclose(&self, other: &Tensor, rtol: f64, atol: f64) -> bool {
+        let (Ok(a), Ok(b)) = (self.to_f64_vec(), other.to_f64_vec()) else {
+            return false;
+        };
         self.dtype == other.dtype
             && self.shape == other.shape
-            && self
-                .to_f64_vec()
-                .iter()
-                .zip(other.to_f64_vec())
-                .all(|(a, b)| (a - b).abs() <= atol + rtol * b.abs() || (a.is_nan() && b.is_nan()))
+            && a.iter().zip(b).all(|(a, b)| (a - b).abs() <= atol + rtol * b.abs() || (a.is_nan() && b.is_nan()))
     }
 
     /// Returns `Ok` for host tensors, [`Error::Unsupported`] otherwise.
     pub fn check_cpu(&self) -> Result<()> {
-        self.device.check_supported()
+        self.as_bytes().map(|_| ())
     }
 
     /// Moves the tensor to `device` (only `cpu` is supported).
     pub fn to_device(self, device: Device) -> Result<Tensor> {
         device.check_supported()?;
-        Ok(Tensor { device, ..self })
+        if self.device() == device {
+            return Ok(self);
+        }
+        Err(Error::Unsupported(format!("moving a tensor from {} to {device}", self.device())))
     }
 
     /// Resolves a target shape with at most one `-1` against `numel`.
@@ -480,10 +621,9 @@ impl Tensor {
         let mut shape = self.shape.clone();
         shape[d] = len;
         let mut out = Tensor::zeros(shape, self.dtype)?;
-        out.device = self.device;
-        let src = self.as_bytes();
+        let src = self.as_bytes()?;
         let run = len * inner;
-        let dst = out.as_bytes_mut();
+        let dst = out.as_bytes_mut()?;
         for o in 0..outer {
             let s = (o * size + start) * inner;
             dst[o * run..(o + 1) * run].copy_from_slice(&src[s..s + run]);
@@ -509,14 +649,14 @@ impl Tensor {
         for (i, t) in tensors.iter().enumerate() {
             let same_others = t.shape.len() == first.shape.len()
                 && t.shape.iter().zip(&first.shape).enumerate().all(|(k, (a, b))| k == d || a == b);
-            if t.dtype != first.dtype || t.device != first.device || !same_others {
+            if t.dtype != first.dtype || t.device() != first.device() || !same_others {
                 return Err(Error::invalid(format!(
                     "cat along dim {dim}: tensor {i} has {} {} on {}, expected {} on {} with shape {} except along dim {d}",
                     t.dtype,
                     shape_str(&t.shape),
-                    t.device,
+                    t.device(),
                     first.dtype,
-                    first.device,
+                    first.device(),
                     shape_str(&first.shape)
                 )));
             }
@@ -525,16 +665,16 @@ impl Tensor {
         let mut shape = first.shape.clone();
         shape[d] = total;
         let mut out = Tensor::zeros(shape, first.dtype)?;
-        out.device = first.device;
         let es = first.dtype.size();
         let inner: usize = first.shape[d + 1..].iter().product::<usize>() * es;
         let outer: usize = first.shape[..d].iter().product();
-        let dst = out.as_bytes_mut();
+        let srcs = tensors.iter().map(|t| t.as_bytes()).collect::<Result<Vec<&[u8]>>>()?;
+        let dst = out.as_bytes_mut()?;
         let mut pos = 0;
         for o in 0..outer {
-            for t in tensors {
+            for (t, src) in tensors.iter().zip(&srcs) {
                 let run = t.shape[d] * inner;
-                dst[pos..pos + run].copy_from_slice(&t.as_bytes()[o * run..(o + 1) * run]);
+                dst[pos..pos + run].copy_from_slice(&src[o * run..(o + 1) * run]);
                 pos += run;
             }
         }
@@ -554,8 +694,7 @@ impl Tensor {
         }
         let out_shape: Vec<usize> = perm.iter().map(|&p| self.shape[p]).collect();
         let mut out = Tensor::zeros(out_shape.clone(), self.dtype)?;
-        out.device = self.device;
-        if self.nbytes == 0 {
+        if self.nbytes() == 0 {
             return Ok(out);
         }
         // Trailing dimensions that stay in place are copied as one run.
@@ -571,8 +710,8 @@ impl Tensor {
             in_strides[i] = acc;
             acc *= self.shape[i];
         }
-        let src = self.as_bytes();
-        let dst = out.as_bytes_mut();
+        let src = self.as_bytes()?;
+        let dst = out.as_bytes_mut()?;
         let mut idx = vec![0usize; k];
         let mut pos = 0;
         loop {
@@ -650,7 +789,7 @@ mod tests {
     fn views_are_aligned_for_every_dtype() {
         for dt in DType::ALL {
             let t = Tensor::from_f64(&[1.0, 2.0, 3.0], [3], dt).unwrap();
-            assert_eq!(t.to_f64_vec(), vec![1.0, 2.0, 3.0], "{dt}");
+            assert_eq!(t.to_f64_vec().unwrap(), vec![1.0, 2.0, 3.0], "{dt}");
             assert_eq!(t.nbytes(), 3 * dt.size());
         }
         let t = Tensor::from_vec(vec![1.5f64, -2.0], [2]).unwrap();
@@ -684,7 +823,7 @@ mod tests {
         let e = Tensor::zeros([0, 3], DType::F32).unwrap();
         assert_eq!(e.reshape(&[3, 0]).unwrap().shape(), &[3, 0]);
         assert!(e.reshape(&[0, -1]).is_err());
-        assert_eq!(t.clone().into_reshape(&[6, 4]).unwrap().as_bytes(), t.as_bytes());
+        assert_eq!(t.clone().into_reshape(&[6, 4]).unwrap().as_bytes().unwrap(), t.as_bytes().unwrap());
     }
 
     #[test]
