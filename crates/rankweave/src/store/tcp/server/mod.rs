@@ -93,6 +93,35 @@ fn nofile_soft() -> Option<usize> {
     usize::try_from(soft).ok()
 }
 
+/// Listen backlog asked for (the kernel caps it at `net.core.somaxconn`).
+/// std's 128 overflows when thousands of ranks connect at once: the kernel
+/// then drops handshakes and the clients retry only after a second.
+const BACKLOG: i32 = 65_535;
+
+/// Binds the first address `addr` resolves to that accepts a bind, with
+/// `SO_REUSEADDR` (as std does) and a deep backlog; returns a nonblocking
+/// listener.
+fn listen(addr: &str) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::net::ToSocketAddrs;
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{addr}` resolves to no address"));
+    for a in addr.to_socket_addrs()? {
+        let attempt = (|| {
+            let s = Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.bind(&a.into())?;
+            s.listen(BACKLOG)?;
+            s.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
+        })();
+        match attempt {
+            Ok(l) => return Ok(l),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Builder for a [`TcpStoreServer`] with explicit options.
 #[derive(Debug, Clone)]
 pub struct TcpStoreServerBuilder {
@@ -190,8 +219,7 @@ impl TcpStoreServerBuilder {
         };
         let ctx = || Context { op: "store.bind".into(), group: format!("tcp://{addr}"), ..Default::default() };
         let io = |e| Error::io(ctx(), e);
-        let std_listener = std::net::TcpListener::bind(addr).map_err(io)?;
-        std_listener.set_nonblocking(true).map_err(io)?;
+        let std_listener = listen(addr).map_err(io)?;
         let local = std_listener.local_addr().map_err(io)?;
         let listener = mio::net::TcpListener::from_std(std_listener);
         let poll = mio::Poll::new().map_err(io)?;
