@@ -22,9 +22,11 @@ use std::time::Instant;
 /// sent while a request waits). Past it the connection stops reading until
 /// the earlier work is done.
 const READ_AHEAD: usize = 64 * 1024;
-/// A buffer this large is released once it is empty again, so that one big
-/// `set` does not pin its memory on an idle connection.
-const KEEP_CAPACITY: usize = 64 * 1024;
+/// A buffer larger than this is released once it is empty again, so that a
+/// big `set` or `wait` does not pin its memory on a connection that goes
+/// quiet (thousands of ranks each sending one long key list would otherwise
+/// keep thousands of such buffers).
+const KEEP_CAPACITY: usize = 4 * 1024;
 /// Values up to this size are copied into the reply frame (one write);
 /// larger ones are sent from the shared copy.
 const INLINE_VALUE: usize = 4 * 1024;

@@ -478,7 +478,7 @@ impl Reactor {
                 Reply::Frame(Response::Ok)
             }
             Request::Get { key, timeout_ms } => return self.park(id, Want::Get(key), timeout_ms, now),
-            Request::Wait { keys, timeout_ms } => return self.park(id, Want::Wait { keys, next: 0 }, timeout_ms, now),
+            Request::Wait { keys, timeout_ms } => return self.park(id, Want::Wait(keys), timeout_ms, now),
             Request::Add { key, delta } => {
                 let cur = match self.map.get(&key) {
                     None => Some(0),

@@ -1,15 +1,18 @@
 //! Blocked `get` and `wait` requests, kept as data rather than as threads.
 //!
-//! A waiter is registered under exactly one key, the first one it still
-//! misses. When that key is set the waiter looks further along its list
-//! (keys present since are skipped) and either completes or moves to the
-//! next missing key, so a `wait` on `n` keys costs `O(n)` over its whole
-//! life, not `O(n)` per `set`, and every `set` touches only the waiters of
-//! its own key. Each waiter has a deadline (the client's timeout, capped by
-//! the server); an expired or cancelled waiter (its client left) is removed
-//! at once, along with its entry under its key. Deadlines sit in a heap;
-//! entries of waiters that finished early are skipped when they come up, and
-//! the heap is rebuilt when such entries outnumber the live ones.
+//! A parked request is a small record (its connection, its deadline and how
+//! many keys it still misses) plus its id in the list of every key it
+//! missed when it was parked. Each missing key is stored once, however many
+//! requests wait for it, so a parked `wait` costs 8 bytes per missing key.
+//! Keys present at park time are not checked again later (torch's store
+//! has the same rule). A `set` takes its key's list and counts each of
+//! those requests down; one that reaches zero is answered.
+//!
+//! A request that expires or whose client leaves is dropped at once. Its ids
+//! in the key lists are dropped lazily (skipped when the key is set); once
+//! such stale ids outnumber the live ones the lists are swept, so memory
+//! stays proportional to what live requests wait for. Deadlines sit in a
+//! heap, swept the same way.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -22,17 +25,12 @@ pub(super) type WaiterId = u64;
 /// The key-value map of the store.
 pub(super) type Map = HashMap<String, Arc<Vec<u8>>>;
 
-/// What a waiter waits for.
+/// What a request waits for.
 pub(super) enum Want {
     /// One key; the answer is its value.
     Get(String),
-    /// Every key of the list; `next` is the first one not yet seen present.
-    Wait {
-        /// The keys.
-        keys: Vec<String>,
-        /// Index of the key it is registered under.
-        next: usize,
-    },
+    /// Every key of the list.
+    Wait(Vec<String>),
 }
 
 /// A finished waiter: the connection and what to answer.
@@ -45,17 +43,11 @@ pub(super) enum Done {
 
 struct Waiter {
     conn: u64,
-    want: Want,
+    /// Keys still missing.
+    missing: usize,
     deadline: Instant,
-}
-
-impl Waiter {
-    fn key(&self) -> &str {
-        match &self.want {
-            Want::Get(k) => k,
-            Want::Wait { keys, next } => keys.get(*next).map_or("", String::as_str),
-        }
-    }
+    /// For a `get`: the key whose value answers it.
+    get: Option<String>,
 }
 
 /// The registry of blocked requests.
@@ -63,13 +55,12 @@ impl Waiter {
 pub(super) struct Waiters {
     waiters: HashMap<WaiterId, Waiter>,
     by_key: HashMap<String, Vec<WaiterId>>,
+    /// Ids in `by_key`, live and stale.
+    entries: usize,
+    /// Ids in `by_key` of live waiters.
+    live_entries: usize,
     deadlines: BinaryHeap<Reverse<(Instant, WaiterId)>>,
     next_id: WaiterId,
-}
-
-/// Index of the first key of `keys[from..]` missing from `map` (`keys.len()` if none).
-fn first_missing(map: &Map, keys: &[String], from: usize) -> usize {
-    keys.iter().skip(from).position(|k| !map.contains_key(k)).map_or(keys.len(), |p| p + from)
 }
 
 impl Waiters {
@@ -87,80 +78,73 @@ impl Waiters {
     /// Parks `want` for connection `conn` unless it can be answered now, in
     /// which case the answer is returned and nothing is parked.
     pub fn park(&mut self, map: &Map, conn: u64, want: Want, deadline: Instant) -> Result<Done, WaiterId> {
-        let want = match want {
+        let id = self.next_id;
+        let (keys, get) = match want {
             Want::Get(key) => match map.get(&key) {
                 Some(v) => return Ok(Done::Value(conn, Arc::clone(v))),
-                None => Want::Get(key),
+                None => (vec![key.clone()], Some(key)),
             },
-            Want::Wait { keys, .. } => {
-                let next = first_missing(map, &keys, 0);
-                if next == keys.len() {
-                    return Ok(Done::Ready(conn));
-                }
-                Want::Wait { keys, next }
-            }
+            Want::Wait(keys) => (keys, None),
         };
-        let id = self.next_id;
+        let mut n = 0;
+        for k in keys {
+            if map.contains_key(&k) {
+                continue;
+            }
+            let list = self.by_key.entry(k).or_default();
+            // A key listed twice lands on the same list twice in a row.
+            if list.last() != Some(&id) {
+                list.push(id);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Ok(Done::Ready(conn));
+        }
         self.next_id += 1;
-        let w = Waiter { conn, want, deadline };
-        self.by_key.entry(w.key().to_owned()).or_default().push(id);
-        self.waiters.insert(id, w);
+        self.entries += n;
+        self.live_entries += n;
+        self.waiters.insert(id, Waiter { conn, missing: n, deadline, get });
         self.deadlines.push(Reverse((deadline, id)));
         Err(id)
     }
 
-    /// Removes a waiter from the list of the key it is registered under.
-    fn unlink(&mut self, id: WaiterId, key: &str) {
-        if let Some(list) = self.by_key.get_mut(key) {
-            if let Some(p) = list.iter().position(|w| *w == id) {
-                list.swap_remove(p);
-            }
-            if list.is_empty() {
-                self.by_key.remove(key);
-            }
-        }
-    }
-
     /// Forgets a waiter (its client left). Unknown ids are ignored.
     pub fn cancel(&mut self, id: WaiterId) {
-        if let Some(w) = self.waiters.remove(&id) {
-            let key = w.key().to_owned();
-            self.unlink(id, &key);
-        }
-        self.compact();
+        self.remove(id);
     }
 
-    /// `key` now exists: wakes its waiters. Those that are complete are
-    /// returned; the others move on to their next missing key.
+    fn remove(&mut self, id: WaiterId) -> Option<Waiter> {
+        let w = self.waiters.remove(&id)?;
+        // Its ids that are still in key lists become stale.
+        self.live_entries -= w.missing;
+        self.sweep();
+        Some(w)
+    }
+
+    /// `key` now exists: counts its waiters down and returns those that
+    /// are complete.
     pub fn on_set(&mut self, map: &Map, key: &str, done: &mut Vec<Done>) {
         let Some(ids) = self.by_key.remove(key) else { return };
+        self.entries -= ids.len();
         for id in ids {
-            let Some(mut w) = self.waiters.remove(&id) else { continue };
-            match &mut w.want {
-                Want::Get(k) => match map.get(k.as_str()) {
-                    Some(v) => done.push(Done::Value(w.conn, Arc::clone(v))),
-                    None => {
-                        self.waiters.insert(id, w);
-                    }
-                },
-                Want::Wait { keys, next } => {
-                    *next = first_missing(map, keys, *next);
-                    if *next == keys.len() {
-                        // A key passed earlier may have been deleted since:
-                        // answer only when all of them exist now.
-                        *next = first_missing(map, keys, 0);
-                    }
-                    if *next == keys.len() {
-                        done.push(Done::Ready(w.conn));
-                    } else {
-                        let k = w.key().to_owned();
-                        self.by_key.entry(k).or_default().push(id);
-                        self.waiters.insert(id, w);
-                    }
-                }
+            let Some(w) = self.waiters.get_mut(&id) else { continue };
+            w.missing -= 1;
+            self.live_entries -= 1;
+            if w.missing > 0 {
+                continue;
+            }
+            let conn = w.conn;
+            let answer = match w.get.as_deref() {
+                Some(k) => map.get(k).map(|v| Done::Value(conn, Arc::clone(v))),
+                None => Some(Done::Ready(conn)),
+            };
+            if let Some(a) = answer {
+                self.waiters.remove(&id);
+                done.push(a);
             }
         }
-        self.compact();
+        self.sweep();
     }
 
     /// Removes the waiters whose deadline has passed; returns their connections.
@@ -171,21 +155,36 @@ impl Waiters {
             }
             self.deadlines.pop();
             if self.waiters.get(&id).is_some_and(|w| w.deadline == t) {
-                if let Some(w) = self.waiters.remove(&id) {
-                    let key = w.key().to_owned();
-                    self.unlink(id, &key);
+                if let Some(w) = self.remove(id) {
                     expired.push(w.conn);
                 }
             }
         }
     }
 
-    /// Drops heap entries of finished waiters once they dominate the heap.
-    fn compact(&mut self) {
+    /// Drops stale ids from the key lists and stale heap entries once they
+    /// dominate.
+    fn sweep(&mut self) {
+        if self.entries > 1024 && self.entries > 2 * self.live_entries {
+            let waiters = &self.waiters;
+            self.by_key.retain(|_, ids| {
+                ids.retain(|id| waiters.contains_key(id));
+                !ids.is_empty()
+            });
+            self.entries = self.by_key.values().map(Vec::len).sum();
+            debug_assert_eq!(self.entries, self.live_entries);
+            self.live_entries = self.entries;
+        }
         if self.deadlines.len() > 1024 && self.deadlines.len() > 2 * self.waiters.len() {
             let waiters = &self.waiters;
             self.deadlines.retain(|Reverse((_, id))| waiters.contains_key(id));
         }
+    }
+
+    /// Ids held in key lists (live and stale), for tests.
+    #[cfg(test)]
+    fn held_entries(&self) -> usize {
+        self.by_key.values().map(Vec::len).sum()
     }
 }
 
@@ -199,22 +198,21 @@ mod tests {
     }
 
     #[test]
-    fn wait_moves_along_its_keys() {
+    fn wait_counts_its_missing_keys_down() {
         let far = Instant::now() + Duration::from_secs(60);
         let mut w = Waiters::default();
         let mut m = map(&["a"]);
-        let keys = vec!["a".to_string(), "b".into(), "c".into()];
-        let id = w.park(&m, 7, Want::Wait { keys, next: 0 }, far).err().unwrap();
-        assert_eq!(w.len(), 1);
+        let keys = vec!["a".to_string(), "b".into(), "c".into(), "b".into()];
+        let id = w.park(&m, 7, Want::Wait(keys), far).err().unwrap();
+        assert_eq!((w.len(), w.held_entries()), (1, 2));
         let mut done = Vec::new();
         m.insert("c".into(), Arc::new(vec![]));
-        w.on_set(&m, "c", &mut done); // registered under b, not c
+        w.on_set(&m, "c", &mut done);
         assert!(done.is_empty());
         m.insert("b".into(), Arc::new(vec![]));
         w.on_set(&m, "b", &mut done);
         assert!(matches!(done.as_slice(), [Done::Ready(7)]));
-        assert_eq!(w.len(), 0);
-        assert!(w.by_key.is_empty());
+        assert_eq!((w.len(), w.held_entries()), (0, 0));
         w.cancel(id); // already gone: ignored
     }
 
@@ -223,14 +221,22 @@ mod tests {
         let now = Instant::now();
         let mut w = Waiters::default();
         let m = map(&[]);
-        let a = w.park(&m, 1, Want::Get("k".into()), now + Duration::from_secs(60)).err().unwrap();
-        w.park(&m, 2, Want::Get("k".into()), now).err().unwrap();
-        w.cancel(a);
+        let mut ids = Vec::new();
+        for i in 0..3000 {
+            let keys = vec![format!("k{i}"), "shared".into()];
+            ids.push(w.park(&m, i, Want::Wait(keys), now + Duration::from_secs(60)).err().unwrap());
+        }
+        w.park(&m, 9999, Want::Get("k".into()), now).err().unwrap();
+        for id in ids {
+            w.cancel(id);
+        }
         let mut expired = Vec::new();
         w.expire(now, &mut expired);
-        assert_eq!(expired, vec![2]);
+        assert_eq!(expired, vec![9999]);
         assert_eq!(w.len(), 0);
-        assert!(w.by_key.is_empty());
+        // Stale ids were swept down to (at most) the sweep threshold.
+        assert!(w.held_entries() <= 1024, "{} ids left", w.held_entries());
+        assert!(w.deadlines.len() <= 1024);
     }
 
     #[test]
@@ -239,7 +245,19 @@ mod tests {
         let m = map(&["x"]);
         let t = Instant::now();
         assert!(matches!(w.park(&m, 3, Want::Get("x".into()), t), Ok(Done::Value(3, _))));
-        assert!(matches!(w.park(&m, 3, Want::Wait { keys: vec![], next: 0 }, t), Ok(Done::Ready(3))));
+        assert!(matches!(w.park(&m, 3, Want::Wait(vec!["x".into()]), t), Ok(Done::Ready(3))));
+        assert!(matches!(w.park(&m, 3, Want::Wait(vec![]), t), Ok(Done::Ready(3))));
         assert_eq!(w.len(), 0);
+    }
+
+    #[test]
+    fn get_answers_with_the_value() {
+        let mut w = Waiters::default();
+        let mut m = map(&[]);
+        w.park(&m, 4, Want::Get("g".into()), Instant::now() + Duration::from_secs(9)).err().unwrap();
+        m.insert("g".into(), Arc::new(b"val".to_vec()));
+        let mut done = Vec::new();
+        w.on_set(&m, "g", &mut done);
+        assert!(matches!(done.as_slice(), [Done::Value(4, v)] if v.as_slice() == b"val"));
     }
 }
