@@ -66,7 +66,7 @@ def serve(timeout_s):
     sys.stdin.read()
 
 
-def run_one(n, timeout_s):
+def run_one(n, timeout_s, client_nice):
     from torch.distributed import TCPStore
 
     server = subprocess.Popen(
@@ -116,7 +116,8 @@ def run_one(n, timeout_s):
         def launch():
             # Clients at nice +10, the server process at 0, as in the Rust
             # bench (nice is per thread on Linux, inherited by new threads).
-            os.nice(CLIENT_NICE)
+            if client_nice:
+                os.nice(client_nice)
             for t in threads:
                 t.start()
 
@@ -171,6 +172,7 @@ def main():
     p.add_argument("--clients", default="1000,4000,10000")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--json")
+    p.add_argument("--client-nice", type=int, default=CLIENT_NICE, help="niceness of the client threads")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.serve:
@@ -179,13 +181,13 @@ def main():
 
     limit = raise_nofile()
     print(f"# torch {torch.__version__} TCPStore (libuv) bench: same workload as `rankweave bench store`")
-    print(f"# RLIMIT_NOFILE {limit}")
+    print(f"# RLIMIT_NOFILE {limit}, client threads at nice +{a.client_nice}")
     print(
         f"{'clients':>8} {'connect_s':>10} {'rendezvous_s':>13} {'total_s':>9} {'threads':>8} "
         f"{'rss_idle_MiB':>12} {'rss_max_MiB':>12} {'rss_hwm_MiB':>12}"
     )
     for n in [int(x) for x in a.clients.split(",") if x.strip()]:
-        r = run_one(n, a.timeout)
+        r = run_one(n, a.timeout, a.client_nice)
         print(
             f"{r['clients']:>8} {r['connect_s']:>10.3f} {r['rendezvous_s']:>13.3f} {r['total_s']:>9.3f} "
             f"{r['server_threads']:>8} {r['rss_idle_kib'] / 1024:>12.1f} {r['rss_max_kib'] / 1024:>12.1f} "

@@ -12,6 +12,9 @@
 //! seen every key (the rendezvous), time until the last client is through
 //! the barrier, and the server process's thread count and resident memory
 //! (largest sample during the run, and the kernel's high-water mark).
+//! The client threads run at nice +10 (`RANKWEAVE_BENCH_CLIENT_NICE`), so
+//! that thousands of runnable clients on a small machine do not starve the
+//! server process of CPU.
 //! `docs/bench/store_torch.py` runs the same workload against torch's
 //! `TCPStore` (libuv backend).
 
@@ -29,8 +32,13 @@ use super::BenchOptions;
 const SERVE_ENV: &str = "RANKWEAVE_BENCH_STORE_SERVE";
 /// Stack of each client thread (the client needs little).
 const CLIENT_STACK: usize = 256 * 1024;
-/// Niceness of the client threads (the server process keeps 0).
+/// Niceness of the client threads unless `RANKWEAVE_BENCH_CLIENT_NICE`
+/// says otherwise (the server process keeps its own).
 const CLIENT_NICE: i32 = 10;
+
+fn client_nice() -> i32 {
+    std::env::var("RANKWEAVE_BENCH_CLIENT_NICE").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(CLIENT_NICE)
+}
 
 /// One measured client count.
 #[derive(Debug, Clone, Default)]
@@ -157,8 +165,11 @@ pub fn run_one(n: usize, timeout: Duration) -> Result<StoreRun> {
         // creates): thousands of runnable client threads would otherwise
         // starve the one server process of the two cores, which measures the
         // scheduler, not the store. The torch script does the same.
+        let nice = client_nice();
         let launcher = s.spawn(move || -> Result<()> {
-            let _ = rustix::process::nice(CLIENT_NICE);
+            if nice != 0 {
+                let _ = rustix::process::nice(nice);
+            }
             for rank in 0..n {
                 let spawned = std::thread::Builder::new()
                     .name(format!("client-{rank}"))
@@ -272,7 +283,7 @@ pub fn run(args: &BenchOptions) -> Result<i32> {
     let timeout = Duration::from_secs_f64(args.timeout.max(1.0));
     println!("# rankweave bench store: N clients (one thread each, real TcpStore) set a key each,");
     println!("# wait for all N keys (lists of <= {MAX_KEYS}), then meet at an add-barrier; server in its own process");
-    println!("# RLIMIT_NOFILE {limit}");
+    println!("# RLIMIT_NOFILE {limit}, client threads at nice +{} (RANKWEAVE_BENCH_CLIENT_NICE)", client_nice());
     println!("{}", header());
     for n in counts {
         let r = run_one(n, timeout)?;

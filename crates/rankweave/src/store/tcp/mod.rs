@@ -13,4 +13,7 @@ mod server;
 
 pub(crate) use client::join_host_port;
 pub use client::{TcpStore, TcpStoreBuilder};
-pub use server::{TcpStoreServer, TcpStoreServerBuilder};
+pub use server::{
+    TcpStoreServer, TcpStoreServerBuilder, DEFAULT_FD_RESERVE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_WAIT,
+    DEFAULT_PENDING_IDLE_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
+};
