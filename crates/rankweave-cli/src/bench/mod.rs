@@ -23,6 +23,7 @@ pub mod ops;
 pub mod plot;
 pub mod report;
 pub mod spawn;
+pub mod store;
 pub mod suite;
 
 use args::{parse_list, parse_modes};
@@ -43,6 +44,9 @@ pub fn run(args: impl std::borrow::Borrow<BenchArgs>) -> Result<i32> {
     let args: &BenchOptions = &args.borrow().opts;
     if args.op.trim().eq_ignore_ascii_case("plot") {
         return run_plot(args);
+    }
+    if args.op.trim().eq_ignore_ascii_case("store") {
+        return store::run(args);
     }
     let cfg = Config::from_args(args)?;
     if !cfg.nproc.is_empty() && !spawn::is_worker() {

@@ -510,6 +510,27 @@ pub fn encode_request(req: &Request) -> Result<Vec<u8>> {
     Ok(e.finish())
 }
 
+/// Length of the bytes [`encode_value_prefix`] returns.
+pub const VALUE_PREFIX_LEN: usize = HEADER_LEN + LEN_FIELD;
+
+/// The first bytes of a `Value` response frame carrying `value_len` bytes:
+/// the header and the value's length field. Followed by the value itself it
+/// is exactly [`encode_response`]`(&Response::Value(..))`, so a server can
+/// send a stored value without copying it into the frame. A length over
+/// [`MAX_VALUE_LEN`] is an `InvalidArgument` error.
+pub fn encode_value_prefix(value_len: usize) -> Result<[u8; VALUE_PREFIX_LEN]> {
+    if value_len > MAX_VALUE_LEN {
+        return Err(too_long("value", value_len, MAX_VALUE_LEN));
+    }
+    let mut out = [0u8; VALUE_PREFIX_LEN];
+    out[0] = VERSION;
+    out[1] = kind::VALUE;
+    // Both fit in u32: the value is at most 64 MiB.
+    out[2..HEADER_LEN].copy_from_slice(&((LEN_FIELD + value_len) as u32).to_le_bytes());
+    out[HEADER_LEN..].copy_from_slice(&(value_len as u32).to_le_bytes());
+    Ok(out)
+}
+
 /// Encodes a response frame. Error messages longer than the limit are cut
 /// (at a character boundary); a value over the limit is an error.
 pub fn encode_response(resp: &Response) -> Result<Vec<u8>> {
@@ -584,6 +605,16 @@ mod tests {
             let f = encode_response(&r).unwrap();
             assert_eq!(decode_response(&f).unwrap(), r);
         }
+    }
+
+    #[test]
+    fn value_prefix_matches_the_encoder() {
+        for v in [vec![], vec![5u8; 3], vec![1u8; 70_000]] {
+            let mut f = encode_value_prefix(v.len()).unwrap().to_vec();
+            f.extend_from_slice(&v);
+            assert_eq!(f, encode_response(&Response::Value(v.clone())).unwrap());
+        }
+        assert!(encode_value_prefix(MAX_VALUE_LEN + 1).is_err());
     }
 
     #[test]
