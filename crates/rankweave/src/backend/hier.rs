@@ -105,7 +105,7 @@ impl Communicator for HierBackend {
                 let mut comm = Comm {
                     transport: &sub,
                     seq: call.seq,
-                    deadline: call.deadline,
+                    deadline: call.deadline(),
                     scratch: &mut self.scratch,
                     desc: call.desc,
                 };

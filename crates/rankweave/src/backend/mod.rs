@@ -68,13 +68,23 @@ pub struct Call {
     /// (the same on every rank), for `send`/`recv` the count of messages
     /// between this pair of ranks in that direction.
     pub seq: u64,
-    /// When the whole operation must be done.
-    pub deadline: Instant,
+    /// How long the whole operation may take, from [`Call::deadline`]'s
+    /// first reading (a backend that never blocks on a clock, such as the
+    /// shared-memory one with its own per-step timeout, skips the clock read).
+    pub timeout: std::time::Duration,
     /// What this rank calls (operation, dtype, reduce op, root, size): a
     /// backend carries it with the call's messages and fails with
     /// [`crate::Error::Mismatch`] naming both descriptors when a peer's
     /// differs, also for empty buffers (a zero-length call still takes part).
     pub desc: OpDesc,
+}
+
+impl Call {
+    /// When the whole operation must be done: now plus [`Call::timeout`]
+    /// (read it once per operation).
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.timeout
+    }
 }
 
 /// One group's operations on byte buffers (see the module docs for the

@@ -32,7 +32,7 @@ impl<T: Transport + 'static> TransportComm<T> {
         Comm {
             transport: &*self.transport,
             seq: call.seq,
-            deadline: call.deadline,
+            deadline: call.deadline(),
             scratch: &mut self.scratch,
             desc: call.desc,
         }
@@ -79,12 +79,12 @@ impl BackendFactory for InProcessFactory {
 /// Point-to-point on any transport: one message tagged with the pair's
 /// sequence number.
 pub(crate) fn send_on(t: &dyn Transport, call: Call, data: &[u8], dst: usize) -> Result<()> {
-    t.send(dst, Tag::new(OpCode::SendRecv, call.seq).with_desc(call.desc), data, call.deadline)
+    t.send(dst, Tag::new(OpCode::SendRecv, call.seq).with_desc(call.desc), data, call.deadline())
 }
 
 /// The receiving side of [`send_on`].
 pub(crate) fn recv_on(t: &dyn Transport, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
-    t.recv(src, Tag::new(OpCode::SendRecv, call.seq).with_desc(call.desc), buf, call.deadline)
+    t.recv(src, Tag::new(OpCode::SendRecv, call.seq).with_desc(call.desc), buf, call.deadline())
 }
 
 impl<T: Transport + 'static> Communicator for TransportComm<T> {

@@ -394,7 +394,7 @@ impl ProcessGroup {
                 state.recv_seq[p]
             }
         };
-        let call = Call { seq, deadline: Instant::now() + inner.opts.timeout, desc };
+        let call = Call { seq, timeout: inner.opts.timeout, desc };
         let guard = CloseOnPanic(inner);
         let res = f(&mut *state.comm, call);
         drop(guard);

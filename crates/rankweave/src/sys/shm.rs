@@ -279,14 +279,24 @@ impl ShmSegment {
     /// Every process that maps the segment may access the word, but only
     /// through atomics: a layout that also reads or writes it as plain
     /// bytes is a bug of the caller.
+    #[inline]
     pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
-        assert!(off % 8 == 0, "segment {}: atomic at unaligned offset {off}", self.name);
-        let p = self.range(off, 8);
+        // One branch on the hot path (waiting loops read these words).
+        if off & 7 != 0 || self.len < 8 || off > self.len - 8 {
+            self.bad_atomic(off);
+        }
+        // SAFETY: 8 bytes at `off` lie inside the mapping (checked above).
+        let p = unsafe { self.ptr.as_ptr().add(off) };
         // SAFETY: inside the mapping (checked), 8-byte aligned (the mapping
         // is page aligned and `off` is a multiple of 8), valid for the
         // lifetime of `&self`, and only ever accessed atomically (the
         // contract above).
         unsafe { &*p.cast::<AtomicU64>() }
+    }
+
+    #[cold]
+    fn bad_atomic(&self, off: usize) -> ! {
+        panic!("segment {}: no aligned 8-byte atomic at offset {off} of {} bytes", self.name, self.len)
     }
 
     /// Copies `data` into the segment at `off` (bounds checked).
