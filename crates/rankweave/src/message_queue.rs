@@ -1005,7 +1005,7 @@ impl MessageQueue {
 /// [`crate::parallel_state::in_the_same_node_as`], kept here under the name
 /// the queue's users look for.
 pub fn in_the_same_node_as(group: &ProcessGroup, src: usize) -> Result<Vec<bool>> {
-    crate::coordinator::in_the_same_node_as(group, src)
+    crate::group::in_the_same_node_as(group, src)
 }
 
 fn connect(addr: &str, timeout: Duration, ctx: impl Fn() -> Context) -> Result<TcpStream> {

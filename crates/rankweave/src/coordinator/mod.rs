@@ -39,8 +39,8 @@ mod device;
 mod fingerprint;
 mod wire;
 
+pub use crate::group::in_the_same_node_as;
 pub use device::DeviceGroup;
-pub use wire::in_the_same_node_as;
 
 use crate::dtype::DType;
 use crate::error::{Context, Error, Result};

@@ -26,7 +26,7 @@ mod node;
 mod options;
 
 pub use factory::{BackendFactory, CpuFactory, GroupInfo};
-pub use node::node_identity;
+pub use node::{in_the_same_node_as, node_identity};
 pub use options::{GroupOptions, TransportKind, TRANSPORT_ENV};
 
 use crate::backend::{Backend, Call, Communicator, Link};
