@@ -17,6 +17,23 @@ use crate::store::Store;
 use crate::sys::shm::ShmSegment;
 use std::time::{Duration, Instant};
 
+/// Logs that a group falls back to TCP because shared memory is unavailable:
+/// one WARN per process (the first group; the reason names the size needed
+/// and the fix when `/dev/shm` is too small), DEBUG for later groups.
+fn fallback_warning(name: &str, rank: usize, why: &str) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            group = %name,
+            rank,
+            "shared memory is unavailable, so collectives use TCP (several times slower): {why} \
+             (logged once per process)"
+        );
+    } else {
+        tracing::debug!(group = %name, rank, "shared memory unavailable ({why}): collectives use TCP");
+    }
+}
+
 /// Reads `key`, which rank `peer` publishes, waiting until `deadline`; a
 /// timeout names the operation, the group and `peer`.
 fn get_from(store: &dyn Store, key: &str, deadline: Instant, ctx: Context) -> Result<Vec<u8>> {
@@ -83,7 +100,7 @@ pub(super) fn setup_shm(
                 "group {name}: the shared-memory transport was forced but is unavailable: {why}"
             ))),
             Err(why) => {
-                tracing::debug!(group = %name, rank, "shared memory unavailable ({why}): collectives use TCP");
+                fallback_warning(name, rank, &why);
                 Ok(Plan::Tcp)
             }
         };

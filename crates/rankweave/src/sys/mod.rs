@@ -14,4 +14,5 @@
 //! What users need of it is re-exported by [`crate::segments`].
 
 pub(crate) mod net;
+pub(crate) mod proc;
 pub(crate) mod shm;

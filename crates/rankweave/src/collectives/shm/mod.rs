@@ -47,8 +47,9 @@
 //! communicator is poisoned (see [`Error::Poisoned`]).
 //!
 //! Each rank also records its pid: a waiting step checks every 100 ms that
-//! the late ranks' processes still exist and reports a vanished one as
-//! [`Error::PeerLost`] at once instead of at the timeout.
+//! the late ranks' processes still run and reports one that exited (gone,
+//! or a zombie its parent has not reaped) as [`Error::PeerLost`] at once
+//! instead of at the timeout.
 //!
 //! Rank 0 unlinks the segment's name as soon as every rank has attached, so
 //! nothing stays in `/dev/shm` even when ranks are killed later.
@@ -359,7 +360,8 @@ impl ShmComm {
 
     /// A late rank whose process no longer exists, if any. Only ranks in our
     /// pid namespace can be checked (a pid means nothing across namespaces),
-    /// and a killed process counts as gone once it has been reaped.
+    /// and a killed process counts as gone once it has exited, reaped or not
+    /// (a zombie).
     fn vanished(&self, mut late: impl Iterator<Item = usize>) -> Option<usize> {
         let me = std::process::id() as u64;
         let ns = self.info(self.rank, 1).load(Ordering::Relaxed);
@@ -371,9 +373,7 @@ impl ShmComm {
             pid != 0
                 && pid != me
                 && self.info(j, 1).load(Ordering::Relaxed) == ns
-                && i32::try_from(pid).is_ok_and(|pid| {
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH)
-                })
+                && i32::try_from(pid).is_ok_and(crate::sys::proc::process_gone)
         })
     }
 
