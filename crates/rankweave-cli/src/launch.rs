@@ -203,7 +203,8 @@ pub fn run_job(spec: &JobSpec) -> Result<i32> {
         tracing::warn!("killed {stray} processes the workers left running outside their process groups");
     }
     forwarders.finish(Duration::from_secs(2));
-    let removed = remove_job_segments(&job);
+    let pids: Vec<u32> = workers.iter().filter_map(|w| u32::try_from(w.pid.as_raw()).ok()).collect();
+    let removed = remove_job_segments(&job, &pids);
     if removed > 0 {
         tracing::info!(job, "removed {removed} shared-memory segments left in /dev/shm");
     }
@@ -279,10 +280,12 @@ pub fn job_id() -> String {
 }
 
 /// Removes `/dev/shm/rankweave-<job>-*` (through the library's
-/// `segments::cleanup_job`, which knows how segments are named); returns how
+/// `segments::cleanup_job_of`, which knows how segments are named), only
+/// those the given worker processes created; returns how
 /// many were removed.
-pub fn remove_job_segments(job: &str) -> usize {
-    match rankweave::segments::cleanup_job(job) {
+pub fn remove_job_segments(job: &str, pids: &[u32]) -> usize {
+    // Only what this launcher's workers created: another job may share the id.
+    match rankweave::segments::cleanup_job_of(job, pids) {
         Ok(removed) => removed.len(),
         Err(e) => {
             tracing::warn!("cannot remove the shared-memory segments of job {job}: {e}");

@@ -339,19 +339,29 @@ fn leftover_shared_memory_of_the_job_is_removed() {
     }
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
     let job = format!("t{}x{nanos}", std::process::id());
-    // Another job whose id shares our id as a prefix keeps its segment.
+    // Another job whose id shares our id as a prefix keeps its segment, and
+    // so does a live job that shares our very id (its creator, pid 1 here,
+    // is none of this launcher's workers).
     let other = shm.join(format!("rankweave-{job}2-keep"));
     std::fs::write(&other, b"x").unwrap();
-    let script = "touch /dev/shm/rankweave-${RANKWEAVE_JOB_ID}-seg$RANK; if [ $RANK = 1 ]; then kill -9 $$; fi";
+    let twin = shm.join(format!("rankweave-{job}-twin-1-0"));
+    std::fs::write(&twin, b"x").unwrap();
+    // Segment names end in `-<creator pid>-<n>`; `$$` is the worker's pid.
+    let script = "touch /dev/shm/rankweave-${RANKWEAVE_JOB_ID}-seg$RANK-$$-0; if [ $RANK = 1 ]; then kill -9 $$; fi";
     let mut cmd = launcher(&["--nproc-per-node", "2", "--", "sh", "-c", script]);
     cmd.env("RANKWEAVE_JOB_ID", &job);
     let r = run(cmd);
     assert_eq!(r.status.code(), Some(137), "{}", r.stderr);
-    for rank in 0..2 {
-        let seg = shm.join(format!("rankweave-{job}-seg{rank}"));
-        assert!(!seg.exists(), "{} was left behind", seg.display());
-    }
+    let left: Vec<String> = std::fs::read_dir(shm)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with(&format!("rankweave-{job}-seg")))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
     assert!(other.exists(), "another job's segment was removed");
+    assert!(twin.exists(), "a segment of another job with the same id was removed");
+    std::fs::remove_file(&twin).unwrap();
     std::fs::remove_file(&other).unwrap();
 }
 

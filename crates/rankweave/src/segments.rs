@@ -7,6 +7,6 @@
 //! attached; [`cleanup_job`] removes what a killed job left behind.
 
 pub use crate::sys::shm::{
-    check_free_space, check_free_space_at, cleanup_job, free_bytes, is_valid_job_id, job_id, job_prefix, list_job,
-    new_job_id, segment_name, ShmSegment, JOB_ID_ENV, SHM_DIR,
+    check_free_space, check_free_space_at, cleanup_job, cleanup_job_of, creator_pid, free_bytes, is_valid_job_id,
+    job_id, job_prefix, list_job, new_job_id, segment_name, ShmSegment, JOB_ID_ENV, SHM_DIR,
 };

@@ -3,7 +3,9 @@
 
 use rankweave::collectives::shm::{ShmComm, ShmOptions};
 use rankweave::message_queue::{MessageQueue, MqOptions};
-use rankweave::segments::{check_free_space_at, cleanup_job, job_id, list_job, ShmSegment};
+use rankweave::segments::{
+    check_free_space_at, cleanup_job, cleanup_job_of, creator_pid, job_id, list_job, ShmSegment,
+};
 use rankweave::{DType, Error, HashStore, ReduceOp};
 use std::io::{BufRead, BufReader};
 use std::sync::Arc;
@@ -114,4 +116,24 @@ fn nothing_of_this_job_stays_in_dev_shm() {
     drop(never_ready);
 
     assert_eq!(list_job(&job_id()).unwrap(), Vec::<String>::new());
+}
+
+/// Two jobs sharing one job id: cleaning up after one (its processes'
+/// pids) leaves the other's live segments alone.
+#[test]
+fn cleanup_of_one_job_spares_another_with_the_same_id() {
+    let job = job_id();
+    let mine = ShmSegment::create_unique("isolation", 4096).unwrap();
+    let me = std::process::id();
+    assert_eq!(creator_pid(mine.name()), Some(me), "{}", mine.name());
+    // A segment "of another process" of the same job id (pid 1 is never us).
+    let other_name = format!("/rankweave-{job}-isolation-1-7");
+    let other = ShmSegment::create(&other_name, 4096).unwrap();
+    let removed = cleanup_job_of(&job, &[1]).unwrap();
+    assert_eq!(removed, vec![other_name.clone()]);
+    assert!(list_job(&job).unwrap().contains(&mine.name().to_string()), "our live segment was removed");
+    drop(other);
+    drop(mine);
+    assert_eq!(creator_pid("/rankweave-j-tp_0-123-4"), Some(123));
+    assert_eq!(creator_pid("/rankweave-j-keep"), None);
 }

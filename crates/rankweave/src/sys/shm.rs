@@ -155,6 +155,41 @@ pub fn cleanup_job(job: &str) -> Result<Vec<String>> {
     Ok(removed)
 }
 
+/// The pid of the process that created segment `name`, from the
+/// `-<pid>-<n>` that ends every name [`ShmSegment::create_unique`] makes.
+pub fn creator_pid(name: &str) -> Option<u32> {
+    let mut it = name.rsplitn(3, '-');
+    let n = it.next()?;
+    let pid = it.next()?;
+    it.next()?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes the segments of job `job` that processes `pids` created (see
+/// [`creator_pid`]) and returns their names: a launcher passes its own
+/// workers, so a second job that happens to share the job id keeps its
+/// live segments. Names without a creator pid are left alone.
+pub fn cleanup_job_of(job: &str, pids: &[u32]) -> Result<Vec<String>> {
+    if !is_valid_job_id(job) {
+        return Err(Error::invalid(format!("job id `{job}` must be 1 to 64 ASCII letters, digits or `_`")));
+    }
+    let mut removed = Vec::new();
+    for name in list_job(job)? {
+        if !creator_pid(&name).is_some_and(|p| pids.contains(&p)) {
+            continue;
+        }
+        match shm_unlink(name.as_str()) {
+            Ok(()) => removed.push(name),
+            Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(os_error("shm_unlink", &name, e)),
+        }
+    }
+    Ok(removed)
+}
+
 /// A shared-memory segment mapped read-write into this process.
 ///
 /// The creator unlinks the name on drop; every holder unmaps.
