@@ -221,16 +221,7 @@ impl Error {
     }
     /// The peer rank this error is attributed to, when there is one.
     pub fn peer(&self) -> Option<usize> {
-        match self {
-            Error::Timeout { ctx, .. }
-            | Error::PeerLost { ctx, .. }
-            | Error::Mismatch { ctx, .. }
-            | Error::Protocol { ctx, .. }
-            | Error::Io { ctx, .. }
-            | Error::Serialization { ctx, .. }
-            | Error::OutOfMemory { ctx, .. } => ctx.peer,
-            _ => None,
-        }
+        self.context().and_then(|c| c.peer)
     }
 
     /// The context of errors that carry one.

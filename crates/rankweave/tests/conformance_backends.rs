@@ -6,65 +6,13 @@
 mod common;
 mod conformance;
 
+use common::{run_world, Under};
 use conformance::{suite, Level, FULL};
-use rankweave::backend::tcp::InProcessFactory;
-use rankweave::group::BackendFactory;
-use rankweave::{GroupOptions, HashStore, ProcessGroup, SharedStore, TransportKind};
-use std::sync::Arc;
+use rankweave::ProcessGroup;
 use std::time::Duration;
 
-/// Which backend a world is built on.
-#[derive(Clone, Copy, Debug)]
-enum Under {
-    Tcp,
-    Shm,
-    /// Ranks spread over this many simulated nodes (unevenly).
-    Hier(usize),
-    Mem,
-}
-
 fn world(under: Under, n: usize, f: impl Fn(ProcessGroup) + Sync) {
-    let store: SharedStore = Arc::new(HashStore::new());
-    let mem: Arc<dyn BackendFactory> = Arc::new(InProcessFactory::default());
-    let f = &f;
-    std::thread::scope(|s| {
-        let hs: Vec<_> = (0..n)
-            .map(|r| {
-                let (store, mem) = (store.clone(), mem.clone());
-                s.spawn(move || {
-                    let mut opts = GroupOptions { timeout: Duration::from_secs(60), ..GroupOptions::builtin() };
-                    let pg = match under {
-                        Under::Tcp | Under::Shm | Under::Hier(_) => {
-                            opts.transport = match under {
-                                Under::Tcp => TransportKind::Tcp,
-                                Under::Shm => TransportKind::Shm,
-                                _ => TransportKind::Auto,
-                            };
-                            if let Under::Hier(nodes) = under {
-                                // Every node populated, then an uneven, interleaved spread.
-                                let k = if r < nodes { r } else { (r * 7 / 3) % nodes };
-                                opts.node = Some(format!("node{k}"));
-                            }
-                            ProcessGroup::new_world(store, r, n, opts).unwrap()
-                        }
-                        Under::Mem => ProcessGroup::new_world_with(mem, store, r, n, opts).unwrap(),
-                    };
-                    let want = match under {
-                        _ if n == 1 => pg.backend_name(),
-                        Under::Tcp => "tcp",
-                        Under::Shm => "shm",
-                        Under::Hier(_) => "hier",
-                        Under::Mem => "mem",
-                    };
-                    assert_eq!(pg.backend_name(), want);
-                    f(pg)
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-        }
-    });
+    run_world(under, n, Duration::from_secs(60), |_, pg| f(pg));
 }
 
 fn every_size(under: Under, sizes: std::ops::RangeInclusive<usize>) {

@@ -16,59 +16,17 @@
 
 mod common;
 
-use common::{input, pattern};
+use common::{input, pattern, run_world, Under};
 use proptest::prelude::*;
-use rankweave::backend::tcp::InProcessFactory;
-use rankweave::group::BackendFactory;
 use rankweave::transport::{OpCode, OpDesc};
-use rankweave::{DType, Error, GroupOptions, HashStore, ProcessGroup, ReduceOp, SharedStore, TransportKind};
-use std::sync::Arc;
+use rankweave::{DType, Error, ProcessGroup, ReduceOp};
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Copy, Debug)]
-enum Under {
-    Tcp,
-    Shm,
-    Hier,
-    Mem,
-}
+const BACKENDS: [Under; 4] = [Under::Tcp, Under::Shm, Under::Hier(2), Under::Mem];
 
-const BACKENDS: [Under; 4] = [Under::Tcp, Under::Shm, Under::Hier, Under::Mem];
-
-/// Runs `f(rank, group)` on the ranks of a fresh world of `n` (timeout 20 s).
+/// Runs `f(rank, group)` on the ranks of a fresh world of `n` (timeout 4 s).
 fn world<R: Send>(under: Under, n: usize, f: impl Fn(usize, &ProcessGroup) -> R + Sync) -> Vec<R> {
-    let store: SharedStore = Arc::new(HashStore::new());
-    let mem: Arc<dyn BackendFactory> = Arc::new(InProcessFactory::default());
-    let f = &f;
-    std::thread::scope(|s| {
-        let hs: Vec<_> = (0..n)
-            .map(|r| {
-                let (store, mem) = (store.clone(), mem.clone());
-                s.spawn(move || {
-                    let mut opts = GroupOptions { timeout: Duration::from_secs(4), ..GroupOptions::builtin() };
-                    let pg = match under {
-                        Under::Mem => ProcessGroup::new_world_with(mem, store, r, n, opts),
-                        Under::Tcp => {
-                            opts.transport = TransportKind::Tcp;
-                            ProcessGroup::new_world(store, r, n, opts)
-                        }
-                        Under::Shm => {
-                            opts.transport = TransportKind::Shm;
-                            ProcessGroup::new_world(store, r, n, opts)
-                        }
-                        Under::Hier => {
-                            // Rank 0 alone on node a, the others on node b.
-                            opts.node = Some(if r == 0 { "a" } else { "b" }.into());
-                            ProcessGroup::new_world(store, r, n, opts)
-                        }
-                    }
-                    .unwrap();
-                    f(r, &pg)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
-    })
+    run_world(under, n, Duration::from_secs(4), |r, pg| f(r, &pg))
 }
 
 /// One rank's call.

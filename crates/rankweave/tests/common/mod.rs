@@ -241,3 +241,77 @@ pub fn first_diff(got: &[u8], want: &[u8], es: usize) -> String {
         None => "equal".into(),
     }
 }
+
+/// Which backend a test world runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum Under {
+    /// TCP, forced.
+    Tcp,
+    /// Shared memory, forced.
+    Shm,
+    /// Ranks spread over this many simulated nodes (every node populated,
+    /// then an uneven, interleaved spread): the hierarchical backend.
+    Hier(usize),
+    /// The in-process backend, through [`rankweave::group::BackendFactory`].
+    Mem,
+}
+
+impl Under {
+    /// The backend name a group of more than one rank reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Under::Tcp => "tcp",
+            Under::Shm => "shm",
+            Under::Hier(_) => "hier",
+            Under::Mem => "mem",
+        }
+    }
+}
+
+/// Runs `f(rank, group)` on `n` rank threads of a fresh world built over
+/// `under` with per-operation `timeout`, and returns each rank's result in
+/// rank order. Checks that the world got the backend asked for.
+pub fn run_world<R: Send>(
+    under: Under,
+    n: usize,
+    timeout: Duration,
+    f: impl Fn(usize, ProcessGroup) -> R + Sync,
+) -> Vec<R> {
+    use rankweave::backend::tcp::InProcessFactory;
+    use rankweave::group::BackendFactory;
+    use rankweave::TransportKind;
+    let store: rankweave::SharedStore = Arc::new(HashStore::new());
+    let mem: Arc<dyn BackendFactory> = Arc::new(InProcessFactory::default());
+    let f = &f;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|r| {
+                let (store, mem) = (store.clone(), mem.clone());
+                s.spawn(move || {
+                    let mut opts = GroupOptions { timeout, ..GroupOptions::builtin() };
+                    let pg = match under {
+                        Under::Mem => ProcessGroup::new_world_with(mem, store, r, n, opts),
+                        Under::Tcp | Under::Shm | Under::Hier(_) => {
+                            opts.transport = match under {
+                                Under::Tcp => TransportKind::Tcp,
+                                Under::Shm => TransportKind::Shm,
+                                _ => TransportKind::Auto,
+                            };
+                            if let Under::Hier(nodes) = under {
+                                let k = if r < nodes { r } else { (r * 7 / 3) % nodes };
+                                opts.node = Some(format!("node{k}"));
+                            }
+                            ProcessGroup::new_world(store, r, n, opts)
+                        }
+                    }
+                    .expect("new_world");
+                    if n > 1 {
+                        assert_eq!(pg.backend_name(), under.name(), "{under:?} n={n}");
+                    }
+                    f(r, pg)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    })
+}

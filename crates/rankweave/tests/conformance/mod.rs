@@ -11,7 +11,7 @@
 //! rounding-sensitive float sums is checked by gathering every rank's bits.
 #![allow(dead_code)]
 
-use crate::common::{encode, expected, first_diff, input, pattern, random_floats, COUNTS, LARGE};
+use crate::common::{expected, first_diff, input, pattern, random_floats, COUNTS, LARGE};
 use rankweave::{DType, Error, ProcessGroup, ReduceOp};
 
 /// How much of the matrix to run.
@@ -266,5 +266,4 @@ pub fn large(pg: &ProcessGroup) {
     pg.reduce_scatter_bytes(&full, &mut out, DType::F32, ReduceOp::Max).unwrap();
     let want = expected(DType::F32, ReduceOp::Max, n, n * (LARGE / 4));
     assert!(out[..] == want[r * LARGE..(r + 1) * LARGE], "{}", tag(pg, "reduce_scatter", DType::F32, None, LARGE / 4));
-    let _ = encode;
 }
