@@ -29,7 +29,7 @@ fn worker() {
     let opts = GroupOptions {
         timeout,
         transport: TransportKind::Tcp,
-        listen_host: "127.0.0.1".into(),
+        listen_host: Some("127.0.0.1".into()),
         ..GroupOptions::builtin()
     };
     let g = ProcessGroup::new_world(store, rank, n, opts).unwrap();

@@ -96,6 +96,9 @@ struct State {
     /// The rendezvous store when this state made it (rank 0's handle keeps
     /// the store server alive).
     store: Option<SharedStore>,
+    /// This process hosts the store server (rank 0 without a launcher
+    /// hosting it): destroying the world waits for the other ranks to leave.
+    hosts_store: bool,
     layout: Option<Layout>,
     /// The world was destroyed (and not re-initialized since).
     world_destroyed: bool,
@@ -242,6 +245,15 @@ impl ParallelState {
             };
         }
         let method = opts.init_method_or_default();
+        // Where this rank will listen, checked before meeting the others: a
+        // bad interface or an unroutable master fails every rank at once
+        // instead of leaving the others waiting at the store.
+        let group_opts = opts.group_options();
+        crate::transport::tcp::addr::listen_host(
+            group_opts.listen_host.as_deref(),
+            group_opts.interface.as_deref(),
+            group_opts.route_to.as_deref(),
+        )?;
         // The store's auth token is a secret, not an option: it is passed
         // through from the process environment to the store only.
         let token = std::env::var("RANKWEAVE_TOKEN").ok();
@@ -258,10 +270,11 @@ impl ParallelState {
             (None, true) => 0,
             (None, false) => rv.rank,
         };
-        self.init_world_with_store(rv.store.clone(), rv.world_size, rv.rank, local_rank, opts.group_options())?;
+        self.init_world_with_store(rv.store.clone(), rv.world_size, rv.rank, local_rank, group_opts)?;
         let mut s = self.lock();
         s.backend = opts.backend.name().into();
         s.store = Some(rv.store);
+        s.hosts_store = rv.hosts_store;
         Ok(())
     }
 
@@ -482,14 +495,70 @@ impl ParallelState {
     }
 
     /// Destroys the world group; a fresh `init_*` works afterwards.
+    ///
+    /// Every rank records that it left in the store. The rank hosting the
+    /// store server (rank 0 when no launcher hosts it) then waits, bounded by
+    /// the world's timeout, until every rank has left, so that its exit never
+    /// breaks a rank still creating groups or finishing operations through
+    /// the store; ranks that have not left are named in a warning every
+    /// 10 s, and when the bound passes it gives up with a warning.
     pub fn destroy_distributed_environment(&self) {
         let mut s = self.lock();
+        let leaving = s.world_pg.as_ref().map(|pg| (pg.clone(), s.hosts_store));
         if let Some(w) = s.world.take() {
             w.destroy();
             s.world_destroyed = true;
         }
         s.world_pg = None;
-        s.store = None;
+        let store = s.store.take();
+        s.hosts_store = false;
+        drop(s);
+        if let (Some((pg, hosts)), Some(store)) = (leaving, store) {
+            wait_for_everyone_to_leave(&pg, &*store, hosts);
+        }
+    }
+}
+
+/// Records that this rank left world `pg`; the host of the store waits for
+/// the others (see [`ParallelState::destroy_distributed_environment`]).
+fn wait_for_everyone_to_leave(pg: &ProcessGroup, store: &dyn crate::store::Store, hosts: bool) {
+    use crate::group::arrive::{mark, wait_all};
+    let base = format!("rankweave/{}/left", pg.name());
+    let (rank, size, bound) = (pg.rank(), pg.size(), pg.timeout());
+    if let Err(e) = mark(store, &base, rank, size) {
+        tracing::debug!("destroy_distributed_environment: could not record rank {rank} leaving: {e}");
+        return;
+    }
+    if !hosts {
+        return;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let slice = std::time::Duration::from_secs(10).min(bound.saturating_sub(start.elapsed()));
+        let absent = match wait_all(store, &base, size, slice) {
+            Ok(Ok(())) => return,
+            Ok(Err(absent)) => absent,
+            Err(e) => {
+                tracing::warn!("destroy_distributed_environment: rank {rank} could not wait for the others: {e}");
+                return;
+            }
+        };
+        if start.elapsed() >= bound {
+            tracing::warn!(
+                "destroy_distributed_environment: rank {rank} hosts the store and gave up after {bound:?} waiting \
+                 for rank(s) {:?} of {} to leave; they lose the store now",
+                absent.ranks,
+                pg.name()
+            );
+            return;
+        }
+        tracing::warn!(
+            "destroy_distributed_environment: rank {rank} hosts the store and waits for rank(s) {:?} of {} to \
+             leave (waited {:.0?} of at most {bound:?})",
+            absent.ranks,
+            pg.name(),
+            start.elapsed()
+        );
     }
 }
 

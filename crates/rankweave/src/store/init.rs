@@ -15,6 +15,7 @@
 use super::tcp::{join_host_port, TcpStore};
 use super::SharedStore;
 use crate::error::{Error, Result};
+use crate::transport::tcp::addr::{DEFAULT_LINK_TIMEOUT, LINK_TIMEOUT_ENV};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,10 @@ pub struct Rendezvous {
     pub master_addr: String,
     /// The store port (the picked one when 0 was asked for).
     pub master_port: u16,
+    /// This process hosts the store server: it must outlive every other
+    /// rank's use of the store (see
+    /// [`crate::ParallelState::destroy_distributed_environment`]).
+    pub hosts_store: bool,
 }
 
 impl std::fmt::Debug for Rendezvous {
@@ -44,6 +49,7 @@ impl std::fmt::Debug for Rendezvous {
             .field("local_rank", &self.local_rank)
             .field("master_addr", &self.master_addr)
             .field("master_port", &self.master_port)
+            .field("hosts_store", &self.hosts_store)
             .finish()
     }
 }
@@ -116,14 +122,22 @@ pub fn rendezvous_with_env(
         )));
     }
     let token = env("RANKWEAVE_TOKEN");
+    let link_timeout = match env(LINK_TIMEOUT_ENV).filter(|v| !v.trim().is_empty()) {
+        None => Some(DEFAULT_LINK_TIMEOUT),
+        Some(v) => Some(super::parse_timeout(&v).ok_or_else(|| {
+            Error::invalid(format!("environment variable {LINK_TIMEOUT_ENV}=`{v}`: expected seconds > 0"))
+        })?),
+    };
     let store = TcpStore::builder(&host, port)
         .master(rank == 0)
         .timeout(timeout)
         .token(token.as_deref().map(str::as_bytes))
+        .link_timeout(link_timeout)
         .connect()?;
     let master_port = store.port();
+    let hosts_store = store.is_master();
     tracing::debug!(rank, world_size, addr = %join_host_port(&host, master_port), "rendezvous done");
-    Ok(Rendezvous { store: Arc::new(store), rank, world_size, local_rank, master_addr: host, master_port })
+    Ok(Rendezvous { store: Arc::new(store), rank, world_size, local_rank, master_addr: host, master_port, hosts_store })
 }
 
 fn parse_var<T: std::str::FromStr>(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<T>> {
