@@ -36,7 +36,7 @@ pub struct Rendezvous {
     pub master_port: u16,
     /// This process hosts the store server: it must outlive every other
     /// rank's use of the store (see
-    /// [`crate::ParallelState::destroy_distributed_environment`]).
+    /// [`crate::parallel_state::ParallelState::destroy_distributed_environment`]).
     pub hosts_store: bool,
 }
 

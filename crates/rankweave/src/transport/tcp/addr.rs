@@ -20,8 +20,8 @@
 //! # Dead links
 //! A peer that vanishes without a reset (link down, power loss, a partition)
 //! sends no FIN: a socket waiting for it would wait for the operation's
-//! whole deadline. [`guard_link`] bounds that with the kernel's own
-//! machinery, on every connection of the mesh:
+//! whole deadline. Every connection of a mesh (and of the store clients)
+//! bounds that with the kernel's own machinery:
 //! - `TCP_USER_TIMEOUT`: data sent but not acknowledged for the link
 //!   timeout fails the socket with `ETIMEDOUT` (a slow but live peer whose
 //!   window is full keeps answering zero-window probes and is not cut);
