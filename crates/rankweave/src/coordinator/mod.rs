@@ -151,6 +151,16 @@ pub struct CoordinatorOptions {
     pub limits: Option<DecodeLimits>,
 }
 
+const MQ_TRAILER_MAGIC: [u8; 3] = *b"RWq";
+const MQ_TRAILER_LEN: usize = 4;
+
+/// What ends every message the coordinator puts in its message queue: a
+/// magic and the operation's code.
+fn mq_trailer(op: CoordOp) -> [u8; MQ_TRAILER_LEN] {
+    let [a, b, c] = MQ_TRAILER_MAGIC;
+    [a, b, c, op as u8]
+}
+
 /// A broadcaster of byte blobs from group rank 0 (the shared-memory message
 /// queue plugs in here).
 pub(crate) trait ObjectBroadcaster: Send + Sync {
@@ -803,7 +813,35 @@ impl GroupCoordinator {
                     self.unique_name()
                 )));
             }
-            return mq.broadcast_bytes(data);
+            // Every message carries the writer's operation in a trailer, so
+            // a reader in another operation fails with a mismatch instead of
+            // decoding the wrong bytes.
+            let data = data.map(|mut d| {
+                d.extend_from_slice(&mq_trailer(op));
+                d
+            });
+            let mut bytes = mq.broadcast_bytes(data)?;
+            let at = bytes.len().checked_sub(MQ_TRAILER_LEN).ok_or_else(|| {
+                Error::protocol(self.ctx(op).with_peer(0), "message queue message without its operation trailer")
+            })?;
+            let trailer: [u8; MQ_TRAILER_LEN] = bytes[at..].try_into().unwrap_or([0; MQ_TRAILER_LEN]);
+            bytes.truncate(at);
+            if trailer == mq_trailer(op) {
+                return Ok(bytes);
+            }
+            let theirs = (trailer[..3] == MQ_TRAILER_MAGIC).then(|| CoordOp::from_code(trailer[3])).flatten();
+            return Err(match theirs {
+                Some(w) => Error::Mismatch {
+                    ctx: self.ctx(op).with_peer(0),
+                    detail: format!(
+                        "rank 0 (the message queue's writer) called {}, rank {} called {}",
+                        w.name(),
+                        self.rank_in_group(),
+                        op.name()
+                    ),
+                },
+                None => Error::protocol(self.ctx(op).with_peer(0), "message queue message with a bad trailer"),
+            });
         }
         wire::broadcast_blob(&g.cpu, data, src, &self.inner.limits)
     }

@@ -582,6 +582,26 @@ impl TcpTransport {
         None
     }
 
+    /// Marks collective `(seq, desc)` as the one this rank is in while it
+    /// runs it outside the mesh (in its node's shared memory), so that
+    /// [`TcpTransport::watch_outside`] judges peers' probes against it.
+    pub(crate) fn enter(&self, seq: u64, desc: OpDesc) {
+        self.current[0].store(seq, Ordering::Relaxed);
+        self.current[1].store(desc.0, Ordering::Relaxed);
+    }
+
+    /// For a rank waiting outside the mesh: the failure a peer's PROBE (it
+    /// waits for this rank under another descriptor), ABORT or frame
+    /// reveals, after which the mesh is aborted as for any failure here.
+    pub(crate) fn watch_outside(&self) -> Option<Error> {
+        if self.poison.get().is_some() {
+            return None;
+        }
+        let (seq, desc) = self.current();
+        let tag = Tag::new(desc.op().unwrap_or(OpCode::Barrier), seq).with_desc(desc);
+        self.look_at_other_peers(tag, None).map(|f| self.fail(f))
+    }
+
     /// The collective this rank runs or last ran (sequence, descriptor).
     fn current(&self) -> (u64, OpDesc) {
         (self.current[0].load(Ordering::Relaxed), OpDesc(self.current[1].load(Ordering::Relaxed)))
