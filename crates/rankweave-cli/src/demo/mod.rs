@@ -145,6 +145,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         master_addr: "127.0.0.1".into(),
         master_port: None,
         grace: Duration::from_secs(5),
+        node_timeout: launch::DEFAULT_NODE_TIMEOUT,
         prefix: true,
         program: exe.into_os_string(),
         args: args.worker_args(),
