@@ -171,6 +171,20 @@ impl JobSpec {
     pub fn world_size(&self) -> usize {
         self.nproc_per_node * self.nnodes
     }
+
+    /// The store port: the given one; [`DEFAULT_MULTINODE_PORT`] on several
+    /// nodes by default; 0 (the store picks a free one) on one node by
+    /// default or when asked for, which only node 0 may do.
+    pub fn port(&self) -> Result<u16> {
+        match self.master_port {
+            Some(p) if p != 0 => Ok(p),
+            None if self.nnodes > 1 => Ok(DEFAULT_MULTINODE_PORT),
+            _ if self.nnodes == 1 => Ok(0),
+            _ => Err(Error::invalid(
+                "--master-port 0 with several nodes: the other nodes could not know the port; give a real one",
+            )),
+        }
+    }
 }
 
 /// Runs `rankweave launch`; returns the exit code.
@@ -183,13 +197,7 @@ pub fn run(args: LaunchArgs) -> Result<i32> {
 pub fn run_job(spec: &JobSpec) -> Result<i32> {
     signals::install().map_err(|e| Error::io(Context::op("launch: install signal handlers"), e))?;
     adopt::become_subreaper();
-    let port = match spec.master_port {
-        Some(p) if p != 0 => p,
-        _ if spec.nnodes > 1 && spec.master_port.is_none() => DEFAULT_MULTINODE_PORT,
-        // The store picks a free one.
-        _ if spec.node_rank == 0 => 0,
-        _ => return Err(Error::invalid("--master-port 0: only node 0 may pick a free port; give the real one")),
-    };
+    let port = spec.port()?;
     let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "?".into());
     // Node 0 hosts the store for the whole job; it lives until we return.
     let (server, connect_host) = if spec.node_rank == 0 {
@@ -590,6 +598,20 @@ mod tests {
         assert_eq!(get("MASTER_PORT"), Some("1234"));
         assert_eq!(get("RANKWEAVE_JOB_ID"), Some("j1"));
         assert_eq!(get("RANKWEAVE_STORE_HOSTED"), Some("1"));
+    }
+
+    #[test]
+    fn default_ports() {
+        let spec = |nnodes, node_rank, port| {
+            let mut a = args(1, nnodes, node_rank, &["true"]);
+            a.master_port = port;
+            JobSpec::from_args(a).unwrap()
+        };
+        assert_eq!(spec(2, 1, None).port().unwrap(), DEFAULT_MULTINODE_PORT);
+        assert_eq!(spec(2, 0, Some(7)).port().unwrap(), 7);
+        assert_eq!(spec(1, 0, None).port().unwrap(), 0);
+        assert_eq!(spec(1, 0, Some(0)).port().unwrap(), 0);
+        assert!(matches!(spec(2, 0, Some(0)).port(), Err(Error::InvalidArgument(_))));
     }
 
     #[test]
