@@ -264,8 +264,20 @@ impl JobLink {
         };
         store.set_timeout(OP_TIMEOUT);
         let k = topo.node_rank;
+        let register = || -> Result<()> {
+            let me = format!("{}\t{}", topo.host, std::process::id());
+            let owner = store.compare_set(&key(&format!("node/{k}")), b"", me.as_bytes())?;
+            if owner != me.as_bytes() {
+                let owner = String::from_utf8_lossy(&owner).replace('\t', ", pid ");
+                return Err(Error::invalid(format!("--node-rank {k} is already taken in this job (by host {owner})")));
+            }
+            Ok(())
+        };
         let config = format!("{} {}", topo.nnodes, topo.nproc_per_node);
         let theirs = if k == 0 {
+            // Registered before the shape is published, which the others
+            // wait for: node 0's host name is there when they look.
+            register()?;
             store.compare_set(&key("config"), b"", config.as_bytes())?
         } else {
             store.get_timeout(&key("config"), OP_TIMEOUT)?
@@ -273,16 +285,22 @@ impl JobLink {
         if theirs != config.as_bytes() {
             let theirs = String::from_utf8_lossy(&theirs);
             let (n, p) = theirs.split_once(' ').unwrap_or((&theirs, "?"));
-            return Err(Error::invalid(format!(
-                "node 0 runs --nnodes {n} --nproc-per-node {p}, this node --nnodes {} --nproc-per-node {}",
-                topo.nnodes, topo.nproc_per_node
-            )));
+            let message = format!(
+                "node 0 runs --nnodes {n} --nproc-per-node {p}, but the launcher of node {k} (host {}) was given \
+                 --nnodes {} --nproc-per-node {}",
+                topo.host, topo.nnodes, topo.nproc_per_node
+            );
+            // Fail the job at once rather than leave node 0 waiting for a
+            // node that will not come (best effort).
+            if k < topo.nnodes.min(n.parse().unwrap_or(0)) {
+                let report = Report::now(2, message.clone());
+                let _ = store.compare_set(&key(&format!("fail/{k}")), b"", &report.encode());
+                let _ = store.add(&key("failures"), 1);
+            }
+            return Err(Error::invalid(message));
         }
-        let me = format!("{}\t{}", topo.host, std::process::id());
-        let owner = store.compare_set(&key(&format!("node/{k}")), b"", me.as_bytes())?;
-        if owner != me.as_bytes() {
-            let owner = String::from_utf8_lossy(&owner).replace('\t', ", pid ");
-            return Err(Error::invalid(format!("--node-rank {k} is already taken in this job (by host {owner})")));
+        if k != 0 {
+            register()?;
         }
         if k != 0 {
             store.add(&key(&format!("hb/{k}")), 1)?;
