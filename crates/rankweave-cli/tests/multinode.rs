@@ -47,10 +47,15 @@ fn reader(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
 impl Node {
     /// `rankweave <sub> --nnodes <n> --node-rank <k> --master-addr 127.0.0.1 --master-port <port> <args>`.
     fn start(sub: &str, n: usize, k: usize, port: u16, args: &[&str], env: &[(&str, &str)]) -> Node {
+        Node::start_at("127.0.0.1", sub, n, k, port, args, env)
+    }
+
+    /// [`Node::start`] with another master address.
+    fn start_at(addr: &str, sub: &str, n: usize, k: usize, port: u16, args: &[&str], env: &[(&str, &str)]) -> Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankweave"));
         cmd.arg(sub)
             .args(["--nnodes", &n.to_string(), "--node-rank", &k.to_string()])
-            .args(["--master-addr", "127.0.0.1", "--master-port", &port.to_string()])
+            .args(["--master-addr", addr, "--master-port", &port.to_string()])
             .args(args)
             .env_remove("RANKWEAVE_JOB_ID")
             .env_remove("RANKWEAVE_TOKEN")
@@ -377,4 +382,23 @@ fn a_launcher_given_another_shape_fails_the_job_at_once() {
     assert!(!e0.status.success(), "{e0:?}");
     assert!(e0.stderr.contains("job failed: node 0 runs --nnodes 2 --nproc-per-node 1"), "{e0:?}");
     assert!(e0.at.duration_since(e1.at) < Duration::from_secs(8), "{e0:?}");
+}
+
+#[test]
+fn an_ipv6_master_address_works() {
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("SKIP an_ipv6_master_address_works: this machine has no IPv6 loopback (::1)");
+        return;
+    };
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let exe = env!("CARGO_BIN_EXE_rankweave");
+    let args = ["--nproc-per-node", "2", "--", exe, "selftest", "--tp", "2", "--pp", "2"];
+    let nodes: Vec<Node> = (0..2).map(|k| Node::start_at("::1", "launch", 2, k, port, &args, &[])).collect();
+    let ended: Vec<Ended> = nodes.into_iter().map(Node::wait).collect();
+    for (k, e) in ended.iter().enumerate() {
+        assert!(e.status.success(), "node {k}: {e:?}");
+    }
+    assert!(ended[0].stdout.contains("rank 1: tp group [0, 1] all_reduce ok (1)"), "{:?}", ended[0]);
+    assert!(ended[1].stdout.contains("rank 2: tp group [2, 3] all_reduce ok (5)"), "{:?}", ended[1]);
 }

@@ -14,9 +14,9 @@
 //!
 //! Under `rankweave launch` the store is hosted by node 0's launcher, not by
 //! rank 0, so that no worker's exit takes it away from the others (as
-//! torchrun's agent hosts it). The launcher tells its workers so with
-//! [`STORE_HOSTED_ENV`]` = 1`: rank 0 then connects as a client like every
-//! other rank. The variable is read through the `env` of
+//! torchrun's agent hosts it). The launcher tells its workers so by setting
+//! [`STORE_HOSTED_ENV`] (`RANKWEAVE_STORE_HOSTED`) to `1`: rank 0 then
+//! connects as a client like every other rank. The variable is read through the `env` of
 //! [`rendezvous_with_env`] and, when that does not answer it, from the
 //! process environment: it describes how the process was started, not an
 //! option of one call. Any value other than `1` (or `0`) is an
