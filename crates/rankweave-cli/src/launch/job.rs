@@ -628,6 +628,76 @@ mod tests {
         assert_eq!(Report::decode(b"zz").at_us, u64::MAX);
     }
 
+    fn make_links(n: usize, node_timeout: Duration) -> (rankweave::TcpStoreServer, Vec<JobLink>) {
+        let server = rankweave::TcpStoreServer::builder().token(None).bind("127.0.0.1:0").unwrap();
+        let port = server.port();
+        let timing = Timing { job_timeout: Duration::from_secs(20), node_timeout };
+        let links = (0..n)
+            .map(|k| {
+                let topo = Topology {
+                    nnodes: n,
+                    nproc_per_node: 2,
+                    node_rank: k,
+                    host: format!("h{k}"),
+                    store_addr: format!("127.0.0.1:{port}"),
+                };
+                match JobLink::join(topo, "127.0.0.1", port, timing).unwrap() {
+                    Joined::Link(l) => l,
+                    Joined::Interrupted(sig) => panic!("interrupted by {sig}"),
+                }
+            })
+            .collect();
+        (server, links)
+    }
+
+    fn wait_verdict(link: &JobLink) -> Verdict {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = link.verdict() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "no verdict");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn the_earliest_failure_is_everyones_verdict() {
+        let (_server, links) = make_links(3, Duration::from_secs(5));
+        // Node 2 fails first; node 0 a moment later (a consequence).
+        links[2].report_failure(3, "rank 5 on node 2 (host h2) exited with code 3".into());
+        std::thread::sleep(Duration::from_millis(100));
+        links[0].report_failure(1, "rank 0 on node 0 (host h0) exited with code 1".into());
+        let want =
+            Verdict::Failed(Failure { code: 3, message: "rank 5 on node 2 (host h2) exited with code 3".into() });
+        for l in &links {
+            assert_eq!(wait_verdict(l), want);
+        }
+        for l in links {
+            assert_eq!(l.finish(None), want);
+        }
+    }
+
+    #[test]
+    fn all_done_is_success_and_a_silent_node_is_lost() {
+        let (_server, links) = make_links(2, Duration::from_secs(5));
+        for l in &links {
+            l.report_done();
+        }
+        for l in links {
+            assert_eq!(l.finish(None), Verdict::Success);
+        }
+        // Node 1's link ends without a word (as if its launcher died).
+        let (_server, mut links) = make_links(2, Duration::from_secs(1));
+        let start = Instant::now();
+        drop(links.pop());
+        match wait_verdict(&links[0]) {
+            Verdict::Failed(f) => assert!(f.message.starts_with("ranks 2-3 on node 1 (host h1) were lost"), "{f:?}"),
+            v => panic!("{v:?}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(4), "{:?}", start.elapsed());
+    }
+
     #[test]
     fn rank_ranges() {
         assert_eq!(ranks_of(1, 2), "ranks 2-3");
