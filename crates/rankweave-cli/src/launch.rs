@@ -72,10 +72,10 @@ pub struct LaunchArgs {
     /// This node's index, 0 <= K < M (exported as GROUP_RANK).
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub node_rank: usize,
-    /// Address of rank 0's node, where the rendezvous store listens.
+    /// Address of node 0, whose launcher hosts the rendezvous store (IPv6 literals work).
     #[arg(long, value_name = "A", default_value = "127.0.0.1")]
     pub master_addr: String,
-    /// Rendezvous port [default: a free port on one node, 29500 on several; 0 picks a free one].
+    /// Rendezvous port [default: a free port on one node, 29500 on several; 0 picks a free one on one node].
     #[arg(long, value_name = "P")]
     pub master_port: Option<u16>,
     /// Seconds between SIGTERM and SIGKILL when stopping workers.
