@@ -2,8 +2,14 @@
 //! loopback: node 0's launcher hosts the store, a failure anywhere stops
 //! every node naming the same rank and node, a killed launcher is found
 //! through its missing heartbeats, and the demo runs TP inside a node and
-//! PP across nodes.
+//! PP across nodes. The `netns_*` tests run the same across network
+//! namespaces (one per node, each with its own address and host name; see
+//! `crates/rankweave/tests/netns`).
 
+#[path = "../../rankweave/tests/netns/mod.rs"]
+mod netns;
+
+use netns::Cluster;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::io::Read;
@@ -65,6 +71,29 @@ impl Node {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn rankweave");
+        let out = child.stdout.take().map(reader);
+        let err = child.stderr.take().map(reader);
+        Node { child, started: Instant::now(), out, err }
+    }
+
+    /// `rankweave <sub>` as node `k` of `cluster` (inside its network
+    /// namespace, under its host name), the master at node 0's address.
+    fn start_in(cluster: &Cluster, k: usize, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut cmd = cluster.command(k, env!("CARGO_BIN_EXE_rankweave"));
+        cmd.arg(sub)
+            .args(["--nnodes", &cluster.len().to_string(), "--node-rank", &k.to_string()])
+            .args(["--master-addr", &cluster.addr(0), "--master-port", "29500"])
+            .args(args)
+            .env_remove("RANKWEAVE_JOB_ID")
+            .env_remove("RANKWEAVE_TOKEN")
+            .env_remove("RANKWEAVE_TRANSPORT")
+            .env_remove("RANKWEAVE_SOCKET_IFNAME")
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn rankweave in a namespace");
         let out = child.stdout.take().map(reader);
         let err = child.stderr.take().map(reader);
         Node { child, started: Instant::now(), out, err }
@@ -401,4 +430,56 @@ fn an_ipv6_master_address_works() {
     }
     assert!(ended[0].stdout.contains("rank 1: tp group [0, 1] all_reduce ok (1)"), "{:?}", ended[0]);
     assert!(ended[1].stdout.contains("rank 2: tp group [2, 3] all_reduce ok (5)"), "{:?}", ended[1]);
+}
+
+const DEMO_MODEL: [&str; 10] = ["--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "128", "--tokens", "4"];
+
+#[test]
+fn netns_demo_across_two_nodes_passes() {
+    let Some(c) = Cluster::new(2) else { return };
+    let nodes: Vec<Node> = (0..2).map(|k| Node::start_in(&c, k, "demo", &DEMO_MODEL, &[])).collect();
+    let ended: Vec<Ended> = nodes.into_iter().map(Node::wait).collect();
+    for (k, e) in ended.iter().enumerate() {
+        assert!(e.status.success(), "node {k}: {e:?}");
+    }
+    let e0 = &ended[0];
+    assert!(e0.stdout.contains("[0] PASS: 4 generated token ids equal the single-process model's"), "{}", e0.stdout);
+    assert!(e0.stdout.contains("rank 0: tp group [0, 1] (rank 0 in it), pp group [0, 2] (stage 0 of 2)"), "{e0:?}");
+    assert!(ended[1].stdout.contains("node 1: every worker finished"), "{:?}", ended[1]);
+}
+
+#[test]
+fn netns_bench_checks_every_collective_across_two_nodes() {
+    let Some(c) = Cluster::new(2) else { return };
+    let exe = env!("CARGO_BIN_EXE_rankweave");
+    let args = ["--nproc-per-node", "2", "--", exe, "bench", "all", "-b", "8", "-e", "64K", "-f", "8"];
+    let before = c.tx_bytes(1);
+    let nodes: Vec<Node> = (0..2).map(|k| Node::start_in(&c, k, "launch", &args, &[])).collect();
+    let ended: Vec<Ended> = nodes.into_iter().map(Node::wait).collect();
+    for (k, e) in ended.iter().enumerate() {
+        assert!(e.status.success(), "node {k}: {e:?}");
+    }
+    let out = &ended[0].stdout;
+    let checked = out.matches("# Out of bounds values : 0 OK").count();
+    assert!(checked >= 8, "every collective checked on 4 ranks over 2 nodes: {out}");
+    assert!(!out.contains("FAILED") && out.contains("world_size=4"), "{out}");
+    assert!(c.tx_bytes(1) > before + 100_000, "the traffic crossed the veth");
+}
+
+#[test]
+fn netns_a_killed_launcher_mid_run_fails_the_other_node_within_10_s_naming_it() {
+    let Some(c) = Cluster::new(2) else { return };
+    let model = ["--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "128", "--tokens", "20000"];
+    let mut nodes: Vec<Node> = (0..2).map(|k| Node::start_in(&c, k, "demo", &model, &[])).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let node1 = nodes.pop().unwrap();
+    // `ip netns exec` execs: the child is the launcher itself.
+    kill(node1.pid(), Signal::SIGKILL).unwrap();
+    let killed_at = Instant::now();
+    let _ = node1.wait();
+    let e0 = nodes.pop().unwrap().wait();
+    let took = e0.at.duration_since(killed_at);
+    assert!(!e0.status.success(), "{e0:?}");
+    assert!(took < Duration::from_secs(10), "node 0 ended {took:?} after the kill");
+    assert!(e0.stderr.contains("job failed: ranks 2-3 on node 1 (host node1)"), "{}", e0.stderr);
 }
