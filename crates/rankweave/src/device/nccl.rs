@@ -811,6 +811,19 @@ mod tests {
     }
 
     #[test]
+    fn unique_ids_come_from_nccl_or_a_clean_error() {
+        match probe::nccl_library() {
+            Ok(_) => {
+                // NCCL's id needs no GPU: two calls give two different ids.
+                let (a, b) = (new_unique_id().unwrap(), new_unique_id().unwrap());
+                assert_ne!(a, b);
+                assert!(a.iter().any(|&x| x != 0));
+            }
+            Err(e) => assert!(new_unique_id().unwrap_err().to_string().contains("NCCL library not found"), "{e}"),
+        }
+    }
+
+    #[test]
     fn without_the_libraries_init_is_a_clean_error() {
         // On a machine with neither library (this project's CI), creating a
         // communicator fails with the probe's message and never panics.

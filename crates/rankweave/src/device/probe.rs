@@ -38,8 +38,15 @@ fn open_first(names: &[String]) -> std::result::Result<&'static str, String> {
     Err(last)
 }
 
+/// cudarc's candidate file names for `libs`, in its order, without repeats.
 fn candidates(libs: &[&str]) -> Vec<String> {
-    libs.iter().flat_map(|l| cudarc::get_lib_name_candidates(l)).collect()
+    let mut out: Vec<String> = Vec::new();
+    for name in libs.iter().flat_map(|l| cudarc::get_lib_name_candidates(l)) {
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
 }
 
 /// The clean error for a missing driver, listing what was tried.
@@ -103,6 +110,11 @@ mod tests {
         assert!(c.iter().any(|n| n == "libnccl.so"), "{c:?}");
         let d = candidates(&["cuda"]);
         assert!(d.iter().any(|n| n == "libcuda.so.1"), "{d:?}");
+        let mut unique = d.clone();
+        unique.dedup();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), d.len(), "no name is tried twice: {d:?}");
     }
 
     #[test]
