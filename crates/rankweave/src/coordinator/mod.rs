@@ -3,7 +3,9 @@
 //!
 //! A coordinator owns two groups over the same ranks, as the seed does: a
 //! CPU [`ProcessGroup`] for metadata, objects and barriers, and a
-//! [`DeviceGroup`] for tensors ([`DeviceGroup::Cpu`] in this build). Ranks
+//! [`DeviceGroup`] for tensors ([`DeviceGroup::Cpu`], or an NCCL
+//! communicator with the `nccl` feature and [`CoordinatorOptions::device`]
+//! on a CUDA device). Ranks
 //! passed to methods
 //! (`src`, `dst`) are positions in the group (`rank_in_group`), as in the
 //! seed; [`GroupCoordinator::rank`] and [`GroupCoordinator::ranks`] are
@@ -421,12 +423,12 @@ impl GroupCoordinator {
     pub fn cpu_group(&self) -> Result<ProcessGroup> {
         Ok(self.groups()?.cpu)
     }
-    /// The device group (tensors); [`DeviceGroup::Cpu`] in this build.
+    /// The device group (tensors): [`DeviceGroup::Cpu`], or an NCCL group.
     pub fn device_group(&self) -> Result<DeviceGroup> {
         Ok(self.groups()?.device)
     }
     /// The device this group's tensors live on (the seed's `self.device`):
-    /// [`Device::Cpu`] in this build.
+    /// [`Device::Cpu`], or `cuda:N` for an NCCL group.
     pub fn device(&self) -> Device {
         self.inner.device
     }
@@ -1107,9 +1109,11 @@ impl GroupCoordinator {
     /// `graph_capture` context manager: with `Some(context)` the capture joins
     /// that context (the pipeline group joining the tensor-parallel group's),
     /// otherwise a new one starts. A capture records device work on a
-    /// side stream; a CPU build has no streams or graphs, so the context's
-    /// `stream` is `None` and the collectives inside run eagerly, exactly as
-    /// outside. The group must not be destroyed.
+    /// side stream: an NCCL group's context carries the group's stream; a
+    /// CPU group has none (`None`). Either way the collectives inside run
+    /// eagerly, exactly as outside (an NCCL operation waits for its work,
+    /// so recording it into a CUDA graph is not supported yet). The group
+    /// must not be destroyed.
     pub fn graph_capture<R>(
         &self,
         context: Option<GraphCaptureContext>,
