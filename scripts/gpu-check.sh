@@ -97,7 +97,7 @@ run() {
     echo
     echo "== device tests (nccl_device, ignored ones included)"
     local t
-    for t in without_a_driver device_metadata gpu_upload_download gpu_world_of_one gpu_a_peer_that_never_joins gpu_two_ranks; do
+    for t in without_a_driver device_metadata an_nccl_world gpu_upload_download gpu_world_of_one gpu_parallel_state gpu_a_peer_that_never_joins gpu_two_ranks; do
         echo "-- $t"
         if timeout 300 "$dir/nccl_device" --include-ignored --test-threads=1 --nocapture "$t"; then
             passed=$((passed + 1))

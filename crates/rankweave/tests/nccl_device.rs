@@ -249,3 +249,43 @@ fn gpu_two_ranks_on_one_gpu_fail_instead_of_hanging() {
     assert!(results.iter().any(|r| r.is_err()), "NCCL accepted two ranks on one GPU: {results:?}");
     assert!(start.elapsed() < timeout * 4, "took {:?}", start.elapsed());
 }
+
+#[test]
+fn an_nccl_world_without_a_driver_is_refused_cleanly_through_init() {
+    if device::probe::cuda_driver().is_ok() {
+        return; // a GPU machine: gpu_parallel_state_on_nccl covers init
+    }
+    use rankweave::parallel_state::{Backend, InitOptions, ParallelState};
+    let s = ParallelState::new();
+    let opts = InitOptions::new().init_method("tcp://127.0.0.1:0").world_size(1).rank(0).backend(Backend::Nccl);
+    let e = s.init(&opts).unwrap_err();
+    assert!(e.to_string().contains("no CUDA driver found"), "{e}");
+    assert!(s.get_world_group().is_err(), "a failed init leaves no world");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh"]
+fn gpu_parallel_state_on_nccl() {
+    require_gpu();
+    use rankweave::parallel_state::{Backend, InitOptions, ParallelState};
+    let s = ParallelState::new();
+    let opts = InitOptions::new().init_method("tcp://127.0.0.1:0").world_size(1).rank(0).backend(Backend::Nccl);
+    s.init(&opts).unwrap();
+    assert_eq!(s.backend().as_deref(), Some("nccl"));
+    s.initialize_model_parallel(1, 1, None).unwrap();
+    for g in
+        [s.get_world_group().unwrap(), s.get_tp_group().unwrap(), s.get_pp_group().unwrap(), s.get_dp_group().unwrap()]
+    {
+        assert_eq!(g.device(), GPU, "{}", g.unique_name());
+        assert!(g.device_group().unwrap().as_nccl().is_some(), "{}", g.unique_name());
+        assert!(g.cpu_group().is_ok());
+        g.barrier().unwrap();
+    }
+    let tp = s.get_tp_group().unwrap();
+    let t = Tensor::from_f64(&values(64), [8, 8], DType::BF16).unwrap();
+    let mut g = t.clone().to_device(GPU).unwrap();
+    tp.device_group().unwrap().all_reduce(&mut g, ReduceOp::Max).unwrap();
+    assert_eq!(host(&g), t);
+    s.destroy_model_parallel();
+    s.destroy_distributed_environment();
+}
