@@ -36,8 +36,10 @@ build() {
         esac
     done
     [ -x "$dir/rankweave-lib" ] && [ -x "$dir/nccl_device" ] || { echo "gpu-check build: test binaries not found in: $bins" >&2; exit 1; }
+    cargo build -p rankweave-cli --features nccl
+    cp target/debug/rankweave "$dir/rankweave"
     if command -v strip >/dev/null 2>&1; then
-        strip --strip-debug "$dir/rankweave-lib" "$dir/nccl_device"
+        strip --strip-debug "$dir/rankweave-lib" "$dir/nccl_device" "$dir/rankweave"
     fi
     ls -la "$dir"
 }
@@ -105,6 +107,14 @@ run() {
             failed=$((failed + 1))
         fi
     done
+    echo
+    echo "== demo --device cuda (world size 1: tp 1 x pp 1 on cuda:0)"
+    if [ -x "$dir/rankweave" ] && timeout 300 "$dir/rankweave" demo --device cuda --tp 1 --pp 1 \
+        --layers 2 --hidden 64 --heads 4 --vocab 128 --tokens 8; then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1))
+    fi
     echo
     echo "gpu-check: $passed passed, $failed failed"
     [ "$failed" -eq 0 ]

@@ -58,6 +58,12 @@ pub struct DemoArgs {
     /// single-process logits.
     #[arg(long, default_value_t = 1e-3)]
     pub tolerance: f32,
+    /// Where the tensor collectives run: `cpu` (CPU process groups) or
+    /// `cuda` (NCCL groups, rank r on cuda:r; needs the `nccl` feature and
+    /// one GPU per rank: NCCL refuses two ranks on one GPU, so with one GPU
+    /// run `--tp 1 --pp 1`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Run as one worker of a demo (set by the demo itself).
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -91,10 +97,33 @@ impl DemoArgs {
         if self.tokens == 0 || self.prompt_len == 0 {
             return Err(Error::invalid("--tokens and --prompt-len must be at least 1"));
         }
+        self.device_kind()?;
         if self.tolerance.is_nan() || self.tolerance < 0.0 {
             return Err(Error::invalid(format!("--tolerance ({}) must be a non-negative number", self.tolerance)));
         }
         Ok(world)
+    }
+
+    /// `false` for `cpu`, `true` for `cuda`; other names, and `cuda` in a
+    /// build without the `nccl` feature, are errors.
+    fn device_kind(&self) -> Result<bool> {
+        match self.device.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(false),
+            "cuda" if cfg!(feature = "nccl") => Ok(true),
+            "cuda" => Err(Error::Unsupported(
+                "--device cuda needs a build with the `nccl` feature (cargo build --features nccl)".into(),
+            )),
+            other => Err(Error::invalid(format!("--device `{other}`: expected `cpu` or `cuda`"))),
+        }
+    }
+
+    /// The parallel-state backend for `--device`: `nccl` or `gloo`.
+    pub fn backend(&self) -> &'static str {
+        if self.device_kind().unwrap_or(false) {
+            "nccl"
+        } else {
+            "gloo"
+        }
     }
 
     /// The worker's command line: every model argument, then `--worker`.
@@ -112,6 +141,7 @@ impl DemoArgs {
             ("--prompt-len", self.prompt_len.to_string()),
             ("--seed", self.seed.to_string()),
             ("--tolerance", self.tolerance.to_string()),
+            ("--device", self.device.clone()),
         ];
         let mut args: Vec<OsString> = vec!["demo".into(), "--worker".into()];
         for (k, v) in pairs {
@@ -199,5 +229,16 @@ mod tests {
         assert!(e.contains("heads (8) must divide by tp (3)"), "{e}");
         let e = parse(&["--tokens", "0"]).validate().unwrap_err().to_string();
         assert!(e.contains("--tokens"), "{e}");
+        let e = parse(&["--device", "tpu"]).validate().unwrap_err().to_string();
+        assert!(e.contains("--device `tpu`"), "{e}");
+        let cuda = parse(&["--device", "cuda", "--tp", "1", "--pp", "1"]);
+        if cfg!(feature = "nccl") {
+            assert_eq!(cuda.validate().unwrap(), 1);
+            assert_eq!(cuda.backend(), "nccl");
+        } else {
+            let e = cuda.validate().unwrap_err().to_string();
+            assert!(e.contains("`nccl` feature"), "{e}");
+        }
+        assert_eq!(parse(&[]).backend(), "gloo");
     }
 }

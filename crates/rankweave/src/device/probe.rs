@@ -49,11 +49,21 @@ fn candidates(libs: &[&str]) -> Vec<String> {
     out
 }
 
+/// The first names of `tried` and how many more there were.
+fn tried_list(tried: &[String]) -> String {
+    const SHOW: usize = 4;
+    let head = tried.iter().take(SHOW).map(String::as_str).collect::<Vec<_>>().join(", ");
+    match tried.len().saturating_sub(SHOW) {
+        0 => head,
+        n => format!("{head} and {n} other names"),
+    }
+}
+
 /// The clean error for a missing driver, listing what was tried.
 pub(crate) fn no_driver(tried: &[String], last: &str) -> Error {
     Error::Unsupported(format!(
         "no CUDA driver found (tried {}; last error: {last}): install the NVIDIA driver, or run on a machine with a GPU",
-        tried.join(", ")
+        tried_list(tried)
     ))
 }
 
@@ -63,7 +73,7 @@ pub(crate) fn no_nccl(tried: &[String], last: &str) -> Error {
         "NCCL library not found (tried {}; last error: {last}): install nvidia-nccl (e.g. `pip install \
          nvidia-nccl-cu13`) or set {LD_PATH} to a directory holding libnccl.so (the wheels ship only \
          libnccl.so.2: link libnccl.so to it there)",
-        tried.join(", ")
+        tried_list(tried)
     ))
 }
 
@@ -100,6 +110,8 @@ mod tests {
         assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
         let s = e.to_string();
         assert!(s.contains("no CUDA driver found") && s.contains("librankweave-absent-cuda.so.1"), "{s}");
+        let many: Vec<String> = (0..6).map(|i| format!("libabsent{i}.so")).collect();
+        assert_eq!(tried_list(&many), "libabsent0.so, libabsent1.so, libabsent2.so, libabsent3.so and 2 other names");
         let e = probe_names(&["librankweave-absent-nccl.so".to_string()], no_nccl).unwrap_err().to_string();
         assert!(e.contains("NCCL library not found") && e.contains("nvidia-nccl") && e.contains(LD_PATH), "{e}");
     }
