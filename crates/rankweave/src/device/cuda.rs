@@ -40,7 +40,7 @@ impl CudaDevice {
     /// initializes it and retains the device's primary context.
     pub fn get(ordinal: usize) -> Result<CudaDevice> {
         static DEVICES: OnceLock<Mutex<HashMap<usize, CudaDevice>>> = OnceLock::new();
-        probe::cuda_driver()?;
+        check_driver_version(driver_version()?)?;
         let mut m = DEVICES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = m.get(&ordinal) {
             return Ok(d.clone());
@@ -60,7 +60,7 @@ impl CudaDevice {
 
     /// Number of CUDA devices, or the clean error when there is no driver.
     pub fn count() -> Result<usize> {
-        probe::cuda_driver()?;
+        check_driver_version(driver_version()?)?;
         let n = CudaContext::device_count().map_err(|e| driver_err("cuDeviceGetCount", e))?;
         Ok(n.max(0) as usize)
     }
@@ -95,6 +95,35 @@ impl CudaDevice {
         let slice = self.stream.clone_htod(bytes).map_err(|e| with_bytes(driver_err("cuda upload", e), bytes.len()))?;
         Ok(CudaBuffer { ordinal: self.ordinal, len: bytes.len(), slice: Some(slice) })
     }
+}
+
+/// The oldest driver API this build calls (cudarc's `cuda-12040` bindings):
+/// an older driver would lack symbols, which cudarc turns into a panic.
+pub const MIN_DRIVER_VERSION: i32 = 12_040;
+
+/// The driver's CUDA version (`12040` for 12.4), after probing for it.
+pub fn driver_version() -> Result<i32> {
+    probe::cuda_driver()?;
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: the driver library is loaded (probed above) and
+    // `cuDriverGetVersion`, present in every driver, only writes the int.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r != cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Unsupported(format!("cuDriverGetVersion failed: {r:?}")));
+    }
+    Ok(v)
+}
+
+/// `Ok` for drivers at least [`MIN_DRIVER_VERSION`].
+pub(crate) fn check_driver_version(v: i32) -> Result<()> {
+    if v < MIN_DRIVER_VERSION {
+        return Err(Error::Unsupported(format!(
+            "the CUDA driver supports CUDA {}.{}, older than the 12.4 this build needs; update the NVIDIA driver",
+            v / 1000,
+            (v % 1000) / 10
+        )));
+    }
+    Ok(())
 }
 
 fn with_bytes(mut e: Error, n: usize) -> Error {
@@ -189,6 +218,29 @@ impl CudaBuffer {
                 (p, Some(g))
             }
             None => (0, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_drivers_are_refused_by_name() {
+        let e = check_driver_version(11_080).unwrap_err().to_string();
+        assert!(e.contains("CUDA 11.8") && e.contains("12.4"), "{e}");
+        assert!(check_driver_version(12_040).is_ok());
+        assert!(check_driver_version(13_000).is_ok());
+    }
+
+    #[test]
+    fn without_a_driver_devices_are_a_clean_error() {
+        if probe::cuda_driver().is_ok() {
+            return; // a GPU machine: the device tests cover this path
+        }
+        for e in [CudaDevice::get(0).unwrap_err(), CudaDevice::count().unwrap_err(), driver_version().unwrap_err()] {
+            assert!(e.to_string().contains("no CUDA driver found"), "{e}");
         }
     }
 }

@@ -25,5 +25,7 @@ mod cuda;
 mod nccl;
 pub mod probe;
 
-pub use cuda::{CudaBuffer, CudaDevice};
-pub use nccl::{exchange_unique_id, nccl_dtype, nccl_op, new_unique_id, NcclComm, UNIQUE_ID_BYTES};
+pub use cuda::{driver_version, CudaBuffer, CudaDevice, MIN_DRIVER_VERSION};
+pub use nccl::{
+    exchange_unique_id, nccl_dtype, nccl_op, nccl_version, new_unique_id, NcclComm, MIN_NCCL_VERSION, UNIQUE_ID_BYTES,
+};

@@ -99,6 +99,30 @@ pub(crate) fn nccl_error(ctx: Context, r: sys::ncclResult_t, last: &str) -> Erro
     }
 }
 
+/// The oldest NCCL this build calls (2.14: `ncclCommInitRankConfig`, the
+/// non-blocking mode and `ncclGetLastError`); an older library lacks
+/// symbols, which cudarc turns into a panic.
+pub const MIN_NCCL_VERSION: i32 = 21_400;
+
+/// The NCCL library's version code (`22703` for 2.27.3), after probing for it.
+pub fn nccl_version() -> Result<i32> {
+    probe::nccl_library()?;
+    cudarc::nccl::result::get_nccl_version().map_err(|e| nccl_error(Context::op("ncclGetVersion"), e.0, ""))
+}
+
+/// `Ok` for NCCL at least [`MIN_NCCL_VERSION`].
+fn check_nccl_version(v: i32) -> Result<()> {
+    if v < MIN_NCCL_VERSION {
+        return Err(Error::Unsupported(format!(
+            "NCCL {}.{}.{} is older than the 2.14 this build needs; install a newer nvidia-nccl",
+            v / 10_000,
+            (v % 10_000) / 100,
+            v % 100
+        )));
+    }
+    Ok(())
+}
+
 /// A fresh NCCL unique id (`ncclGetUniqueId`), after probing for the library.
 pub fn new_unique_id() -> Result<[u8; UNIQUE_ID_BYTES]> {
     probe::nccl_library()?;
@@ -252,7 +276,7 @@ impl NcclComm {
     pub fn new(pg: &ProcessGroup, name: &str, ordinal: usize) -> Result<NcclComm> {
         let ctx = Context::new("nccl init", name, pg.rank());
         probe::cuda_driver()?;
-        probe::nccl_library()?;
+        check_nccl_version(nccl_version()?)?;
         let device = CudaDevice::get(ordinal)?;
         let id = exchange_unique_id(pg, new_unique_id)?;
         let stream = device.context().new_stream().map_err(|e| driver_err("CUDA stream creation", e))?;
@@ -811,9 +835,18 @@ mod tests {
     }
 
     #[test]
+    fn old_nccl_is_refused_by_name() {
+        let e = check_nccl_version(21_304).unwrap_err().to_string();
+        assert!(e.contains("NCCL 2.13.4") && e.contains("2.14"), "{e}");
+        assert!(check_nccl_version(23_007).is_ok());
+    }
+
+    #[test]
     fn unique_ids_come_from_nccl_or_a_clean_error() {
         match probe::nccl_library() {
             Ok(_) => {
+                let v = nccl_version().unwrap();
+                assert!(v >= MIN_NCCL_VERSION, "{v}");
                 // NCCL's id needs no GPU: two calls give two different ids.
                 let (a, b) = (new_unique_id().unwrap(), new_unique_id().unwrap());
                 assert_ne!(a, b);
