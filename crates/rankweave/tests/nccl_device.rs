@@ -74,6 +74,14 @@ fn device_metadata_from_a_peer_decodes_and_is_placed_on_this_groups_device() {
     assert_eq!(decoded.len(), 1);
     let m = rankweave::tensor::TensorMetadata { device: Device::Cuda(5), dtype: DType::BF16, shape: vec![2, 2] };
     assert_eq!(m.device.type_name(), "cuda");
+    // Metadata of a device tensor and a value, as a peer on a GPU sends it.
+    use rankweave::tensor::{MetadataEntry, Value};
+    let entries = vec![
+        ("h".to_string(), MetadataEntry::Tensor(m.clone())),
+        ("n".to_string(), MetadataEntry::Value(Value::Int(3))),
+    ];
+    let bytes = rankweave::tensor::codec::encode_metadata(&entries).unwrap();
+    assert_eq!(rankweave::tensor::codec::decode_metadata(&bytes, &Default::default()).unwrap(), entries);
     if device::probe::cuda_driver().is_err() {
         let e = m.zeros().unwrap_err().to_string();
         assert!(e.contains("no CUDA driver found"), "{e}");
