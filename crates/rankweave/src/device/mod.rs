@@ -22,10 +22,10 @@
 //! `scripts/gpu-check.sh` is the check to run on one.
 
 mod cuda;
+mod mapping;
 mod nccl;
 pub mod probe;
 
 pub use cuda::{driver_version, CudaBuffer, CudaDevice, MIN_DRIVER_VERSION};
-pub use nccl::{
-    exchange_unique_id, nccl_dtype, nccl_op, nccl_version, new_unique_id, NcclComm, MIN_NCCL_VERSION, UNIQUE_ID_BYTES,
-};
+pub use mapping::{exchange_unique_id, nccl_dtype, nccl_op, MIN_NCCL_VERSION, UNIQUE_ID_BYTES};
+pub use nccl::{nccl_version, new_unique_id, NcclComm};
