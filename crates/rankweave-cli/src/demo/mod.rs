@@ -77,6 +77,12 @@ pub struct DemoArgs {
     /// Rendezvous port [default: a free port on one node, 29500 on several].
     #[arg(long, value_name = "P")]
     pub master_port: Option<u16>,
+    /// Where the tensor collectives run: `cpu` (CPU process groups) or
+    /// `cuda` (NCCL groups, rank r on cuda:r; needs the `nccl` feature and
+    /// one GPU per rank: NCCL refuses two ranks on one GPU, so with one GPU
+    /// run `--tp 1 --pp 1`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Run as one worker of a demo (set by the demo itself).
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -123,10 +129,33 @@ impl DemoArgs {
         if self.tokens == 0 || self.prompt_len == 0 {
             return Err(Error::invalid("--tokens and --prompt-len must be at least 1"));
         }
+        self.device_kind()?;
         if self.tolerance.is_nan() || self.tolerance < 0.0 {
             return Err(Error::invalid(format!("--tolerance ({}) must be a non-negative number", self.tolerance)));
         }
         Ok(world)
+    }
+
+    /// `false` for `cpu`, `true` for `cuda`; other names, and `cuda` in a
+    /// build without the `nccl` feature, are errors.
+    fn device_kind(&self) -> Result<bool> {
+        match self.device.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(false),
+            "cuda" if cfg!(feature = "nccl") => Ok(true),
+            "cuda" => Err(Error::Unsupported(
+                "--device cuda needs a build with the `nccl` feature (cargo build --features nccl)".into(),
+            )),
+            other => Err(Error::invalid(format!("--device `{other}`: expected `cpu` or `cuda`"))),
+        }
+    }
+
+    /// The parallel-state backend for `--device`: `nccl` or `gloo`.
+    pub fn backend(&self) -> &'static str {
+        if self.device_kind().unwrap_or(false) {
+            "nccl"
+        } else {
+            "gloo"
+        }
     }
 
     /// The worker's command line: every model argument, then `--worker`.
@@ -144,6 +173,7 @@ impl DemoArgs {
             ("--prompt-len", self.prompt_len.to_string()),
             ("--seed", self.seed.to_string()),
             ("--tolerance", self.tolerance.to_string()),
+            ("--device", self.device.clone()),
         ];
         let mut args: Vec<OsString> = vec!["demo".into(), "--worker".into()];
         for (k, v) in pairs {
@@ -251,5 +281,16 @@ mod tests {
         assert_eq!(parse(&["--nnodes", "2", "--node-rank", "1"]).validate().unwrap(), 4);
         let e = parse(&["--nnodes", "2", "--node-rank", "2"]).validate().unwrap_err().to_string();
         assert!(e.contains("--node-rank 2"), "{e}");
+        let e = parse(&["--device", "tpu"]).validate().unwrap_err().to_string();
+        assert!(e.contains("--device `tpu`"), "{e}");
+        let cuda = parse(&["--device", "cuda", "--tp", "1", "--pp", "1"]);
+        if cfg!(feature = "nccl") {
+            assert_eq!(cuda.validate().unwrap(), 1);
+            assert_eq!(cuda.backend(), "nccl");
+        } else {
+            let e = cuda.validate().unwrap_err().to_string();
+            assert!(e.contains("`nccl` feature"), "{e}");
+        }
+        assert_eq!(parse(&[]).backend(), "gloo");
     }
 }

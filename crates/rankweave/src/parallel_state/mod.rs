@@ -52,7 +52,7 @@ use crate::error::{Error, Result};
 use crate::group::{GroupOptions, ProcessGroup};
 use crate::reduce::ReduceOp;
 use crate::store::SharedStore;
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Sizes of the model-parallel dimensions.
@@ -93,6 +93,8 @@ struct State {
     dp: Option<GroupCoordinator>,
     tp_patched: bool,
     backend: String,
+    /// Where the world's tensors live (`cuda:local_rank` with NCCL).
+    device: Device,
     /// The rendezvous store when this state made it (rank 0's handle keeps
     /// the store server alive).
     store: Option<SharedStore>,
@@ -144,6 +146,15 @@ impl Default for ParallelState {
     }
 }
 
+/// Where a backend's tensors live: `cuda:local_rank` for NCCL (the seed's
+/// `torch.device(f"cuda:{local_rank}")`), the host otherwise.
+fn device_for(backend: Backend, local_rank: usize) -> Device {
+    match backend {
+        Backend::Nccl => Device::Cuda(local_rank),
+        Backend::Cpu | Backend::Mpi => Device::Cpu,
+    }
+}
+
 /// Parses a backend name and checks that this build runs it; empty means
 /// "the world's backend" ([`Backend::Cpu`]).
 fn check_backend(backend: &str) -> Result<Backend> {
@@ -185,12 +196,13 @@ impl ParallelState {
         }
     }
 
-    fn opts(&self, name: &str, mq: bool) -> CoordinatorOptions {
+    fn opts(&self, name: &str, mq: bool, device: Device) -> CoordinatorOptions {
         CoordinatorOptions {
             group_name: Some(name.into()),
             use_message_queue_broadcaster: mq,
             names: self.names.clone(),
             limits: None,
+            device,
         }
     }
 
@@ -204,6 +216,18 @@ impl ParallelState {
         local_rank: usize,
         opts: GroupOptions,
     ) -> Result<()> {
+        self.init_world_on(store, world_size, rank, local_rank, opts, Device::Cpu)
+    }
+
+    fn init_world_on(
+        &self,
+        store: SharedStore,
+        world_size: usize,
+        rank: usize,
+        local_rank: usize,
+        opts: GroupOptions,
+        device: Device,
+    ) -> Result<()> {
         let mut s = self.lock();
         if let Some(w) = &s.world {
             return check_same_world(w, world_size);
@@ -215,8 +239,9 @@ impl ParallelState {
         }
         let pg = ProcessGroup::new_world(store, rank, world_size, opts)?;
         let ranks: Vec<usize> = (0..world_size).collect();
-        let world = GroupCoordinator::new(&pg, &[ranks], local_rank, self.opts("world", false))?;
+        let world = GroupCoordinator::new(&pg, &[ranks], local_rank, self.opts("world", false, device))?;
         s.world_pg = Some(pg);
+        s.device = device;
         s.world = Some(world);
         s.world_destroyed = false;
         if s.backend.is_empty() {
@@ -233,8 +258,10 @@ impl ParallelState {
     /// [`InitOptions::with_env`] first for that. The local rank defaults to
     /// 0 with `env://` and to the rank otherwise.
     ///
-    /// [`Backend::Mpi`] and [`Backend::Nccl`] are [`Error::Unsupported`] in
-    /// this build. Called again once initialized, it only checks that the
+    /// [`Backend::Mpi`] is [`Error::Unsupported`]; [`Backend::Nccl`] needs
+    /// the `nccl` feature and puts every group's tensors on
+    /// `cuda:local_rank` through NCCL (without a CUDA driver or NCCL, a clean
+    /// error). Called again once initialized, it only checks that the
     /// world size matches.
     pub fn init(&self, opts: &InitOptions) -> Result<()> {
         opts.backend.check_supported()?;
@@ -270,7 +297,8 @@ impl ParallelState {
             (None, true) => 0,
             (None, false) => rv.rank,
         };
-        self.init_world_with_store(rv.store.clone(), rv.world_size, rv.rank, local_rank, group_opts)?;
+        let device = device_for(opts.backend, local_rank);
+        self.init_world_on(rv.store.clone(), rv.world_size, rv.rank, local_rank, group_opts, device)?;
         let mut s = self.lock();
         s.backend = opts.backend.name().into();
         s.store = Some(rv.store);
@@ -340,9 +368,10 @@ impl ParallelState {
             (Some(pg), Some(w)) => (pg.clone(), w.clone()),
             _ => return Err(s.missing("world group (call init_distributed_environment first)", false)),
         };
-        if let Some(b) = backend {
-            check_backend(b)?;
-        }
+        let device = match backend {
+            Some(b) if !b.trim().is_empty() => device_for(check_backend(b)?, world.local_rank()),
+            _ => s.device,
+        };
         let layout = model_parallel_layout(
             world.world_size(),
             config.tensor_model_parallel_size,
@@ -357,9 +386,9 @@ impl ParallelState {
         }
         let local_rank = world.local_rank();
         // The message-queue broadcaster is only used in the TP group.
-        let tp = GroupCoordinator::new(&world_pg, &layout.tp_groups, local_rank, self.opts("tp", true))?;
-        let pp = GroupCoordinator::new(&world_pg, &layout.pp_groups, local_rank, self.opts("pp", false))?;
-        let dp = GroupCoordinator::new(&world_pg, &layout.dp_groups, local_rank, self.opts("dp", false))?;
+        let tp = GroupCoordinator::new(&world_pg, &layout.tp_groups, local_rank, self.opts("tp", true, device))?;
+        let pp = GroupCoordinator::new(&world_pg, &layout.pp_groups, local_rank, self.opts("pp", false, device))?;
+        let dp = GroupCoordinator::new(&world_pg, &layout.dp_groups, local_rank, self.opts("dp", false, device))?;
         s.tp = Some(tp);
         s.pp = Some(pp);
         s.dp = Some(dp);
@@ -618,8 +647,8 @@ pub fn init_world_group(
     local_rank: usize,
     backend: &str,
 ) -> Result<GroupCoordinator> {
-    check_backend(backend)?;
-    let opts = CoordinatorOptions { group_name: Some("world".into()), ..CoordinatorOptions::default() };
+    let device = device_for(check_backend(backend)?, local_rank);
+    let opts = CoordinatorOptions { group_name: Some("world".into()), device, ..CoordinatorOptions::default() };
     GroupCoordinator::new(world, &[ranks.to_vec()], local_rank, opts)
 }
 
@@ -634,10 +663,11 @@ pub fn init_model_parallel_group(
     use_message_queue_broadcaster: bool,
     group_name: Option<&str>,
 ) -> Result<GroupCoordinator> {
-    check_backend(backend)?;
+    let device = device_for(check_backend(backend)?, local_rank);
     let opts = CoordinatorOptions {
         group_name: group_name.map(str::to_string),
         use_message_queue_broadcaster,
+        device,
         ..CoordinatorOptions::default()
     };
     GroupCoordinator::new(world, group_ranks, local_rank, opts)
@@ -790,9 +820,33 @@ mod tests {
     fn backends() {
         assert_eq!(check_backend("GLOO").unwrap(), Backend::Cpu);
         assert_eq!(check_backend("").unwrap(), Backend::Cpu);
-        assert!(matches!(check_backend("nccl"), Err(Error::Unsupported(_))));
+        if cfg!(feature = "nccl") {
+            assert_eq!(check_backend("nccl").unwrap(), Backend::Nccl);
+        } else {
+            assert!(matches!(check_backend("nccl"), Err(Error::Unsupported(_))));
+        }
         assert!(matches!(check_backend("mpi"), Err(Error::Unsupported(_))));
         assert!(matches!(check_backend("hccl"), Err(Error::InvalidArgument(_))));
+        assert_eq!(device_for(Backend::Nccl, 3), Device::Cuda(3));
+        assert_eq!(device_for(Backend::Cpu, 3), Device::Cpu);
+    }
+
+    /// An NCCL world on a machine without the CUDA driver (this project's
+    /// CI) is the probe's clean error, not a panic; the state stays
+    /// uninitialized.
+    #[cfg(feature = "nccl")]
+    #[test]
+    fn nccl_world_without_a_driver_is_a_clean_error() {
+        if crate::device::probe::cuda_driver().is_ok() {
+            return; // a GPU machine: scripts/gpu-check.sh covers this path
+        }
+        let s = ParallelState::new();
+        let e = s
+            .init_world_on(Arc::new(crate::HashStore::new()), 1, 0, 0, GroupOptions::default(), Device::Cuda(0))
+            .unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+        assert!(e.to_string().contains("no CUDA driver found"), "{e}");
+        assert!(s.get_world_group().is_err());
     }
 
     #[test]

@@ -56,11 +56,15 @@ impl Backend {
         }
     }
 
-    /// `Ok` for the backends this build runs ([`Backend::Cpu`]);
+    /// `Ok` for the backends this build runs ([`Backend::Cpu`], and
+    /// [`Backend::Nccl`] with the `nccl` feature: whether the CUDA driver
+    /// and NCCL are there is checked when its groups are built);
     /// [`Error::Unsupported`] for the others.
     pub fn check_supported(self) -> Result<()> {
         match self {
             Backend::Cpu => Ok(()),
+            #[cfg(feature = "nccl")]
+            Backend::Nccl => Ok(()),
             other => Err(Error::Unsupported(format!(
                 "backend `{other}` is not available in this build; it runs CPU process groups only (`gloo` or `cpu`)"
             ))),
@@ -328,7 +332,9 @@ mod tests {
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         assert!(e.to_string().contains("unknown backend `hccl`; expected one of gloo, cpu, mpi, nccl"), "{e}");
         assert!(Backend::Cpu.check_supported().is_ok());
-        for b in [Backend::Mpi, Backend::Nccl] {
+        let refused: &[Backend] = if cfg!(feature = "nccl") { &[Backend::Mpi] } else { &[Backend::Mpi, Backend::Nccl] };
+        assert_eq!(Backend::Nccl.check_supported().is_ok(), cfg!(feature = "nccl"));
+        for &b in refused {
             let e = b.check_supported().unwrap_err();
             assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains(b.name()), "{e}");
         }
