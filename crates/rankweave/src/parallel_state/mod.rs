@@ -211,7 +211,12 @@ impl ParallelState {
             )));
         }
         let pg = ProcessGroup::new_world(store, rank, world_size, opts)?;
-        let ranks: Vec<usize> = (0..world_size).collect();
+        self.install_world(&mut s, pg, local_rank)
+    }
+
+    /// Makes `pg` this state's world group (its coordinator included).
+    fn install_world(&self, s: &mut State, pg: ProcessGroup, local_rank: usize) -> Result<()> {
+        let ranks: Vec<usize> = (0..pg.size()).collect();
         let world = GroupCoordinator::new(&pg, &[ranks], local_rank, self.opts("world", false))?;
         s.world_pg = Some(pg);
         s.world = Some(world);
@@ -230,8 +235,9 @@ impl ParallelState {
     /// [`InitOptions::with_env`] first for that. The local rank defaults to
     /// 0 with `env://` and to the rank otherwise.
     ///
-    /// [`Backend::Mpi`] and [`Backend::Nccl`] are [`Error::Unsupported`] in
-    /// this build. Called again once initialized, it only checks that the
+    /// [`Backend::Mpi`] (cargo feature `mpi`) takes the world from MPI
+    /// instead of a rendezvous; [`Backend::Nccl`] is [`Error::Unsupported`]
+    /// in this build. Called again once initialized, it only checks that the
     /// world size matches.
     pub fn init(&self, opts: &InitOptions) -> Result<()> {
         opts.backend.check_supported()?;
@@ -240,6 +246,10 @@ impl ParallelState {
                 Some(n) => check_same_world(&w, n),
                 None => Ok(()),
             };
+        }
+        #[cfg(feature = "mpi")]
+        if opts.backend == Backend::Mpi {
+            return self.init_mpi(opts);
         }
         let method = opts.init_method_or_default();
         // The store's auth token is a secret, not an option: it is passed
@@ -262,6 +272,34 @@ impl ParallelState {
         let mut s = self.lock();
         s.backend = opts.backend.name().into();
         s.store = Some(rv.store);
+        Ok(())
+    }
+
+    /// [`ParallelState::init`] for [`Backend::Mpi`]: the world is
+    /// `MPI_COMM_WORLD` (see [`crate::backend::mpi::world`]); an explicit
+    /// rank or world size must match MPI's, the init method and master
+    /// address are not used, and the local rank defaults to the rank on the
+    /// node.
+    #[cfg(feature = "mpi")]
+    fn init_mpi(&self, opts: &InitOptions) -> Result<()> {
+        let token = std::env::var("RANKWEAVE_TOKEN").ok();
+        let w = crate::backend::mpi::world(opts.group_options(), token.as_deref())?;
+        for (what, given, actual) in [("rank", opts.rank, w.rank), ("world size", opts.world_size, w.world_size)] {
+            if let Some(g) = given.filter(|&g| g != actual) {
+                return Err(Error::invalid(format!(
+                    "backend mpi: the {what} given ({g}) differs from MPI_COMM_WORLD's ({actual}); under mpirun \
+                     leave it unset"
+                )));
+            }
+        }
+        let local_rank = opts.local_rank.unwrap_or(w.local_rank);
+        let mut s = self.lock();
+        if let Some(world) = &s.world {
+            return check_same_world(world, w.world_size);
+        }
+        self.install_world(&mut s, w.group, local_rank)?;
+        s.backend = Backend::Mpi.name().into();
+        s.store = Some(w.store);
         Ok(())
     }
 

@@ -34,7 +34,9 @@ pub enum Backend {
     /// `gloo` or `cpu`.
     #[default]
     Cpu,
-    /// MPI (parsed; not built in yet, refused at init).
+    /// MPI communicators, for jobs started by `mpirun`/`srun` (the world
+    /// comes from MPI; see [`crate::backend::mpi`]). Needs the cargo
+    /// feature `mpi`; refused at init without it.
     Mpi,
     /// NCCL on CUDA devices (parsed; not built in yet, refused at init).
     Nccl,
@@ -55,11 +57,18 @@ impl Backend {
         }
     }
 
-    /// `Ok` for the backends this build runs ([`Backend::Cpu`]);
+    /// `Ok` for the backends this build runs ([`Backend::Cpu`], and
+    /// [`Backend::Mpi`] with the cargo feature `mpi`);
     /// [`Error::Unsupported`] for the others.
     pub fn check_supported(self) -> Result<()> {
         match self {
             Backend::Cpu => Ok(()),
+            #[cfg(feature = "mpi")]
+            Backend::Mpi => Ok(()),
+            #[cfg(not(feature = "mpi"))]
+            Backend::Mpi => Err(Error::Unsupported(
+                "backend `mpi` is not available in this build; build rankweave with the cargo feature `mpi`".into(),
+            )),
             other => Err(Error::Unsupported(format!(
                 "backend `{other}` is not available in this build; it runs CPU process groups only (`gloo` or `cpu`)"
             ))),
@@ -296,7 +305,11 @@ mod tests {
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         assert!(e.to_string().contains("unknown backend `hccl`; expected one of gloo, cpu, mpi, nccl"), "{e}");
         assert!(Backend::Cpu.check_supported().is_ok());
-        for b in [Backend::Mpi, Backend::Nccl] {
+        let mut refused = vec![Backend::Nccl];
+        if cfg!(not(feature = "mpi")) {
+            refused.push(Backend::Mpi);
+        }
+        for b in refused {
             let e = b.check_supported().unwrap_err();
             assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains(b.name()), "{e}");
         }
