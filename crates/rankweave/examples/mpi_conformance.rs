@@ -14,6 +14,10 @@
 //! the TP group as `all_gather_group`) and the error paths MPI can return
 //! (a receive timing out names its peer; a receive of the wrong length is a
 //! mismatch). Prints `PASS` per rank; any failure aborts the job.
+//!
+//! With `--watchdog`, rank 0 enters a barrier (300 ms timeout) that the
+//! other ranks never enter: the watchdog must abort the job, naming the
+//! operation, group and rank (CI checks the message and the failed exit).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -57,6 +61,17 @@ fn main() {
         default_hook(info);
         std::process::abort();
     }));
+    if std::env::args().any(|a| a == "--watchdog") {
+        let rt = Runtime::get().unwrap();
+        let short = short_world(rt.rank(), rt.size());
+        if rt.rank() == 0 {
+            let _ = short.barrier();
+            eprintln!("the barrier returned: the watchdog did not abort the job");
+        } else {
+            std::thread::sleep(Duration::from_secs(20));
+        }
+        std::process::exit(3);
+    }
     let state = ParallelState::new();
     state.init(&InitOptions::new().backend(Backend::Mpi).timeout(TIMEOUT)).unwrap();
     assert_eq!(state.backend().as_deref(), Some("mpi"));

@@ -58,6 +58,11 @@ pub struct DemoArgs {
     /// single-process logits.
     #[arg(long, default_value_t = 1e-3)]
     pub tolerance: f32,
+    /// Process-group backend: `gloo` (CPU: shared memory and TCP, the
+    /// demo starts its own workers) or `mpi` (run under `mpirun -n TP*PP`;
+    /// every process is a worker; needs the cargo feature `mpi`).
+    #[arg(long, default_value = "gloo")]
+    pub backend: String,
     /// Run as one worker of a demo (set by the demo itself).
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -125,8 +130,13 @@ impl DemoArgs {
 /// Runs `rankweave demo`; returns the exit code (0 on PASS).
 pub fn run(args: DemoArgs) -> Result<i32> {
     let world = args.validate()?;
+    let backend = args.backend.parse::<rankweave::parallel_state::Backend>()?;
     if args.worker {
-        return worker::run(&args);
+        return worker::run(&args, backend);
+    }
+    if backend == rankweave::parallel_state::Backend::Mpi {
+        // Started by mpirun: this process is one of the workers.
+        return worker::run(&args, backend);
     }
     let m = args.model();
     println!(

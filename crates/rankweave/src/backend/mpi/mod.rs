@@ -23,9 +23,10 @@
 //!   with MPI's message. A receive waits until the group's deadline and then
 //!   cancels, failing with [`Error::Timeout`] naming the peer. MPI cannot
 //!   cancel a collective (or a send) once started, so a **timed-out
-//!   collective aborts the job**: a watchdog thread checks the deadline of
-//!   every operation in flight and, past it, logs which operation, group
-//!   and rank timed out and calls `MPI_Abort`. A process that dies makes the
+//!   collective aborts the job**: a watchdog thread looks at every
+//!   operation in flight every 50 ms and, once one has run past its
+//!   timeout, logs which operation, group and rank timed out and calls
+//!   `MPI_Abort`. A process that dies makes the
 //!   MPI launcher end the job (Open MPI's default), as with any MPI program.
 //! - **Finalization**: MPI is finalized when the last handle on the
 //!   [`Runtime`] goes (the last group destroyed), or at process exit;
@@ -39,11 +40,11 @@ use crate::error::{Context, Error, Result};
 use crate::group::{BackendFactory, GroupInfo, GroupOptions, ProcessGroup, TransportKind};
 use crate::reduce::ReduceOp;
 use crate::store::{SharedStore, TcpStore};
-use crate::sync::Backoff;
+use crate::sync::SPIN_LIMIT;
 use ffi::{Code, RawComm};
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// Set while rankweave owns an initialized, not yet finalized MPI.
@@ -167,32 +168,54 @@ fn op_index(name: &str) -> u8 {
     OPS.iter().position(|o| *o == name).unwrap_or(0) as u8
 }
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// One communicator's operation in flight, as the watchdog sees it.
+/// One communicator's operation in flight, as the watchdog sees it. The
+/// hot path reads no clock: arming stores the operation's number and
+/// timeout, and the watchdog times each number from when it first sees it
+/// (so it fires between the timeout and the timeout plus one round).
 struct Slot {
-    /// Deadline in nanoseconds since [`epoch`]; 0 when idle.
-    deadline: AtomicU64,
+    /// Number of the operation in flight; 0 when idle.
+    active: AtomicU64,
+    /// Operations armed so far (only the slot's owner writes it).
+    count: AtomicU64,
     op: AtomicU8,
+    timeout_ns: AtomicU64,
     group: String,
     rank: usize,
-    timeout_ns: AtomicU64,
+    /// The watchdog's own record: the operation number it saw and when.
+    seen: Mutex<(u64, Option<Instant>)>,
 }
 
 impl Slot {
+    #[inline]
     fn arm(&self, op: &'static str, timeout: Duration) {
-        let now = epoch().elapsed();
-        let t = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        let at = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX).saturating_add(t).max(1);
+        let n = self.count.load(Ordering::Relaxed) + 1;
+        self.count.store(n, Ordering::Relaxed);
         self.op.store(op_index(op), Ordering::Relaxed);
-        self.timeout_ns.store(t, Ordering::Relaxed);
-        self.deadline.store(at, Ordering::Release);
+        self.timeout_ns.store(u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.active.store(n, Ordering::Release);
     }
+    #[inline]
     fn disarm(&self) {
-        self.deadline.store(0, Ordering::Release);
+        self.active.store(0, Ordering::Release);
+    }
+    /// The watchdog's check: true once the same operation has been in flight
+    /// for longer than its timeout.
+    fn overdue(&self, now: Instant) -> bool {
+        let active = self.active.load(Ordering::Acquire);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if active == 0 {
+            *seen = (0, None);
+            return false;
+        }
+        match *seen {
+            (n, Some(since)) if n == active => {
+                now.duration_since(since) > Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
+            }
+            _ => {
+                *seen = (active, Some(now));
+                false
+            }
+        }
     }
 }
 
@@ -217,11 +240,13 @@ fn watch_registry() -> &'static Mutex<Vec<Weak<Slot>>> {
 impl Watchdog {
     fn register(&self, group: &str, rank: usize) -> Arc<Slot> {
         let slot = Arc::new(Slot {
-            deadline: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            count: AtomicU64::new(0),
             op: AtomicU8::new(0),
+            timeout_ns: AtomicU64::new(0),
             group: group.to_string(),
             rank,
-            timeout_ns: AtomicU64::new(0),
+            seen: Mutex::new((0, None)),
         });
         let mut slots = watch_registry().lock().unwrap_or_else(|e| e.into_inner());
         slots.retain(|w| w.strong_count() > 0);
@@ -238,7 +263,7 @@ impl Watchdog {
         let spawned = std::thread::Builder::new().name("rankweave-mpi-watchdog".into()).spawn(move || {
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(WATCH_EVERY);
-                let now = u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let now = Instant::now();
                 let slots: Vec<Arc<Slot>> = watch_registry()
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -246,8 +271,7 @@ impl Watchdog {
                     .filter_map(Weak::upgrade)
                     .collect();
                 for s in slots {
-                    let at = s.deadline.load(Ordering::Acquire);
-                    if at != 0 && now > at && !stop.load(Ordering::Acquire) {
+                    if s.overdue(now) && !stop.load(Ordering::Acquire) {
                         let op = OPS[usize::from(s.op.load(Ordering::Relaxed)).min(OPS.len() - 1)];
                         let waited = Duration::from_nanos(s.timeout_ns.load(Ordering::Relaxed));
                         let msg = format!(
@@ -528,14 +552,22 @@ impl Communicator for MpiComm {
         let ctx = || Context::new("recv", self.name.clone(), self.rank).with_peer(src);
         let start = Instant::now();
         let deadline = start + call.timeout;
-        let mut backoff = Backoff::new();
+        // Spin briefly, then yield between tests: each MPI_Test also moves
+        // MPI's transfers along (a large message arrives in fragments), so
+        // this wait must not sleep as the other backends' waits do.
+        let mut spins = 0u32;
         let got = self
             .comm
             .recv(buf, n, src_c, tag_of(call.seq), || {
-                if !backoff.is_spinning() && Instant::now() >= deadline {
+                if spins < SPIN_LIMIT {
+                    spins += 1;
+                    std::hint::spin_loop();
+                    return true;
+                }
+                if Instant::now() >= deadline {
                     return false;
                 }
-                backoff.snooze();
+                std::thread::yield_now();
                 true
             })
             .map_err(|c| {
