@@ -366,7 +366,13 @@ impl ParallelState {
             _ => return Err(s.missing("world group (call init_distributed_environment first)", false)),
         };
         if let Some(b) = backend {
-            check_backend(b)?;
+            let b = check_backend(b)?;
+            if !s.backend.is_empty() && b.name() != s.backend {
+                return Err(Error::invalid(format!(
+                    "backend `{b}` for the model-parallel groups: they are built on the world's backend `{}`",
+                    s.backend
+                )));
+            }
         }
         let layout = model_parallel_layout(
             world.world_size(),
@@ -760,7 +766,11 @@ mod tests {
         assert_eq!(check_backend("GLOO").unwrap(), Backend::Cpu);
         assert_eq!(check_backend("").unwrap(), Backend::Cpu);
         assert!(matches!(check_backend("nccl"), Err(Error::Unsupported(_))));
-        assert!(matches!(check_backend("mpi"), Err(Error::Unsupported(_))));
+        if cfg!(feature = "mpi") {
+            assert_eq!(check_backend("mpi").unwrap(), Backend::Mpi);
+        } else {
+            assert!(matches!(check_backend("mpi"), Err(Error::Unsupported(_))));
+        }
         assert!(matches!(check_backend("hccl"), Err(Error::InvalidArgument(_))));
     }
 

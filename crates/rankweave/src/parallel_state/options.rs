@@ -35,7 +35,7 @@ pub enum Backend {
     #[default]
     Cpu,
     /// MPI communicators, for jobs started by `mpirun`/`srun` (the world
-    /// comes from MPI; see [`crate::backend::mpi`]). Needs the cargo
+    /// comes from MPI; see the module `rankweave::backend::mpi`). Needs the cargo
     /// feature `mpi`; refused at init without it.
     Mpi,
     /// NCCL on CUDA devices (parsed; not built in yet, refused at init).

@@ -7,7 +7,9 @@
 //! `mpi::ffi` (rsmpi's `mpi-sys`) here, each wrapped in a function on
 //! slices that returns MPI's error code. The contract:
 //! - MPI is initialized by [`init`] with `MPI_THREAD_MULTIPLE` (the groups
-//!   of a process may run from several threads) and every communicator
+//!   of a process may run from several threads), or on request with
+//!   `MPI_THREAD_SERIALIZED` and one process-wide lock around every call
+//!   here (for MPI builds without `MPI_THREAD_MULTIPLE`); every communicator
 //!   this module hands out has `MPI_ERRORS_RETURN` set, so failures come
 //!   back as codes instead of aborting the job.
 //! - A [`RawComm`] is a valid communicator handle until [`RawComm::free`];
@@ -20,7 +22,27 @@ use crate::dtype::DType;
 use crate::reduce::ReduceOp;
 use mpi::ffi;
 use std::ffi::{c_int, c_void};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+/// Set when MPI runs below `MPI_THREAD_MULTIPLE`: every call takes [`LOCK`].
+static SERIAL: AtomicBool = AtomicBool::new(false);
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// True when MPI runs below `MPI_THREAD_MULTIPLE` (calls serialized here).
+pub(crate) fn serialized() -> bool {
+    SERIAL.load(Ordering::Relaxed)
+}
+
+/// Holds the process's MPI lock when MPI is not `MPI_THREAD_MULTIPLE`
+/// (one MPI call at a time, as `MPI_THREAD_SERIALIZED` requires).
+fn serial() -> Option<MutexGuard<'static, ()>> {
+    if SERIAL.load(Ordering::Relaxed) {
+        Some(LOCK.lock().unwrap_or_else(|e| e.into_inner()))
+    } else {
+        None
+    }
+}
 
 /// An MPI error code (not `MPI_SUCCESS`).
 pub(crate) type Code = c_int;
@@ -55,9 +77,11 @@ pub(crate) struct Started {
     pub ours: bool,
 }
 
-/// Initializes MPI with `MPI_THREAD_MULTIPLE` unless it already is, and
-/// sets `MPI_ERRORS_RETURN` on `MPI_COMM_WORLD`. `Err` carries a message.
-pub(crate) fn init() -> Result<Started, String> {
+/// Initializes MPI at thread level `multiple` (`MPI_THREAD_MULTIPLE`) or
+/// else `MPI_THREAD_SERIALIZED` (then this module serializes every MPI
+/// call of the process with one lock) unless it already is, and sets
+/// `MPI_ERRORS_RETURN` on `MPI_COMM_WORLD`. `Err` carries a message.
+pub(crate) fn init(multiple: bool) -> Result<Started, String> {
     let (mut inited, mut finalized) = (0, 0);
     // SAFETY: MPI_Initialized and MPI_Finalized may be called at any time,
     // before MPI_Init and after MPI_Finalize; they write one int each.
@@ -77,26 +101,29 @@ pub(crate) fn init() -> Result<Started, String> {
     // process, built under a mutex). MPI_Query_thread writes one int.
     unsafe {
         if ours {
-            check(ffi::MPI_Init_thread(
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                ffi::RSMPI_THREAD_MULTIPLE,
-                &mut provided,
-            ))
-            .map_err(|c| format!("MPI_Init_thread failed: {}", error_string(c)))?;
+            let required = if multiple { ffi::RSMPI_THREAD_MULTIPLE } else { ffi::RSMPI_THREAD_SERIALIZED };
+            check(ffi::MPI_Init_thread(std::ptr::null_mut(), std::ptr::null_mut(), required, &mut provided))
+                .map_err(|c| format!("MPI_Init_thread failed: {}", error_string(c)))?;
         } else {
             check(ffi::MPI_Query_thread(&mut provided))
                 .map_err(|c| format!("MPI_Query_thread failed: {}", error_string(c)))?;
         }
     }
-    // SAFETY: a constant handle of an initialized MPI.
-    let multiple = unsafe { ffi::RSMPI_THREAD_MULTIPLE };
-    if provided < multiple {
+    // SAFETY: constants of an initialized MPI.
+    let (full, serialized) = unsafe { (ffi::RSMPI_THREAD_MULTIPLE, ffi::RSMPI_THREAD_SERIALIZED) };
+    if provided < serialized {
         return Err(format!(
-            "this MPI provides thread level {provided}, rankweave needs MPI_THREAD_MULTIPLE ({multiple}): \
-             groups may run from several threads"
+            "this MPI provides thread level {provided}, rankweave needs at least MPI_THREAD_SERIALIZED \
+             ({serialized}), and MPI_THREAD_MULTIPLE ({full}) to run groups from several threads at once"
         ));
     }
+    if multiple && provided < full {
+        return Err(format!(
+            "this MPI provides thread level {provided}, not MPI_THREAD_MULTIPLE ({full}); set \
+             RANKWEAVE_MPI_THREADS=serialized to run with one MPI call at a time"
+        ));
+    }
+    SERIAL.store(provided < full, Ordering::Release);
     // SAFETY: MPI is initialized; COMM_WORLD and ERRORS_RETURN are
     // predefined handles.
     check(unsafe { ffi::MPI_Comm_set_errhandler(ffi::RSMPI_COMM_WORLD, ffi::RSMPI_ERRORS_RETURN) })
@@ -191,6 +218,7 @@ impl RawComm {
 
     /// This process's rank.
     pub(crate) fn rank(self) -> Result<usize, Code> {
+        let _serial = serial();
         let mut r = 0;
         // SAFETY: a valid communicator; writes one int.
         check(unsafe { ffi::MPI_Comm_rank(self.0, &mut r) })?;
@@ -199,6 +227,7 @@ impl RawComm {
 
     /// Number of processes.
     pub(crate) fn size(self) -> Result<usize, Code> {
+        let _serial = serial();
         let mut n = 0;
         // SAFETY: a valid communicator; writes one int.
         check(unsafe { ffi::MPI_Comm_size(self.0, &mut n) })?;
@@ -213,6 +242,7 @@ impl RawComm {
 
     /// `MPI_Comm_dup` (collective over `self`).
     pub(crate) fn dup(self) -> Result<RawComm, Code> {
+        let _serial = serial();
         // SAFETY: RSMPI_COMM_NULL is a predefined handle; MPI_Comm_dup
         // writes the new handle.
         let mut out = unsafe { ffi::RSMPI_COMM_NULL };
@@ -225,6 +255,7 @@ impl RawComm {
     /// communicator's order): `MPI_Comm_create_group`, collective over
     /// those processes only.
     pub(crate) fn create_group(self, ranks: &[c_int], tag: c_int) -> Result<RawComm, Code> {
+        let _serial = serial();
         let n = count(ranks.len()).ok_or(ffi::MPI_ERR_COUNT as c_int)?;
         // SAFETY: predefined null handles, overwritten by MPI below.
         let (mut parent, mut sub, mut out) =
@@ -247,6 +278,7 @@ impl RawComm {
     /// ordered by their rank in `self`.
     pub(crate) fn split_shared(self) -> Result<RawComm, Code> {
         let key = count(self.rank()?).unwrap_or(0);
+        let _serial = serial();
         // SAFETY: predefined handles; MPI writes `out`.
         let mut out = unsafe { ffi::RSMPI_COMM_NULL };
         // SAFETY: a valid communicator; INFO_NULL and COMM_TYPE_SHARED are
@@ -259,6 +291,7 @@ impl RawComm {
 
     /// Frees the communicator; the handle must not be used again.
     pub(crate) fn free(mut self) {
+        let _serial = serial();
         // SAFETY: called once by the handle's owner after its last use; the
         // world is never passed here.
         unsafe { ffi::MPI_Comm_free(&mut self.0) };
@@ -266,6 +299,7 @@ impl RawComm {
 
     /// In-place `MPI_Allreduce` of `count` elements of `ty`.
     pub(crate) fn all_reduce(self, buf: &mut [u8], n: c_int, ty: Ty, scratch: &mut Vec<u8>) -> Result<(), Code> {
+        let _serial = serial();
         let send = send_in_place(buf, scratch)?;
         // SAFETY: `buf` holds `n` elements of `ty` (checked by the caller);
         // `send` is MPI_IN_PLACE or a copy of `buf` of the same length.
@@ -282,6 +316,7 @@ impl RawComm {
         me: bool,
         scratch: &mut Vec<u8>,
     ) -> Result<(), Code> {
+        let _serial = serial();
         // SAFETY: `buf` holds `n` elements of `ty`; on the root the send
         // buffer is MPI_IN_PLACE or a copy of `buf`; elsewhere `buf` is the
         // send buffer and the receive buffer is not read.
@@ -297,6 +332,7 @@ impl RawComm {
 
     /// `MPI_Reduce_scatter_block`: `n` elements of `ty` per rank.
     pub(crate) fn reduce_scatter(self, input: &[u8], output: &mut [u8], n: c_int, ty: Ty) -> Result<(), Code> {
+        let _serial = serial();
         // SAFETY: `output` holds `n` elements, `input` size x `n` (checked
         // by the group); distinct slices.
         check(unsafe { ffi::MPI_Reduce_scatter_block(in_ptr(input), out_ptr(output), n, ty.dt, ty.op, self.0) })
@@ -304,18 +340,21 @@ impl RawComm {
 
     /// `MPI_Bcast` of `buf`'s bytes.
     pub(crate) fn broadcast(self, buf: &mut [u8], n: c_int, root: c_int) -> Result<(), Code> {
+        let _serial = serial();
         // SAFETY: `buf` holds `n` bytes.
         check(unsafe { ffi::MPI_Bcast(out_ptr(buf), n, byte(), root, self.0) })
     }
 
     /// `MPI_Allgather` of `n` bytes per rank.
     pub(crate) fn all_gather(self, input: &[u8], output: &mut [u8], n: c_int) -> Result<(), Code> {
+        let _serial = serial();
         // SAFETY: `input` holds `n` bytes, `output` size x `n` (checked).
         check(unsafe { ffi::MPI_Allgather(in_ptr(input), n, byte(), out_ptr(output), n, byte(), self.0) })
     }
 
     /// `MPI_Gather` of `n` bytes per rank; `output` on the root only.
     pub(crate) fn gather(self, input: &[u8], output: Option<&mut [u8]>, n: c_int, root: c_int) -> Result<(), Code> {
+        let _serial = serial();
         let out = output.map_or(std::ptr::null_mut(), out_ptr);
         // SAFETY: `input` holds `n` bytes; the root's `output` size x `n`
         // (checked); the receive buffer is not read elsewhere.
@@ -324,6 +363,7 @@ impl RawComm {
 
     /// `MPI_Scatter` of `n` bytes per rank; `input` on the root only.
     pub(crate) fn scatter(self, input: Option<&[u8]>, output: &mut [u8], n: c_int, root: c_int) -> Result<(), Code> {
+        let _serial = serial();
         let inp = input.map_or(std::ptr::null(), in_ptr);
         // SAFETY: `output` holds `n` bytes; the root's `input` size x `n`
         // (checked); the send buffer is not read elsewhere.
@@ -332,18 +372,21 @@ impl RawComm {
 
     /// `MPI_Alltoall` of `n` bytes per pair.
     pub(crate) fn all_to_all(self, input: &[u8], output: &mut [u8], n: c_int) -> Result<(), Code> {
+        let _serial = serial();
         // SAFETY: both hold size x `n` bytes (checked); distinct slices.
         check(unsafe { ffi::MPI_Alltoall(in_ptr(input), n, byte(), out_ptr(output), n, byte(), self.0) })
     }
 
     /// `MPI_Barrier`.
     pub(crate) fn barrier(self) -> Result<(), Code> {
+        let _serial = serial();
         // SAFETY: a valid communicator.
         check(unsafe { ffi::MPI_Barrier(self.0) })
     }
 
     /// `MPI_Send` of `data` to `dst` with `tag`.
     pub(crate) fn send(self, data: &[u8], n: c_int, dst: c_int, tag: c_int) -> Result<(), Code> {
+        let _serial = serial();
         // SAFETY: `data` holds `n` bytes; the call returns once MPI no
         // longer reads it.
         check(unsafe { ffi::MPI_Send(in_ptr(data), n, byte(), dst, tag, self.0) })
@@ -363,15 +406,19 @@ impl RawComm {
     ) -> Result<Option<usize>, Code> {
         // SAFETY: predefined handle, overwritten by MPI_Irecv.
         let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        let serial_irecv = serial();
         // SAFETY: `buf` holds `n` bytes and stays borrowed (unused by us)
         // until the request completes or is cancelled and waited for below.
         check(unsafe { ffi::MPI_Irecv(out_ptr(buf), n, byte(), src, tag, self.0, &mut req) })?;
+        drop(serial_irecv);
         // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
         let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
         loop {
             let mut done = 0;
+            let serial_test = serial();
             // SAFETY: `req` is the active request made above.
             let rc = unsafe { ffi::MPI_Test(&mut req, &mut done, &mut status) };
+            drop(serial_test);
             if rc != 0 {
                 // The request is in error and so complete: `buf` is free.
                 return Err(rc);
@@ -380,6 +427,7 @@ impl RawComm {
                 break;
             }
             if !keep_waiting() {
+                let _serial = serial();
                 // SAFETY: cancel the active request, then wait for it to
                 // complete (cancelled or received), after which MPI no
                 // longer touches `buf`.
@@ -397,6 +445,7 @@ impl RawComm {
             }
         }
         let mut got = 0;
+        let _serial = serial();
         // SAFETY: a status filled by MPI for a completed receive.
         check(unsafe { ffi::MPI_Get_count(&status, byte(), &mut got) })?;
         Ok(Some(usize::try_from(got).unwrap_or(usize::MAX)))
@@ -580,6 +629,7 @@ unsafe impl Sync for Ops {}
 fn user_op(dtype: DType, op: ReduceOp) -> Result<ffi::MPI_Op, Code> {
     static OPS: OnceLock<Ops> = OnceLock::new();
     let ops = OPS.get_or_init(|| {
+        let _serial = serial();
         // SAFETY: a predefined handle, overwritten by MPI_Op_create.
         let mut table = [unsafe { ffi::RSMPI_SUM }; 16];
         for (h, f) in table.iter_mut().zip(COMBINE) {

@@ -4,7 +4,8 @@
 //! between nodes).
 //!
 //! - **The world** comes from MPI: under `mpirun` or `srun`, [`world`]
-//!   initializes MPI (once per process, `MPI_THREAD_MULTIPLE`), takes the
+//!   initializes MPI (once per process, `MPI_THREAD_MULTIPLE`, or
+//!   `MPI_THREAD_SERIALIZED` with [`THREADS_ENV`]), takes the
 //!   rank and size of `MPI_COMM_WORLD` and the local rank from the node's
 //!   shared-memory communicator (`MPI_Comm_split_type(SHARED)`); no
 //!   `MASTER_ADDR` is needed. Rank 0 also starts a rankweave store (on
@@ -54,6 +55,15 @@ pub(crate) fn runtime_owns_mpi() -> bool {
     OWNS_MPI.load(Ordering::Acquire)
 }
 
+/// Environment variable of the MPI thread level, read when MPI is
+/// initialized: `multiple` (the default, `MPI_THREAD_MULTIPLE`: groups may
+/// run from several threads at once) or `serialized`
+/// (`MPI_THREAD_SERIALIZED`: rankweave lets one MPI call run at a time, so
+/// a collective blocked on one thread holds up the other threads' groups;
+/// for MPI builds without `MPI_THREAD_MULTIPLE`: Open MPI 4.1 is no faster
+/// at this level, see `docs/PERFORMANCE.md`).
+pub const THREADS_ENV: &str = "RANKWEAVE_MPI_THREADS";
+
 /// MPI, initialized for this process. Every MPI group holds it; when the
 /// last handle goes, MPI is finalized (if rankweave initialized it). Hold
 /// one ([`Runtime::get`]) to keep MPI up across several worlds.
@@ -92,7 +102,17 @@ impl Runtime {
         if let Some(rt) = cur.upgrade() {
             return Ok(rt);
         }
-        let started = ffi::init().map_err(|e| Error::Unsupported(format!("MPI backend: {e}")))?;
+        let multiple = match std::env::var(THREADS_ENV).ok().as_deref().map(str::trim) {
+            None | Some("") => true,
+            Some(v) if v.eq_ignore_ascii_case("multiple") => true,
+            Some(v) if v.eq_ignore_ascii_case("serialized") => false,
+            Some(v) => {
+                return Err(Error::invalid(format!(
+                    "environment variable {THREADS_ENV}=`{v}`: expected `multiple` or `serialized`"
+                )))
+            }
+        };
+        let started = ffi::init(multiple).map_err(|e| Error::Unsupported(format!("MPI backend: {e}")))?;
         if started.ours {
             OWNS_MPI.store(true, Ordering::Release);
         }
@@ -105,7 +125,7 @@ impl Runtime {
         node.free();
         let (local_rank, local_size) =
             (local.0.map_err(|c| err("MPI_Comm_rank", c))?, local.1.map_err(|c| err("MPI_Comm_size", c))?);
-        tracing::debug!(rank, size, local_rank, local_size, library = %ffi::library_version(), "MPI initialized");
+        tracing::debug!(rank, size, local_rank, local_size, serialized = ffi::serialized(), library = %ffi::library_version(), "MPI initialized");
         let rt =
             Arc::new(Runtime { ours: started.ours, rank, size, local_rank, local_size, watchdog: Watchdog::default() });
         *cur = Arc::downgrade(&rt);
