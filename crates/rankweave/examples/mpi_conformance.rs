@@ -125,6 +125,7 @@ fn main() {
         let base = (r - r % 2) as f32;
         assert_eq!(x.as_slice::<f32>().unwrap(), &[2.0 * base + 1.0; 3]);
         // The TP group's broadcaster (message queue in shared memory).
+        assert!(tp.uses_message_queue_broadcaster(), "the TP group has its message queue");
         let o = tp.broadcast_object(if tp.rank_in_group() == 0 { Some(r as u32) } else { None }, 0).unwrap();
         assert_eq!(o, (r - r % 2) as u32);
         for ag in [None, Some(&tp)] {
