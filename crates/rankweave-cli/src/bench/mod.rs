@@ -145,7 +145,9 @@ fn run_mpi(cfg: &Config) -> Result<i32> {
     }
     let token = std::env::var("RANKWEAVE_TOKEN").ok();
     let opts = GroupOptions { timeout: cfg.timeout, ..GroupOptions::default() };
-    let w = rankweave::backend::mpi::world(opts, token.as_deref())?;
+    // MASTER_ADDR, when set, is where the other nodes reach rank 0's store.
+    let master = std::env::var("MASTER_ADDR").ok();
+    let w = rankweave::backend::mpi::world(opts, token.as_deref(), master.as_deref())?;
     let rank = w.rank;
     let progress = rank == 0 && cfg.csv.is_none() && cfg.json.is_none() && std::io::stderr().is_terminal();
     let mut out = Out::new(rank == 0, progress);

@@ -278,12 +278,13 @@ impl ParallelState {
     /// [`ParallelState::init`] for [`Backend::Mpi`]: the world is
     /// `MPI_COMM_WORLD` (see [`crate::backend::mpi::world`]); an explicit
     /// rank or world size must match MPI's, the init method and master
-    /// address are not used, and the local rank defaults to the rank on the
-    /// node.
+    /// port are not used (the master address, when set, is where the other
+    /// nodes reach rank 0's store), and the local rank defaults to the rank
+    /// on the node.
     #[cfg(feature = "mpi")]
     fn init_mpi(&self, opts: &InitOptions) -> Result<()> {
         let token = std::env::var("RANKWEAVE_TOKEN").ok();
-        let w = crate::backend::mpi::world(opts.group_options(), token.as_deref())?;
+        let w = crate::backend::mpi::world(opts.group_options(), token.as_deref(), opts.master_addr.as_deref())?;
         for (what, given, actual) in [("rank", opts.rank, w.rank), ("world size", opts.world_size, w.world_size)] {
             if let Some(g) = given.filter(|&g| g != actual) {
                 return Err(Error::invalid(format!(

@@ -649,42 +649,71 @@ impl std::fmt::Debug for MpiWorld {
 }
 
 /// Length of the store address rank 0 broadcasts.
-const ADDR_LEN: usize = 128;
+const ADDR_LEN: usize = 512;
 
 /// Builds the world group of an MPI job (every process calls it): MPI's
 /// rank and size, a store hosted by rank 0 (its address broadcast over
 /// MPI; `token` as `RANKWEAVE_TOKEN`) and groups over MPI communicators.
-pub fn world(opts: GroupOptions, token: Option<&str>) -> Result<MpiWorld> {
+///
+/// The store listens on loopback when the job fits one node. Across nodes
+/// it listens on every interface and is reached at `store_host` when given
+/// (`MASTER_ADDR`: an address of rank 0's host that the other nodes reach;
+/// no port needed), else at the address rank 0's host name resolves to; a
+/// host name that resolves only to loopback is an error naming
+/// `MASTER_ADDR`, on every rank.
+pub fn world(opts: GroupOptions, token: Option<&str>, store_host: Option<&str>) -> Result<MpiWorld> {
     let rt = Runtime::get()?;
     let (rank, size) = (rt.rank, rt.size);
-    let store = job_store(&rt, opts.timeout, token)?;
+    let store = job_store(&rt, opts.timeout, token, store_host)?;
     let group = ProcessGroup::new_world_with(Arc::new(MpiFactory::new(rt.clone())), store.clone(), rank, size, opts)?;
     Ok(MpiWorld { group, store, rank, world_size: size, local_rank: rt.local_rank, local_world_size: rt.local_size })
 }
 
-/// Rank 0 starts a store server; everyone learns its address over MPI.
-fn job_store(rt: &Runtime, timeout: Duration, token: Option<&str>) -> Result<SharedStore> {
+/// Where rank 0's store is reached, or why it cannot be.
+fn store_host(rt: &Runtime, given: Option<&str>) -> Result<String> {
+    if let Some(h) = given.map(str::trim).filter(|h| !h.is_empty()) {
+        return Ok(h.to_string());
+    }
+    if rt.local_size == rt.size {
+        return Ok("127.0.0.1".into());
+    }
+    let ip = crate::transport::tcp::advertised_ip(std::net::Ipv4Addr::UNSPECIFIED.into(), None);
+    if ip.is_loopback() {
+        return Err(Error::invalid(
+            "MPI backend: the job spans nodes and rank 0's host name resolves to no address but loopback; set \
+             MASTER_ADDR to an address of rank 0's host that the other nodes reach (no port needed)",
+        ));
+    }
+    Ok(ip.to_string())
+}
+
+/// Rank 0 starts a store server; everyone learns its address (or rank 0's
+/// failure, after a `!`) over MPI.
+fn job_store(rt: &Runtime, timeout: Duration, token: Option<&str>, given: Option<&str>) -> Result<SharedStore> {
     let world = RawComm::world();
     let token = token.map(str::as_bytes);
     let mut addr = [0u8; ADDR_LEN];
     let mut served = None;
     let mut failure = None;
     if rt.rank == 0 {
-        // One node: loopback. Several: the address that routes off this host.
-        let host = if rt.local_size == rt.size {
-            "127.0.0.1".to_string()
-        } else {
-            crate::transport::tcp::advertised_ip(std::net::Ipv4Addr::UNSPECIFIED.into(), None).to_string()
-        };
-        match TcpStore::builder(&host, 0).master(true).timeout(timeout).token(token).connect() {
-            Ok(s) => {
-                let text = format!("{host} {}", s.port());
-                let b = text.as_bytes();
-                addr[..b.len().min(ADDR_LEN)].copy_from_slice(&b[..b.len().min(ADDR_LEN)]);
+        let started = store_host(rt, given).and_then(|host| {
+            let s = TcpStore::builder(&host, 0).master(true).timeout(timeout).token(token).connect()?;
+            Ok((format!("{host} {}", s.port()), s))
+        });
+        let text = match started {
+            Ok((text, s)) => {
                 served = Some(s);
+                text
             }
-            Err(e) => failure = Some(e),
-        }
+            Err(e) => {
+                let text = format!("!{e}");
+                failure = Some(e);
+                text
+            }
+        };
+        let b = text.as_bytes();
+        let n = b.len().min(ADDR_LEN);
+        addr[..n].copy_from_slice(&b[..n]);
     }
     let slot = rt.watchdog.register("MPI_COMM_WORLD", rt.rank);
     slot.arm("broadcast", timeout);
@@ -699,9 +728,12 @@ fn job_store(rt: &Runtime, timeout: Duration, token: Option<&str>) -> Result<Sha
     }
     let text = String::from_utf8_lossy(&addr);
     let text = text.trim_end_matches('\0');
+    if let Some(why) = text.strip_prefix('!') {
+        return Err(Error::Store(format!("MPI backend: rank 0 could not start the job's store: {why}")));
+    }
     let (host, port) = text
         .split_once(' ')
         .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| Error::Store("MPI backend: rank 0 could not start the job's store (see its log)".into()))?;
+        .ok_or_else(|| Error::Store(format!("MPI backend: rank 0 sent no store address (got {text:?})")))?;
     Ok(Arc::new(TcpStore::builder(&host, port).timeout(timeout).token(token).connect()?))
 }
