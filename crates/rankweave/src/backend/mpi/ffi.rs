@@ -502,7 +502,9 @@ pub(crate) struct Ty {
 /// user-defined operation): every op on integers, and `Sum`/`Prod` on f32
 /// and f64. MPI has no f16/bf16, and its `MPI_MIN`/`MPI_MAX` on floats keep
 /// whichever operand a NaN comparison leaves, so the two ranks of a pair
-/// could end with different bits; rankweave's kernel propagates NaN.
+/// could end with different bits; rankweave's kernel propagates NaN. (The
+/// built-in f32/f64 `Sum`/`Prod` keep MPI's NaN payloads, not rankweave's
+/// canonical NaN: the one case where ranks may differ in bits.)
 /// `Avg` reduces as `Sum` here (the backend divides afterwards).
 pub(crate) fn ty(dtype: DType, op: ReduceOp) -> Result<Ty, Code> {
     let op = if op == ReduceOp::Avg { ReduceOp::Sum } else { op };
