@@ -112,6 +112,12 @@ pub struct BenchOptions {
     #[arg(long, default_value = "auto")]
     pub transport: String,
 
+    /// Process-group backend: `gloo` (rankweave's CPU backends, as
+    /// --transport picks) or `mpi` (one MPI group; run under `mpirun -n N`;
+    /// needs the cargo feature `mpi`).
+    #[arg(long, default_value = "gloo")]
+    pub backend: String,
+
     /// Start this many local ranks (a comma list runs several world sizes in turn).
     #[arg(long, value_name = "N")]
     pub nproc: Option<String>,

@@ -49,6 +49,9 @@ pub fn run(args: impl std::borrow::Borrow<BenchArgs>) -> Result<i32> {
         return store::run(args);
     }
     let cfg = Config::from_args(args)?;
+    if args.backend.parse::<rankweave::parallel_state::Backend>()? == rankweave::parallel_state::Backend::Mpi {
+        return run_mpi(&cfg);
+    }
     if !cfg.nproc.is_empty() && !spawn::is_worker() {
         if std::env::var_os("RANK").is_some() && std::env::var_os("WORLD_SIZE").is_some() {
             return Err(Error::invalid(
@@ -101,29 +104,71 @@ fn run_worker(cfg: &Config) -> Result<i32> {
         let group = ProcessGroup::new_world(gstore, rank, world, opts)?;
         let used = group.transport_kind();
         let shown = if used == t { t.to_string() } else { format!("{t}(uses-{used})") };
-        // The MessageQueue does not depend on the group's transport: build it
-        // once, over the first group, as the seed's TP coordinator does
-        // (4 MiB x 6 chunks, writer = the root).
-        let mq = if cfg.ops.contains(&OpKind::Mq) && ti == 0 {
-            Some(MessageQueue::create_from_process_group(&group, MQ_CHUNK_BYTES, MQ_CHUNKS, cfg.root)?)
-        } else {
-            None
-        };
-        let suite_cfg;
-        let cfg_here = if mq.is_none() && cfg.ops.contains(&OpKind::Mq) {
-            suite_cfg = Config { ops: cfg.ops.iter().copied().filter(|o| *o != OpKind::Mq).collect(), ..cfg.clone() };
-            &suite_cfg
-        } else {
-            cfg
-        };
-        let (recs, w) = run_suite(&group, mq.as_ref(), cfg_here, &label, &shown, &mut out)?;
+        let (recs, w) = bench_group(&group, cfg, ti == 0, &label, &shown, &mut out)?;
         records.extend(recs);
         wrong += w;
     }
+    finish_worker(cfg, rank, &records, wrong)
+}
+
+/// Runs the suite on one group. The MessageQueue does not depend on the
+/// group's backend: it is built once, over the `first` group, as the seed's
+/// TP coordinator does (4 MiB x 6 chunks, writer = the root).
+fn bench_group(
+    group: &ProcessGroup,
+    cfg: &Config,
+    first: bool,
+    label: &str,
+    shown: &str,
+    out: &mut Out,
+) -> Result<(Vec<Record>, u64)> {
+    let mq = if cfg.ops.contains(&OpKind::Mq) && first {
+        Some(MessageQueue::create_from_process_group(group, MQ_CHUNK_BYTES, MQ_CHUNKS, cfg.root)?)
+    } else {
+        None
+    };
+    let suite_cfg;
+    let cfg_here = if mq.is_none() && cfg.ops.contains(&OpKind::Mq) {
+        suite_cfg = Config { ops: cfg.ops.iter().copied().filter(|o| *o != OpKind::Mq).collect(), ..cfg.clone() };
+        &suite_cfg
+    } else {
+        cfg
+    };
+    run_suite(group, mq.as_ref(), cfg_here, label, shown, out)
+}
+
+/// `--backend mpi`: one world over `MPI_COMM_WORLD`, started by `mpirun`.
+#[cfg(feature = "mpi")]
+fn run_mpi(cfg: &Config) -> Result<i32> {
+    if !cfg.nproc.is_empty() {
+        return Err(Error::invalid("--backend mpi runs under `mpirun -n N`; leave --nproc out"));
+    }
+    let token = std::env::var("RANKWEAVE_TOKEN").ok();
+    let opts = GroupOptions { timeout: cfg.timeout, ..GroupOptions::default() };
+    // MASTER_ADDR, when set, is where the other nodes reach rank 0's store.
+    let master = std::env::var("MASTER_ADDR").ok();
+    let w = rankweave::backend::mpi::world(opts, token.as_deref(), master.as_deref())?;
+    let rank = w.rank;
+    let progress = rank == 0 && cfg.csv.is_none() && cfg.json.is_none() && std::io::stderr().is_terminal();
+    let mut out = Out::new(rank == 0, progress);
+    let (records, wrong) = bench_group(&w.group, cfg, true, "rankweave-mpi", "mpi", &mut out)?;
+    let code = finish_worker(cfg, rank, &records, wrong);
+    w.group.barrier()?;
+    code
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(_cfg: &Config) -> Result<i32> {
+    Err(Error::Unsupported(
+        "--backend mpi: this rankweave was built without MPI; build it with `--features mpi`".into(),
+    ))
+}
+
+fn finish_worker(cfg: &Config, rank: usize, records: &[Record], wrong: u64) -> Result<i32> {
     if rank == 0 {
         match std::env::var_os(spawn::RESULTS_ENV) {
-            Some(p) if spawn::is_worker() => report::write_file(Path::new(&p), &report::csv_string(&records, true))?,
-            _ => write_outputs(cfg, &records)?,
+            Some(p) if spawn::is_worker() => report::write_file(Path::new(&p), &report::csv_string(records, true))?,
+            _ => write_outputs(cfg, records)?,
         }
     }
     Ok(if wrong > 0 { 1 } else { 0 })

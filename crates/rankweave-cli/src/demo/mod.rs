@@ -83,6 +83,11 @@ pub struct DemoArgs {
     /// run `--tp 1 --pp 1`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Process-group backend: `gloo` (CPU: shared memory and TCP, the
+    /// demo starts its own workers) or `mpi` (run under `mpirun -n TP*PP`;
+    /// every process is a worker; needs the cargo feature `mpi`).
+    #[arg(long, default_value = "gloo")]
+    pub backend: String,
     /// Run as one worker of a demo (set by the demo itself).
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -149,12 +154,17 @@ impl DemoArgs {
         }
     }
 
-    /// The parallel-state backend for `--device`: `nccl` or `gloo`.
-    pub fn backend(&self) -> &'static str {
-        if self.device_kind().unwrap_or(false) {
-            "nccl"
-        } else {
-            "gloo"
+    /// The parallel-state backend: `nccl` for `--device cuda`, else
+    /// `--backend` (`gloo` or `mpi`).
+    pub fn pg_backend(&self) -> Result<rankweave::parallel_state::Backend> {
+        use rankweave::parallel_state::Backend;
+        let named = self.backend.parse::<Backend>()?;
+        match (self.device_kind()?, named) {
+            (true, Backend::Cpu) => Ok(Backend::Nccl),
+            (true, other) => Err(Error::invalid(format!(
+                "--device cuda runs on NCCL groups; it does not combine with --backend {other}"
+            ))),
+            (false, b) => Ok(b),
         }
     }
 
@@ -187,8 +197,13 @@ impl DemoArgs {
 /// Runs `rankweave demo`; returns the exit code (0 on PASS).
 pub fn run(args: DemoArgs) -> Result<i32> {
     let world = args.validate()?;
+    let backend = args.pg_backend()?;
     if args.worker {
-        return worker::run(&args);
+        return worker::run(&args, backend);
+    }
+    if backend == rankweave::parallel_state::Backend::Mpi {
+        // Started by mpirun: this process is one of the workers.
+        return worker::run(&args, backend);
     }
     let m = args.model();
     let per_node = world / args.nnodes;
@@ -286,11 +301,11 @@ mod tests {
         let cuda = parse(&["--device", "cuda", "--tp", "1", "--pp", "1"]);
         if cfg!(feature = "nccl") {
             assert_eq!(cuda.validate().unwrap(), 1);
-            assert_eq!(cuda.backend(), "nccl");
+            assert_eq!(cuda.pg_backend().unwrap().name(), "nccl");
         } else {
             let e = cuda.validate().unwrap_err().to_string();
             assert!(e.contains("`nccl` feature"), "{e}");
         }
-        assert_eq!(parse(&[]).backend(), "gloo");
+        assert_eq!(parse(&[]).pg_backend().unwrap().name(), "gloo");
     }
 }

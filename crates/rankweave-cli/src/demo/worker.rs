@@ -119,17 +119,28 @@ struct RankReport {
 }
 
 /// Runs one worker; returns its exit code.
-pub fn run(args: &DemoArgs) -> Result<i32> {
+pub fn run(args: &DemoArgs, backend: parallel_state::Backend) -> Result<i32> {
     let cfg = args.model();
-    parallel_state::init_distributed_environment(-1, -1, "env://", -1, args.backend())?;
-    let result = run_initialized(args, &cfg);
+    parallel_state::init_distributed_environment(-1, -1, "env://", -1, backend.name())?;
+    let world = parallel_state::get_world_group()?.world_size();
+    let result = if world == args.tp * args.pp {
+        run_initialized(args, &cfg, backend)
+    } else {
+        Err(rankweave::Error::invalid(format!(
+            "the world has {world} ranks, the demo needs tp ({}) x pp ({}) = {} (mpirun -n {})",
+            args.tp,
+            args.pp,
+            args.tp * args.pp,
+            args.tp * args.pp
+        )))
+    };
     parallel_state::destroy_model_parallel();
     parallel_state::destroy_distributed_environment();
     result
 }
 
-fn run_initialized(args: &DemoArgs, cfg: &ModelConfig) -> Result<i32> {
-    parallel_state::initialize_model_parallel(args.tp, args.pp, Some(args.backend()))?;
+fn run_initialized(args: &DemoArgs, cfg: &ModelConfig, backend: parallel_state::Backend) -> Result<i32> {
+    parallel_state::initialize_model_parallel(args.tp, args.pp, Some(backend.name()))?;
     let world = parallel_state::get_world_group()?;
     let tp = parallel_state::get_tp_group()?;
     let pp = parallel_state::get_pp_group()?;
@@ -156,7 +167,7 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig) -> Result<i32> {
     let comm = Tp::on_device_group(tp.device_group()?, times.clone());
     let dev = tp.device();
     if rank == 0 {
-        println!("tensor collectives on {dev} ({} backend)", args.backend());
+        println!("tensor collectives on {dev} ({} backend)", backend.name());
     }
     let prompt = model::prompt(cfg, args.prompt_len);
     let mut stage = Stage::new(cfg, args.pp, stage_idx, args.prompt_len + args.tokens, comm);

@@ -49,8 +49,12 @@
 //!   mesh for point-to-point.
 //! - [`hier::HierBackend`]: groups spanning nodes: all_reduce through each
 //!   node's shared memory and TCP among node leaders, the rest over TCP.
+//! - `mpi::MpiComm` (cargo feature `mpi`): groups as MPI communicators,
+//!   their collectives MPI's own, for jobs started by `mpirun` or `srun`.
 
 pub mod hier;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod shm;
 pub mod tcp;
 

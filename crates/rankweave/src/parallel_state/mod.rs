@@ -238,7 +238,13 @@ impl ParallelState {
             )));
         }
         let pg = ProcessGroup::new_world(store, rank, world_size, opts)?;
-        let ranks: Vec<usize> = (0..world_size).collect();
+        self.install_world(&mut s, pg, local_rank, device)
+    }
+
+    /// Makes `pg` this state's world group (its coordinator included), its
+    /// tensors on `device`.
+    fn install_world(&self, s: &mut State, pg: ProcessGroup, local_rank: usize, device: Device) -> Result<()> {
+        let ranks: Vec<usize> = (0..pg.size()).collect();
         let world = GroupCoordinator::new(&pg, &[ranks], local_rank, self.opts("world", false, device))?;
         s.world_pg = Some(pg);
         s.device = device;
@@ -258,10 +264,11 @@ impl ParallelState {
     /// [`InitOptions::with_env`] first for that. The local rank defaults to
     /// 0 with `env://` and to the rank otherwise.
     ///
-    /// [`Backend::Mpi`] is [`Error::Unsupported`]; [`Backend::Nccl`] needs
-    /// the `nccl` feature and puts every group's tensors on
-    /// `cuda:local_rank` through NCCL (without a CUDA driver or NCCL, a clean
-    /// error). Called again once initialized, it only checks that the
+    /// [`Backend::Mpi`] (cargo feature `mpi`) takes the world from MPI
+    /// instead of a rendezvous; [`Backend::Nccl`] needs the `nccl` feature
+    /// and puts every group's tensors on `cuda:local_rank` through NCCL
+    /// (without a CUDA driver or NCCL, a clean error); without its feature
+    /// either is [`Error::Unsupported`]. Called again once initialized, it only checks that the
     /// world size matches.
     pub fn init(&self, opts: &InitOptions) -> Result<()> {
         opts.backend.check_supported()?;
@@ -270,6 +277,10 @@ impl ParallelState {
                 Some(n) => check_same_world(&w, n),
                 None => Ok(()),
             };
+        }
+        #[cfg(feature = "mpi")]
+        if opts.backend == Backend::Mpi {
+            return self.init_mpi(opts);
         }
         let method = opts.init_method_or_default();
         // Where this rank will listen, checked before meeting the others: a
@@ -303,6 +314,35 @@ impl ParallelState {
         s.backend = opts.backend.name().into();
         s.store = Some(rv.store);
         s.hosts_store = rv.hosts_store;
+        Ok(())
+    }
+
+    /// [`ParallelState::init`] for [`Backend::Mpi`]: the world is
+    /// `MPI_COMM_WORLD` (see [`crate::backend::mpi::world`]); an explicit
+    /// rank or world size must match MPI's, the init method and master
+    /// port are not used (the master address, when set, is where the other
+    /// nodes reach rank 0's store), and the local rank defaults to the rank
+    /// on the node.
+    #[cfg(feature = "mpi")]
+    fn init_mpi(&self, opts: &InitOptions) -> Result<()> {
+        let token = std::env::var("RANKWEAVE_TOKEN").ok();
+        let w = crate::backend::mpi::world(opts.group_options(), token.as_deref(), opts.master_addr.as_deref())?;
+        for (what, given, actual) in [("rank", opts.rank, w.rank), ("world size", opts.world_size, w.world_size)] {
+            if let Some(g) = given.filter(|&g| g != actual) {
+                return Err(Error::invalid(format!(
+                    "backend mpi: the {what} given ({g}) differs from MPI_COMM_WORLD's ({actual}); under mpirun \
+                     leave it unset"
+                )));
+            }
+        }
+        let local_rank = opts.local_rank.unwrap_or(w.local_rank);
+        let mut s = self.lock();
+        if let Some(world) = &s.world {
+            return check_same_world(world, w.world_size);
+        }
+        self.install_world(&mut s, w.group, local_rank, Device::Cpu)?;
+        s.backend = Backend::Mpi.name().into();
+        s.store = Some(w.store);
         Ok(())
     }
 
@@ -369,7 +409,19 @@ impl ParallelState {
             _ => return Err(s.missing("world group (call init_distributed_environment first)", false)),
         };
         let device = match backend {
-            Some(b) if !b.trim().is_empty() => device_for(check_backend(b)?, world.local_rank()),
+            Some(b) if !b.trim().is_empty() => {
+                let b = check_backend(b)?;
+                // MPI groups split only from an MPI world, and CPU or NCCL
+                // groups only from a rendezvoused one.
+                let world_is_mpi = s.backend == Backend::Mpi.name();
+                if !s.backend.is_empty() && (b == Backend::Mpi) != world_is_mpi {
+                    return Err(Error::invalid(format!(
+                        "backend `{b}` for the model-parallel groups: they are built on the world's backend `{}`",
+                        s.backend
+                    )));
+                }
+                device_for(b, world.local_rank())
+            }
             _ => s.device,
         };
         let layout = model_parallel_layout(
@@ -825,7 +877,11 @@ mod tests {
         } else {
             assert!(matches!(check_backend("nccl"), Err(Error::Unsupported(_))));
         }
-        assert!(matches!(check_backend("mpi"), Err(Error::Unsupported(_))));
+        if cfg!(feature = "mpi") {
+            assert_eq!(check_backend("mpi").unwrap(), Backend::Mpi);
+        } else {
+            assert!(matches!(check_backend("mpi"), Err(Error::Unsupported(_))));
+        }
         assert!(matches!(check_backend("hccl"), Err(Error::InvalidArgument(_))));
         assert_eq!(device_for(Backend::Nccl, 3), Device::Cuda(3));
         assert_eq!(device_for(Backend::Cpu, 3), Device::Cpu);

@@ -35,7 +35,9 @@ pub enum Backend {
     /// `gloo` or `cpu`.
     #[default]
     Cpu,
-    /// MPI (parsed; not built in yet, refused at init).
+    /// MPI communicators, for jobs started by `mpirun`/`srun` (the world
+    /// comes from MPI; see the module `rankweave::backend::mpi`). Needs the cargo
+    /// feature `mpi`; refused at init without it.
     Mpi,
     /// NCCL on CUDA devices (parsed; not built in yet, refused at init).
     Nccl,
@@ -57,18 +59,23 @@ impl Backend {
     }
 
     /// `Ok` for the backends this build runs ([`Backend::Cpu`], and
-    /// [`Backend::Nccl`] with the `nccl` feature: whether the CUDA driver
-    /// and NCCL are there is checked when its groups are built);
+    /// [`Backend::Mpi`] with the cargo feature `mpi`, [`Backend::Nccl`]
+    /// with the `nccl` feature: whether the CUDA driver and NCCL are there
+    /// is checked when its groups are built);
     /// [`Error::Unsupported`] for the others.
     pub fn check_supported(self) -> Result<()> {
-        match self {
-            Backend::Cpu => Ok(()),
-            #[cfg(feature = "nccl")]
-            Backend::Nccl => Ok(()),
-            other => Err(Error::Unsupported(format!(
-                "backend `{other}` is not available in this build; it runs CPU process groups only (`gloo` or `cpu`)"
-            ))),
+        let built = match self {
+            Backend::Cpu => true,
+            Backend::Nccl => cfg!(feature = "nccl"),
+            Backend::Mpi => cfg!(feature = "mpi"),
+        };
+        if built {
+            return Ok(());
         }
+        Err(Error::Unsupported(format!(
+            "backend `{self}` is not available in this build; build rankweave with the cargo feature `{self}` (CPU \
+             process groups, `gloo` or `cpu`, are always there)"
+        )))
     }
 }
 
@@ -332,9 +339,16 @@ mod tests {
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         assert!(e.to_string().contains("unknown backend `hccl`; expected one of gloo, cpu, mpi, nccl"), "{e}");
         assert!(Backend::Cpu.check_supported().is_ok());
-        let refused: &[Backend] = if cfg!(feature = "nccl") { &[Backend::Mpi] } else { &[Backend::Mpi, Backend::Nccl] };
+        let mut refused = Vec::new();
+        if cfg!(not(feature = "nccl")) {
+            refused.push(Backend::Nccl);
+        }
+        if cfg!(not(feature = "mpi")) {
+            refused.push(Backend::Mpi);
+        }
         assert_eq!(Backend::Nccl.check_supported().is_ok(), cfg!(feature = "nccl"));
-        for &b in refused {
+        assert_eq!(Backend::Mpi.check_supported().is_ok(), cfg!(feature = "mpi"));
+        for b in refused {
             let e = b.check_supported().unwrap_err();
             assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains(b.name()), "{e}");
         }

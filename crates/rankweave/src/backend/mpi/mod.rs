@@ -1,0 +1,739 @@
+//! The MPI backend (cargo feature `mpi`): every group is an MPI
+//! communicator, its collectives MPI's own (so the MPI library's transports
+//! carry them: shared memory inside a node, InfiniBand, RoCE or TCP
+//! between nodes).
+//!
+//! - **The world** comes from MPI: under `mpirun` or `srun`, [`world`]
+//!   initializes MPI (once per process, `MPI_THREAD_MULTIPLE`, or
+//!   `MPI_THREAD_SERIALIZED` with [`THREADS_ENV`]), takes the
+//!   rank and size of `MPI_COMM_WORLD` and the local rank from the node's
+//!   shared-memory communicator (`MPI_Comm_split_type(SHARED)`); no
+//!   `MASTER_ADDR` is needed. Rank 0 also starts a rankweave store (on
+//!   loopback when the job fits one node) and broadcasts its port over
+//!   MPI, so [`crate::ProcessGroup::store`] works as on the CPU backends.
+//! - **Groups**: the world group is a duplicate of `MPI_COMM_WORLD`; each
+//!   subgroup is `MPI_Comm_create_group` over its members (collective over
+//!   the members only, as rankweave's `new_group`).
+//! - **Reductions**: MPI's built-in operations where they give rankweave's
+//!   results (integers; Sum and Prod on f32/f64); f16, bf16 and the float
+//!   Min/Max through a user-defined operation running rankweave's own kernel
+//!   ([`crate::reduce::reduce_into`]); `Avg` is a Sum and one division by the
+//!   group size on every rank ([`crate::reduce::finish_avg`]).
+//! - **Errors**: `MPI_ERRORS_RETURN` is set on every communicator, and a
+//!   failed call is an [`Error::Io`] naming the operation, group and rank
+//!   with MPI's message. A receive waits until the group's deadline and then
+//!   cancels, failing with [`Error::Timeout`] naming the peer. MPI cannot
+//!   cancel a collective (or a send) once started, so a **timed-out
+//!   collective aborts the job**: a watchdog thread looks at every
+//!   operation in flight every 50 ms and, once one has run past its
+//!   timeout, logs which operation, group and rank timed out and calls
+//!   `MPI_Abort`. A process that dies makes the
+//!   MPI launcher end the job (Open MPI's default), as with any MPI program.
+//! - **Finalization**: MPI is finalized when the last handle on the
+//!   [`Runtime`] goes (the last group destroyed), or at process exit;
+//!   MPI cannot be initialized again afterwards.
+
+mod ffi;
+
+use super::{Backend, Call, Communicator, Link};
+use crate::dtype::DType;
+use crate::error::{Context, Error, Result};
+use crate::group::{BackendFactory, GroupInfo, GroupOptions, ProcessGroup, TransportKind};
+use crate::reduce::ReduceOp;
+use crate::store::{SharedStore, TcpStore};
+use crate::sync::SPIN_LIMIT;
+use ffi::{Code, RawComm};
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// Set while rankweave owns an initialized, not yet finalized MPI.
+static OWNS_MPI: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn runtime_owns_mpi() -> bool {
+    OWNS_MPI.load(Ordering::Acquire)
+}
+
+/// Environment variable of the MPI thread level, read when MPI is
+/// initialized: `multiple` (the default, `MPI_THREAD_MULTIPLE`: groups may
+/// run from several threads at once) or `serialized`
+/// (`MPI_THREAD_SERIALIZED`: rankweave lets one MPI call run at a time, so
+/// a collective blocked on one thread holds up the other threads' groups;
+/// for MPI builds without `MPI_THREAD_MULTIPLE`: Open MPI 4.1 is no faster
+/// at this level, see `docs/PERFORMANCE.md`).
+pub const THREADS_ENV: &str = "RANKWEAVE_MPI_THREADS";
+
+/// MPI, initialized for this process. Every MPI group holds it; when the
+/// last handle goes, MPI is finalized (if rankweave initialized it). Hold
+/// one ([`Runtime::get`]) to keep MPI up across several worlds.
+pub struct Runtime {
+    ours: bool,
+    rank: usize,
+    size: usize,
+    local_rank: usize,
+    local_size: usize,
+    watchdog: Watchdog,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("local_rank", &self.local_rank)
+            .field("local_size", &self.local_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn mpi_error(op: &str, group: &str, rank: Option<usize>, code: Code) -> Error {
+    let ctx = Context { op: op.into(), group: group.into(), rank, peer: None };
+    Error::io(ctx, std::io::Error::other(format!("MPI: {}", ffi::error_string(code))))
+}
+
+impl Runtime {
+    /// The process's MPI runtime: initializes MPI on first use (an
+    /// [`Error::Unsupported`] if it was finalized already, or lacks
+    /// `MPI_THREAD_MULTIPLE`).
+    pub fn get() -> Result<Arc<Runtime>> {
+        static CURRENT: Mutex<Weak<Runtime>> = Mutex::new(Weak::new());
+        let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rt) = cur.upgrade() {
+            return Ok(rt);
+        }
+        let multiple = match std::env::var(THREADS_ENV).ok().as_deref().map(str::trim) {
+            None | Some("") => true,
+            Some(v) if v.eq_ignore_ascii_case("multiple") => true,
+            Some(v) if v.eq_ignore_ascii_case("serialized") => false,
+            Some(v) => {
+                return Err(Error::invalid(format!(
+                    "environment variable {THREADS_ENV}=`{v}`: expected `multiple` or `serialized`"
+                )))
+            }
+        };
+        let started = ffi::init(multiple).map_err(|e| Error::Unsupported(format!("MPI backend: {e}")))?;
+        if started.ours {
+            OWNS_MPI.store(true, Ordering::Release);
+        }
+        let err = |op: &str, c| mpi_error(op, "MPI_COMM_WORLD", None, c);
+        let world = RawComm::world();
+        let rank = world.rank().map_err(|c| err("MPI_Comm_rank", c))?;
+        let size = world.size().map_err(|c| err("MPI_Comm_size", c))?;
+        let node = world.split_shared().map_err(|c| err("MPI_Comm_split_type", c))?;
+        let local = (node.rank(), node.size());
+        node.free();
+        let (local_rank, local_size) =
+            (local.0.map_err(|c| err("MPI_Comm_rank", c))?, local.1.map_err(|c| err("MPI_Comm_size", c))?);
+        tracing::debug!(rank, size, local_rank, local_size, serialized = ffi::serialized(), library = %ffi::library_version(), "MPI initialized");
+        let rt =
+            Arc::new(Runtime { ours: started.ours, rank, size, local_rank, local_size, watchdog: Watchdog::default() });
+        *cur = Arc::downgrade(&rt);
+        Ok(rt)
+    }
+    /// This process's rank in `MPI_COMM_WORLD`.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Size of `MPI_COMM_WORLD`.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+    /// This process's rank among the processes on its node.
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+    /// Number of processes of the job on this node.
+    pub fn local_size(&self) -> usize {
+        self.local_size
+    }
+    /// The MPI library's version string.
+    pub fn library_version(&self) -> String {
+        ffi::library_version()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.watchdog.stop();
+        // Unwinding from a panic: peers may be waiting in a collective, and
+        // MPI_Finalize would wait for them; leave the job to the launcher.
+        if self.ours && !std::thread::panicking() {
+            OWNS_MPI.store(false, Ordering::Release);
+            ffi::finalize();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- watchdog
+
+/// Operation names, indexed by [`Slot::op`].
+const OPS: [&str; 13] = [
+    "idle",
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "gather",
+    "scatter",
+    "reduce",
+    "reduce_scatter",
+    "all_to_all",
+    "barrier",
+    "send",
+    "recv",
+    "create_group",
+];
+
+fn op_index(name: &str) -> u8 {
+    OPS.iter().position(|o| *o == name).unwrap_or(0) as u8
+}
+
+/// One communicator's operation in flight, as the watchdog sees it. The
+/// hot path reads no clock: arming stores the operation's number and
+/// timeout, and the watchdog times each number from when it first sees it
+/// (so it fires between the timeout and the timeout plus one round).
+struct Slot {
+    /// Number of the operation in flight; 0 when idle.
+    active: AtomicU64,
+    /// Operations armed so far (only the slot's owner writes it).
+    count: AtomicU64,
+    op: AtomicU8,
+    timeout_ns: AtomicU64,
+    group: String,
+    rank: usize,
+    /// The watchdog's own record: the operation number it saw and when.
+    seen: Mutex<(u64, Option<Instant>)>,
+}
+
+impl Slot {
+    #[inline]
+    fn arm(&self, op: &'static str, timeout: Duration) {
+        let n = self.count.load(Ordering::Relaxed) + 1;
+        self.count.store(n, Ordering::Relaxed);
+        self.op.store(op_index(op), Ordering::Relaxed);
+        self.timeout_ns.store(u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.active.store(n, Ordering::Release);
+    }
+    #[inline]
+    fn disarm(&self) {
+        self.active.store(0, Ordering::Release);
+    }
+    /// The watchdog's check: true once the same operation has been in flight
+    /// for longer than its timeout.
+    fn overdue(&self, now: Instant) -> bool {
+        let active = self.active.load(Ordering::Acquire);
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if active == 0 {
+            *seen = (0, None);
+            return false;
+        }
+        match *seen {
+            (n, Some(since)) if n == active => {
+                now.duration_since(since) > Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
+            }
+            _ => {
+                *seen = (active, Some(now));
+                false
+            }
+        }
+    }
+}
+
+/// Aborts the job when an operation passes its deadline (MPI cannot cancel
+/// a started collective, so there is no error to return). One thread per
+/// process, sleeping between rounds, started with the first slot.
+#[derive(Default)]
+struct Watchdog {
+    started: AtomicBool,
+    stop: Arc<AtomicBool>,
+}
+
+/// How often the watchdog looks (sleeping in between).
+const WATCH_EVERY: Duration = Duration::from_millis(50);
+
+/// Every slot of the process.
+fn watch_registry() -> &'static Mutex<Vec<Weak<Slot>>> {
+    static REG: Mutex<Vec<Weak<Slot>>> = Mutex::new(Vec::new());
+    &REG
+}
+
+impl Watchdog {
+    fn register(&self, group: &str, rank: usize) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            active: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            op: AtomicU8::new(0),
+            timeout_ns: AtomicU64::new(0),
+            group: group.to_string(),
+            rank,
+            seen: Mutex::new((0, None)),
+        });
+        let mut slots = watch_registry().lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|w| w.strong_count() > 0);
+        slots.push(Arc::downgrade(&slot));
+        drop(slots);
+        if !self.started.swap(true, Ordering::AcqRel) {
+            self.spawn();
+        }
+        slot
+    }
+
+    fn spawn(&self) {
+        let stop = self.stop.clone();
+        let spawned = std::thread::Builder::new().name("rankweave-mpi-watchdog".into()).spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(WATCH_EVERY);
+                let now = Instant::now();
+                let slots: Vec<Arc<Slot>> = watch_registry()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .filter_map(Weak::upgrade)
+                    .collect();
+                for s in slots {
+                    if s.overdue(now) && !stop.load(Ordering::Acquire) {
+                        let op = OPS[usize::from(s.op.load(Ordering::Relaxed)).min(OPS.len() - 1)];
+                        let waited = Duration::from_nanos(s.timeout_ns.load(Ordering::Relaxed));
+                        let msg = format!(
+                            "rankweave: {op} in group {} on rank {} timed out after {waited:?} on the MPI backend; \
+                             some peer of the group never entered it (MPI does not say which). MPI cannot cancel a \
+                             started collective, so the job is aborted (MPI_Abort)",
+                            s.group, s.rank
+                        );
+                        tracing::error!("{msg}");
+                        eprintln!("{msg}");
+                        ffi::abort_job(124);
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("MPI backend: cannot start the watchdog thread ({e}); timed-out collectives will hang");
+        }
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+// ----------------------------------------------------------------- factory
+
+/// Builds MPI communicators for the world and every subgroup of a world
+/// made by [`world`] (or by [`ProcessGroup::new_world_with`] with this
+/// factory, whose ranks must be `MPI_COMM_WORLD`'s).
+#[derive(Debug, Clone)]
+pub struct MpiFactory {
+    rt: Arc<Runtime>,
+}
+
+impl MpiFactory {
+    /// A factory over the process's MPI runtime.
+    pub fn new(rt: Arc<Runtime>) -> Self {
+        MpiFactory { rt }
+    }
+}
+
+impl BackendFactory for MpiFactory {
+    fn build(&self, g: &GroupInfo<'_>) -> Result<Backend> {
+        let rt = &self.rt;
+        let me = g.global_ranks.get(g.rank).copied();
+        if me != Some(rt.rank) || g.global_ranks.iter().any(|&r| r >= rt.size) {
+            return Err(Error::invalid(format!(
+                "group {}: the MPI backend needs global ranks of MPI_COMM_WORLD (rank {} of {}), got rank {:?} of \
+                 {:?}",
+                g.name, rt.rank, rt.size, me, g.global_ranks
+            )));
+        }
+        let slot = rt.watchdog.register(g.name, g.rank);
+        slot.arm("create_group", g.opts.timeout);
+        let world = RawComm::world();
+        let comm = if g.global_ranks.len() == rt.size && g.global_ranks.iter().enumerate().all(|(i, &r)| i == r) {
+            world.dup()
+        } else {
+            let ranks: Vec<c_int> = g.global_ranks.iter().map(|&r| ffi::count(r).unwrap_or(c_int::MAX)).collect();
+            // Concurrent creations over the world are told apart by tag.
+            let tag = (g.group_id % 32_000) as c_int;
+            world.create_group(&ranks, tag)
+        };
+        let comm = comm.map_err(|c| mpi_error("new_group", g.name, Some(g.rank), c));
+        let comm = match comm {
+            Ok(c) => c,
+            Err(e) => {
+                slot.disarm();
+                return Err(e);
+            }
+        };
+        // Whether MPI's shared memory can carry every collective.
+        let node_size = comm.split_shared().map(|n| {
+            let s = n.size();
+            n.free();
+            s
+        });
+        slot.disarm();
+        let kind = match node_size {
+            Ok(Ok(s)) if s == g.size => TransportKind::Shm,
+            Ok(Ok(_)) => TransportKind::Tcp,
+            Ok(Err(c)) | Err(c) => {
+                comm.free();
+                return Err(mpi_error("new_group", g.name, Some(g.rank), c));
+            }
+        };
+        let link = Arc::new(MpiLink { aborted: AtomicBool::new(false) });
+        let backend = MpiComm {
+            comm,
+            name: g.name.to_string(),
+            rank: g.rank,
+            size: g.size,
+            slot,
+            scratch: Vec::new(),
+            _rt: rt.clone(),
+        };
+        Ok(Backend { comm: Box::new(backend), link, kind })
+    }
+}
+
+// ----------------------------------------------------------------- backend
+
+/// One group's MPI communicator.
+pub struct MpiComm {
+    comm: RawComm,
+    name: String,
+    rank: usize,
+    size: usize,
+    slot: Arc<Slot>,
+    scratch: Vec<u8>,
+    /// Keeps MPI initialized while the communicator lives.
+    _rt: Arc<Runtime>,
+}
+
+impl Drop for MpiComm {
+    fn drop(&mut self) {
+        self.comm.free();
+    }
+}
+
+/// The MPI backend's [`Link`]. MPI has no message to tell peers that this
+/// rank failed short of aborting the job: peers waiting on it fail at their
+/// deadline (a receive with [`Error::Timeout`], a collective by the
+/// watchdog's abort). The communicator is freed when the group's last
+/// handle drops, after every operation on it.
+struct MpiLink {
+    aborted: AtomicBool,
+}
+
+impl Link for MpiLink {
+    fn abort(&self, err: &Error) {
+        if !self.aborted.swap(true, Ordering::AcqRel) {
+            tracing::debug!("MPI group failed: {err}");
+        }
+    }
+    fn close(&self) {}
+}
+
+impl MpiComm {
+    fn err(&self, op: &str, code: Code) -> Error {
+        mpi_error(op, &self.name, Some(self.rank), code)
+    }
+
+    fn count(&self, op: &str, n: usize, unit: &str) -> Result<c_int> {
+        ffi::count(n).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{op} in group {} on rank {}: {n} {unit} is more than MPI's int count can carry in one call",
+                self.name, self.rank
+            ))
+        })
+    }
+
+    fn root(&self, root: usize) -> c_int {
+        ffi::count(root).unwrap_or(0)
+    }
+
+    /// Runs `f` with the watchdog armed for `op`.
+    #[inline]
+    fn watched<R>(&mut self, call: &Call, op: &'static str, f: impl FnOnce(&mut Self) -> Result<R, Code>) -> Result<R> {
+        self.slot.arm(op, call.timeout);
+        let r = f(self);
+        self.slot.disarm();
+        r.map_err(|c| self.err(op, c))
+    }
+
+    fn ty(&self, op: &str, dtype: DType, rop: ReduceOp) -> Result<ffi::Ty> {
+        ffi::ty(dtype, rop).map_err(|c| self.err(op, c))
+    }
+}
+
+/// Tag of the `seq`-th message of a pair (MPI guarantees at least 32767).
+fn tag_of(seq: u64) -> c_int {
+    (seq % 32_768) as c_int
+}
+
+impl Communicator for MpiComm {
+    fn name(&self) -> &'static str {
+        "mpi"
+    }
+
+    fn all_reduce(&mut self, call: Call, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        let n = self.count("all_reduce", buf.len() / dtype.size(), "elements")?;
+        let ty = self.ty("all_reduce", dtype, op)?;
+        self.watched(&call, "all_reduce", |s| {
+            let comm = s.comm;
+            comm.all_reduce(buf, n, ty, &mut s.scratch)
+        })?;
+        if op == ReduceOp::Avg {
+            crate::reduce::finish_avg(buf, dtype, self.size);
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, call: Call, buf: &mut [u8], root: usize) -> Result<()> {
+        let n = self.count("broadcast", buf.len(), "bytes")?;
+        let root = self.root(root);
+        self.watched(&call, "broadcast", |s| s.comm.broadcast(buf, n, root))
+    }
+
+    fn all_gather(&mut self, call: Call, input: &[u8], output: &mut [u8]) -> Result<()> {
+        let n = self.count("all_gather", output.len(), "bytes")?;
+        let n = n / c_int::try_from(self.size).unwrap_or(1).max(1);
+        self.watched(&call, "all_gather", |s| s.comm.all_gather(input, output, n))
+    }
+
+    fn gather(&mut self, call: Call, input: &[u8], output: Option<&mut [u8]>, root: usize) -> Result<()> {
+        self.count("gather", input.len() * self.size, "bytes")?;
+        let n = self.count("gather", input.len(), "bytes")?;
+        let root = self.root(root);
+        self.watched(&call, "gather", |s| s.comm.gather(input, output, n, root))
+    }
+
+    fn scatter(&mut self, call: Call, input: Option<&[u8]>, output: &mut [u8], root: usize) -> Result<()> {
+        self.count("scatter", output.len() * self.size, "bytes")?;
+        let n = self.count("scatter", output.len(), "bytes")?;
+        let root = self.root(root);
+        self.watched(&call, "scatter", |s| s.comm.scatter(input, output, n, root))
+    }
+
+    fn reduce(&mut self, call: Call, buf: &mut [u8], dtype: DType, op: ReduceOp, root: usize) -> Result<()> {
+        let n = self.count("reduce", buf.len() / dtype.size(), "elements")?;
+        let ty = self.ty("reduce", dtype, op)?;
+        let me = root == self.rank;
+        let root_c = self.root(root);
+        self.watched(&call, "reduce", |s| {
+            let comm = s.comm;
+            comm.reduce(buf, n, ty, root_c, me, &mut s.scratch)
+        })?;
+        if me && op == ReduceOp::Avg {
+            crate::reduce::finish_avg(buf, dtype, self.size);
+        }
+        Ok(())
+    }
+
+    fn reduce_scatter(
+        &mut self,
+        call: Call,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        self.count("reduce_scatter", input.len() / dtype.size(), "elements")?;
+        let n = self.count("reduce_scatter", output.len() / dtype.size(), "elements")?;
+        let ty = self.ty("reduce_scatter", dtype, op)?;
+        self.watched(&call, "reduce_scatter", |s| s.comm.reduce_scatter(input, output, n, ty))?;
+        if op == ReduceOp::Avg {
+            crate::reduce::finish_avg(output, dtype, self.size);
+        }
+        Ok(())
+    }
+
+    fn all_to_all(&mut self, call: Call, input: &[u8], output: &mut [u8]) -> Result<()> {
+        self.count("all_to_all", input.len(), "bytes")?;
+        let n = self.count("all_to_all", input.len() / self.size, "bytes")?;
+        self.watched(&call, "all_to_all", |s| s.comm.all_to_all(input, output, n))
+    }
+
+    fn barrier(&mut self, call: Call) -> Result<()> {
+        self.watched(&call, "barrier", |s| s.comm.barrier())
+    }
+
+    fn send(&mut self, call: Call, data: &[u8], dst: usize) -> Result<()> {
+        let n = self.count("send", data.len(), "bytes")?;
+        let dst_c = self.root(dst);
+        self.watched(&call, "send", |s| s.comm.send(data, n, dst_c, tag_of(call.seq))).map_err(|mut e| {
+            if let Some(c) = e.context_mut() {
+                c.peer = Some(dst);
+            }
+            e
+        })
+    }
+
+    fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
+        let n = self.count("recv", buf.len(), "bytes")?;
+        let src_c = self.root(src);
+        let ctx = || Context::new("recv", self.name.clone(), self.rank).with_peer(src);
+        let start = Instant::now();
+        let deadline = start + call.timeout;
+        // Spin briefly, then yield between tests: each MPI_Test also moves
+        // MPI's transfers along (a large message arrives in fragments), so
+        // this wait must not sleep as the other backends' waits do.
+        let mut spins = 0u32;
+        let got = self
+            .comm
+            .recv(buf, n, src_c, tag_of(call.seq), || {
+                if spins < SPIN_LIMIT {
+                    spins += 1;
+                    std::hint::spin_loop();
+                    return true;
+                }
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::yield_now();
+                true
+            })
+            .map_err(|c| {
+                if c == mpi::ffi::MPI_ERR_TRUNCATE as c_int {
+                    Error::Mismatch {
+                        ctx: ctx(),
+                        detail: format!("rank {src} sent more than the {} bytes this rank receives", buf.len()),
+                    }
+                } else {
+                    let mut e = self.err("recv", c);
+                    if let Some(cx) = e.context_mut() {
+                        cx.peer = Some(src);
+                    }
+                    e
+                }
+            })?;
+        match got {
+            None => Err(Error::timeout(ctx(), start.elapsed(), format!("{} bytes from rank {src}", buf.len()))),
+            Some(len) if len == buf.len() => Ok(()),
+            Some(len) => Err(Error::Mismatch {
+                ctx: ctx(),
+                detail: format!("rank {src} sent {len} bytes, this rank receives {}", buf.len()),
+            }),
+        }
+    }
+}
+
+// ------------------------------------------------------------------- world
+
+/// What [`world`] returns: the world group over `MPI_COMM_WORLD`, its store
+/// and this process's place in the job.
+#[derive(Clone)]
+pub struct MpiWorld {
+    /// The world group (its subgroups are MPI communicators too).
+    pub group: ProcessGroup,
+    /// The job's store, hosted by rank 0.
+    pub store: SharedStore,
+    /// This process's rank.
+    pub rank: usize,
+    /// Number of processes.
+    pub world_size: usize,
+    /// Rank on this node.
+    pub local_rank: usize,
+    /// Processes on this node.
+    pub local_world_size: usize,
+}
+
+impl std::fmt::Debug for MpiWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpiWorld")
+            .field("group", &self.group)
+            .field("store", &self.store.describe())
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("local_rank", &self.local_rank)
+            .field("local_world_size", &self.local_world_size)
+            .finish()
+    }
+}
+
+/// Length of the store address rank 0 broadcasts.
+const ADDR_LEN: usize = 512;
+
+/// Builds the world group of an MPI job (every process calls it): MPI's
+/// rank and size, a store hosted by rank 0 (its address broadcast over
+/// MPI; `token` as `RANKWEAVE_TOKEN`) and groups over MPI communicators.
+///
+/// The store listens on loopback when the job fits one node. Across nodes
+/// it listens on every interface and is reached at `store_host` when given
+/// (`MASTER_ADDR`: an address of rank 0's host that the other nodes reach;
+/// no port needed), else at the address rank 0's host name resolves to; a
+/// host name that resolves only to loopback is an error naming
+/// `MASTER_ADDR`, on every rank.
+pub fn world(opts: GroupOptions, token: Option<&str>, store_host: Option<&str>) -> Result<MpiWorld> {
+    let rt = Runtime::get()?;
+    let (rank, size) = (rt.rank, rt.size);
+    let store = job_store(&rt, opts.timeout, token, store_host)?;
+    let group = ProcessGroup::new_world_with(Arc::new(MpiFactory::new(rt.clone())), store.clone(), rank, size, opts)?;
+    Ok(MpiWorld { group, store, rank, world_size: size, local_rank: rt.local_rank, local_world_size: rt.local_size })
+}
+
+/// Where rank 0's store is reached, or why it cannot be.
+fn store_host(rt: &Runtime, given: Option<&str>) -> Result<String> {
+    if let Some(h) = given.map(str::trim).filter(|h| !h.is_empty()) {
+        return Ok(h.to_string());
+    }
+    if rt.local_size == rt.size {
+        return Ok("127.0.0.1".into());
+    }
+    let ip = crate::transport::tcp::advertised_ip(std::net::Ipv4Addr::UNSPECIFIED.into(), None);
+    if ip.is_loopback() {
+        return Err(Error::invalid(
+            "MPI backend: the job spans nodes and rank 0's host name resolves to no address but loopback; set \
+             MASTER_ADDR to an address of rank 0's host that the other nodes reach (no port needed)",
+        ));
+    }
+    Ok(ip.to_string())
+}
+
+/// Rank 0 starts a store server; everyone learns its address (or rank 0's
+/// failure, after a `!`) over MPI.
+fn job_store(rt: &Runtime, timeout: Duration, token: Option<&str>, given: Option<&str>) -> Result<SharedStore> {
+    let world = RawComm::world();
+    let token = token.map(str::as_bytes);
+    let mut addr = [0u8; ADDR_LEN];
+    let mut served = None;
+    let mut failure = None;
+    if rt.rank == 0 {
+        let started = store_host(rt, given).and_then(|host| {
+            let s = TcpStore::builder(&host, 0).master(true).timeout(timeout).token(token).connect()?;
+            Ok((format!("{host} {}", s.port()), s))
+        });
+        let text = match started {
+            Ok((text, s)) => {
+                served = Some(s);
+                text
+            }
+            Err(e) => {
+                let text = format!("!{e}");
+                failure = Some(e);
+                text
+            }
+        };
+        let b = text.as_bytes();
+        let n = b.len().min(ADDR_LEN);
+        addr[..n].copy_from_slice(&b[..n]);
+    }
+    let slot = rt.watchdog.register("MPI_COMM_WORLD", rt.rank);
+    slot.arm("broadcast", timeout);
+    let rc = world.broadcast(&mut addr, ADDR_LEN as c_int, 0);
+    slot.disarm();
+    rc.map_err(|c| mpi_error("store address broadcast", "MPI_COMM_WORLD", Some(rt.rank), c))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if let Some(s) = served {
+        return Ok(Arc::new(s));
+    }
+    let text = String::from_utf8_lossy(&addr);
+    let text = text.trim_end_matches('\0');
+    if let Some(why) = text.strip_prefix('!') {
+        return Err(Error::Store(format!("MPI backend: rank 0 could not start the job's store: {why}")));
+    }
+    let (host, port) = text
+        .split_once(' ')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| Error::Store(format!("MPI backend: rank 0 sent no store address (got {text:?})")))?;
+    Ok(Arc::new(TcpStore::builder(&host, port).timeout(timeout).token(token).connect()?))
+}
