@@ -45,7 +45,7 @@
 //! peer returns them first, in order.
 //!
 //! Every wait ends at the call's deadline ([`Error::Timeout`]), at once when
-//! the group was aborted, and within [`LIVENESS_EVERY`] when the peer's
+//! the group was aborted, and within 100 ms when the peer's
 //! process exited ([`Error::PeerLost`]). A receive whose length differs
 //! from the message's is an [`Error::Mismatch`] naming both descriptors.
 
@@ -67,7 +67,7 @@ pub const EAGER_MAX: usize = 32 << 10;
 pub const DRAIN_AFTER: Duration = Duration::from_millis(2);
 
 /// Bytes of all channels' data areas together, before clamping per channel.
-const BUDGET: usize = 16 << 20;
+const BUDGET: usize = 8 << 20;
 const AREA_MAX: usize = 256 << 10;
 const AREA_MIN: usize = 16 << 10;
 /// Control bytes per channel: sender line, inline line, receiver line.
@@ -96,7 +96,7 @@ fn state(k: u64, phase: u64) -> u64 {
 }
 
 /// Bytes of one channel's data area in a group of `size` ranks (0 for one
-/// rank): a fixed budget shared among the `size * (size - 1)` channels,
+/// rank): a fixed budget (8 MiB) shared among the `size * (size - 1)` channels,
 /// between 16 and 256 KiB each.
 pub(super) fn area_bytes(size: usize) -> usize {
     if size < 2 {
