@@ -158,6 +158,31 @@ fn deadlines_name_the_operation_the_group_and_the_peer() {
     });
 }
 
+#[test]
+fn a_peer_that_closes_the_group_fails_a_waiting_recv_and_send() {
+    spawn(2, opts(true), |c| {
+        if c.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(100));
+            c.abort_handle().close();
+            return;
+        }
+        let start = Instant::now();
+        let mut b = [0u8; 16];
+        let e = c.recv(&mut b, 1, T).unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert!(matches!(e, Error::PeerLost { .. }) && e.peer() == Some(1), "{e}");
+        assert!(e.to_string().contains("closed the group"), "{e}");
+    });
+    spawn(2, opts(true), |c| {
+        if c.rank() == 1 {
+            c.abort_handle().close();
+            return;
+        }
+        let e = c.send(&vec![5u8; 1 << 20], 1, T).unwrap_err();
+        assert!(matches!(e, Error::PeerLost { .. }) && e.peer() == Some(1), "{e}");
+    });
+}
+
 /// Child-process entry: rank 1, echoes every size back (or, with
 /// `RANKWEAVE_P2P_CHILD_HANG`, sleeps after the first exchange).
 #[test]

@@ -41,6 +41,9 @@ impl Link for MeshAndSegments {
         self.mesh.abort(err);
     }
     fn close(&self) {
+        for s in &self.segments {
+            s.close();
+        }
         self.mesh.close();
     }
     fn transport(&self) -> Option<&dyn Transport> {

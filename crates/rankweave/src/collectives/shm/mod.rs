@@ -167,7 +167,17 @@ impl ShmAbort {
         // Release: pairs with the Acquire load of waiting ranks.
         let _ = self.seg.atomic_u64(ABORT_AT).compare_exchange(0, word, Ordering::Release, Ordering::Relaxed);
     }
+
+    /// Marks this rank as gone from the group (it closed it): peers waiting
+    /// for its point-to-point messages stop with [`Error::PeerLost`].
+    pub fn close(&self) {
+        // Release: pairs with the Acquire load in the peers' waits.
+        self.seg.atomic_u64(HEADER + self.rank * CTRL + 2 * LINE + CLOSED_WORD * 8).store(1, Ordering::Release);
+    }
 }
+
+/// Word of a rank's process line that says it closed the group.
+const CLOSED_WORD: usize = 2;
 
 /// One rank's handle on a group's shared-memory collectives.
 #[derive(Debug)]
@@ -366,9 +376,10 @@ impl ShmComm {
         self.seg.atomic_u64(self.line(j, p) + 8)
     }
 
-    /// Rank `j`'s process: word 0 its pid, word 1 its pid namespace.
+    /// Rank `j`'s process: word 0 its pid, word 1 its pid namespace, word 2
+    /// set once it closed the group ([`ShmAbort::close`]).
     fn info(&self, j: usize, w: usize) -> &AtomicU64 {
-        debug_assert!(j < self.size && w < 2);
+        debug_assert!(j < self.size && w <= CLOSED_WORD);
         self.seg.atomic_u64(HEADER + j * CTRL + 2 * LINE + w * 8)
     }
 

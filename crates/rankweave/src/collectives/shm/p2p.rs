@@ -45,7 +45,7 @@
 //! peer returns them first, in order.
 //!
 //! Every wait ends at the call's deadline ([`Error::Timeout`]), at once when
-//! the group was aborted, and within 100 ms when the peer's
+//! the group was aborted or the peer closed it, and within 100 ms when the peer's
 //! process exited ([`Error::PeerLost`]). A receive whose length differs
 //! from the message's is an [`Error::Mismatch`] naming both descriptors.
 
@@ -234,6 +234,13 @@ impl ShmComm {
                 if ready(self) {
                     return Ok(());
                 }
+            }
+            // Acquire: pairs with the Release store in `ShmAbort::close`.
+            if self.info(peer, super::CLOSED_WORD).load(Ordering::Acquire) != 0 {
+                return Err(Error::PeerLost {
+                    ctx: self.p2p_ctx(peer),
+                    detail: format!("rank {peer} closed the group while this rank waited for it {what}"),
+                });
             }
             if waited >= check_after {
                 check_after = waited + LIVENESS_EVERY;
