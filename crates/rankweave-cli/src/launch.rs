@@ -14,13 +14,34 @@
 //! killed, so nothing it started outlives the job. Finally the shared-memory
 //! segments named `rankweave-<job>-*` in `/dev/shm` are removed.
 //!
-//! With several nodes each node runs its own launcher; a failure is not
-//! propagated across nodes by the launcher (the workers' own timeouts do).
+//! The store: node 0's launcher hosts the job's rendezvous store on the
+//! master port ([`store_host`]), listening on the master address when it is
+//! one of this machine's, else on every interface, and requiring
+//! `RANKWEAVE_TOKEN` when it is set. Every worker gets
+//! `RANKWEAVE_STORE_HOSTED=1`, so rank 0 connects to it like the others and
+//! no worker's exit takes it away. It lives until the launcher ends.
+//!
+//! With several nodes each node runs its own launcher, and the launchers act
+//! as one job ([`job`]): they meet at node 0's store, and when a worker on
+//! any node fails (or a launcher gets a signal, or a node's launcher stops
+//! beating for `--node-timeout` seconds, or node 0's store goes away) every
+//! launcher stops its workers as above and exits non-zero, all naming the
+//! same first failure (`rank 3 on node 1 (host X) exited with code 1`).
+//! When a node's workers have all exited 0 its launcher waits, bounded by
+//! `RANKWEAVE_TIMEOUT` (300 s by default), for the other nodes to finish,
+//! and node 0's launcher keeps the store up until the others have left.
+//! Each worker dies with its launcher (`PR_SET_PDEATHSIG`), so a killed
+//! launcher leaves no worker behind; processes a worker started outside
+//! its process group are then not cleaned up.
 
 mod adopt;
+mod job;
 mod output;
 mod signals;
+mod store_host;
 
+pub use job::DEFAULT_NODE_TIMEOUT;
+use job::{Failure, JobLink, Joined, Timing, Topology, Verdict};
 use output::{Forwarders, Stream};
 use rankweave::{Context, Error, Result};
 use std::ffi::OsString;
@@ -51,15 +72,18 @@ pub struct LaunchArgs {
     /// This node's index, 0 <= K < M (exported as GROUP_RANK).
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub node_rank: usize,
-    /// Address of rank 0's node, where the rendezvous store listens.
+    /// Address of node 0, whose launcher hosts the rendezvous store (IPv6 literals work).
     #[arg(long, value_name = "A", default_value = "127.0.0.1")]
     pub master_addr: String,
-    /// Rendezvous port [default: a free port on one node, 29500 on several; 0 picks a free one].
+    /// Rendezvous port [default: a free port on one node, 29500 on several; 0 picks a free one on one node].
     #[arg(long, value_name = "P")]
     pub master_port: Option<u16>,
     /// Seconds between SIGTERM and SIGKILL when stopping workers.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
     pub grace: f64,
+    /// With several nodes: seconds without a heartbeat from a node's launcher after which the node counts as lost.
+    #[arg(long, value_name = "SECONDS", default_value_t = job::DEFAULT_NODE_TIMEOUT.as_secs_f64())]
+    pub node_timeout: f64,
     /// Pass worker output through untouched instead of prefixing lines with `[rank] `.
     #[arg(long)]
     pub no_prefix: bool,
@@ -83,6 +107,8 @@ pub struct JobSpec {
     pub master_port: Option<u16>,
     /// Time between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// A node whose launcher sends no heartbeat this long is lost.
+    pub node_timeout: Duration,
     /// Prefix worker output lines with `[rank] `.
     pub prefix: bool,
     /// Program to run.
@@ -117,6 +143,12 @@ impl JobSpec {
         if !a.grace.is_finite() || a.grace < 0.0 || a.grace > 86_400.0 {
             return Err(Error::invalid(format!("--grace {} must be between 0 and 86400 seconds", a.grace)));
         }
+        if !a.node_timeout.is_finite() || a.node_timeout < 1.0 || a.node_timeout > 86_400.0 {
+            return Err(Error::invalid(format!(
+                "--node-timeout {} must be between 1 and 86400 seconds",
+                a.node_timeout
+            )));
+        }
         let mut command = a.command.into_iter();
         let program = command.next().ok_or_else(|| {
             Error::invalid("no program given; usage: rankweave launch --nproc-per-node N -- PROGRAM ARGS...")
@@ -128,6 +160,7 @@ impl JobSpec {
             master_addr: a.master_addr,
             master_port: a.master_port,
             grace: Duration::from_secs_f64(a.grace),
+            node_timeout: Duration::from_secs_f64(a.node_timeout),
             prefix: !a.no_prefix,
             program,
             args: command.collect(),
@@ -137,6 +170,20 @@ impl JobSpec {
     /// Total number of ranks in the job.
     pub fn world_size(&self) -> usize {
         self.nproc_per_node * self.nnodes
+    }
+
+    /// The store port: the given one; [`DEFAULT_MULTINODE_PORT`] on several
+    /// nodes by default; 0 (the store picks a free one) on one node by
+    /// default or when asked for, which only node 0 may do.
+    pub fn port(&self) -> Result<u16> {
+        match self.master_port {
+            Some(p) if p != 0 => Ok(p),
+            None if self.nnodes > 1 => Ok(DEFAULT_MULTINODE_PORT),
+            _ if self.nnodes == 1 => Ok(0),
+            _ => Err(Error::invalid(
+                "--master-port 0 with several nodes: the other nodes could not know the port; give a real one",
+            )),
+        }
     }
 }
 
@@ -150,11 +197,34 @@ pub fn run(args: LaunchArgs) -> Result<i32> {
 pub fn run_job(spec: &JobSpec) -> Result<i32> {
     signals::install().map_err(|e| Error::io(Context::op("launch: install signal handlers"), e))?;
     adopt::become_subreaper();
-    let port = match spec.master_port {
-        Some(p) if p != 0 => p,
-        _ if spec.nnodes > 1 && spec.master_port.is_none() => DEFAULT_MULTINODE_PORT,
-        _ => free_port()?,
+    let port = spec.port()?;
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "?".into());
+    // Node 0 hosts the store for the whole job; it lives until we return.
+    let (server, connect_host) = if spec.node_rank == 0 {
+        let (server, connect) = store_host::host_store(&spec.master_addr, port)?;
+        (Some(server), connect)
+    } else {
+        (None, store_host::bare_host(&spec.master_addr).to_string())
     };
+    let port = server.as_ref().map_or(port, |s| s.port());
+    let mut link = None;
+    if spec.nnodes > 1 {
+        let topo = Topology {
+            nnodes: spec.nnodes,
+            nproc_per_node: spec.nproc_per_node,
+            node_rank: spec.node_rank,
+            host: host.clone(),
+            store_addr: store_host::host_port(&spec.master_addr, port),
+        };
+        let timing = Timing { job_timeout: rankweave::store::default_timeout(), node_timeout: spec.node_timeout };
+        match JobLink::join(topo, &connect_host, port, timing)? {
+            Joined::Link(l) => link = Some(l),
+            Joined::Interrupted(sig) => {
+                output::message(&format!("received {} while joining the job", sig.as_str()));
+                return Ok(128 + sig as i32);
+            }
+        }
+    }
     let job = job_id();
     tracing::info!(job, port, world = spec.world_size(), "launching {} workers", spec.nproc_per_node);
 
@@ -182,20 +252,30 @@ pub fn run_job(spec: &JobSpec) -> Result<i32> {
                     spec.program,
                     workers.len()
                 ));
-                code = Some(match e.kind() {
+                let c = match e.kind() {
                     std::io::ErrorKind::NotFound => 127,
                     std::io::ErrorKind::PermissionDenied => 126,
                     _ => 1,
+                };
+                code = Some(Failure {
+                    code: c,
+                    message: format!(
+                        "rank {rank} on node {} (host {host}) could not start {:?}: {e}",
+                        spec.node_rank, spec.program
+                    ),
                 });
                 break;
             }
         }
     }
-    let code = match code {
-        None => supervise(&mut workers, spec.grace),
-        Some(code) => {
+    let (mut code, local_failure) = match code {
+        None => supervise(&mut workers, spec, &host, link.as_mut()),
+        Some(failure) => {
+            if let Some(l) = &link {
+                l.report_failure(failure.code, failure.message.clone());
+            }
             kill_and_reap(&mut workers);
-            code
+            (failure.code, Some(failure))
         }
     };
     let stray = adopt::kill_adopted(Duration::from_secs(2));
@@ -208,6 +288,16 @@ pub fn run_job(spec: &JobSpec) -> Result<i32> {
     if removed > 0 {
         tracing::info!(job, "removed {removed} shared-memory segments left in /dev/shm");
     }
+    if let Some(link) = link {
+        if local_failure.is_none() {
+            link.report_done();
+        }
+        if let Verdict::Failed(f) = link.finish(local_failure) {
+            output::message(&format!("job failed: {}", f.message));
+            code = f.code.max(1);
+        }
+    }
+    drop(server);
     Ok(code)
 }
 
@@ -223,6 +313,8 @@ pub fn worker_env(spec: &JobSpec, local_rank: usize, port: u16, job: &str) -> Ve
         ("MASTER_ADDR", spec.master_addr.clone()),
         ("MASTER_PORT", port.to_string()),
         (rankweave::segments::JOB_ID_ENV, job.to_string()),
+        // Node 0's launcher hosts the store: rank 0 must not.
+        (rankweave::store::init::STORE_HOSTED_ENV, "1".to_string()),
     ];
     if spec.nproc_per_node > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
         env.push(("OMP_NUM_THREADS", "1".to_string()));
@@ -377,9 +469,17 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Waits for every worker; stops them all on the first failure or on a
-/// forwarded signal. Returns the launcher's exit code.
-fn supervise(workers: &mut [Worker], grace: Duration) -> i32 {
+/// Waits for every worker; stops them all on the first failure, on a
+/// forwarded signal or on the job's failure elsewhere (`link`). Returns the
+/// launcher's exit code and this node's failure, if it had one.
+fn supervise(
+    workers: &mut [Worker],
+    spec: &JobSpec,
+    host: &str,
+    mut link: Option<&mut JobLink>,
+) -> (i32, Option<Failure>) {
+    let grace = spec.grace;
+    let mut local: Option<Failure> = None;
     let mut code = 0;
     let mut stopping = false;
     let mut kill_at: Option<Instant> = None;
@@ -399,17 +499,36 @@ fn supervise(workers: &mut [Worker], grace: Duration) -> i32 {
             }
         }
         let signal = signals::take();
+        if let (Some(sig), Some(l)) = (signal, link.as_deref_mut()) {
+            l.report_signal(sig);
+        }
         if !stopping {
-            let reason = match (failed, signal) {
-                (Some((rank, pid, status)), _) => {
+            let remote = match link.as_deref().and_then(JobLink::verdict) {
+                Some(Verdict::Failed(f)) => Some(f),
+                _ => None,
+            };
+            let reason = match (failed, signal, remote) {
+                (Some((rank, pid, status)), _, _) => {
                     code = status_code(status);
+                    let message = format!("rank {rank} on node {} (host {host}) {}", spec.node_rank, describe(status));
+                    if let Some(l) = link.as_deref() {
+                        l.report_failure(code, message.clone());
+                    }
+                    local = Some(Failure { code, message });
                     Some(format!("rank {rank} (pid {pid}) {}", describe(status)))
                 }
-                (None, Some(sig)) => {
+                (None, Some(sig), _) => {
                     code = 128 + sig as i32;
+                    let message =
+                        format!("the launcher of node {} (host {host}) received {}", spec.node_rank, sig.as_str());
+                    local = Some(Failure { code, message });
                     Some(format!("received {}", sig.as_str()))
                 }
-                (None, None) => None,
+                (None, None, Some(f)) => {
+                    code = f.code.max(1);
+                    Some(format!("job failed: {}", f.message))
+                }
+                (None, None, None) => None,
             };
             if let Some(reason) = reason {
                 stopping = true;
@@ -424,7 +543,7 @@ fn supervise(workers: &mut [Worker], grace: Duration) -> i32 {
             kill_at = Some(Instant::now());
         }
         if running == 0 {
-            return code;
+            return (code, local);
         }
         if let Some(t) = kill_at {
             if !killed && Instant::now() >= t {
@@ -448,6 +567,7 @@ mod tests {
             master_addr: "127.0.0.1".into(),
             master_port: None,
             grace: 5.0,
+            node_timeout: 5.0,
             no_prefix: false,
             command: cmd.iter().map(OsString::from).collect(),
         }
@@ -477,6 +597,21 @@ mod tests {
         assert_eq!(get("GROUP_RANK"), Some("1"));
         assert_eq!(get("MASTER_PORT"), Some("1234"));
         assert_eq!(get("RANKWEAVE_JOB_ID"), Some("j1"));
+        assert_eq!(get("RANKWEAVE_STORE_HOSTED"), Some("1"));
+    }
+
+    #[test]
+    fn default_ports() {
+        let spec = |nnodes, node_rank, port| {
+            let mut a = args(1, nnodes, node_rank, &["true"]);
+            a.master_port = port;
+            JobSpec::from_args(a).unwrap()
+        };
+        assert_eq!(spec(2, 1, None).port().unwrap(), DEFAULT_MULTINODE_PORT);
+        assert_eq!(spec(2, 0, Some(7)).port().unwrap(), 7);
+        assert_eq!(spec(1, 0, None).port().unwrap(), 0);
+        assert_eq!(spec(1, 0, Some(0)).port().unwrap(), 0);
+        assert!(matches!(spec(2, 0, Some(0)).port(), Err(Error::InvalidArgument(_))));
     }
 
     #[test]

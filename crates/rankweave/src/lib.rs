@@ -50,6 +50,8 @@
 pub mod backend;
 pub mod collectives;
 pub mod coordinator;
+#[cfg(feature = "nccl")]
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod group;

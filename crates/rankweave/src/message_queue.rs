@@ -948,10 +948,16 @@ impl MessageQueue {
         max_chunks: usize,
         writer_rank: usize,
     ) -> Result<MessageQueue> {
+        let g = group.options();
         let opts = MqOptions {
             timeout: group.timeout(),
-            listen_host: group.options().listen_host.clone(),
-            route_to: group.options().route_to.clone(),
+            // Where the group's own mesh listens: reachable by every member.
+            listen_host: crate::transport::tcp::addr::listen_host(
+                g.listen_host.as_deref(),
+                g.interface.as_deref(),
+                g.route_to.as_deref(),
+            )?,
+            route_to: g.route_to.clone(),
             ..Default::default()
         };
         Self::create_from_process_group_with(group, max_chunk_bytes, max_chunks, writer_rank, opts)

@@ -566,3 +566,23 @@ fn tp_broadcast_failures_name_tp_0_and_the_operation() {
     assert!(msg.contains("[mq.dequeue in mq:"), "the queue stays visible as the inner cause: {msg}");
     assert_eq!(e.peer(), Some(0), "{msg}");
 }
+
+#[test]
+fn a_reader_in_another_operation_than_the_message_queue_writer_gets_a_mismatch() {
+    let out = run_parallel(2, 1, 1, |rank, s| {
+        let tp = s.get_tp_group().unwrap();
+        assert!(tp.uses_message_queue_broadcaster());
+        if rank == 0 {
+            // The writer only sends: it cannot see the reader's call.
+            tp.broadcast_object(Some(vec![7u32; 3]), 0).map(|_| ()).err()
+        } else {
+            tp.broadcast_tensor_dict(None, 0).map(|_| ()).err()
+        }
+    });
+    assert!(out[0].is_none(), "{:?}", out[0]);
+    let e = out[1].as_ref().expect("the reader must not return Ok");
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Mismatch { .. }), "{msg}");
+    assert!(msg.contains("broadcast_object") && msg.contains("broadcast_tensor_dict"), "{msg}");
+    assert_eq!(e.peer(), Some(0), "{msg}");
+}

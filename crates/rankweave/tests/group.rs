@@ -13,7 +13,7 @@ fn opts() -> GroupOptions {
     GroupOptions {
         timeout: Duration::from_secs(20),
         transport: TransportKind::Tcp,
-        listen_host: "127.0.0.1".into(),
+        listen_host: Some("127.0.0.1".into()),
         ..GroupOptions::builtin()
     }
 }

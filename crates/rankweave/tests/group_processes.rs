@@ -26,12 +26,9 @@ fn worker() {
     // With RW_STORE_MASTER, rank 0 hosts the store (as `rankweave launch` jobs do).
     let master = std::env::var("RW_STORE_MASTER").is_ok() && rank == 0;
     let store: SharedStore = Arc::new(TcpStore::new("127.0.0.1", port as u16, master, timeout).unwrap());
-    let opts = GroupOptions {
-        timeout,
-        transport: TransportKind::Tcp,
-        listen_host: "127.0.0.1".into(),
-        ..GroupOptions::builtin()
-    };
+    let transport =
+        if std::env::var("RW_TRANSPORT").as_deref() == Ok("shm") { TransportKind::Shm } else { TransportKind::Tcp };
+    let opts = GroupOptions { timeout, transport, listen_host: Some("127.0.0.1".into()), ..GroupOptions::builtin() };
     let g = ProcessGroup::new_world(store, rank, n, opts).unwrap();
     match scenario.as_str() {
         "ring" => {
@@ -115,6 +112,10 @@ fn launch(n: usize, scenario: &str) -> Outcome {
 /// Runs `n` workers; the store is served by this process, or by rank 0 when
 /// `rank0_hosts_store`.
 fn launch_with(n: usize, scenario: &str, rank0_hosts_store: bool) -> Outcome {
+    launch_env(n, scenario, rank0_hosts_store, &[])
+}
+
+fn launch_env(n: usize, scenario: &str, rank0_hosts_store: bool, env: &[(&str, &str)]) -> Outcome {
     let mut server = None;
     let port = if rank0_hosts_store {
         std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -131,6 +132,7 @@ fn launch_with(n: usize, scenario: &str, rank0_hosts_store: bool) -> Outcome {
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", n.to_string())
                 .env("RW_STORE_PORT", port.to_string())
+                .envs(env.iter().copied())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             cmd
@@ -212,4 +214,19 @@ fn a_process_killed_mid_all_reduce_is_named_by_every_survivor() {
         assert!(o.output[rank].contains("(peer rank 1)"), "{}", o.output[rank]);
     }
     assert!(o.elapsed < Duration::from_secs(20), "took {:?}", o.elapsed);
+}
+
+#[test]
+fn a_zombie_rank_of_a_shared_memory_group_is_lost_within_the_liveness_interval() {
+    // Rank 1 kills itself mid-all_reduce and stays a zombie: this process
+    // (its parent) reaps it only after rank 0 has finished. Its peers must
+    // not take it for alive until their 30 s timeout.
+    let n = 3;
+    let o = launch_env(n, "kill_all_reduce", false, &[("RW_TRANSPORT", "shm")]);
+    assert_eq!(o.codes[1], None, "rank 1 died by a signal:\n{}", o.output[1]);
+    for rank in [0, 2] {
+        assert_eq!(o.codes[rank], Some(0), "rank {rank}:\n{}", o.output[rank]);
+        assert!(o.output[rank].contains("(peer rank 1)"), "{}", o.output[rank]);
+    }
+    assert!(o.elapsed < Duration::from_secs(10), "took {:?}", o.elapsed);
 }

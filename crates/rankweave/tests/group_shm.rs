@@ -27,7 +27,7 @@ fn opts(transport: TransportKind) -> GroupOptions {
     GroupOptions {
         timeout: Duration::from_secs(30),
         transport,
-        listen_host: "127.0.0.1".into(),
+        listen_host: Some("127.0.0.1".into()),
         ..GroupOptions::builtin()
     }
 }

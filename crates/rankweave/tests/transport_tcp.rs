@@ -37,7 +37,12 @@ fn allocations() -> u64 {
 }
 
 fn opts(timeout: Duration) -> GroupOptions {
-    GroupOptions { timeout, transport: TransportKind::Tcp, listen_host: "127.0.0.1".into(), ..GroupOptions::builtin() }
+    GroupOptions {
+        timeout,
+        transport: TransportKind::Tcp,
+        listen_host: Some("127.0.0.1".into()),
+        ..GroupOptions::builtin()
+    }
 }
 
 /// Runs `f(world)` on `n` thread-ranks of a fresh world; returns results in rank order.
@@ -366,7 +371,7 @@ fn exchange_over(listen_host: &'static str) {
         .map(|r| {
             let store = store.clone();
             std::thread::spawn(move || {
-                let o = GroupOptions { listen_host: listen_host.into(), ..opts(T) };
+                let o = GroupOptions { listen_host: Some(listen_host.into()), ..opts(T) };
                 let g = ProcessGroup::new_world(store, r, 2, o).unwrap();
                 let mut buf = [0u8; 2];
                 let tag = Tag::new(OpCode::SendRecv, 1);

@@ -100,6 +100,9 @@ pub fn run_world(n: usize) -> Result<(i32, Vec<Record>)> {
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
             .env(rankweave::segments::JOB_ID_ENV, &job)
+            // This world's rank 0 hosts its own store, even when the bench
+            // itself runs under a launcher that hosts another one.
+            .env_remove(rankweave::store::init::STORE_HOSTED_ENV)
             .stdin(Stdio::null());
         if std::env::var_os("OMP_NUM_THREADS").is_none() && n > 1 {
             cmd.env("OMP_NUM_THREADS", "1");

@@ -7,6 +7,13 @@
 //! tensor- and pipeline-parallel groups with `initialize_model_parallel`,
 //! builds its shard of the model ([`model`]) and decodes greedily
 //! ([`worker`]). Rank 0 then runs the unsharded model alone and compares.
+//!
+//! Across nodes, `rankweave demo --nnodes M --node-rank K --master-addr A`
+//! on each node starts that node's `tp * pp / M` workers through a launcher
+//! of an M-node job (node 0's hosts the store). Each node holds whole TP
+//! groups, so TP stays inside a node and the pipeline crosses nodes; rank 0,
+//! on node 0, prints the verdict. The workers can also be started by hand:
+//! `rankweave launch --nnodes M ... -- rankweave demo --worker --tp T --pp P`.
 
 pub mod model;
 pub mod worker;
@@ -58,6 +65,24 @@ pub struct DemoArgs {
     /// single-process logits.
     #[arg(long, default_value_t = 1e-3)]
     pub tolerance: f32,
+    /// Number of nodes; each runs `rankweave demo` with its own --node-rank.
+    #[arg(long, value_name = "M", default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index, 0 <= K < M.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of node 0, where its launcher hosts the rendezvous store.
+    #[arg(long, value_name = "A", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Rendezvous port [default: a free port on one node, 29500 on several].
+    #[arg(long, value_name = "P")]
+    pub master_port: Option<u16>,
+    /// Where the tensor collectives run: `cpu` (CPU process groups) or
+    /// `cuda` (NCCL groups, rank r on cuda:r; needs the `nccl` feature and
+    /// one GPU per rank: NCCL refuses two ranks on one GPU, so with one GPU
+    /// run `--tp 1 --pp 1`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Run as one worker of a demo (set by the demo itself).
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -87,14 +112,50 @@ impl DemoArgs {
                 )));
             }
         }
+        if self.nnodes == 0 || self.node_rank >= self.nnodes {
+            return Err(Error::invalid(format!(
+                "--node-rank {} must be below --nnodes {} (and --nnodes at least 1)",
+                self.node_rank, self.nnodes
+            )));
+        }
+        if world % self.nnodes != 0 || (world / self.nnodes) % self.tp != 0 {
+            return Err(Error::invalid(format!(
+                "tp ({}) x pp ({}) = {world} ranks over --nnodes {}: each node must hold whole TP groups \
+                 (tp x pp divisible by nnodes, and ranks per node divisible by tp)",
+                self.tp, self.pp, self.nnodes
+            )));
+        }
         self.model().validate(self.tp, self.pp).map_err(Error::invalid)?;
         if self.tokens == 0 || self.prompt_len == 0 {
             return Err(Error::invalid("--tokens and --prompt-len must be at least 1"));
         }
+        self.device_kind()?;
         if self.tolerance.is_nan() || self.tolerance < 0.0 {
             return Err(Error::invalid(format!("--tolerance ({}) must be a non-negative number", self.tolerance)));
         }
         Ok(world)
+    }
+
+    /// `false` for `cpu`, `true` for `cuda`; other names, and `cuda` in a
+    /// build without the `nccl` feature, are errors.
+    fn device_kind(&self) -> Result<bool> {
+        match self.device.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(false),
+            "cuda" if cfg!(feature = "nccl") => Ok(true),
+            "cuda" => Err(Error::Unsupported(
+                "--device cuda needs a build with the `nccl` feature (cargo build --features nccl)".into(),
+            )),
+            other => Err(Error::invalid(format!("--device `{other}`: expected `cpu` or `cuda`"))),
+        }
+    }
+
+    /// The parallel-state backend for `--device`: `nccl` or `gloo`.
+    pub fn backend(&self) -> &'static str {
+        if self.device_kind().unwrap_or(false) {
+            "nccl"
+        } else {
+            "gloo"
+        }
     }
 
     /// The worker's command line: every model argument, then `--worker`.
@@ -112,6 +173,7 @@ impl DemoArgs {
             ("--prompt-len", self.prompt_len.to_string()),
             ("--seed", self.seed.to_string()),
             ("--tolerance", self.tolerance.to_string()),
+            ("--device", self.device.clone()),
         ];
         let mut args: Vec<OsString> = vec!["demo".into(), "--worker".into()];
         for (k, v) in pairs {
@@ -129,6 +191,16 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         return worker::run(&args);
     }
     let m = args.model();
+    let per_node = world / args.nnodes;
+    if args.nnodes > 1 {
+        println!(
+            "rankweave demo: node {} of {}: ranks {}..{} of {world}",
+            args.node_rank,
+            args.nnodes,
+            args.node_rank * per_node,
+            (args.node_rank + 1) * per_node - 1
+        );
+    }
     println!(
         "rankweave demo: {world} processes, tp {} x pp {}; model: {} layers, hidden {}, {} heads, ffn {}, vocab {}; \
          prompt {} tokens, generating {}",
@@ -139,12 +211,13 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     println!("groups: tp {}; pp {}", show(&layout.tp_groups), show(&layout.pp_groups));
     let exe = std::env::current_exe().map_err(|e| Error::io(Context::op("demo: locate own executable"), e))?;
     let spec = JobSpec {
-        nproc_per_node: world,
-        nnodes: 1,
-        node_rank: 0,
-        master_addr: "127.0.0.1".into(),
-        master_port: None,
+        nproc_per_node: per_node,
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        master_addr: args.master_addr.clone(),
+        master_port: args.master_port,
         grace: Duration::from_secs(5),
+        node_timeout: launch::DEFAULT_NODE_TIMEOUT,
         prefix: true,
         program: exe.into_os_string(),
         args: args.worker_args(),
@@ -152,6 +225,8 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     let code = launch::run_job(&spec)?;
     if code != 0 {
         println!("FAIL: the workers ended with exit code {code}");
+    } else if args.node_rank != 0 {
+        println!("node {}: every worker finished; rank 0 on node 0 checked the result", args.node_rank);
     }
     Ok(code)
 }
@@ -199,5 +274,23 @@ mod tests {
         assert!(e.contains("heads (8) must divide by tp (3)"), "{e}");
         let e = parse(&["--tokens", "0"]).validate().unwrap_err().to_string();
         assert!(e.contains("--tokens"), "{e}");
+        let e = parse(&["--nnodes", "3"]).validate().unwrap_err().to_string();
+        assert!(e.contains("whole TP groups"), "{e}");
+        let e = parse(&["--tp", "4", "--pp", "1", "--nnodes", "2"]).validate().unwrap_err().to_string();
+        assert!(e.contains("whole TP groups"), "{e}");
+        assert_eq!(parse(&["--nnodes", "2", "--node-rank", "1"]).validate().unwrap(), 4);
+        let e = parse(&["--nnodes", "2", "--node-rank", "2"]).validate().unwrap_err().to_string();
+        assert!(e.contains("--node-rank 2"), "{e}");
+        let e = parse(&["--device", "tpu"]).validate().unwrap_err().to_string();
+        assert!(e.contains("--device `tpu`"), "{e}");
+        let cuda = parse(&["--device", "cuda", "--tp", "1", "--pp", "1"]);
+        if cfg!(feature = "nccl") {
+            assert_eq!(cuda.validate().unwrap(), 1);
+            assert_eq!(cuda.backend(), "nccl");
+        } else {
+            let e = cuda.validate().unwrap_err().to_string();
+            assert!(e.contains("`nccl` feature"), "{e}");
+        }
+        assert_eq!(parse(&[]).backend(), "gloo");
     }
 }

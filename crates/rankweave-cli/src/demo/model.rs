@@ -22,7 +22,9 @@
 use super::worker::{Op, OpTimes};
 use ndarray::{concatenate, s, Array1, Array2, ArrayView2, Axis};
 use rankweave::backend::tcp::InProcessFactory;
-use rankweave::{Error, GroupOptions, HashStore, ProcessGroup, ReduceOp};
+use rankweave::coordinator::DeviceGroup;
+use rankweave::tensor::{Device, Tensor};
+use rankweave::{DType, Error, GroupOptions, HashStore, ProcessGroup, ReduceOp};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -106,16 +108,30 @@ pub fn block(n: usize, rank: usize, size: usize) -> Range<usize> {
 ///
 /// `all_reduce` sums element-wise over the group; `all_gather_cols`
 /// concatenates the ranks' matrices along the last axis in rank order.
+///
+/// On a device group (`--device cuda`) each collective copies the matrix
+/// to the device, runs there and copies the result back: the layers' math
+/// stays on the CPU, the traffic goes through the device group.
 #[derive(Clone)]
 pub struct Tp {
-    group: ProcessGroup,
+    group: DeviceGroup,
     times: Arc<OpTimes>,
 }
 
 impl Tp {
     /// The layers' view of `group`, timing into `times`.
     pub fn new(group: ProcessGroup, times: Arc<OpTimes>) -> Tp {
+        Tp { group: DeviceGroup::Cpu(group), times }
+    }
+
+    /// The layers' view of a coordinator's device group (CPU or NCCL).
+    pub fn on_device_group(group: DeviceGroup, times: Arc<OpTimes>) -> Tp {
         Tp { group, times }
+    }
+
+    /// Where the group's collectives run.
+    pub fn device(&self) -> Device {
+        self.group.device()
     }
 
     /// A group of one (the single-process model): every collective is the
@@ -141,7 +157,13 @@ impl Tp {
     pub fn all_reduce(&self, x: Array2<f32>) -> Result<Array2<f32>, Error> {
         let mut x = x.as_standard_layout().into_owned();
         let buf = x.as_slice_mut().ok_or_else(|| Error::invalid("all_reduce: matrix is not contiguous"))?;
-        self.times.time(Op::AllReduce, || self.group.all_reduce(buf, ReduceOp::Sum))?;
+        if let Some(pg) = self.group.as_process_group() {
+            self.times.time(Op::AllReduce, || pg.all_reduce(buf, ReduceOp::Sum))?;
+        } else {
+            let mut t = Tensor::vec1(&*buf).to_device(self.device())?;
+            self.times.time(Op::AllReduce, || self.group.all_reduce(&mut t, ReduceOp::Sum))?;
+            buf.copy_from_slice(t.to_device(Device::Cpu)?.as_slice::<f32>()?);
+        }
         Ok(x)
     }
 
@@ -150,7 +172,14 @@ impl Tp {
         let x = x.as_standard_layout().into_owned();
         let input = x.as_slice().ok_or_else(|| Error::invalid("all_gather: matrix is not contiguous"))?;
         let mut out = vec![0f32; input.len() * self.size()];
-        self.times.time(Op::AllGather, || self.group.all_gather(input, &mut out))?;
+        if let Some(pg) = self.group.as_process_group() {
+            self.times.time(Op::AllGather, || pg.all_gather(input, &mut out))?;
+        } else {
+            let t = Tensor::vec1(input).to_device(self.device())?;
+            let mut all = Tensor::zeros_on([self.size(), input.len()], DType::F32, self.device())?;
+            self.times.time(Op::AllGather, || self.group.all_gather(&t, &mut all))?;
+            out.copy_from_slice(all.to_device(Device::Cpu)?.as_slice::<f32>()?);
+        }
         let shape = x.dim();
         let blocks = out
             .chunks(input.len().max(1))

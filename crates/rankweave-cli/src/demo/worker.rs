@@ -22,7 +22,7 @@ use super::model::{self, argmax, Generation, ModelConfig, Stage, Tp};
 use super::DemoArgs;
 use ndarray::Array2;
 use rankweave::parallel_state;
-use rankweave::tensor::{Tensor, TensorDict};
+use rankweave::tensor::{Device, Tensor, TensorDict};
 use rankweave::{Error, Result};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -121,7 +121,7 @@ struct RankReport {
 /// Runs one worker; returns its exit code.
 pub fn run(args: &DemoArgs) -> Result<i32> {
     let cfg = args.model();
-    parallel_state::init_distributed_environment(-1, -1, "env://", -1, "gloo")?;
+    parallel_state::init_distributed_environment(-1, -1, "env://", -1, args.backend())?;
     let result = run_initialized(args, &cfg);
     parallel_state::destroy_model_parallel();
     parallel_state::destroy_distributed_environment();
@@ -129,7 +129,7 @@ pub fn run(args: &DemoArgs) -> Result<i32> {
 }
 
 fn run_initialized(args: &DemoArgs, cfg: &ModelConfig) -> Result<i32> {
-    parallel_state::initialize_model_parallel(args.tp, args.pp, Some("gloo"))?;
+    parallel_state::initialize_model_parallel(args.tp, args.pp, Some(args.backend()))?;
     let world = parallel_state::get_world_group()?;
     let tp = parallel_state::get_tp_group()?;
     let pp = parallel_state::get_pp_group()?;
@@ -150,14 +150,14 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig) -> Result<i32> {
     );
 
     let times = Arc::new(OpTimes::default());
-    // The layers use the TP group's process group directly (the library's
-    // backend seam); the coordinator carries the pipeline and the inputs.
-    let device = tp.device_group()?;
-    let group = device
-        .as_process_group()
-        .ok_or_else(|| rankweave::Error::Unsupported("the demo runs on CPU process groups".into()))?
-        .clone();
-    let comm = Tp::new(group, times.clone());
+    // The layers use the TP group's device group directly (on CPU, the
+    // library's backend seam; with --device cuda, NCCL); the coordinator
+    // carries the pipeline and the inputs.
+    let comm = Tp::on_device_group(tp.device_group()?, times.clone());
+    let dev = tp.device();
+    if rank == 0 {
+        println!("tensor collectives on {dev} ({} backend)", args.backend());
+    }
     let prompt = model::prompt(cfg, args.prompt_len);
     let mut stage = Stage::new(cfg, args.pp, stage_idx, args.prompt_len + args.tokens, comm);
     world.barrier()?;
@@ -187,7 +187,7 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig) -> Result<i32> {
             Some(embed) => embed.forward(&ids)?,
             None => {
                 let got = times.time(Op::RecvDict, || pp.recv_tensor_dict(None, Some(&tp)))?;
-                to_array(get_tensor(&expect_dict(got)?, "hidden")?)?
+                to_array(&get_tensor(&expect_dict(got)?, "hidden")?.clone().to_device(Device::Cpu)?)?
             }
         };
 
@@ -207,7 +207,8 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig) -> Result<i32> {
             out.tokens.push(token);
             out.logits.push(logits);
         } else {
-            let dict = TensorDict::new().with("hidden", to_tensor(&hidden)?);
+            // On a device group the hidden state travels as a device tensor.
+            let dict = TensorDict::new().with("hidden", to_tensor(&hidden)?.to_device(dev)?);
             times.time(Op::SendDict, || pp.send_tensor_dict(&dict, None, Some(&tp)))?;
         }
         if first && !last {
@@ -233,8 +234,8 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig) -> Result<i32> {
         row.push(n as f64);
     }
     let width = row.len();
-    let all = world.all_gather(&Tensor::from_vec(row, vec![1, width])?, 0)?;
-    let all: Vec<f64> = all.to_vec()?;
+    let all = world.all_gather(&Tensor::from_vec(row, vec![1, width])?.to_device(world.device())?, 0)?;
+    let all: Vec<f64> = all.to_device(Device::Cpu)?.to_vec()?;
     if rank != 0 {
         return Ok(0);
     }

@@ -42,8 +42,15 @@ pub struct HierBackend {
 
 impl HierBackend {
     /// The backend of a group of `size` ranks laid out as `layout` over `mesh`.
-    pub fn backend(layout: NodeLayout, size: usize, mesh: Arc<TcpTransport>) -> Backend {
+    pub fn backend(mut layout: NodeLayout, size: usize, mesh: Arc<TcpTransport>) -> Backend {
         let tcp = TransportComm::new(mesh.clone(), "tcp");
+        if let Some(local) = layout.local.as_mut() {
+            // A rank waiting in its node's segment still hears the other
+            // nodes: a peer that waits for it in another operation (a
+            // mismatch) or aborted stops the wait at once.
+            let m = mesh.clone();
+            local.set_watch(Some(Box::new(move || m.watch_outside())));
+        }
         let segments = layout.local.iter().map(ShmComm::abort_handle).collect();
         let link = Arc::new(MeshAndSegments { mesh: mesh.clone(), segments });
         let comm = Box::new(HierBackend { layout, size, mesh, tcp, scratch: Vec::new() });
@@ -95,6 +102,7 @@ impl Communicator for HierBackend {
     }
     fn all_reduce(&mut self, call: Call, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let sum_op = if op == ReduceOp::Avg { ReduceOp::Sum } else { op };
+        self.mesh.enter(call.seq, call.desc);
         let h = &mut self.layout;
         if let Some(local) = h.local.as_mut() {
             local.reduce(buf, dtype, sum_op, 0)?;

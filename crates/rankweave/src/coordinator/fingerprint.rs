@@ -59,6 +59,11 @@ impl CoordOp {
         CoordOp::AllToAll,
     ];
 
+    /// The operation whose discriminant is `code`.
+    pub(crate) fn from_code(code: u8) -> Option<CoordOp> {
+        CoordOp::ALL.into_iter().find(|o| *o as u8 == code)
+    }
+
     pub(crate) const fn name(self) -> &'static str {
         match self {
             CoordOp::AllReduce => "all_reduce",

@@ -3,7 +3,9 @@
 //!
 //! A coordinator owns two groups over the same ranks, as the seed does: a
 //! CPU [`ProcessGroup`] for metadata, objects and barriers, and a
-//! [`DeviceGroup`] for tensors ([`DeviceGroup::Cpu`] in this build). Ranks
+//! [`DeviceGroup`] for tensors ([`DeviceGroup::Cpu`], or an NCCL
+//! communicator with the `nccl` feature and [`CoordinatorOptions::device`]
+//! on a CUDA device). Ranks
 //! passed to methods
 //! (`src`, `dst`) are positions in the group (`rank_in_group`), as in the
 //! seed; [`GroupCoordinator::rank`] and [`GroupCoordinator::ranks`] are
@@ -149,6 +151,21 @@ pub struct CoordinatorOptions {
     pub names: Option<Arc<UniqueNames>>,
     /// Limits on what peers may declare (object sizes, tensor shapes).
     pub limits: Option<DecodeLimits>,
+    /// Where the group's tensors live: [`Device::Cpu`] (a CPU device
+    /// group) by default; [`Device::Cuda`] makes the device group an NCCL
+    /// communicator on that GPU (feature `nccl`; without it, or without a
+    /// CUDA driver and NCCL, building the coordinator is a clean error).
+    pub device: Device,
+}
+
+const MQ_TRAILER_MAGIC: [u8; 3] = *b"RWq";
+const MQ_TRAILER_LEN: usize = 4;
+
+/// What ends every message the coordinator puts in its message queue: a
+/// magic and the operation's code.
+fn mq_trailer(op: CoordOp) -> [u8; MQ_TRAILER_LEN] {
+    let [a, b, c] = MQ_TRAILER_MAGIC;
+    [a, b, c, op as u8]
 }
 
 /// A broadcaster of byte blobs from group rank 0 (the shared-memory message
@@ -160,11 +177,11 @@ pub(crate) trait ObjectBroadcaster: Send + Sync {
 }
 
 /// What a graph capture runs with (the seed's `GraphCaptureContext`): the
-/// device stream the captured work is recorded on. CPU builds have no
-/// streams, so `stream` is `None`; a device backend fills it in.
+/// device stream the captured work is recorded on. CPU groups have no
+/// streams, so `stream` is `None`; an NCCL group gives its own stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GraphCaptureContext {
-    /// Identifier of the capture stream, when there is a device.
+    /// The capture stream (a `CUstream` as an integer), when there is a device.
     pub stream: Option<u64>,
 }
 
@@ -316,6 +333,20 @@ impl GroupCoordinator {
             }
         }
         let groups = mine.ok_or_else(|| Error::invalid(format!("rank {rank} found no group")))?;
+        opts.device.check_supported()?;
+        // With a CUDA device, the device group becomes an NCCL communicator
+        // of the same ranks: rank 0 makes the unique id and the others get
+        // it over the (CPU) device process group. Only members take part,
+        // after every group of the list exists.
+        #[cfg(feature = "nccl")]
+        let groups = match (opts.device, &groups.device) {
+            (Device::Cuda(ordinal), DeviceGroup::Cpu(pg)) => {
+                let comm = crate::device::NcclComm::new(pg, pg.name(), ordinal)
+                    .map_err(|e| e.in_group("nccl init", &unique_name, rank_in_group))?;
+                Groups { cpu: groups.cpu, device: DeviceGroup::Nccl(Arc::new(comm)) }
+            }
+            _ => groups,
+        };
         let ranks = group_ranks[own].clone();
         // As the seed: groups that ask for it broadcast objects (and the
         // metadata of tensor dicts) from rank 0 through a shared-memory queue
@@ -408,12 +439,12 @@ impl GroupCoordinator {
     pub fn cpu_group(&self) -> Result<ProcessGroup> {
         Ok(self.groups()?.cpu)
     }
-    /// The device group (tensors); [`DeviceGroup::Cpu`] in this build.
+    /// The device group (tensors): [`DeviceGroup::Cpu`], or an NCCL group.
     pub fn device_group(&self) -> Result<DeviceGroup> {
         Ok(self.groups()?.device)
     }
     /// The device this group's tensors live on (the seed's `self.device`):
-    /// [`Device::Cpu`] in this build.
+    /// [`Device::Cpu`], or `cuda:N` for an NCCL group.
     pub fn device(&self) -> Device {
         self.inner.device
     }
@@ -609,7 +640,7 @@ impl GroupCoordinator {
         self.run(op, |g| {
             // The normalized dim, so that -1 and ndim - 1 compare equal.
             self.check_collective(g, op, |f| f.tensor(input.dtype(), input.shape()).arg(d as i64))?;
-            let mut out = Tensor::zeros(stacked_shape(n, input.shape()), input.dtype())?;
+            let mut out = Tensor::zeros_on(stacked_shape(n, input.shape()), input.dtype(), input.device())?;
             g.device.all_gather(input, &mut out)?;
             out.unstack_into_dim(d)
         })
@@ -628,7 +659,7 @@ impl GroupCoordinator {
         self.run(op, |g| {
             self.check_collective(g, op, |f| f.tensor(input.dtype(), input.shape()).arg(dst as i64).arg2(d as i32))?;
             if self.rank_in_group() == dst {
-                let mut out = Tensor::zeros(stacked_shape(n, input.shape()), input.dtype())?;
+                let mut out = Tensor::zeros_on(stacked_shape(n, input.shape()), input.dtype(), input.device())?;
                 g.device.gather(input, Some(&mut out), dst)?;
                 Ok(Some(out.unstack_into_dim(d)?))
             } else {
@@ -701,7 +732,7 @@ impl GroupCoordinator {
             let moved = if d == 0 { input.clone() } else { input.movedim(d as isize, 0)? };
             let mut shape = moved.shape().to_vec();
             shape[0] /= n;
-            let mut out = Tensor::zeros(shape, input.dtype())?;
+            let mut out = Tensor::zeros_on(shape, input.dtype(), input.device())?;
             g.device.reduce_scatter(&moved, &mut out, op)?;
             if d == 0 {
                 Ok(out)
@@ -729,7 +760,7 @@ impl GroupCoordinator {
         self.run(op, |g| {
             self.check_collective(g, op, |f| f.tensor(input.dtype(), input.shape()).arg(s as i64).arg2(gd as i32))?;
             let moved = if s == 0 { input.clone() } else { input.movedim(s as isize, 0)? };
-            let mut out = Tensor::zeros(moved.shape().to_vec(), input.dtype())?;
+            let mut out = Tensor::zeros_on(moved.shape().to_vec(), input.dtype(), input.device())?;
             g.device.all_to_all(&moved, &mut out)?;
             // Received: block i (from rank i) is out[i*c..(i+1)*c] in the
             // moved layout. As (n, c, rest...), move the block's own leading
@@ -809,7 +840,35 @@ impl GroupCoordinator {
                     self.unique_name()
                 )));
             }
-            return mq.broadcast_bytes(data);
+            // Every message carries the writer's operation in a trailer, so
+            // a reader in another operation fails with a mismatch instead of
+            // decoding the wrong bytes.
+            let data = data.map(|mut d| {
+                d.extend_from_slice(&mq_trailer(op));
+                d
+            });
+            let mut bytes = mq.broadcast_bytes(data)?;
+            let at = bytes.len().checked_sub(MQ_TRAILER_LEN).ok_or_else(|| {
+                Error::protocol(self.ctx(op).with_peer(0), "message queue message without its operation trailer")
+            })?;
+            let trailer: [u8; MQ_TRAILER_LEN] = bytes[at..].try_into().unwrap_or([0; MQ_TRAILER_LEN]);
+            bytes.truncate(at);
+            if trailer == mq_trailer(op) {
+                return Ok(bytes);
+            }
+            let theirs = (trailer[..3] == MQ_TRAILER_MAGIC).then(|| CoordOp::from_code(trailer[3])).flatten();
+            return Err(match theirs {
+                Some(w) => Error::Mismatch {
+                    ctx: self.ctx(op).with_peer(0),
+                    detail: format!(
+                        "rank 0 (the message queue's writer) called {}, rank {} called {}",
+                        w.name(),
+                        self.rank_in_group(),
+                        op.name()
+                    ),
+                },
+                None => Error::protocol(self.ctx(op).with_peer(0), "message queue message with a bad trailer"),
+            });
         }
         wire::broadcast_blob(&g.cpu, data, src, &self.inner.limits)
     }
@@ -922,7 +981,13 @@ impl GroupCoordinator {
     /// (an unsupported device, a size that does not fit in memory) name the
     /// peer and the size.
     fn build_tensor(&self, m: &crate::tensor::TensorMetadata, op: CoordOp, peer: usize) -> Result<Tensor> {
-        m.zeros().map_err(|e| match e {
+        // A device tensor lands on this group's device (the sender's index
+        // is its own business), as the seed allocates on `self.device`.
+        let device = match (m.device, self.device()) {
+            (Device::Cuda(_), mine @ Device::Cuda(_)) => mine,
+            (d, _) => d,
+        };
+        Tensor::zeros_on(m.shape.clone(), m.dtype, device).map_err(|e| match e {
             Error::Unsupported(d) => Error::Unsupported(format!(
                 "{} in group {} (tensor declared by peer rank {peer}): {d}",
                 op.name(),
@@ -935,7 +1000,8 @@ impl GroupCoordinator {
     /// Broadcasts a tensor dict from group rank `src` (which passes `Some`):
     /// its metadata as one object, then each non-empty tensor. Every rank
     /// returns the dict. A group of one returns a copy of `tensor_dict`.
-    /// Tensors travel over the CPU group, as the seed sends host tensors.
+    /// Host tensors travel over the CPU group and device tensors over the
+    /// device group, as in the seed.
     pub fn broadcast_tensor_dict(&self, tensor_dict: Option<&TensorDict>, src: usize) -> Result<TensorDict> {
         let op = CoordOp::BroadcastTensorDict;
         let missing = || {
@@ -951,7 +1017,7 @@ impl GroupCoordinator {
         let is_src = self.rank_in_group() == src;
         if is_src {
             for t in tensor_dict.ok_or_else(missing)?.tensors() {
-                t.check_cpu()?;
+                self.check_dict_tensor(t)?;
             }
         }
         self.run(op, |g| {
@@ -963,7 +1029,7 @@ impl GroupCoordinator {
                 for (_, v) in out.iter_mut() {
                     if let TensorDictValue::Tensor(t) = v {
                         if t.numel() > 0 {
-                            g.cpu.broadcast_bytes(t.as_bytes_mut()?, src)?;
+                            broadcast_dict_tensor(g, t, src)?;
                         }
                     }
                 }
@@ -977,7 +1043,7 @@ impl GroupCoordinator {
                     MetadataEntry::Tensor(m) => {
                         let mut t = self.build_tensor(&m, op, src)?;
                         if t.numel() > 0 {
-                            g.cpu.broadcast_bytes(t.as_bytes_mut()?, src)?;
+                            broadcast_dict_tensor(g, &mut t, src)?;
                         }
                         out.insert(key, t);
                     }
@@ -1009,7 +1075,7 @@ impl GroupCoordinator {
         let dst = dst.unwrap_or((self.rank_in_group() + 1) % self.world_size());
         self.check_peer(op, "dst", dst)?;
         for t in tensor_dict.tensors() {
-            t.check_cpu()?;
+            self.check_dict_tensor(t)?;
         }
         self.run(op, |g| {
             self.check_p2p(g, op, dst, true, |f| f)?;
@@ -1017,6 +1083,17 @@ impl GroupCoordinator {
             wire::send_blob(&g.cpu, &meta, dst)?;
             for t in tensors {
                 if t.numel() == 0 {
+                    continue;
+                }
+                if !t.is_cpu() {
+                    // Device tensors go through the device group; a slice
+                    // for the all-gather group is cut via host memory.
+                    if all_gather_group.is_some() && t.numel() % k == 0 {
+                        let part = t.reshape(&[k as isize, -1])?.select(0, r)?;
+                        g.device.send(&part, dst)?;
+                    } else {
+                        g.device.send(t, dst)?;
+                    }
                     continue;
                 }
                 let bytes = t.as_bytes()?;
@@ -1057,14 +1134,20 @@ impl GroupCoordinator {
                     MetadataEntry::Tensor(m) => {
                         let mut t = self.build_tensor(&m, op, src)?;
                         if t.numel() > 0 {
+                            let on_cpu = t.is_cpu();
                             match all_gather_group {
                                 Some(ag) if t.numel() % k == 0 => {
-                                    let mut part = Tensor::zeros([t.numel() / k], t.dtype())
+                                    let mut part = Tensor::zeros_on([t.numel() / k], t.dtype(), t.device())
                                         .map_err(|e| self.at_peer(e, op, src))?;
-                                    g.cpu.recv_bytes(part.as_bytes_mut()?, src)?;
+                                    if on_cpu {
+                                        g.cpu.recv_bytes(part.as_bytes_mut()?, src)?;
+                                    } else {
+                                        g.device.recv(&mut part, src)?;
+                                    }
                                     t = ag.all_gather(&part, 0)?.into_shape(m.shape.clone())?;
                                 }
-                                _ => g.cpu.recv_bytes(t.as_bytes_mut()?, src)?,
+                                _ if on_cpu => g.cpu.recv_bytes(t.as_bytes_mut()?, src)?,
+                                _ => g.device.recv(&mut t, src)?,
                             }
                         }
                         out.insert(key, t);
@@ -1089,16 +1172,18 @@ impl GroupCoordinator {
     /// `graph_capture` context manager: with `Some(context)` the capture joins
     /// that context (the pipeline group joining the tensor-parallel group's),
     /// otherwise a new one starts. A capture records device work on a
-    /// side stream; a CPU build has no streams or graphs, so the context's
-    /// `stream` is `None` and the collectives inside run eagerly, exactly as
-    /// outside. The group must not be destroyed.
+    /// side stream: an NCCL group's context carries the group's stream; a
+    /// CPU group has none (`None`). Either way the collectives inside run
+    /// eagerly, exactly as outside (an NCCL operation waits for its work,
+    /// so recording it into a CUDA graph is not supported yet). The group
+    /// must not be destroyed.
     pub fn graph_capture<R>(
         &self,
         context: Option<GraphCaptureContext>,
         f: impl FnOnce(&GraphCaptureContext) -> Result<R>,
     ) -> Result<R> {
-        self.groups()?;
-        let context = context.unwrap_or_default();
+        let g = self.groups()?;
+        let context = context.unwrap_or(GraphCaptureContext { stream: g.device.capture_stream() });
         f(&context)
     }
 
@@ -1110,10 +1195,34 @@ impl GroupCoordinator {
         self.inner.mq_broadcaster.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
+    /// A tensor a tensor dict may carry here: on the host, or on this
+    /// group's device.
+    fn check_dict_tensor(&self, t: &Tensor) -> Result<()> {
+        if t.is_cpu() || t.device() == self.device() {
+            return Ok(());
+        }
+        Err(Error::Unsupported(format!(
+            "a tensor on {} in a tensor dict of group {}, whose device is {}",
+            t.device(),
+            self.unique_name(),
+            self.device()
+        )))
+    }
+
     /// Attaches this group's context and `peer` to an error about bytes or
     /// sizes that peer sent.
     fn at_peer(&self, e: Error, op: CoordOp, peer: usize) -> Error {
         with_ctx(e, self.ctx(op).with_peer(peer))
+    }
+}
+
+/// One tensor of a broadcast tensor dict: host tensors over the CPU group,
+/// device tensors over the device group.
+fn broadcast_dict_tensor(g: &Groups, t: &mut Tensor, src: usize) -> Result<()> {
+    if t.is_cpu() {
+        g.cpu.broadcast_bytes(t.as_bytes_mut()?, src)
+    } else {
+        g.device.broadcast(t, src)
     }
 }
 

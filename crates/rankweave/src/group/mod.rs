@@ -21,6 +21,7 @@
 //! [`ProcessGroup::backend_name`] report the outcome.
 
 mod agree;
+pub(crate) mod arrive;
 mod factory;
 mod node;
 mod options;
@@ -240,6 +241,11 @@ impl ProcessGroup {
     /// this rank is a member of (as the seed's `_get_unique_name`), so with
     /// the usual partition into blocks every member of every TP group calls
     /// its group `tp:0`. Group rank `i` is `ranks[i]`.
+    ///
+    /// As torch's `new_group`, it returns on every rank of `self` only once
+    /// every rank of `self` has entered it (and the members have connected),
+    /// so a rank that is not a member cannot run ahead and end the job while
+    /// others still create their groups.
     pub fn new_group(&self, ranks: &[usize], name: &str) -> Result<Option<ProcessGroup>> {
         let inner = &self.inner;
         if ranks.is_empty() {
@@ -259,6 +265,7 @@ impl ProcessGroup {
         }
         let child = inner.children.fetch_add(1, Ordering::Relaxed);
         let Some(my_rank) = ranks.iter().position(|&r| r == inner.rank) else {
+            self.enter_all(child, name)?;
             return Ok(None);
         };
         let unique = {
@@ -279,7 +286,38 @@ impl ProcessGroup {
             inner.names.clone(),
             inner.factory.clone(),
         )?;
+        self.enter_all(child, name)?;
         Ok(Some(group))
+    }
+
+    /// The synchronization torch's `new_group` gives the seed: every rank of
+    /// `self` (members of the new group or not) has finished creating
+    /// subgroup `child` before any returns, so no rank runs ahead, finishes
+    /// its job and takes the store (hosted by rank 0) away while others
+    /// still build their groups through it. Three store requests per rank;
+    /// bounded by the group's timeout, naming the ranks that never came.
+    fn enter_all(&self, child: u64, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        if inner.size == 1 {
+            return Ok(());
+        }
+        let base = format!("{}/sub{child}/entered", inner.namespace);
+        match arrive::arrive(&*inner.root, &base, inner.rank, inner.size, inner.opts.timeout)? {
+            Ok(()) => Ok(()),
+            Err(absent) => {
+                let mut ctx = crate::error::Context::new("new_group", inner.name.as_str(), inner.rank);
+                ctx.peer = absent.ranks.first().copied();
+                Err(Error::timeout(
+                    ctx,
+                    absent.waited,
+                    format!(
+                        "rank(s) {:?} of {} to create group {name:?} (every rank of the parent group calls \
+                         new_group, members or not)",
+                        absent.ranks, inner.name
+                    ),
+                ))
+            }
+        }
     }
 
     /// This rank's position in the group.

@@ -10,6 +10,7 @@
 //! read once). Nothing below the group reads a variable.
 
 use crate::error::{Error, Result};
+use crate::transport::tcp::addr::{DEFAULT_LINK_TIMEOUT, IFNAME_ENV, LINK_TIMEOUT_ENV};
 use crate::transport::tcp::TcpOptions;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -92,11 +93,22 @@ pub struct GroupOptions {
     pub timeout: Duration,
     /// Which transport collectives use ([`TRANSPORT_ENV`] overrides it).
     pub transport: TransportKind,
-    /// Address this rank listens on for peers (`127.0.0.1`, `0.0.0.0`, a NIC's IP).
-    pub listen_host: String,
-    /// The host peers reach the job through (`MASTER_ADDR`): a wildcard
-    /// `listen_host` advertises the address of the interface routing there.
+    /// Address this rank listens on for peers (`127.0.0.1`, `0.0.0.0`, `::`,
+    /// a NIC's address). `None` (the default): the address of `interface`
+    /// when set, else of the interface that routes to `route_to`, else
+    /// loopback; see [`crate::transport::tcp::addr`].
+    pub listen_host: Option<String>,
+    /// The network interface to listen on when `listen_host` is `None`
+    /// (`RANKWEAVE_SOCKET_IFNAME`, as `GLOO_SOCKET_IFNAME`).
+    pub interface: Option<String>,
+    /// The host peers reach the job through (`MASTER_ADDR`): ranks listen
+    /// on the interface that routes there (loopback when it is loopback).
     pub route_to: Option<String>,
+    /// How long a connection to a peer may stay silent (the peer gone
+    /// without a reset: link down, power loss) before the peer counts as
+    /// unreachable (`RANKWEAVE_LINK_TIMEOUT`, default 8 s); `None` leaves
+    /// the kernel's defaults (hours).
+    pub link_timeout: Option<Duration>,
     /// Ranks of the job on this node (`LOCAL_WORLD_SIZE`); `None`: the
     /// group's size. Decides whether waiting spins briefly before sleeping.
     pub local_ranks: Option<usize>,
@@ -108,21 +120,24 @@ pub struct GroupOptions {
 
 impl GroupOptions {
     /// The built-in defaults, ignoring the environment: 300 s, `Auto`,
-    /// loopback.
+    /// loopback (no master address), an 8 s link timeout.
     pub fn builtin() -> GroupOptions {
         GroupOptions {
             timeout: crate::store::DEFAULT_TIMEOUT,
             transport: TransportKind::Auto,
-            listen_host: "127.0.0.1".into(),
+            listen_host: None,
+            interface: None,
             route_to: None,
+            link_timeout: Some(DEFAULT_LINK_TIMEOUT),
             local_ranks: None,
             node: None,
         }
     }
 
     /// The built-in defaults with the environment `var` applied:
-    /// `RANKWEAVE_TIMEOUT` (seconds), [`TRANSPORT_ENV`], `MASTER_ADDR` and
-    /// `LOCAL_WORLD_SIZE`. An invalid value is an error naming the variable.
+    /// `RANKWEAVE_TIMEOUT` (seconds), [`TRANSPORT_ENV`], `MASTER_ADDR`,
+    /// `LOCAL_WORLD_SIZE`, `RANKWEAVE_SOCKET_IFNAME` and
+    /// `RANKWEAVE_LINK_TIMEOUT` (seconds). An invalid value is an error naming the variable.
     pub fn from_env_with(var: &dyn Fn(&str) -> Option<String>) -> Result<GroupOptions> {
         let mut o = GroupOptions::builtin();
         if let Some(v) = var("RANKWEAVE_TIMEOUT").filter(|v| !v.trim().is_empty()) {
@@ -132,6 +147,12 @@ impl GroupOptions {
         }
         o.transport = TransportKind::resolve(o.transport, var(TRANSPORT_ENV).as_deref())?;
         o.route_to = var("MASTER_ADDR").map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        o.interface = var(IFNAME_ENV).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        if let Some(v) = var(LINK_TIMEOUT_ENV).filter(|v| !v.trim().is_empty()) {
+            o.link_timeout = Some(crate::store::parse_timeout(&v).ok_or_else(|| {
+                Error::invalid(format!("{LINK_TIMEOUT_ENV}={v:?}: expected a positive number of seconds"))
+            })?);
+        }
         if let Some(v) = var("LOCAL_WORLD_SIZE").filter(|v| !v.trim().is_empty()) {
             o.local_ranks = Some(
                 v.trim()
@@ -151,8 +172,10 @@ impl GroupOptions {
     pub(crate) fn tcp(&self) -> TcpOptions {
         TcpOptions {
             listen_host: self.listen_host.clone(),
+            interface: self.interface.clone(),
             route_to: self.route_to.clone(),
             local_ranks: self.local_ranks,
+            link_timeout: self.link_timeout,
         }
     }
 }
@@ -189,18 +212,26 @@ mod tests {
             ("RANKWEAVE_TRANSPORT", "TCP"),
             ("MASTER_ADDR", "10.0.0.1"),
             ("LOCAL_WORLD_SIZE", "4"),
+            ("RANKWEAVE_SOCKET_IFNAME", "eth1"),
+            ("RANKWEAVE_LINK_TIMEOUT", "3"),
         ]))
         .unwrap();
         assert_eq!(o.timeout, Duration::from_millis(2500));
         assert_eq!(o.transport, TransportKind::Tcp);
         assert_eq!(o.route_to.as_deref(), Some("10.0.0.1"));
         assert_eq!(o.local_ranks, Some(4));
+        assert_eq!((o.interface.as_deref(), o.link_timeout), (Some("eth1"), Some(Duration::from_secs(3))));
         let none = GroupOptions::from_env_with(&env(&[])).unwrap();
         assert_eq!(
             (none.timeout, none.transport, none.route_to),
             (Duration::from_secs(300), TransportKind::Auto, None)
         );
-        for (k, v) in [("RANKWEAVE_TIMEOUT", "soon"), ("RANKWEAVE_TRANSPORT", "ib"), ("LOCAL_WORLD_SIZE", "x")] {
+        for (k, v) in [
+            ("RANKWEAVE_TIMEOUT", "soon"),
+            ("RANKWEAVE_TRANSPORT", "ib"),
+            ("LOCAL_WORLD_SIZE", "x"),
+            ("RANKWEAVE_LINK_TIMEOUT", "0"),
+        ] {
             let e = GroupOptions::from_env_with(&env(&[(k, v)])).unwrap_err();
             assert!(e.to_string().contains(k), "{e}");
         }

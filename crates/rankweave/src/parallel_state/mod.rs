@@ -52,7 +52,7 @@ use crate::error::{Error, Result};
 use crate::group::{GroupOptions, ProcessGroup};
 use crate::reduce::ReduceOp;
 use crate::store::SharedStore;
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Sizes of the model-parallel dimensions.
@@ -93,9 +93,14 @@ struct State {
     dp: Option<GroupCoordinator>,
     tp_patched: bool,
     backend: String,
+    /// Where the world's tensors live (`cuda:local_rank` with NCCL).
+    device: Device,
     /// The rendezvous store when this state made it (rank 0's handle keeps
     /// the store server alive).
     store: Option<SharedStore>,
+    /// This process hosts the store server (rank 0 without a launcher
+    /// hosting it): destroying the world waits for the other ranks to leave.
+    hosts_store: bool,
     layout: Option<Layout>,
     /// The world was destroyed (and not re-initialized since).
     world_destroyed: bool,
@@ -141,6 +146,15 @@ impl Default for ParallelState {
     }
 }
 
+/// Where a backend's tensors live: `cuda:local_rank` for NCCL (the seed's
+/// `torch.device(f"cuda:{local_rank}")`), the host otherwise.
+fn device_for(backend: Backend, local_rank: usize) -> Device {
+    match backend {
+        Backend::Nccl => Device::Cuda(local_rank),
+        Backend::Cpu | Backend::Mpi => Device::Cpu,
+    }
+}
+
 /// Parses a backend name and checks that this build runs it; empty means
 /// "the world's backend" ([`Backend::Cpu`]).
 fn check_backend(backend: &str) -> Result<Backend> {
@@ -182,12 +196,13 @@ impl ParallelState {
         }
     }
 
-    fn opts(&self, name: &str, mq: bool) -> CoordinatorOptions {
+    fn opts(&self, name: &str, mq: bool, device: Device) -> CoordinatorOptions {
         CoordinatorOptions {
             group_name: Some(name.into()),
             use_message_queue_broadcaster: mq,
             names: self.names.clone(),
             limits: None,
+            device,
         }
     }
 
@@ -201,6 +216,18 @@ impl ParallelState {
         local_rank: usize,
         opts: GroupOptions,
     ) -> Result<()> {
+        self.init_world_on(store, world_size, rank, local_rank, opts, Device::Cpu)
+    }
+
+    fn init_world_on(
+        &self,
+        store: SharedStore,
+        world_size: usize,
+        rank: usize,
+        local_rank: usize,
+        opts: GroupOptions,
+        device: Device,
+    ) -> Result<()> {
         let mut s = self.lock();
         if let Some(w) = &s.world {
             return check_same_world(w, world_size);
@@ -212,8 +239,9 @@ impl ParallelState {
         }
         let pg = ProcessGroup::new_world(store, rank, world_size, opts)?;
         let ranks: Vec<usize> = (0..world_size).collect();
-        let world = GroupCoordinator::new(&pg, &[ranks], local_rank, self.opts("world", false))?;
+        let world = GroupCoordinator::new(&pg, &[ranks], local_rank, self.opts("world", false, device))?;
         s.world_pg = Some(pg);
+        s.device = device;
         s.world = Some(world);
         s.world_destroyed = false;
         if s.backend.is_empty() {
@@ -230,8 +258,10 @@ impl ParallelState {
     /// [`InitOptions::with_env`] first for that. The local rank defaults to
     /// 0 with `env://` and to the rank otherwise.
     ///
-    /// [`Backend::Mpi`] and [`Backend::Nccl`] are [`Error::Unsupported`] in
-    /// this build. Called again once initialized, it only checks that the
+    /// [`Backend::Mpi`] is [`Error::Unsupported`]; [`Backend::Nccl`] needs
+    /// the `nccl` feature and puts every group's tensors on
+    /// `cuda:local_rank` through NCCL (without a CUDA driver or NCCL, a clean
+    /// error). Called again once initialized, it only checks that the
     /// world size matches.
     pub fn init(&self, opts: &InitOptions) -> Result<()> {
         opts.backend.check_supported()?;
@@ -242,6 +272,15 @@ impl ParallelState {
             };
         }
         let method = opts.init_method_or_default();
+        // Where this rank will listen, checked before meeting the others: a
+        // bad interface or an unroutable master fails every rank at once
+        // instead of leaving the others waiting at the store.
+        let group_opts = opts.group_options();
+        crate::transport::tcp::addr::listen_host(
+            group_opts.listen_host.as_deref(),
+            group_opts.interface.as_deref(),
+            group_opts.route_to.as_deref(),
+        )?;
         // The store's auth token is a secret, not an option: it is passed
         // through from the process environment to the store only.
         let token = std::env::var("RANKWEAVE_TOKEN").ok();
@@ -258,10 +297,12 @@ impl ParallelState {
             (None, true) => 0,
             (None, false) => rv.rank,
         };
-        self.init_world_with_store(rv.store.clone(), rv.world_size, rv.rank, local_rank, opts.group_options())?;
+        let device = device_for(opts.backend, local_rank);
+        self.init_world_on(rv.store.clone(), rv.world_size, rv.rank, local_rank, group_opts, device)?;
         let mut s = self.lock();
         s.backend = opts.backend.name().into();
         s.store = Some(rv.store);
+        s.hosts_store = rv.hosts_store;
         Ok(())
     }
 
@@ -327,9 +368,10 @@ impl ParallelState {
             (Some(pg), Some(w)) => (pg.clone(), w.clone()),
             _ => return Err(s.missing("world group (call init_distributed_environment first)", false)),
         };
-        if let Some(b) = backend {
-            check_backend(b)?;
-        }
+        let device = match backend {
+            Some(b) if !b.trim().is_empty() => device_for(check_backend(b)?, world.local_rank()),
+            _ => s.device,
+        };
         let layout = model_parallel_layout(
             world.world_size(),
             config.tensor_model_parallel_size,
@@ -344,9 +386,9 @@ impl ParallelState {
         }
         let local_rank = world.local_rank();
         // The message-queue broadcaster is only used in the TP group.
-        let tp = GroupCoordinator::new(&world_pg, &layout.tp_groups, local_rank, self.opts("tp", true))?;
-        let pp = GroupCoordinator::new(&world_pg, &layout.pp_groups, local_rank, self.opts("pp", false))?;
-        let dp = GroupCoordinator::new(&world_pg, &layout.dp_groups, local_rank, self.opts("dp", false))?;
+        let tp = GroupCoordinator::new(&world_pg, &layout.tp_groups, local_rank, self.opts("tp", true, device))?;
+        let pp = GroupCoordinator::new(&world_pg, &layout.pp_groups, local_rank, self.opts("pp", false, device))?;
+        let dp = GroupCoordinator::new(&world_pg, &layout.dp_groups, local_rank, self.opts("dp", false, device))?;
         s.tp = Some(tp);
         s.pp = Some(pp);
         s.dp = Some(dp);
@@ -482,14 +524,70 @@ impl ParallelState {
     }
 
     /// Destroys the world group; a fresh `init_*` works afterwards.
+    ///
+    /// Every rank records that it left in the store. The rank hosting the
+    /// store server (rank 0 when no launcher hosts it) then waits, bounded by
+    /// the world's timeout, until every rank has left, so that its exit never
+    /// breaks a rank still creating groups or finishing operations through
+    /// the store; ranks that have not left are named in a warning every
+    /// 10 s, and when the bound passes it gives up with a warning.
     pub fn destroy_distributed_environment(&self) {
         let mut s = self.lock();
+        let leaving = s.world_pg.as_ref().map(|pg| (pg.clone(), s.hosts_store));
         if let Some(w) = s.world.take() {
             w.destroy();
             s.world_destroyed = true;
         }
         s.world_pg = None;
-        s.store = None;
+        let store = s.store.take();
+        s.hosts_store = false;
+        drop(s);
+        if let (Some((pg, hosts)), Some(store)) = (leaving, store) {
+            wait_for_everyone_to_leave(&pg, &*store, hosts);
+        }
+    }
+}
+
+/// Records that this rank left world `pg`; the host of the store waits for
+/// the others (see [`ParallelState::destroy_distributed_environment`]).
+fn wait_for_everyone_to_leave(pg: &ProcessGroup, store: &dyn crate::store::Store, hosts: bool) {
+    use crate::group::arrive::{mark, wait_all};
+    let base = format!("rankweave/{}/left", pg.name());
+    let (rank, size, bound) = (pg.rank(), pg.size(), pg.timeout());
+    if let Err(e) = mark(store, &base, rank, size) {
+        tracing::debug!("destroy_distributed_environment: could not record rank {rank} leaving: {e}");
+        return;
+    }
+    if !hosts {
+        return;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let slice = std::time::Duration::from_secs(10).min(bound.saturating_sub(start.elapsed()));
+        let absent = match wait_all(store, &base, size, slice) {
+            Ok(Ok(())) => return,
+            Ok(Err(absent)) => absent,
+            Err(e) => {
+                tracing::warn!("destroy_distributed_environment: rank {rank} could not wait for the others: {e}");
+                return;
+            }
+        };
+        if start.elapsed() >= bound {
+            tracing::warn!(
+                "destroy_distributed_environment: rank {rank} hosts the store and gave up after {bound:?} waiting \
+                 for rank(s) {:?} of {} to leave; they lose the store now",
+                absent.ranks,
+                pg.name()
+            );
+            return;
+        }
+        tracing::warn!(
+            "destroy_distributed_environment: rank {rank} hosts the store and waits for rank(s) {:?} of {} to \
+             leave (waited {:.0?} of at most {bound:?})",
+            absent.ranks,
+            pg.name(),
+            start.elapsed()
+        );
     }
 }
 
@@ -549,8 +647,8 @@ pub fn init_world_group(
     local_rank: usize,
     backend: &str,
 ) -> Result<GroupCoordinator> {
-    check_backend(backend)?;
-    let opts = CoordinatorOptions { group_name: Some("world".into()), ..CoordinatorOptions::default() };
+    let device = device_for(check_backend(backend)?, local_rank);
+    let opts = CoordinatorOptions { group_name: Some("world".into()), device, ..CoordinatorOptions::default() };
     GroupCoordinator::new(world, &[ranks.to_vec()], local_rank, opts)
 }
 
@@ -565,10 +663,11 @@ pub fn init_model_parallel_group(
     use_message_queue_broadcaster: bool,
     group_name: Option<&str>,
 ) -> Result<GroupCoordinator> {
-    check_backend(backend)?;
+    let device = device_for(check_backend(backend)?, local_rank);
     let opts = CoordinatorOptions {
         group_name: group_name.map(str::to_string),
         use_message_queue_broadcaster,
+        device,
         ..CoordinatorOptions::default()
     };
     GroupCoordinator::new(world, group_ranks, local_rank, opts)
@@ -721,9 +820,33 @@ mod tests {
     fn backends() {
         assert_eq!(check_backend("GLOO").unwrap(), Backend::Cpu);
         assert_eq!(check_backend("").unwrap(), Backend::Cpu);
-        assert!(matches!(check_backend("nccl"), Err(Error::Unsupported(_))));
+        if cfg!(feature = "nccl") {
+            assert_eq!(check_backend("nccl").unwrap(), Backend::Nccl);
+        } else {
+            assert!(matches!(check_backend("nccl"), Err(Error::Unsupported(_))));
+        }
         assert!(matches!(check_backend("mpi"), Err(Error::Unsupported(_))));
         assert!(matches!(check_backend("hccl"), Err(Error::InvalidArgument(_))));
+        assert_eq!(device_for(Backend::Nccl, 3), Device::Cuda(3));
+        assert_eq!(device_for(Backend::Cpu, 3), Device::Cpu);
+    }
+
+    /// An NCCL world on a machine without the CUDA driver (this project's
+    /// CI) is the probe's clean error, not a panic; the state stays
+    /// uninitialized.
+    #[cfg(feature = "nccl")]
+    #[test]
+    fn nccl_world_without_a_driver_is_a_clean_error() {
+        if crate::device::probe::cuda_driver().is_ok() {
+            return; // a GPU machine: scripts/gpu-check.sh covers this path
+        }
+        let s = ParallelState::new();
+        let e = s
+            .init_world_on(Arc::new(crate::HashStore::new()), 1, 0, 0, GroupOptions::default(), Device::Cuda(0))
+            .unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+        assert!(e.to_string().contains("no CUDA driver found"), "{e}");
+        assert!(s.get_world_group().is_err());
     }
 
     #[test]

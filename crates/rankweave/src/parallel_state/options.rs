@@ -24,6 +24,7 @@
 use crate::error::{Error, Result};
 use crate::group::{GroupOptions, TransportKind, TRANSPORT_ENV};
 use crate::store::DEFAULT_TIMEOUT;
+use crate::transport::tcp::addr::{IFNAME_ENV, LINK_TIMEOUT_ENV};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -55,11 +56,15 @@ impl Backend {
         }
     }
 
-    /// `Ok` for the backends this build runs ([`Backend::Cpu`]);
+    /// `Ok` for the backends this build runs ([`Backend::Cpu`], and
+    /// [`Backend::Nccl`] with the `nccl` feature: whether the CUDA driver
+    /// and NCCL are there is checked when its groups are built);
     /// [`Error::Unsupported`] for the others.
     pub fn check_supported(self) -> Result<()> {
         match self {
             Backend::Cpu => Ok(()),
+            #[cfg(feature = "nccl")]
+            Backend::Nccl => Ok(()),
             other => Err(Error::Unsupported(format!(
                 "backend `{other}` is not available in this build; it runs CPU process groups only (`gloo` or `cpu`)"
             ))),
@@ -117,6 +122,12 @@ pub struct InitOptions {
     pub transport: Option<TransportKind>,
     /// Ranks of the job on this node (`LOCAL_WORLD_SIZE`).
     pub local_world_size: Option<usize>,
+    /// The network interface groups listen on (`RANKWEAVE_SOCKET_IFNAME`);
+    /// unset: the one that routes to the master address.
+    pub interface: Option<String>,
+    /// How long a silent link lives before its peer counts as unreachable
+    /// (`RANKWEAVE_LINK_TIMEOUT`, default 8 s).
+    pub link_timeout: Option<Duration>,
     /// The backend; [`Backend::Cpu`] by default.
     pub backend: Backend,
 }
@@ -165,6 +176,16 @@ impl InitOptions {
             timeout,
             transport,
             local_world_size: parse_var(env, "LOCAL_WORLD_SIZE")?,
+            interface: env.get(IFNAME_ENV).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()),
+            link_timeout: match parse_var::<f64>(env, LINK_TIMEOUT_ENV)? {
+                None => None,
+                Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
+                Some(s) => {
+                    return Err(Error::invalid(format!(
+                        "environment variable {LINK_TIMEOUT_ENV}=`{s}`: expected seconds > 0"
+                    )))
+                }
+            },
             backend: Backend::default(),
         })
     }
@@ -183,6 +204,8 @@ impl InitOptions {
             timeout: self.timeout.or(fallback.timeout),
             transport: self.transport.or(fallback.transport),
             local_world_size: self.local_world_size.or(fallback.local_world_size),
+            interface: self.interface.or(fallback.interface),
+            link_timeout: self.link_timeout.or(fallback.link_timeout),
             backend: self.backend,
         }
     }
@@ -257,10 +280,22 @@ impl InitOptions {
         GroupOptions {
             timeout: self.timeout_or_default(),
             transport: self.transport.unwrap_or_default(),
-            route_to: self.master_addr.clone(),
+            route_to: self.master_addr.clone().or_else(|| self.init_method_host()),
             local_ranks: self.local_world_size,
+            interface: self.interface.clone(),
+            link_timeout: self.link_timeout.or(GroupOptions::builtin().link_timeout),
             ..GroupOptions::builtin()
         }
+    }
+
+    /// The host of a `tcp://host:port` init method.
+    fn init_method_host(&self) -> Option<String> {
+        let rest = self.init_method.as_deref()?.trim().strip_prefix("tcp://")?;
+        let host = match rest.strip_prefix('[') {
+            Some(v6) => v6.split_once(']')?.0,
+            None => rest.rsplit_once(':').map_or(rest, |(h, _)| h),
+        };
+        Some(host.to_string()).filter(|h| !h.is_empty())
     }
 
     /// The variables `rendezvous` reads, answered from these options:
@@ -274,6 +309,7 @@ impl InitOptions {
             "WORLD_SIZE" => self.world_size.map(|r| r.to_string()),
             "LOCAL_RANK" => self.local_rank.map(|r| r.to_string()),
             "RANKWEAVE_TOKEN" => token.map(str::to_string),
+            LINK_TIMEOUT_ENV => self.link_timeout.map(|t| t.as_secs_f64().to_string()),
             _ => None,
         }
     }
@@ -296,7 +332,9 @@ mod tests {
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         assert!(e.to_string().contains("unknown backend `hccl`; expected one of gloo, cpu, mpi, nccl"), "{e}");
         assert!(Backend::Cpu.check_supported().is_ok());
-        for b in [Backend::Mpi, Backend::Nccl] {
+        let refused: &[Backend] = if cfg!(feature = "nccl") { &[Backend::Mpi] } else { &[Backend::Mpi, Backend::Nccl] };
+        assert_eq!(Backend::Nccl.check_supported().is_ok(), cfg!(feature = "nccl"));
+        for &b in refused {
             let e = b.check_supported().unwrap_err();
             assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains(b.name()), "{e}");
         }

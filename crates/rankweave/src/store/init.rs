@@ -11,12 +11,40 @@
 //! server starts. The server lives as long as rank 0's store handle.
 //! `RANKWEAVE_TOKEN`, when set, is required by the server and presented by
 //! every client.
+//!
+//! Under `rankweave launch` the store is hosted by node 0's launcher, not by
+//! rank 0, so that no worker's exit takes it away from the others (as
+//! torchrun's agent hosts it). The launcher tells its workers so by setting
+//! [`STORE_HOSTED_ENV`] (`RANKWEAVE_STORE_HOSTED`) to `1`: rank 0 then
+//! connects as a client like every other rank. The variable is read through the `env` of
+//! [`rendezvous_with_env`] and, when that does not answer it, from the
+//! process environment: it describes how the process was started, not an
+//! option of one call. Any value other than `1` (or `0`) is an
+//! `InvalidArgument`.
 
 use super::tcp::{join_host_port, TcpStore};
 use super::SharedStore;
 use crate::error::{Error, Result};
+use crate::transport::tcp::addr::{DEFAULT_LINK_TIMEOUT, LINK_TIMEOUT_ENV};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Set to `1` by `rankweave launch` when the job's store is already hosted
+/// (by node 0's launcher): rank 0 then connects to it instead of hosting it.
+pub const STORE_HOSTED_ENV: &str = "RANKWEAVE_STORE_HOSTED";
+
+/// Whether [`STORE_HOSTED_ENV`] says the store is hosted outside the ranks:
+/// `env`'s answer, else the process environment's; unset means no.
+pub fn store_hosted(env: &dyn Fn(&str) -> Option<String>) -> Result<bool> {
+    let value = env(STORE_HOSTED_ENV).or_else(|| std::env::var(STORE_HOSTED_ENV).ok());
+    match value.as_deref().map(str::trim) {
+        None | Some("") | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(v) => Err(Error::invalid(format!(
+            "environment variable {STORE_HOSTED_ENV}=`{v}` must be 1 (the launcher hosts the store) or 0"
+        ))),
+    }
+}
 
 /// What a rank knows after meeting the others at the store.
 #[derive(Clone)]
@@ -33,6 +61,10 @@ pub struct Rendezvous {
     pub master_addr: String,
     /// The store port (the picked one when 0 was asked for).
     pub master_port: u16,
+    /// This process hosts the store server: it must outlive every other
+    /// rank's use of the store (see
+    /// [`crate::parallel_state::ParallelState::destroy_distributed_environment`]).
+    pub hosts_store: bool,
 }
 
 impl std::fmt::Debug for Rendezvous {
@@ -44,12 +76,14 @@ impl std::fmt::Debug for Rendezvous {
             .field("local_rank", &self.local_rank)
             .field("master_addr", &self.master_addr)
             .field("master_port", &self.master_port)
+            .field("hosts_store", &self.hosts_store)
             .finish()
     }
 }
 
 /// Meets the other ranks of the job through `init_method` (`env://` or
 /// `tcp://host:port`) and returns the store plus this rank's coordinates.
+/// Rank 0 hosts the store unless [`STORE_HOSTED_ENV`] is `1`.
 /// `timeout` bounds connecting and is the store's default timeout; pass
 /// [`default_timeout`](super::default_timeout) for `RANKWEAVE_TIMEOUT` / 300 s.
 ///
@@ -110,20 +144,30 @@ pub fn rendezvous_with_env(
     if rank >= world_size {
         return Err(Error::invalid(format!("rank (RANK) {rank} is out of range for world size {world_size}")));
     }
-    if port == 0 && rank != 0 {
+    let hosted = store_hosted(env)?;
+    if port == 0 && (rank != 0 || hosted) {
         return Err(Error::invalid(format!(
-            "master port (MASTER_PORT) 0 lets only rank 0 pick a free port; rank {rank} needs the real port"
+            "master port (MASTER_PORT) 0 lets only a rank 0 that hosts the store pick a free port; rank {rank} \
+             needs the real port"
         )));
     }
     let token = env("RANKWEAVE_TOKEN");
+    let link_timeout = match env(LINK_TIMEOUT_ENV).filter(|v| !v.trim().is_empty()) {
+        None => Some(DEFAULT_LINK_TIMEOUT),
+        Some(v) => Some(super::parse_timeout(&v).ok_or_else(|| {
+            Error::invalid(format!("environment variable {LINK_TIMEOUT_ENV}=`{v}`: expected seconds > 0"))
+        })?),
+    };
     let store = TcpStore::builder(&host, port)
-        .master(rank == 0)
+        .master(rank == 0 && !hosted)
         .timeout(timeout)
         .token(token.as_deref().map(str::as_bytes))
+        .link_timeout(link_timeout)
         .connect()?;
     let master_port = store.port();
+    let hosts_store = store.is_master();
     tracing::debug!(rank, world_size, addr = %join_host_port(&host, master_port), "rendezvous done");
-    Ok(Rendezvous { store: Arc::new(store), rank, world_size, local_rank, master_addr: host, master_port })
+    Ok(Rendezvous { store: Arc::new(store), rank, world_size, local_rank, master_addr: host, master_port, hosts_store })
 }
 
 fn parse_var<T: std::str::FromStr>(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<T>> {
@@ -153,7 +197,62 @@ fn parse_host_port(s: &str, method: &str) -> Result<(String, u16)> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_host_port;
+    use super::{parse_host_port, store_hosted, STORE_HOSTED_ENV};
+
+    #[test]
+    fn hosted_flag_values() {
+        let of = |v: Option<&'static str>| {
+            move |name: &str| if name == STORE_HOSTED_ENV { v.map(String::from) } else { None }
+        };
+        assert!(store_hosted(&of(Some("1"))).unwrap());
+        assert!(store_hosted(&of(Some(" 1 "))).unwrap());
+        assert!(!store_hosted(&of(Some("0"))).unwrap());
+        let e = store_hosted(&of(Some("yes"))).unwrap_err().to_string();
+        assert!(e.contains("RANKWEAVE_STORE_HOSTED=`yes`"), "{e}");
+    }
+
+    #[test]
+    fn hosted_store_makes_rank_0_a_client() {
+        use super::rendezvous_with_env;
+        use crate::store::tcp::{TcpStore, TcpStoreServer};
+        use crate::store::Store;
+        use std::time::Duration;
+        let server = TcpStoreServer::builder().token(None).bind("127.0.0.1:0").unwrap();
+        let port = server.port().to_string();
+        let env = |hosted: &'static str, rank: &'static str| {
+            let port = port.clone();
+            move |name: &str| match name {
+                "MASTER_ADDR" => Some("127.0.0.1".to_string()),
+                "MASTER_PORT" => Some(port.clone()),
+                "RANK" => Some(rank.to_string()),
+                "WORLD_SIZE" => Some("2".to_string()),
+                STORE_HOSTED_ENV => Some(hosted.to_string()),
+                _ => None,
+            }
+        };
+        let t = Duration::from_secs(5);
+        let r0 = rendezvous_with_env("env://", None, None, t, &env("1", "0")).unwrap();
+        let r1 = rendezvous_with_env("env://", None, None, t, &env("1", "1")).unwrap();
+        assert_eq!((r0.rank, r1.rank, r0.master_port), (0, 1, server.port()));
+        r0.store.set("from0", b"x").unwrap();
+        assert_eq!(r1.store.get("from0").unwrap(), b"x");
+        // Rank 0 hosts nothing: the launcher's server holds both connections.
+        let direct = TcpStore::builder("127.0.0.1", server.port()).token(None).timeout(t).connect().unwrap();
+        assert!(!direct.is_master());
+        assert_eq!(direct.get("from0").unwrap(), b"x");
+        drop(r0);
+        assert_eq!(r1.store.get("from0").unwrap(), b"x", "rank 0 leaving keeps the store up");
+        // Without the flag rank 0 would host on the taken port and fail.
+        let err = rendezvous_with_env("env://", None, None, t, &env("0", "0")).unwrap_err().to_string();
+        assert!(err.contains("store.bind"), "{err}");
+        // A hosted store cannot be on port 0.
+        let zero = |name: &str| match name {
+            "MASTER_PORT" => Some("0".to_string()),
+            n => env("1", "0")(n),
+        };
+        let err = rendezvous_with_env("env://", None, None, t, &zero).unwrap_err().to_string();
+        assert!(err.contains("MASTER_PORT"), "{err}");
+    }
 
     #[test]
     fn host_port_forms() {

@@ -78,6 +78,14 @@ pub trait Store: Send + Sync {
         self.get_timeout(key, self.timeout())
     }
 
+    /// [`Store::check`], waiting at most `reply_wait` for the answer of a
+    /// remote store (a server that went silent costs that long, not the
+    /// default timeout). Stores that answer locally ignore `reply_wait`.
+    fn check_within(&self, keys: &[&str], reply_wait: Duration) -> Result<bool> {
+        let _ = reply_wait;
+        self.check(keys)
+    }
+
     /// [`Store::wait`] with the store's default timeout.
     fn wait_default(&self, keys: &[&str]) -> Result<()> {
         self.wait(keys, self.timeout())

@@ -56,6 +56,11 @@ impl Store for PrefixStore {
         let refs: Vec<&str> = full.iter().map(String::as_str).collect();
         self.inner.check(&refs)
     }
+    fn check_within(&self, keys: &[&str], reply_wait: Duration) -> Result<bool> {
+        let full: Vec<String> = keys.iter().map(|k| self.key(k)).collect();
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        self.inner.check_within(&refs, reply_wait)
+    }
     fn timeout(&self) -> Duration {
         self.inner.timeout()
     }

@@ -113,7 +113,8 @@ impl TensorMetadata {
         Ok(n)
     }
 
-    /// A zeroed tensor of this description (only `cpu` is supported).
+    /// A zeroed tensor of this description, on its device (`cuda` needs the
+    /// `nccl` feature and a CUDA driver).
     pub fn zeros(&self) -> Result<Tensor> {
         Tensor::zeros_on(self.shape.clone(), self.dtype, self.device)
     }

@@ -47,15 +47,17 @@ use serde::{Deserialize, Serialize};
 
 /// Where a tensor's bytes live.
 ///
-/// Only [`Device::Cpu`] is supported today; the other variant exists so that
-/// metadata from a device-backed peer decodes and is refused with a clear
-/// [`Error::Unsupported`] rather than misread.
+/// [`Device::Cpu`] always; [`Device::Cuda`] with the `nccl` feature (the
+/// device is looked for when a tensor is first put on it). Without the
+/// feature the variant still exists, so that metadata from a device-backed
+/// peer decodes and is refused with a clear [`Error::Unsupported`] rather
+/// than misread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum Device {
     /// Host memory.
     #[default]
     Cpu,
-    /// A CUDA device by index (not supported by this build).
+    /// A CUDA device by index (feature `nccl`).
     Cuda(usize),
 }
 
@@ -69,10 +71,14 @@ impl Device {
         }
     }
 
-    /// `Ok` for devices this build can hold tensors on.
+    /// `Ok` for devices this build can hold tensors on (whether the device
+    /// exists is checked when a tensor is put on it).
     pub fn check_supported(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
+            #[cfg(feature = "nccl")]
+            Device::Cuda(_) => Ok(()),
+            #[cfg(not(feature = "nccl"))]
             other => {
                 Err(Error::Unsupported(format!("tensors on device {other}; this build supports only cpu tensors")))
             }
@@ -176,16 +182,19 @@ impl std::fmt::Debug for Tensor {
 
 /// Where a tensor's bytes are held.
 ///
-/// Only host memory exists in this build. A device backend (NCCL/CUDA)
-/// adds its own variant behind a feature; code outside [`crate::tensor`]
-/// never matches on this enum, it calls [`Tensor::as_bytes`] (host bytes or
-/// [`Error::Unsupported`]) and [`Tensor::device`].
+/// Host memory, and with the `nccl` feature CUDA device memory. Code
+/// outside [`crate::tensor`] does not match on this enum: it calls
+/// [`Tensor::as_bytes`] (host bytes or [`Error::Unsupported`]) and
+/// [`Tensor::device`] (and, for device work, `Tensor::cuda_buffer`).
 #[derive(Clone)]
 #[non_exhaustive]
 pub enum Storage {
     /// Host memory.
     Host(HostBuffer),
-    // A device backend adds e.g. `#[cfg(feature = "cuda")] Cuda(CudaBuffer)`.
+    /// CUDA device memory, shared between clones of a tensor; a tensor
+    /// written to while shared gets its own copy first (copy on write).
+    #[cfg(feature = "nccl")]
+    Cuda(std::sync::Arc<crate::device::CudaBuffer>),
 }
 
 impl Default for Storage {
@@ -199,24 +208,32 @@ impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Host(_) => Device::Cpu,
+            #[cfg(feature = "nccl")]
+            Storage::Cuda(b) => Device::Cuda(b.ordinal()),
         }
     }
     /// Number of bytes held.
     pub fn nbytes(&self) -> usize {
         match self {
             Storage::Host(h) => h.len(),
+            #[cfg(feature = "nccl")]
+            Storage::Cuda(b) => b.len(),
         }
     }
     /// The bytes, when they are in host memory.
     pub fn host_bytes(&self) -> Option<&[u8]> {
         match self {
             Storage::Host(h) => Some(h.as_bytes()),
+            #[cfg(feature = "nccl")]
+            Storage::Cuda(_) => None,
         }
     }
     /// The bytes, mutable, when they are in host memory.
     pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
         match self {
             Storage::Host(h) => Some(h.as_bytes_mut()),
+            #[cfg(feature = "nccl")]
+            Storage::Cuda(_) => None,
         }
     }
 }
@@ -239,6 +256,8 @@ impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Storage::Host(h) => f.debug_tuple("Host").field(h).finish(),
+            #[cfg(feature = "nccl")]
+            Storage::Cuda(b) => f.debug_tuple("Cuda").field(b).finish(),
         }
     }
 }
@@ -322,10 +341,24 @@ impl Tensor {
         Ok(Tensor { dtype, shape, storage })
     }
 
-    /// A zero-filled tensor on `device`; only [`Device::Cpu`] is supported.
+    /// A zero-filled tensor on `device` ([`Device::Cuda`] needs the `nccl`
+    /// feature and a CUDA driver; without either it is a clean error).
     pub fn zeros_on(shape: impl Into<Vec<usize>>, dtype: DType, device: Device) -> Result<Tensor> {
         device.check_supported()?;
-        Tensor::zeros(shape, dtype)
+        match device {
+            Device::Cpu => Tensor::zeros(shape, dtype),
+            #[cfg(feature = "nccl")]
+            Device::Cuda(i) => {
+                let shape = shape.into();
+                let nbytes = checked_nbytes(&shape, dtype).ok_or_else(|| {
+                    Error::invalid(format!("tensor of shape {} and dtype {dtype} is too large", shape_str(&shape)))
+                })?;
+                let buf = crate::device::CudaDevice::get(i)?.zeros(nbytes)?;
+                Ok(Tensor { dtype, shape, storage: Storage::Cuda(std::sync::Arc::new(buf)) })
+            }
+            #[cfg(not(feature = "nccl"))]
+            Device::Cuda(_) => Err(not_on_host(device)),
+        }
     }
 
     /// A 0-element tensor of `dtype` with shape `[0]`.
@@ -531,13 +564,88 @@ impl Tensor {
         self.as_bytes().map(|_| ())
     }
 
-    /// Moves the tensor to `device` (only `cpu` is supported).
+    /// Moves the tensor to `device` (a copy between host and CUDA memory;
+    /// CUDA devices need the `nccl` feature).
     pub fn to_device(self, device: Device) -> Result<Tensor> {
         device.check_supported()?;
         if self.device() == device {
             return Ok(self);
         }
+        #[cfg(feature = "nccl")]
+        {
+            let host = match &self.storage {
+                Storage::Host(_) => self,
+                Storage::Cuda(b) => {
+                    let mut h = Tensor::zeros(self.shape.clone(), self.dtype)?;
+                    b.download(h.as_bytes_mut()?)?;
+                    h
+                }
+            };
+            match device {
+                Device::Cpu => Ok(host),
+                Device::Cuda(i) => {
+                    let buf = crate::device::CudaDevice::get(i)?.upload(host.as_bytes()?)?;
+                    Ok(Tensor {
+                        dtype: host.dtype,
+                        shape: host.shape,
+                        storage: Storage::Cuda(std::sync::Arc::new(buf)),
+                    })
+                }
+            }
+        }
+        #[cfg(not(feature = "nccl"))]
         Err(Error::Unsupported(format!("moving a tensor from {} to {device}", self.device())))
+    }
+
+    /// The device bytes of a CUDA tensor (`None` for a host tensor).
+    #[cfg(feature = "nccl")]
+    pub fn cuda_buffer(&self) -> Option<&crate::device::CudaBuffer> {
+        match &self.storage {
+            Storage::Cuda(b) => Some(b),
+            Storage::Host(_) => None,
+        }
+    }
+
+    /// The device bytes of a CUDA tensor, for writing: a buffer shared with
+    /// a clone is copied first (on the device; running out of device memory
+    /// is an error). `None` for a host tensor.
+    #[cfg(feature = "nccl")]
+    pub fn cuda_buffer_mut(&mut self) -> Result<Option<&mut crate::device::CudaBuffer>> {
+        match &mut self.storage {
+            Storage::Host(_) => Ok(None),
+            Storage::Cuda(b) => {
+                if std::sync::Arc::get_mut(b).is_none() {
+                    *b = std::sync::Arc::new(b.try_clone()?);
+                }
+                Ok(std::sync::Arc::get_mut(b))
+            }
+        }
+    }
+
+    /// A tensor of `shape` and `dtype` over device bytes `buf` (whose
+    /// length must match).
+    #[cfg(feature = "nccl")]
+    pub fn from_cuda(buf: crate::device::CudaBuffer, shape: impl Into<Vec<usize>>, dtype: DType) -> Result<Tensor> {
+        let shape = shape.into();
+        if checked_nbytes(&shape, dtype) != Some(buf.len()) {
+            return Err(Error::invalid(format!(
+                "shape {} of {dtype} does not fit a device buffer of {} bytes",
+                shape_str(&shape),
+                buf.len()
+            )));
+        }
+        Ok(Tensor { dtype, shape, storage: Storage::Cuda(std::sync::Arc::new(buf)) })
+    }
+
+    /// For the copying operations (`narrow`, `cat`, `permute`) on a device
+    /// tensor: a round trip through host memory, so that the coordinator's
+    /// pre- and post-processing (`all_gather` along an inner dim...) works on
+    /// every device. Slower than a device kernel; `None` for host tensors.
+    #[cfg(feature = "nccl")]
+    fn via_host(&self, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Option<Result<Tensor>> {
+        let Device::Cuda(_) = self.device() else { return None };
+        let dev = self.device();
+        Some(self.clone().to_device(Device::Cpu).and_then(|h| f(&h)).and_then(|t| t.to_device(dev)))
     }
 
     /// Resolves a target shape with at most one `-1` against `numel`.
@@ -607,6 +715,10 @@ impl Tensor {
 
     /// Elements `start..start + len` along `dim` (a copy).
     pub fn narrow(&self, dim: isize, start: usize, len: usize) -> Result<Tensor> {
+        #[cfg(feature = "nccl")]
+        if let Some(r) = self.via_host(|h| h.narrow(dim, start, len)) {
+            return r;
+        }
         let d = normalize_dim(dim, &self.shape)?;
         let size = self.shape[d];
         if !matches!(start.checked_add(len), Some(end) if end <= size) {
@@ -662,6 +774,12 @@ impl Tensor {
             }
             total += t.shape[d];
         }
+        #[cfg(feature = "nccl")]
+        if let Device::Cuda(_) = first.device() {
+            let host = tensors.iter().map(|t| (*t).clone().to_device(Device::Cpu)).collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&Tensor> = host.iter().collect();
+            return Tensor::cat(&refs, dim)?.to_device(first.device());
+        }
         let mut shape = first.shape.clone();
         shape[d] = total;
         let mut out = Tensor::zeros(shape, first.dtype)?;
@@ -684,6 +802,10 @@ impl Tensor {
     /// Reorders the dimensions: output dimension `i` is input dimension
     /// `perm[i]` (a copy into row-major order).
     pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
+        #[cfg(feature = "nccl")]
+        if let Some(r) = self.via_host(|h| h.permute(perm)) {
+            return r;
+        }
         let nd = self.shape.len();
         let mut seen = vec![false; nd];
         if perm.len() != nd || perm.iter().any(|&p| p >= nd || std::mem::replace(&mut seen[p], true)) {

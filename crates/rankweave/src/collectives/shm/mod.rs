@@ -179,6 +179,11 @@ impl ShmAbort {
 /// Word of a rank's process line that says it closed the group.
 const CLOSED_WORD: usize = 2;
 
+/// Something else this rank should keep an eye on while it waits in the
+/// segment (for a hierarchical group, the TCP mesh to the other nodes):
+/// called every liveness interval of a wait; an error ends the wait.
+pub type Watch = Box<dyn Fn() -> Option<Error> + Send + Sync>;
+
 /// One rank's handle on a group's shared-memory collectives.
 #[derive(Debug)]
 pub struct ShmComm {
@@ -194,6 +199,17 @@ pub struct ShmComm {
     unit: u64,
     poisoned: Option<String>,
     p2p: P2p,
+    watch: Watcher,
+}
+
+/// The optional [`Watch`] (a named type so that `ShmComm` stays `Debug`).
+#[derive(Default)]
+struct Watcher(Option<Watch>);
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(watch)" } else { "None" })
+    }
 }
 
 /// A step's descriptor: what the rank is doing, compared across ranks (the
@@ -305,6 +321,7 @@ impl ShmComm {
             unit: 0,
             poisoned: None,
             p2p: P2p::new(HEADER + size * (CTRL + slot), size, opts.cross_memory_attach),
+            watch: Watcher::default(),
         };
         comm.info(rank, 0).store(std::process::id() as u64, Ordering::Relaxed);
         comm.info(rank, 1).store(pid_namespace(), Ordering::Relaxed);
@@ -342,6 +359,12 @@ impl ShmComm {
     /// Changes the per-step deadline.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// Calls `watch` every liveness interval while a step waits (`None`
+    /// removes it); an error it returns fails the step.
+    pub fn set_watch(&mut self, watch: Option<Watch>) {
+        self.watch = Watcher(watch);
     }
 
     fn ctx(&self, op: OpCode) -> Context {
@@ -501,6 +524,9 @@ impl ShmComm {
                 }
                 if waited >= check_after {
                     check_after = waited + LIVENESS_EVERY;
+                    if let Some(err) = self.watch.0.as_ref().and_then(|w| w()) {
+                        return Err(self.fail(err));
+                    }
                     if let Some(j) = self.vanished(self.late(p, e).into_iter()) {
                         let err = Error::PeerLost {
                             ctx: self.ctx(op).with_peer(j),

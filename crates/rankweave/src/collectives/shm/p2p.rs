@@ -244,6 +244,9 @@ impl ShmComm {
             }
             if waited >= check_after {
                 check_after = waited + LIVENESS_EVERY;
+                if let Some(err) = self.watch.0.as_ref().and_then(|w| w()) {
+                    return Err(err);
+                }
                 if self.vanished(std::iter::once(peer)).is_some() {
                     return Err(Error::PeerLost {
                         ctx: self.p2p_ctx(peer),

@@ -6,6 +6,7 @@ use crate::error::{Context, Error, Result};
 use crate::store::protocol::{self, Request, Response, HEADER_LEN};
 use crate::store::Store;
 use crate::sys::net::retry_connect;
+use crate::transport::tcp::addr::DEFAULT_LINK_TIMEOUT;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{Mutex, MutexGuard};
@@ -35,6 +36,8 @@ pub struct TcpStore {
     port: u16,
     token: Option<Vec<u8>>,
     timeout: Mutex<Duration>,
+    /// See [`TcpStoreBuilder::link_timeout`].
+    link_timeout: Option<Duration>,
     /// The in-process server when this handle is the master; it lives as
     /// long as the handle.
     server: Option<TcpStoreServer>,
@@ -54,9 +57,17 @@ pub struct TcpStoreBuilder {
     timeout: Duration,
     token: Option<Option<Vec<u8>>>,
     is_master: bool,
+    link_timeout: Option<Duration>,
 }
 
 impl TcpStoreBuilder {
+    /// How long a connection to the server may stay silent (the server's
+    /// node gone without a reset) before a request fails; `None`: the
+    /// kernel's defaults. Default: [`DEFAULT_LINK_TIMEOUT`].
+    pub fn link_timeout(mut self, t: Option<Duration>) -> Self {
+        self.link_timeout = t;
+        self
+    }
     /// The store's default timeout, also the limit on connecting.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -84,12 +95,12 @@ impl TcpStoreBuilder {
             ));
         }
         if !self.is_master {
-            return TcpStore::connect_inner(&self.host, self.port, self.timeout, token.as_deref(), None);
+            return TcpStore::connect_inner(&self, self.port, token.as_deref(), None);
         }
         let bind = join_host_port(&listen_host(&self.host), self.port);
         let server = TcpStoreServer::builder().token(token.as_deref()).bind(&bind)?;
         let port = server.port();
-        TcpStore::connect_inner(&self.host, port, self.timeout, token.as_deref(), Some(server))
+        TcpStore::connect_inner(&self, port, token.as_deref(), Some(server))
     }
 }
 
@@ -144,20 +155,21 @@ impl TcpStore {
             timeout: crate::store::default_timeout(),
             token: None,
             is_master: false,
+            link_timeout: Some(DEFAULT_LINK_TIMEOUT),
         }
     }
 
     fn connect_inner(
-        host: &str,
+        b: &TcpStoreBuilder,
         port: u16,
-        timeout: Duration,
         token: Option<&[u8]>,
         server: Option<TcpStoreServer>,
     ) -> Result<TcpStore> {
+        let (host, timeout, link) = (b.host.as_str(), b.timeout, b.link_timeout);
         let addr = format!("tcp://{}", join_host_port(host, port));
         let ctx = || Context { op: "store.connect".into(), group: addr.clone(), ..Default::default() };
         let deadline = Instant::now().checked_add(timeout);
-        let mut stream = retry_connect(deadline, |left| try_connect(host, port, left)).map_err(|g| {
+        let mut stream = retry_connect(deadline, |left| try_connect(host, port, left, link)).map_err(|g| {
             Error::timeout(ctx(), g.waited, format!("store server at {addr} to accept a connection{}", g.why()))
         })?;
         let store = TcpStore {
@@ -167,6 +179,7 @@ impl TcpStore {
             port,
             token: token.map(<[u8]>::to_vec),
             timeout: Mutex::new(timeout),
+            link_timeout: link,
             server,
         };
         store.authenticate(&mut stream)?;
@@ -193,13 +206,11 @@ impl TcpStore {
 
     /// Opens one more connection (a single attempt: the server is known to
     /// have been up).
-    fn open(&self, op: &str) -> Result<TcpStream> {
-        let mut stream =
-            try_connect(&self.host, self.port, Some(self.timeout().min(RECONNECT_TIMEOUT))).map_err(|e| {
-                Error::PeerLost {
-                    ctx: self.ctx(op),
-                    detail: format!("cannot reach store server at {}: {e}", self.addr),
-                }
+    fn open(&self, op: &str, limit: Duration) -> Result<TcpStream> {
+        let mut stream = try_connect(&self.host, self.port, Some(limit.min(RECONNECT_TIMEOUT)), self.link_timeout)
+            .map_err(|e| Error::PeerLost {
+                ctx: self.ctx(op),
+                detail: format!("cannot reach store server at {}: {e}", self.addr),
             })?;
         self.authenticate(&mut stream)?;
         Ok(stream)
@@ -262,7 +273,8 @@ impl TcpStore {
         let pooled = self.lock_idle().pop();
         let mut stream = match pooled {
             Some(s) => s,
-            None => self.open(op)?,
+            // A short call does not wait longer to connect than for its reply.
+            None => self.open(op, self.timeout().min(reply_wait.max(Duration::from_millis(1))))?,
         };
         match exchange(&mut stream, &frame, Instant::now().checked_add(reply_wait)) {
             Ok(Ok(resp)) => {
@@ -294,7 +306,12 @@ impl TcpStore {
     }
 }
 
-fn try_connect(host: &str, port: u16, remaining: Option<Duration>) -> io::Result<TcpStream> {
+fn try_connect(
+    host: &str,
+    port: u16,
+    remaining: Option<Duration>,
+    link_timeout: Option<Duration>,
+) -> io::Result<TcpStream> {
     let per_try = remaining.unwrap_or(Duration::MAX).clamp(Duration::from_millis(1), Duration::from_secs(5));
     let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
     let mut last = io::Error::new(io::ErrorKind::NotFound, format!("`{host}` resolves to no address"));
@@ -302,6 +319,9 @@ fn try_connect(host: &str, port: u16, remaining: Option<Duration>) -> io::Result
         match TcpStream::connect_timeout(&a, per_try) {
             Ok(s) => {
                 s.set_nodelay(true)?;
+                // A server that vanishes without a reset (its node lost)
+                // fails requests within the link timeout, not the store's.
+                crate::transport::tcp::addr::guard_link(&socket2::SockRef::from(&s), link_timeout)?;
                 return Ok(s);
             }
             Err(e) => last = e,
@@ -429,6 +449,15 @@ impl Store for TcpStore {
     fn check(&self, keys: &[&str]) -> Result<bool> {
         let req = Request::Check { keys: keys.iter().map(|k| k.to_string()).collect() };
         match self.call_default("store.check", &req)? {
+            Response::Bool(b) => Ok(b),
+            r => Err(self.unexpected("store.check", &r)),
+        }
+    }
+
+    fn check_within(&self, keys: &[&str], reply_wait: Duration) -> Result<bool> {
+        let req = Request::Check { keys: keys.iter().map(|k| k.to_string()).collect() };
+        let resp = self.call("store.check", &req, reply_wait.min(self.timeout()))?;
+        match self.check_error("store.check", resp)? {
             Response::Bool(b) => Ok(b),
             r => Err(self.unexpected("store.check", &r)),
         }

@@ -17,6 +17,7 @@
 //! resolves the host name and takes the first non-loopback address, else
 //! loopback.
 
+use super::addr::{guard_link, resolve, IFNAME_ENV};
 use super::header::{AbortInfo, AbortKind, FrameKind, Header, HEADER_LEN};
 use super::io::{read_small, write_small};
 use crate::error::{Context, Error, Result};
@@ -48,14 +49,6 @@ fn tune(sock: &Socket) -> io::Result<()> {
     sock.set_send_buffer_size(SOCKET_BUFFER)?;
     sock.set_recv_buffer_size(SOCKET_BUFFER)?;
     Ok(())
-}
-
-fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (host, port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{host} resolves to no address")))
 }
 
 /// The address peers should dial to reach a socket bound to `bound`:
@@ -179,6 +172,8 @@ pub(crate) struct MeshSpec<'a> {
     pub group_id: u64,
     pub listen_host: &'a str,
     pub route_to: Option<&'a str>,
+    /// See [`super::addr`]: how long a silent link lives.
+    pub link_timeout: Option<Duration>,
     pub deadline: Instant,
 }
 
@@ -250,6 +245,7 @@ fn accept_one(
 ) -> std::result::Result<(usize, Socket), String> {
     sock.set_nonblocking(true).map_err(|e| e.to_string())?;
     tune(&sock).map_err(|e| e.to_string())?;
+    guard_link(&sock, spec.link_timeout).map_err(|e| e.to_string())?;
     let deadline = spec.deadline.min(Instant::now() + HELLO_GRACE);
     let res = check_hello(spec, &sock, peers, deadline);
     if let Err(why) = &res {
@@ -315,12 +311,23 @@ fn dial(spec: &MeshSpec<'_>, peer: usize, start: Instant) -> Result<Socket> {
     let sock = retry_connect(Some(spec.deadline), |left| {
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         tune(&sock)?;
+        guard_link(&sock, spec.link_timeout)?;
         let wait = left.unwrap_or(HELLO_GRACE).clamp(Duration::from_millis(1), HELLO_GRACE);
         sock.connect_timeout(&SockAddr::from(addr), wait)?;
         sock.set_nonblocking(true)?;
         Ok(sock)
     })
-    .map_err(|g| spec.timeout_err(start, Some(peer), format!("a connection to rank {peer} at {addr}{}", g.why())))?;
+    .map_err(|g| {
+        spec.timeout_err(
+            start,
+            Some(peer),
+            format!(
+                "a connection to rank {peer} at {addr}, the address it advertised{}; if that address is not \
+                 reachable from this host, set {IFNAME_ENV} on every rank to the interface the nodes share",
+                g.why()
+            ),
+        )
+    })?;
     write_small(&sock, &hello(spec.group_id, 0, spec.rank, peer, spec.size), spec.deadline)
         .map_err(|e| Error::io(spec.ctx("connect").with_peer(peer), e))?;
     match read_hello(&sock, spec.group_id, spec.deadline) {

@@ -19,6 +19,7 @@
 //! culprit is named even when the store died with it. Later calls return
 //! [`Error::Poisoned`].
 
+pub mod addr;
 pub mod header;
 mod io;
 mod mesh;
@@ -58,21 +59,35 @@ pub fn group_id_of(namespace: &str) -> u64 {
 /// [`crate::GroupOptions`] (which reads the environment once, at the edge).
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
-    /// Address to listen on (`127.0.0.1`, `0.0.0.0`, `::`, a NIC's address).
-    pub listen_host: String,
-    /// A host peers reach this job through (its `MASTER_ADDR`): with a
-    /// wildcard `listen_host`, the mesh advertises the address of the
-    /// interface that routes there.
+    /// Address to listen on (`127.0.0.1`, `0.0.0.0`, `::`, a NIC's
+    /// address); `None`: chosen from `interface` and `route_to` (see
+    /// [`addr`]).
+    pub listen_host: Option<String>,
+    /// The network interface to listen on when `listen_host` is `None`
+    /// ([`addr::IFNAME_ENV`]).
+    pub interface: Option<String>,
+    /// A host peers reach this job through (its `MASTER_ADDR`): the mesh
+    /// listens on the interface that routes there (or advertises that
+    /// interface's address for a wildcard `listen_host`).
     pub route_to: Option<String>,
     /// Ranks of the job on this node (`LOCAL_WORLD_SIZE`), which decides
     /// whether a short busy phase before `poll` pays off; `None`: the
     /// group's size.
     pub local_ranks: Option<usize>,
+    /// How long a link may stay silent (peer gone without a reset) before
+    /// the peer counts as unreachable; `None`: the kernel's defaults.
+    pub link_timeout: Option<Duration>,
 }
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        TcpOptions { listen_host: "127.0.0.1".into(), route_to: None, local_ranks: None }
+        TcpOptions {
+            listen_host: None,
+            interface: None,
+            route_to: None,
+            local_ranks: None,
+            link_timeout: Some(addr::DEFAULT_LINK_TIMEOUT),
+        }
     }
 }
 
@@ -135,7 +150,7 @@ impl std::fmt::Debug for TcpTransport {
 
 impl TcpTransport {
     /// Builds the mesh of group `name` (rank `rank` of `size`): binds
-    /// `{listen_host}:0`, publishes the address in `store` (which must be
+    /// `{listen_host}:0` (chosen as [`addr`] says when unset), publishes the address in `store` (which must be
     /// namespaced for this group; keys `tcp/*` are used), connects to every
     /// peer and checks each with a handshake carrying `group_id`. Fails at
     /// `deadline` naming the missing peer. `size == 1` opens no socket.
@@ -151,14 +166,16 @@ impl TcpTransport {
         if size == 0 || rank >= size {
             return Err(Error::invalid(format!("rank {rank} is not in a group of size {size}")));
         }
+        let host = addr::listen_host(opts.listen_host.as_deref(), opts.interface.as_deref(), opts.route_to.as_deref())?;
         let spec = mesh::MeshSpec {
             store: &*store,
             rank,
             size,
             name,
             group_id,
-            listen_host: &opts.listen_host,
+            listen_host: &host,
             route_to: opts.route_to.as_deref(),
+            link_timeout: opts.link_timeout,
             deadline,
         };
         let peers = mesh::build(&spec)?;
@@ -248,9 +265,27 @@ impl TcpTransport {
         // Frames first (they need no store, which may have died with the
         // culprit); the record before the shutdown, so that a peer seeing EOF
         // from this rank finds it.
-        let _ = self.store.compare_set(ABORT_KEY, b"", &payload);
+        self.record_abort(payload);
         if shutdown {
             self.shutdown_all();
+        }
+    }
+
+    /// Writes the abort record (first writer wins), waiting at most
+    /// [`ABORT_GRACE`]: a store behind a dead link must not hold up the
+    /// rest of the abort. The write goes on in the background then.
+    fn record_abort(&self, payload: Vec<u8>) {
+        let store = self.store.clone();
+        let (done, wait) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new().name("rankweave-abort".into()).spawn(move || {
+            let _ = store.compare_set(ABORT_KEY, b"", &payload);
+            let _ = done.send(());
+        });
+        match spawned {
+            Ok(_) => {
+                let _ = wait.recv_timeout(ABORT_GRACE);
+            }
+            Err(e) => tracing::debug!(group = %self.name, "no thread to record the abort: {e}"),
         }
     }
 
@@ -281,7 +316,8 @@ impl TcpTransport {
 
     /// The abort another rank recorded in the store, if any.
     fn recorded_abort(&self) -> Option<AbortInfo> {
-        if !self.store.check(&[ABORT_KEY]).ok()? {
+        // Bounded: a store behind a dead link must not stall the wait.
+        if !self.store.check_within(&[ABORT_KEY], ABORT_GRACE).ok()? {
             return None;
         }
         let raw = self.store.get_timeout(ABORT_KEY, Duration::from_millis(500)).ok()?;
@@ -321,6 +357,22 @@ impl TcpTransport {
                 | K::NotConnected
                 | K::WriteZero
         );
+        if addr::is_dead_link(&e) {
+            // The kernel gave up on the link (keepalive or the user timeout):
+            // the peer is unreachable, whatever it is doing.
+            if let Some(info) = self.recorded_abort() {
+                return self.failure_from_abort(ctx, &info);
+            }
+            return Error::PeerLost {
+                ctx: ctx.with_peer(peer),
+                detail: format!(
+                    "rank {peer} lost: unreachable ({e}: the link stayed silent past the link timeout, \
+                     {}) while {doing}",
+                    addr::LINK_TIMEOUT_ENV
+                ),
+            }
+            .into();
+        }
         if !lost {
             return Error::io(ctx.with_peer(peer), e).into();
         }
@@ -528,6 +580,26 @@ impl TcpTransport {
             }
         }
         None
+    }
+
+    /// Marks collective `(seq, desc)` as the one this rank is in while it
+    /// runs it outside the mesh (in its node's shared memory), so that
+    /// [`TcpTransport::watch_outside`] judges peers' probes against it.
+    pub(crate) fn enter(&self, seq: u64, desc: OpDesc) {
+        self.current[0].store(seq, Ordering::Relaxed);
+        self.current[1].store(desc.0, Ordering::Relaxed);
+    }
+
+    /// For a rank waiting outside the mesh: the failure a peer's PROBE (it
+    /// waits for this rank under another descriptor), ABORT or frame
+    /// reveals, after which the mesh is aborted as for any failure here.
+    pub(crate) fn watch_outside(&self) -> Option<Error> {
+        if self.poison.get().is_some() {
+            return None;
+        }
+        let (seq, desc) = self.current();
+        let tag = Tag::new(desc.op().unwrap_or(OpCode::Barrier), seq).with_desc(desc);
+        self.look_at_other_peers(tag, None).map(|f| self.fail(f))
     }
 
     /// The collective this rank runs or last ran (sequence, descriptor).

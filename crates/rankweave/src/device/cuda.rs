@@ -1,0 +1,246 @@
+//! CUDA contexts and device buffers, over cudarc's driver API.
+//!
+//! Every entry point first checks [`super::probe::cuda_driver`], so a
+//! machine without the driver gets `no CUDA driver found ...` instead of
+//! cudarc's panic. Buffers are plain bytes ([`CudaBuffer`]); the tensor
+//! layer keeps the dtype and shape.
+
+use super::probe;
+use crate::error::{Context, Error, Result};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Maps a driver error to the crate's error, naming what was being done.
+pub(crate) fn driver_err(what: &str, e: DriverError) -> Error {
+    let oom = e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY;
+    if oom {
+        return Error::OutOfMemory { ctx: Context::op(what), bytes: 0, detail: format!("CUDA device memory ({e})") };
+    }
+    Error::Unsupported(format!("CUDA driver call failed during {what}: {e}"))
+}
+
+/// One CUDA device as this process uses it: its primary context and the
+/// stream tensors are allocated and copied on.
+#[derive(Clone)]
+pub struct CudaDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice").field("ordinal", &self.ordinal).finish_non_exhaustive()
+    }
+}
+
+impl CudaDevice {
+    /// The device `ordinal` (cached per process): probes for the driver,
+    /// initializes it and retains the device's primary context.
+    pub fn get(ordinal: usize) -> Result<CudaDevice> {
+        static DEVICES: OnceLock<Mutex<HashMap<usize, CudaDevice>>> = OnceLock::new();
+        check_driver_version(driver_version()?)?;
+        let mut m = DEVICES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = m.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let count = CudaContext::device_count().map_err(|e| driver_err("cuDeviceGetCount", e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::invalid(format!(
+                "cuda:{ordinal} does not exist: this machine has {count} CUDA devices"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("CUDA context creation", e))?;
+        let stream = ctx.new_stream().map_err(|e| driver_err("CUDA stream creation", e))?;
+        let d = CudaDevice { ordinal, ctx, stream };
+        m.insert(ordinal, d.clone());
+        Ok(d)
+    }
+
+    /// Number of CUDA devices, or the clean error when there is no driver.
+    pub fn count() -> Result<usize> {
+        check_driver_version(driver_version()?)?;
+        let n = CudaContext::device_count().map_err(|e| driver_err("cuDeviceGetCount", e))?;
+        Ok(n.max(0) as usize)
+    }
+
+    /// The device index.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// cudarc's context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The stream tensors are allocated and copied on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// `len` zero bytes on the device.
+    pub fn zeros(&self, len: usize) -> Result<CudaBuffer> {
+        if len == 0 {
+            return Ok(CudaBuffer { ordinal: self.ordinal, len, slice: None });
+        }
+        let slice = self.stream.alloc_zeros::<u8>(len).map_err(|e| with_bytes(driver_err("cuda alloc", e), len))?;
+        Ok(CudaBuffer { ordinal: self.ordinal, len, slice: Some(slice) })
+    }
+
+    /// A device copy of `bytes`.
+    pub fn upload(&self, bytes: &[u8]) -> Result<CudaBuffer> {
+        if bytes.is_empty() {
+            return self.zeros(0);
+        }
+        let slice = self.stream.clone_htod(bytes).map_err(|e| with_bytes(driver_err("cuda upload", e), bytes.len()))?;
+        Ok(CudaBuffer { ordinal: self.ordinal, len: bytes.len(), slice: Some(slice) })
+    }
+}
+
+/// The oldest driver API this build calls (cudarc's `cuda-12040` bindings):
+/// an older driver would lack symbols, which cudarc turns into a panic.
+pub const MIN_DRIVER_VERSION: i32 = 12_040;
+
+/// The driver's CUDA version (`12040` for 12.4), after probing for it.
+pub fn driver_version() -> Result<i32> {
+    probe::cuda_driver()?;
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: the driver library is loaded (probed above) and
+    // `cuDriverGetVersion`, present in every driver, only writes the int.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r != cudarc::driver::sys::cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Unsupported(format!("cuDriverGetVersion failed: {r:?}")));
+    }
+    Ok(v)
+}
+
+/// `Ok` for drivers at least [`MIN_DRIVER_VERSION`].
+pub(crate) fn check_driver_version(v: i32) -> Result<()> {
+    if v < MIN_DRIVER_VERSION {
+        return Err(Error::Unsupported(format!(
+            "the CUDA driver supports CUDA {}.{}, older than the 12.4 this build needs; update the NVIDIA driver",
+            v / 1000,
+            (v % 1000) / 10
+        )));
+    }
+    Ok(())
+}
+
+fn with_bytes(mut e: Error, n: usize) -> Error {
+    if let Error::OutOfMemory { bytes, .. } = &mut e {
+        *bytes = n as u64;
+    }
+    e
+}
+
+/// Bytes in CUDA device memory (a tensor's storage on `cuda:N`).
+pub struct CudaBuffer {
+    ordinal: usize,
+    len: usize,
+    /// `None` for zero bytes (the driver refuses empty allocations).
+    slice: Option<CudaSlice<u8>>,
+}
+
+impl std::fmt::Debug for CudaBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBuffer").field("device", &self.ordinal).field("len", &self.len).finish()
+    }
+}
+
+impl CudaBuffer {
+    /// The device index.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The cudarc slice (`None` for zero bytes).
+    pub fn slice(&self) -> Option<&CudaSlice<u8>> {
+        self.slice.as_ref()
+    }
+    /// The cudarc slice, mutable (`None` for zero bytes).
+    pub fn slice_mut(&mut self) -> Option<&mut CudaSlice<u8>> {
+        self.slice.as_mut()
+    }
+
+    /// A device-to-device copy; device memory exhaustion is an error.
+    pub fn try_clone(&self) -> Result<CudaBuffer> {
+        let dev = CudaDevice::get(self.ordinal)?;
+        let Some(src) = &self.slice else {
+            return dev.zeros(0);
+        };
+        let mut out = dev.zeros(self.len)?;
+        if let Some(dst) = out.slice.as_mut() {
+            dev.stream.memcpy_dtod(src, dst).map_err(|e| driver_err("cuda copy", e))?;
+        }
+        Ok(out)
+    }
+
+    /// Copies the bytes to host memory (waits for the copy).
+    pub fn download(&self, out: &mut [u8]) -> Result<()> {
+        if out.len() != self.len {
+            return Err(Error::invalid(format!(
+                "download of {} device bytes into a host buffer of {}",
+                self.len,
+                out.len()
+            )));
+        }
+        let Some(src) = &self.slice else { return Ok(()) };
+        let dev = CudaDevice::get(self.ordinal)?;
+        dev.stream.memcpy_dtoh(src, out).map_err(|e| driver_err("cuda download", e))?;
+        dev.stream.synchronize().map_err(|e| driver_err("cuda download", e))
+    }
+
+    /// The device address for reading on `stream`, with cudarc's guard that
+    /// orders later writers after this use (keep it until the work is
+    /// enqueued). `0` for an empty buffer.
+    pub(crate) fn read_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, Option<impl Drop + 'a>) {
+        match &self.slice {
+            Some(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        }
+    }
+
+    /// The device address for writing on `stream` (see [`Self::read_ptr`]).
+    pub(crate) fn write_ptr<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, Option<impl Drop + 'a>) {
+        match &mut self.slice {
+            Some(s) => {
+                let (p, g) = s.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_drivers_are_refused_by_name() {
+        let e = check_driver_version(11_080).unwrap_err().to_string();
+        assert!(e.contains("CUDA 11.8") && e.contains("12.4"), "{e}");
+        assert!(check_driver_version(12_040).is_ok());
+        assert!(check_driver_version(13_000).is_ok());
+    }
+
+    #[test]
+    fn without_a_driver_devices_are_a_clean_error() {
+        if probe::cuda_driver().is_ok() {
+            return; // a GPU machine: the device tests cover this path
+        }
+        for e in [CudaDevice::get(0).unwrap_err(), CudaDevice::count().unwrap_err(), driver_version().unwrap_err()] {
+            assert!(e.to_string().contains("no CUDA driver found"), "{e}");
+        }
+    }
+}
