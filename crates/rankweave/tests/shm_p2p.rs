@@ -89,15 +89,18 @@ fn messages_keep_their_order_mixed_with_collectives() {
 }
 
 #[test]
-fn ranks_that_all_send_large_messages_before_receiving_do_not_deadlock() {
-    for cma in [true, false] {
+fn ranks_that_all_send_before_receiving_do_not_deadlock() {
+    // Large messages are taken in by cross-memory attach; without it only
+    // messages up to the eager limit can be (the pipelined path needs the
+    // blocked sender to stream).
+    for (cma, sizes) in [(true, &[100_000usize, 4 << 20][..]), (false, &[1000usize, 32 << 10][..])] {
         for n in [2, 3] {
             spawn(n, opts(cma), move |c| {
                 let (r, n) = (c.rank(), c.size());
                 let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
-                for len in [100_000usize, 4 << 20] {
-                    // Two messages each, then receive: every send blocks on a
-                    // rank that is itself sending.
+                for &len in sizes {
+                    // Two messages each, then receive: every second send
+                    // blocks on a rank that is itself sending.
                     c.send(&pattern(r, len, 2), next, T).unwrap();
                     c.send(&pattern(r, len, 3), next, T).unwrap();
                     let mut got = vec![0u8; len];
@@ -109,6 +112,18 @@ fn ranks_that_all_send_large_messages_before_receiving_do_not_deadlock() {
             });
         }
     }
+}
+
+#[test]
+fn facing_large_sends_without_cross_memory_attach_fail_at_the_deadline() {
+    spawn(2, opts(false), |c| {
+        let peer = 1 - c.rank();
+        let start = Instant::now();
+        let e = c.send(&vec![1u8; 1 << 20], peer, Duration::from_millis(300)).unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+        assert!(matches!(e, Error::Timeout { .. } | Error::PeerLost { .. }), "{e}");
+        assert_eq!(e.peer(), Some(peer));
+    });
 }
 
 #[test]

@@ -42,7 +42,11 @@
 //! for each other until the deadline, a `send` that has waited for
 //! [`DRAIN_AFTER`] takes the messages other ranks have posted to this rank
 //! into memory (allocated with `try_reserve`); a later `recv` from that
-//! peer returns them first, in order.
+//! peer returns them first, in order. It takes only what it can copy
+//! without the sender's help (inline, eager, and large messages by
+//! cross-memory attach): where cross-memory attach is refused, ranks that
+//! all send messages above the eager limit to each other before receiving
+//! wait for each other until the deadline, as `MPI_Send` may.
 //!
 //! Every wait ends at the call's deadline ([`Error::Timeout`]), at once when
 //! the group was aborted or the peer closed it, and within 100 ms when the peer's
@@ -345,34 +349,41 @@ impl ShmComm {
     /// not be reading our buffer before the caller gets it back.
     fn withdraw(&self, dst: usize, k: u64) {
         let me = self.rank;
-        // AcqRel: on success the receiver's later claim fails; on failure we
-        // see its claim.
-        match self.sword(me, dst, STATE).compare_exchange(
-            state(k, OPEN),
-            state(k, CANCELLED),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Err(s) if s == state(k, READING) => {
-                // The read is one copy: wait for it to end (or for the
-                // receiver's process to vanish), whatever the deadline.
-                let mut backoff = Backoff::new();
-                let mut check_at = Instant::now() + LIVENESS_EVERY;
-                // Acquire: pairs with the receiver's Release stores.
-                while self.rword(me, dst, TAKEN).load(Ordering::Acquire) < k
-                    && self.sword(me, dst, STATE).load(Ordering::Acquire) == state(k, READING)
-                {
-                    if !backoff.is_spinning() && Instant::now() >= check_at {
-                        if self.vanished(std::iter::once(dst)).is_some() {
+        loop {
+            // AcqRel: on success the receiver's later claim fails; on failure
+            // we see its claim.
+            match self.sword(me, dst, STATE).compare_exchange(
+                state(k, OPEN),
+                state(k, CANCELLED),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Err(s) if s == state(k, READING) => {
+                    // The read is one copy: wait for it to end (or for the
+                    // receiver's process to vanish), whatever the deadline.
+                    let mut backoff = Backoff::new();
+                    let mut check_at = Instant::now() + LIVENESS_EVERY;
+                    // Acquire: pairs with the receiver's Release stores.
+                    while self.sword(me, dst, STATE).load(Ordering::Acquire) == state(k, READING) {
+                        if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
                             return;
                         }
-                        check_at = Instant::now() + LIVENESS_EVERY;
+                        if !backoff.is_spinning() && Instant::now() >= check_at {
+                            if self.vanished(std::iter::once(dst)).is_some() {
+                                return;
+                            }
+                            check_at = Instant::now() + LIVENESS_EVERY;
+                        }
+                        backoff.snooze();
                     }
-                    backoff.snooze();
+                    if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
+                        return;
+                    }
+                    // Handed back (OPEN) or switched to the pipeline: retry.
                 }
+                // Withdrawn, or not in the claimable state any more.
+                _ => return,
             }
-            // Withdrawn, or not in the claimable state any more.
-            _ => {}
         }
     }
 
@@ -441,46 +452,63 @@ impl ShmComm {
         } else {
             self.recv_large(buf, src, k, timeout)?;
         }
+        self.taken(src, k);
+        Ok(())
+    }
+
+    /// Records message `k` of `src` as taken.
+    fn taken(&mut self, src: usize, k: u64) {
         self.p2p.recvd[src] = k;
         // Release: we are done with the inline line, the data area and the
         // sender's buffer.
-        self.rword(src, me, TAKEN).store(k, Ordering::Release);
-        Ok(())
+        self.rword(src, self.rank, TAKEN).store(k, Ordering::Release);
+    }
+
+    /// Copies large message `k` of `src` straight from the sender's memory.
+    /// `Ok(false)`: cross-memory attach is not available with `src` (then
+    /// nothing was claimed) or was refused now (then the claim moves to
+    /// `on_refusal`: `SLOTS` to continue by the pipeline, `OPEN` to hand
+    /// the message back untouched).
+    fn read_by_cma(&mut self, buf: &mut [u8], src: usize, k: u64, on_refusal: u64) -> Result<bool> {
+        let me = self.rank;
+        let pid = match self.same_namespace_pid(src) {
+            Some(pid) if self.p2p.cma[src] => pid,
+            _ => {
+                self.p2p.cma[src] = false;
+                return Ok(false);
+            }
+        };
+        let seg = self.seg.clone();
+        let st = seg.atomic_u64(self.chan(src, me) + STATE);
+        // AcqRel: the claim pairs with the sender's withdrawal.
+        if st.compare_exchange(state(k, OPEN), state(k, READING), Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return Err(self.cancelled(src, k));
+        }
+        let addr = self.sword(src, me, ADDR).load(Ordering::Relaxed) as usize;
+        match crate::sys::cma::read_from(pid, addr, buf) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::ESRCH) => Err(Error::PeerLost {
+                ctx: self.p2p_ctx(src),
+                detail: format!("the process of rank {src} exited while sending message {k}"),
+            }),
+            Err(e) => {
+                tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
+                self.p2p.cma[src] = false;
+                // Release: we are done with the sender's buffer.
+                st.store(state(k, on_refusal), Ordering::Release);
+                Ok(false)
+            }
+        }
     }
 
     fn recv_large(&mut self, buf: &mut [u8], src: usize, k: u64, timeout: Duration) -> Result<()> {
         let me = self.rank;
         let scpu = self.sword(src, me, SCPU).load(Ordering::Relaxed);
+        if self.read_by_cma(buf, src, k, SLOTS)? {
+            return Ok(());
+        }
         let seg = self.seg.clone();
         let st = seg.atomic_u64(self.chan(src, me) + STATE);
-        if self.p2p.cma[src] {
-            if let Some(pid) = self.same_namespace_pid(src) {
-                // AcqRel: the claim pairs with the sender's withdrawal.
-                match st.compare_exchange(state(k, OPEN), state(k, READING), Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => {
-                        let addr = self.sword(src, me, ADDR).load(Ordering::Relaxed) as usize;
-                        match crate::sys::cma::read_from(pid, addr, buf) {
-                            Ok(()) => return Ok(()),
-                            Err(nix::errno::Errno::ESRCH) => {
-                                return Err(Error::PeerLost {
-                                    ctx: self.p2p_ctx(src),
-                                    detail: format!("the process of rank {src} exited while sending message {k}"),
-                                })
-                            }
-                            Err(e) => {
-                                tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
-                                self.p2p.cma[src] = false;
-                                // We hold the claim: hand over to the pipeline.
-                                st.store(state(k, SLOTS), Ordering::Release);
-                            }
-                        }
-                    }
-                    Err(_) => return Err(self.cancelled(src, k)),
-                }
-            } else {
-                self.p2p.cma[src] = false;
-            }
-        }
         if st.load(Ordering::Acquire) != state(k, SLOTS)
             && st.compare_exchange(state(k, OPEN), state(k, SLOTS), Ordering::AcqRel, Ordering::Acquire).is_err()
         {
@@ -529,13 +557,29 @@ impl ShmComm {
                     break;
                 }
                 let len = self.posted_len(src);
+                let large = len > self.eager_max();
+                if large && !(self.p2p.cma[src] && self.same_namespace_pid(src).is_some()) {
+                    // The pipelined path needs the sender to stream, and a
+                    // sender blocked like us may be waiting in its own drain:
+                    // leave it (see the module docs).
+                    break;
+                }
                 let mut msg = Vec::new();
                 msg.try_reserve_exact(len).map_err(|_| Error::Protocol {
                     ctx: self.p2p_ctx(src),
                     detail: format!("rank {src} sent {len} bytes, more than this rank can hold in memory"),
                 })?;
                 msg.resize(len, 0);
-                self.take(&mut msg, src, timeout)?;
+                if large {
+                    // Only by cross-memory attach; refused, the message is
+                    // handed back for the pipeline of a later recv.
+                    if !self.read_by_cma(&mut msg, src, k, OPEN)? {
+                        break;
+                    }
+                    self.taken(src, k);
+                } else {
+                    self.take(&mut msg, src, timeout)?;
+                }
                 self.p2p.pending[src].push_back(msg);
             }
         }
@@ -590,6 +634,32 @@ mod tests {
         }
         let c0 = t.join().unwrap();
         assert!(c0.p2p.chunks_out[1] > 0 && c0.p2p.chunks_out[1] == c1.p2p.chunks_in[0]);
+    }
+
+    #[test]
+    fn a_drain_refused_cross_memory_attach_hands_the_message_back_to_the_pipeline() {
+        // Both ranks send a large message first. Rank 1's cross-memory
+        // attach is refused: when its blocked send drains, it must hand rank
+        // 0's message back (rank 0 then streams it), while rank 0 takes rank
+        // 1's by cross-memory attach. Which drain runs first varies; every
+        // order must deliver both messages intact.
+        for round in 0..5u8 {
+            let opts = ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() };
+            let (mut c0, mut c1) = pair(opts);
+            let t = std::thread::spawn(move || {
+                c0.send(&data(3 << 20, round), 1, Duration::from_secs(20)).unwrap();
+                let mut got = vec![0u8; 2 << 20];
+                c0.recv(&mut got, 1, Duration::from_secs(20)).unwrap();
+                assert!(got == data(2 << 20, round + 100));
+            });
+            crate::sys::cma::REFUSE.with(|r| r.set(Some(Errno::EPERM)));
+            c1.send(&data(2 << 20, round + 100), 0, Duration::from_secs(20)).unwrap();
+            let mut got = vec![0u8; 3 << 20];
+            c1.recv(&mut got, 0, Duration::from_secs(20)).unwrap();
+            assert!(got == data(3 << 20, round), "round {round}");
+            assert!(!c1.p2p.cma[0]);
+            t.join().unwrap();
+        }
     }
 
     #[test]
