@@ -44,9 +44,9 @@
 //! - [`tcp::TransportComm`]: the algorithms of [`crate::collectives`] over
 //!   any [`crate::transport::Transport`]: the TCP mesh, or the in-process
 //!   transport in tests.
-//! - [`shm::ShmBackend`]: the shared-memory collectives
+//! - [`shm::ShmBackend`]: the shared-memory collectives and point-to-point
 //!   ([`crate::collectives::shm::ShmComm`]) for groups on one node, the TCP
-//!   mesh for point-to-point.
+//!   mesh for aborts.
 //! - [`hier::HierBackend`]: groups spanning nodes: all_reduce through each
 //!   node's shared memory and TCP among node leaders, the rest over TCP.
 //! - `mpi::MpiComm` (cargo feature `mpi`): groups as MPI communicators,

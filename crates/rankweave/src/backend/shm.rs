@@ -1,8 +1,8 @@
-//! The shared-memory backend: collectives through one segment
-//! ([`ShmComm`]) for a group whose ranks share a node; point-to-point over
-//! the group's TCP mesh, which also carries abort messages.
+//! The shared-memory backend: collectives and point-to-point through one
+//! segment ([`ShmComm`]) for a group whose ranks share a node; the group's
+//! TCP mesh carries abort messages (and traffic outside the group's
+//! operations).
 
-use super::tcp::{recv_on, send_on};
 use super::{Backend, Call, Communicator, Link};
 use crate::collectives::shm::{ShmAbort, ShmComm};
 use crate::dtype::DType;
@@ -13,17 +13,16 @@ use crate::transport::tcp::TcpTransport;
 use crate::transport::Transport;
 use std::sync::Arc;
 
-/// Shared-memory collectives plus TCP point-to-point.
+/// Shared-memory collectives and point-to-point.
 pub struct ShmBackend {
     shm: ShmComm,
-    mesh: Arc<TcpTransport>,
 }
 
 impl ShmBackend {
-    /// The backend over `shm`, with `mesh` for send/recv and aborts.
+    /// The backend over `shm`, with `mesh` for aborts.
     pub fn backend(shm: ShmComm, mesh: Arc<TcpTransport>) -> Backend {
-        let link = Arc::new(MeshAndSegments { mesh: mesh.clone(), segments: vec![shm.abort_handle()] });
-        Backend { comm: Box::new(ShmBackend { shm, mesh }), link, kind: TransportKind::Shm }
+        let link = Arc::new(MeshAndSegments { mesh, segments: vec![shm.abort_handle()] });
+        Backend { comm: Box::new(ShmBackend { shm }), link, kind: TransportKind::Shm }
     }
 }
 
@@ -42,6 +41,9 @@ impl Link for MeshAndSegments {
         self.mesh.abort(err);
     }
     fn close(&self) {
+        for s in &self.segments {
+            s.close();
+        }
         self.mesh.close();
     }
     fn transport(&self) -> Option<&dyn Transport> {
@@ -88,9 +90,9 @@ impl Communicator for ShmBackend {
         self.shm.barrier()
     }
     fn send(&mut self, call: Call, data: &[u8], dst: usize) -> Result<()> {
-        send_on(&*self.mesh, call, data, dst)
+        self.shm.send(data, dst, call.timeout)
     }
     fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
-        recv_on(&*self.mesh, call, buf, src)
+        self.shm.recv(buf, src, call.timeout)
     }
 }

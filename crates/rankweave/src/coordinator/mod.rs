@@ -218,7 +218,12 @@ struct Inner {
     use_message_queue_broadcaster: bool,
     mq_broadcaster: Mutex<Option<Arc<dyn ObjectBroadcaster>>>,
     limits: DecodeLimits,
+    /// The buffer object broadcasts reuse (see [`wire::broadcast_blob_into`]).
+    blob: Mutex<Vec<u8>>,
 }
+
+/// Largest reused object buffer kept between calls.
+const BLOB_KEEP_MAX: usize = 64 << 20;
 
 /// A group of ranks and every operation the seed runs over it.
 ///
@@ -372,6 +377,7 @@ impl GroupCoordinator {
                 use_message_queue_broadcaster: opts.use_message_queue_broadcaster,
                 mq_broadcaster: Mutex::new(mq_broadcaster),
                 limits: opts.limits.unwrap_or_else(DecodeLimits::from_env),
+                blob: Mutex::new(Vec::new()),
             }),
         };
         names.register(&coordinator);
@@ -886,6 +892,25 @@ impl GroupCoordinator {
         }
         self.run(op, |g| {
             self.check_collective(g, op, |f| f.arg(src as i64))?;
+            if self.inner.mq_broadcaster.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+                // Through the reused buffer: the same cost on every call.
+                let mut buf = std::mem::take(&mut *self.inner.blob.lock().unwrap_or_else(|e| e.into_inner()));
+                let res = match obj {
+                    Some(obj) if self.rank_in_group() == src => {
+                        buf.clear();
+                        codec::encode_object_into(&obj, &mut buf)
+                            .and_then(|()| wire::broadcast_blob_into(&g.cpu, &mut buf, src, &self.inner.limits))
+                            .map(|()| obj)
+                    }
+                    _ => wire::broadcast_blob_into(&g.cpu, &mut buf, src, &self.inner.limits)
+                        .and_then(|()| codec::decode_object(&buf))
+                        .map_err(|e| self.at_peer(e, op, src)),
+                };
+                if buf.capacity() <= BLOB_KEEP_MAX {
+                    *self.inner.blob.lock().unwrap_or_else(|e| e.into_inner()) = buf;
+                }
+                return res;
+            }
             if let (true, Some(obj)) = (self.rank_in_group() == src, obj) {
                 self.broadcast_blob(g, Some(codec::encode_object(&obj)?), src, op)?;
                 Ok(obj)

@@ -33,6 +33,40 @@ pub(crate) fn broadcast_blob(
     }
 }
 
+/// [`broadcast_blob`] through a buffer the caller reuses: on `root`, `buf`
+/// holds the bytes; elsewhere it is resized to the root's length and
+/// filled. A buffer kept across calls is already mapped, so a large object
+/// does not pay a page fault per 4 KiB on every call (fresh allocations of
+/// a MiB or more come straight from `mmap`, or from heap pages that glibc
+/// gave back at the previous free, which made the cost bimodal).
+pub(crate) fn broadcast_blob_into(
+    pg: &ProcessGroup,
+    buf: &mut Vec<u8>,
+    root: usize,
+    limits: &DecodeLimits,
+) -> Result<()> {
+    let mut len = (buf.len() as u64).to_le_bytes();
+    pg.broadcast_bytes(&mut len, root)?;
+    if pg.rank() != root {
+        let n =
+            limits.check_object_len(u64::from_le_bytes(len)).map_err(|e| peer_ctx(e, "broadcast_object", pg, root))?;
+        if n > buf.len() {
+            buf.try_reserve(n - buf.len()).map_err(|_| Error::OutOfMemory {
+                ctx: Context::new("broadcast_object", pg.name(), pg.rank()).with_peer(root),
+                bytes: n as u64,
+                detail: format!("an object of {n} bytes declared by peer rank {root}"),
+            })?;
+        }
+        // Only bytes beyond the buffer's old length are zeroed; all are
+        // overwritten below.
+        buf.resize(n, 0);
+    }
+    if !buf.is_empty() {
+        pg.broadcast_bytes(buf, root)?;
+    }
+    Ok(())
+}
+
 /// Sends the size of `data`, then `data`, to group rank `dst`.
 pub(crate) fn send_blob(pg: &ProcessGroup, data: &[u8], dst: usize) -> Result<()> {
     pg.send_bytes(&(data.len() as u64).to_le_bytes(), dst)?;

@@ -11,8 +11,14 @@
 //!   listing and cleanup live here too. Failures keep the operating
 //!   system's error as an `std::io::Error` inside [`crate::Error::Io`].
 //!
+//! - `cma::read_from` copies from another process's memory
+//!   (`process_vm_readv`, cross-memory attach); it is safe Rust (the kernel
+//!   checks the remote range), and the caller's protocol must keep the
+//!   remote buffer alive and unchanged during the call.
+//!
 //! What users need of it is re-exported by [`crate::segments`].
 
+pub(crate) mod cma;
 pub(crate) mod net;
 pub(crate) mod proc;
 pub(crate) mod shm;

@@ -147,6 +147,11 @@ pub fn encode_object<T: Serialize + ?Sized>(obj: &T) -> Result<Vec<u8>> {
     postcard::to_allocvec(obj).map_err(|e| ser_err("encode_object", e))
 }
 
+/// [`encode_object`] appended to `out` (a buffer reused across calls).
+pub fn encode_object_into<T: Serialize + ?Sized>(obj: &T, out: &mut Vec<u8>) -> Result<()> {
+    postcard::to_io(obj, out).map(|_| ()).map_err(|e| ser_err("encode_object", e))
+}
+
 /// Decodes a value written by [`encode_object`]. Trailing bytes are an error.
 pub fn decode_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     let (v, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|e| ser_err("decode_object", e))?;

@@ -51,6 +51,9 @@
 //! or a zombie its parent has not reaped) as [`Error::PeerLost`] at once
 //! instead of at the timeout.
 //!
+//! Point-to-point messages between the group's ranks use per-pair channels
+//! at the end of the segment (see [`p2p`]).
+//!
 //! Rank 0 unlinks the segment's name as soon as every rank has attached, so
 //! nothing stays in `/dev/shm` even when ranks are killed later.
 
@@ -66,6 +69,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod p2p;
+use p2p::P2p;
+
 /// Inline payload bytes per control line (a 64-byte line minus the step,
 /// the descriptor and the CPU hint).
 pub const INLINE_BYTES: usize = 40;
@@ -79,7 +85,7 @@ const CTRL: usize = 3 * LINE;
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 4;
+const VERSION: u64 = 5;
 /// Offset of the abort word in the header (see [`ShmAbort`]).
 const ABORT_AT: usize = 32;
 /// Interval of the warning that names the ranks a step waits for.
@@ -101,6 +107,10 @@ pub struct ShmOptions {
     pub timeout: Duration,
     /// all_reduce up to this many bytes uses the one-step direct algorithm.
     pub direct_all_reduce_bytes: usize,
+    /// Large point-to-point messages are copied straight from the sender's
+    /// memory (`process_vm_readv`) where the kernel allows it; off, they
+    /// always take the pipelined path through the segment.
+    pub cross_memory_attach: bool,
 }
 
 impl Default for ShmOptions {
@@ -109,6 +119,7 @@ impl Default for ShmOptions {
             slot_bytes: DEFAULT_SLOT_BYTES,
             timeout: crate::store::default_timeout(),
             direct_all_reduce_bytes: DEFAULT_DIRECT_ALL_REDUCE_BYTES,
+            cross_memory_attach: true,
         }
     }
 }
@@ -120,11 +131,12 @@ impl ShmOptions {
     }
 }
 
-/// Bytes of the segment for `size` ranks with `slot_bytes` per slot.
+/// Bytes of the segment for `size` ranks with `slot_bytes` per slot (the
+/// collectives' slots plus the point-to-point channels).
 /// `None` when it does not fit in the address space.
 pub fn segment_bytes(size: usize, slot_bytes: usize) -> Option<usize> {
     let slot = slot_bytes.max(2 * LINE).checked_next_multiple_of(2 * LINE)?;
-    size.checked_mul(CTRL + slot)?.checked_add(HEADER)
+    size.checked_mul(CTRL + slot)?.checked_add(HEADER)?.checked_add(p2p::channels_bytes(size)?)
 }
 
 /// Aborts a shared-memory group from any thread: the first failure is
@@ -155,7 +167,17 @@ impl ShmAbort {
         // Release: pairs with the Acquire load of waiting ranks.
         let _ = self.seg.atomic_u64(ABORT_AT).compare_exchange(0, word, Ordering::Release, Ordering::Relaxed);
     }
+
+    /// Marks this rank as gone from the group (it closed it): peers waiting
+    /// for its point-to-point messages stop with [`Error::PeerLost`].
+    pub fn close(&self) {
+        // Release: pairs with the Acquire load in the peers' waits.
+        self.seg.atomic_u64(HEADER + self.rank * CTRL + 2 * LINE + CLOSED_WORD * 8).store(1, Ordering::Release);
+    }
 }
+
+/// Word of a rank's process line that says it closed the group.
+const CLOSED_WORD: usize = 2;
 
 /// Something else this rank should keep an eye on while it waits in the
 /// segment (for a hierarchical group, the TCP mesh to the other nodes):
@@ -176,6 +198,7 @@ pub struct ShmComm {
     step: u64,
     unit: u64,
     poisoned: Option<String>,
+    p2p: P2p,
     watch: Watcher,
 }
 
@@ -297,6 +320,7 @@ impl ShmComm {
             step: 0,
             unit: 0,
             poisoned: None,
+            p2p: P2p::new(HEADER + size * (CTRL + slot), size, opts.cross_memory_attach),
             watch: Watcher::default(),
         };
         comm.info(rank, 0).store(std::process::id() as u64, Ordering::Relaxed);
@@ -375,9 +399,10 @@ impl ShmComm {
         self.seg.atomic_u64(self.line(j, p) + 8)
     }
 
-    /// Rank `j`'s process: word 0 its pid, word 1 its pid namespace.
+    /// Rank `j`'s process: word 0 its pid, word 1 its pid namespace, word 2
+    /// set once it closed the group ([`ShmAbort::close`]).
     fn info(&self, j: usize, w: usize) -> &AtomicU64 {
-        debug_assert!(j < self.size && w < 2);
+        debug_assert!(j < self.size && w <= CLOSED_WORD);
         self.seg.atomic_u64(HEADER + j * CTRL + 2 * LINE + w * 8)
     }
 

@@ -1,0 +1,674 @@
+//! Point-to-point through the group's segment: one channel per ordered pair
+//! of ranks, at the end of the segment.
+//!
+//! # A channel (sender `s`, receiver `r`)
+//! - the sender's line: the number of the message posted last (`POST`),
+//!   its descriptor and length, the address of the sender's buffer, the
+//!   state word of a large message and the count of pipelined chunks posted;
+//! - the sender's inline line: up to [`P2P_INLINE`] bytes of payload;
+//! - the receiver's line: the number of the message consumed last
+//!   (`TAKEN`) and the count of chunks consumed (`ACKED`);
+//! - a data area of two halves.
+//!
+//! At most one message is in flight per channel: the sender writes message
+//! `k` only once `TAKEN >= k - 1`, so everything the channel holds belongs
+//! to one message, and messages arrive in the order they were sent.
+//!
+//! # Sizes
+//! - up to [`P2P_INLINE`] bytes: in the inline line; `send` returns at once.
+//! - up to the eager limit (the data area, at most [`EAGER_MAX`]): copied
+//!   into the data area; `send` returns at once.
+//! - larger: `send` posts the address of its buffer and waits until the
+//!   receiver has taken the message. The receiver copies it straight from
+//!   the sender's memory with one `process_vm_readv` (cross-memory attach:
+//!   one copy in all). Where the kernel refuses that (ptrace restrictions,
+//!   another pid namespace, a seccomp filter, or
+//!   [`super::ShmOptions::cross_memory_attach`] off) the receiver asks for
+//!   the pipelined path instead: the sender copies chunks of half the data
+//!   area into alternating halves and the receiver copies them out.
+//!
+//! # The state word of a large message
+//! `k << 2 | phase`, phases `OPEN` (posted), `READING` (the receiver is in
+//! `process_vm_readv`), `SLOTS` (pipelined) and `CANCELLED` (the sender gave
+//! up). The receiver claims a message by a compare-exchange `OPEN ->
+//! READING` and the sender gives up by `OPEN -> CANCELLED`: exactly one
+//! wins, so the receiver never reads a buffer its sender has already
+//! returned (the sender that lost waits for the read to end, which takes no
+//! longer than a copy, or for the receiver's process to vanish).
+//!
+//! # Two senders facing each other
+//! A large `send` blocks until its receiver takes the message. So that two
+//! ranks that both send before they receive (or a ring of them) do not wait
+//! for each other until the deadline, a `send` that has waited for
+//! [`DRAIN_AFTER`] takes the messages other ranks have posted to this rank
+//! into memory (allocated with `try_reserve`); a later `recv` from that
+//! peer returns them first, in order. It takes only what it can copy
+//! without the sender's help (inline, eager, and large messages by
+//! cross-memory attach): where cross-memory attach is refused, ranks that
+//! all send messages above the eager limit to each other before receiving
+//! wait for each other until the deadline, as `MPI_Send` may.
+//!
+//! Every wait ends at the call's deadline ([`Error::Timeout`]), at once when
+//! the group was aborted or the peer closed it, and within 100 ms when the peer's
+//! process exited ([`Error::PeerLost`]). A receive whose length differs
+//! from the message's is an [`Error::Mismatch`] naming both descriptors.
+
+use super::{describe, ShmComm, LINE, LIVENESS_EVERY};
+use crate::error::{Context, Error, Result};
+use crate::sync::{current_cpu, Backoff};
+use crate::transport::{OpCode, OpDesc};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Payload bytes carried in the sender's inline line.
+pub const P2P_INLINE: usize = LINE;
+/// Largest message copied through the data area without waiting for the
+/// receiver (larger ones go by cross-memory attach or pipelined chunks).
+pub const EAGER_MAX: usize = 32 << 10;
+/// How long a blocked `send` waits before it takes in messages posted to
+/// this rank (see the module docs).
+pub const DRAIN_AFTER: Duration = Duration::from_millis(2);
+
+/// Bytes of all channels' data areas together, before clamping per channel.
+const BUDGET: usize = 8 << 20;
+const AREA_MAX: usize = 256 << 10;
+const AREA_MIN: usize = 16 << 10;
+/// Control bytes per channel: sender line, inline line, receiver line.
+const CHAN_CTRL: usize = 3 * LINE;
+
+// Words of the sender's line.
+const POST: usize = 0;
+const DESC: usize = 8;
+const LEN: usize = 16;
+const ADDR: usize = 24;
+const STATE: usize = 32;
+const CHUNKS: usize = 40;
+const SCPU: usize = 48;
+// Words of the receiver's line.
+const TAKEN: usize = 0;
+const ACKED: usize = 8;
+const RCPU: usize = 16;
+
+const OPEN: u64 = 0;
+const READING: u64 = 1;
+const SLOTS: u64 = 2;
+const CANCELLED: u64 = 3;
+
+fn state(k: u64, phase: u64) -> u64 {
+    (k << 2) | phase
+}
+
+/// Bytes of one channel's data area in a group of `size` ranks (0 for one
+/// rank): a fixed budget (8 MiB) shared among the `size * (size - 1)` channels,
+/// between 16 and 256 KiB each.
+pub(super) fn area_bytes(size: usize) -> usize {
+    if size < 2 {
+        return 0;
+    }
+    let channels = size.saturating_mul(size - 1);
+    (BUDGET / channels).clamp(AREA_MIN, AREA_MAX) / (2 * LINE) * (2 * LINE)
+}
+
+/// Bytes of every channel of a group of `size` ranks.
+pub(super) fn channels_bytes(size: usize) -> Option<usize> {
+    size.checked_mul(size.saturating_sub(1))?.checked_mul(CHAN_CTRL + area_bytes(size))
+}
+
+/// This rank's point-to-point state.
+#[derive(Debug, Default)]
+pub(super) struct P2p {
+    /// Offset of the first channel.
+    base: usize,
+    /// Bytes of each channel's data area.
+    area: usize,
+    /// Messages sent to / received from each rank.
+    sent: Vec<u64>,
+    recvd: Vec<u64>,
+    /// Pipelined chunks posted to / taken from each rank (never reset).
+    chunks_out: Vec<u64>,
+    chunks_in: Vec<u64>,
+    /// Whether cross-memory attach may be tried with each rank.
+    cma: Vec<bool>,
+    /// Messages taken in while blocked in a send, per sender, in order.
+    pending: Vec<VecDeque<Vec<u8>>>,
+}
+
+impl P2p {
+    pub(super) fn new(base: usize, size: usize, cma: bool) -> P2p {
+        P2p {
+            base,
+            area: area_bytes(size),
+            sent: vec![0; size],
+            recvd: vec![0; size],
+            chunks_out: vec![0; size],
+            chunks_in: vec![0; size],
+            cma: vec![cma; size],
+            pending: (0..size).map(|_| VecDeque::new()).collect(),
+        }
+    }
+}
+
+/// What a wait is for, for its timeout message.
+#[derive(Clone, Copy)]
+enum Awaiting {
+    Taken(u64),
+    Posted(u64),
+    Chunk(u64),
+    Ack(u64),
+}
+
+impl std::fmt::Display for Awaiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Awaiting::Taken(k) => write!(f, "to take message {k}"),
+            Awaiting::Posted(k) => write!(f, "to send message {k}"),
+            Awaiting::Chunk(g) => write!(f, "to post chunk {g}"),
+            Awaiting::Ack(g) => write!(f, "to take chunk {g}"),
+        }
+    }
+}
+
+impl ShmComm {
+    /// Offset of the channel from `s` to `r`.
+    fn chan(&self, s: usize, r: usize) -> usize {
+        debug_assert!(s != r && s < self.size && r < self.size);
+        let idx = s * (self.size - 1) + if r < s { r } else { r - 1 };
+        self.p2p.base + idx * (CHAN_CTRL + self.p2p.area)
+    }
+    fn sword(&self, s: usize, r: usize, w: usize) -> &AtomicU64 {
+        self.seg.atomic_u64(self.chan(s, r) + w)
+    }
+    fn rword(&self, s: usize, r: usize, w: usize) -> &AtomicU64 {
+        self.seg.atomic_u64(self.chan(s, r) + 2 * LINE + w)
+    }
+    fn inline_at(&self, s: usize, r: usize) -> usize {
+        self.chan(s, r) + LINE
+    }
+    fn area_at(&self, s: usize, r: usize) -> usize {
+        self.chan(s, r) + CHAN_CTRL
+    }
+    fn eager_max(&self) -> usize {
+        self.p2p.area.min(EAGER_MAX)
+    }
+    fn p2p_ctx(&self, peer: usize) -> Context {
+        Context::new(OpCode::SendRecv.name(), self.group.clone(), self.rank).with_peer(peer)
+    }
+
+    /// Waits until `ready` holds, for `peer` (whose CPU hint is `cpu`):
+    /// spin, yield, sleep; stops at the deadline, at an abort of the group
+    /// and when the peer's process is gone. With `drain`, takes in posted
+    /// messages once it has waited [`DRAIN_AFTER`].
+    fn p2p_wait(
+        &mut self,
+        peer: usize,
+        cpu: u64,
+        timeout: Duration,
+        what: Awaiting,
+        drain: bool,
+        mut ready: impl FnMut(&ShmComm) -> bool,
+    ) -> Result<()> {
+        if ready(self) {
+            return Ok(());
+        }
+        let mut backoff = Backoff::new();
+        let me = current_cpu();
+        if me != u32::MAX && cpu == me as u64 {
+            backoff.skip_spin();
+        }
+        let mut start: Option<Instant> = None;
+        let mut check_after = LIVENESS_EVERY;
+        let mut drained_at = Duration::ZERO;
+        loop {
+            backoff.snooze();
+            if ready(self) {
+                return Ok(());
+            }
+            if backoff.is_spinning() {
+                continue;
+            }
+            let now = Instant::now();
+            let waited = now - *start.get_or_insert(now);
+            if let Some(e) = self.aborted(OpCode::SendRecv) {
+                return Err(e);
+            }
+            if drain && waited >= DRAIN_AFTER && waited - drained_at >= DRAIN_AFTER {
+                drained_at = waited;
+                self.drain(timeout)?;
+                if ready(self) {
+                    return Ok(());
+                }
+            }
+            // Acquire: pairs with the Release store in `ShmAbort::close`.
+            if self.info(peer, super::CLOSED_WORD).load(Ordering::Acquire) != 0 {
+                return Err(Error::PeerLost {
+                    ctx: self.p2p_ctx(peer),
+                    detail: format!("rank {peer} closed the group while this rank waited for it {what}"),
+                });
+            }
+            if waited >= check_after {
+                check_after = waited + LIVENESS_EVERY;
+                if let Some(err) = self.watch.0.as_ref().and_then(|w| w()) {
+                    return Err(err);
+                }
+                if self.vanished(std::iter::once(peer)).is_some() {
+                    return Err(Error::PeerLost {
+                        ctx: self.p2p_ctx(peer),
+                        detail: format!("the process of rank {peer} exited while this rank waited for it {what}"),
+                    });
+                }
+            }
+            if waited >= timeout {
+                return Err(Error::timeout(self.p2p_ctx(peer), waited, format!("rank {peer} {what}")));
+            }
+        }
+    }
+
+    /// Sends `data` to rank `dst` (see the module docs), waiting at most
+    /// `timeout`.
+    pub fn send(&mut self, data: &[u8], dst: usize, timeout: Duration) -> Result<()> {
+        self.check()?;
+        self.args(OpCode::SendRecv).peer(dst)?;
+        let res = self.send_inner(data, dst, timeout);
+        res.map_err(|e| self.fail(e))
+    }
+
+    fn send_inner(&mut self, data: &[u8], dst: usize, timeout: Duration) -> Result<()> {
+        let me = self.rank;
+        let k = self.p2p.sent[dst] + 1;
+        // Where the receiver last ran (a hint for the wait).
+        let rcpu = self.rword(me, dst, RCPU).load(Ordering::Relaxed);
+        // The channel is free once the receiver has taken message k - 1.
+        self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(k - 1), true, |c| {
+            // Acquire: pairs with the receiver's Release store of TAKEN, after
+            // which it no longer reads the inline line or the data area.
+            c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k - 1
+        })?;
+        let len = data.len();
+        let d = OpDesc::new(OpCode::SendRecv, None, None, None, len).0;
+        self.sword(me, dst, DESC).store(d, Ordering::Relaxed);
+        self.sword(me, dst, LEN).store(len as u64, Ordering::Relaxed);
+        self.sword(me, dst, SCPU).store(u64::from(current_cpu()), Ordering::Relaxed);
+        self.p2p.sent[dst] = k;
+        if len <= P2P_INLINE {
+            // SAFETY: the inline line of our own channel, which the receiver
+            // reads only after our POST of message k (below).
+            unsafe { self.seg.write(self.inline_at(me, dst), data) };
+            // Release: publishes the payload and the words above.
+            self.sword(me, dst, POST).store(k, Ordering::Release);
+            return Ok(());
+        }
+        if len <= self.eager_max() {
+            // SAFETY: our own channel's data area, free since TAKEN >= k - 1.
+            unsafe { self.seg.write(self.area_at(me, dst), data) };
+            self.sword(me, dst, POST).store(k, Ordering::Release);
+            return Ok(());
+        }
+        self.sword(me, dst, ADDR).store(data.as_ptr() as u64, Ordering::Relaxed);
+        self.sword(me, dst, STATE).store(state(k, OPEN), Ordering::Relaxed);
+        self.sword(me, dst, POST).store(k, Ordering::Release);
+        self.send_large(data, dst, k, timeout, rcpu).inspect_err(|_| self.withdraw(dst, k))
+    }
+
+    /// Waits until the receiver took large message `k`, streaming it when
+    /// the receiver asks for the pipelined path.
+    fn send_large(&mut self, data: &[u8], dst: usize, k: u64, timeout: Duration, rcpu: u64) -> Result<()> {
+        let me = self.rank;
+        self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(k), true, |c| {
+            c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k
+                || c.sword(me, dst, STATE).load(Ordering::Acquire) == state(k, SLOTS)
+        })?;
+        // Acquire: pairs with the receiver's Release of TAKEN (its read of
+        // our buffer is over).
+        if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
+            return Ok(());
+        }
+        let half = self.p2p.area / 2;
+        for chunk in data.chunks(half) {
+            let g = self.p2p.chunks_out[dst] + 1;
+            // Half g % 2 held chunk g - 2: wait until it was taken.
+            let need = g.saturating_sub(2);
+            self.p2p_wait(dst, rcpu, timeout, Awaiting::Ack(need), false, |c| {
+                // Acquire: the receiver finished copying chunk `need` out.
+                c.rword(me, dst, ACKED).load(Ordering::Acquire) >= need
+            })?;
+            let at = self.area_at(me, dst) + (g as usize & 1) * half;
+            // SAFETY: our channel's half g % 2, which the receiver no longer
+            // reads (it acknowledged chunk g - 2) and reads again only after
+            // the Release store of CHUNKS below.
+            unsafe { self.seg.write(at, chunk) };
+            self.p2p.chunks_out[dst] = g;
+            self.sword(me, dst, CHUNKS).store(g, Ordering::Release);
+        }
+        self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(k), false, |c| {
+            c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k
+        })
+    }
+
+    /// After a failed large send: makes sure the receiver is not and will
+    /// not be reading our buffer before the caller gets it back.
+    fn withdraw(&self, dst: usize, k: u64) {
+        let me = self.rank;
+        loop {
+            // AcqRel: on success the receiver's later claim fails; on failure
+            // we see its claim.
+            match self.sword(me, dst, STATE).compare_exchange(
+                state(k, OPEN),
+                state(k, CANCELLED),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Err(s) if s == state(k, READING) => {
+                    // The read is one copy: wait for it to end (or for the
+                    // receiver's process to vanish), whatever the deadline.
+                    let mut backoff = Backoff::new();
+                    let mut check_at = Instant::now() + LIVENESS_EVERY;
+                    // Acquire: pairs with the receiver's Release stores.
+                    while self.sword(me, dst, STATE).load(Ordering::Acquire) == state(k, READING) {
+                        if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
+                            return;
+                        }
+                        if !backoff.is_spinning() && Instant::now() >= check_at {
+                            if self.vanished(std::iter::once(dst)).is_some() {
+                                return;
+                            }
+                            check_at = Instant::now() + LIVENESS_EVERY;
+                        }
+                        backoff.snooze();
+                    }
+                    if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
+                        return;
+                    }
+                    // Handed back (OPEN) or switched to the pipeline: retry.
+                }
+                // Withdrawn, or not in the claimable state any more.
+                _ => return,
+            }
+        }
+    }
+
+    /// Receives exactly `buf.len()` bytes from rank `src`, waiting at most
+    /// `timeout`.
+    pub fn recv(&mut self, buf: &mut [u8], src: usize, timeout: Duration) -> Result<()> {
+        self.check()?;
+        self.args(OpCode::SendRecv).peer(src)?;
+        let res = self.recv_inner(buf, src, timeout);
+        res.map_err(|e| self.fail(e))
+    }
+
+    fn recv_inner(&mut self, buf: &mut [u8], src: usize, timeout: Duration) -> Result<()> {
+        if let Some(msg) = self.p2p.pending[src].pop_front() {
+            if msg.len() != buf.len() {
+                return Err(self.mismatch(src, msg.len(), buf.len()));
+            }
+            buf.copy_from_slice(&msg);
+            return Ok(());
+        }
+        let theirs = self.wait_posted(src, timeout)?;
+        if theirs != buf.len() {
+            return Err(self.mismatch(src, theirs, buf.len()));
+        }
+        self.take(buf, src, timeout)
+    }
+
+    fn mismatch(&self, src: usize, theirs: usize, mine: usize) -> Error {
+        let d = |len| describe(OpDesc::new(OpCode::SendRecv, None, None, None, len).0);
+        Error::Mismatch {
+            ctx: self.p2p_ctx(src),
+            detail: format!("rank {} expected {}, rank {src} sent {}", self.rank, d(mine), d(theirs)),
+        }
+    }
+
+    /// Waits for the next message from `src` and returns its length.
+    fn wait_posted(&mut self, src: usize, timeout: Duration) -> Result<usize> {
+        let me = self.rank;
+        let k = self.p2p.recvd[src] + 1;
+        let scpu = self.sword(src, me, SCPU).load(Ordering::Relaxed);
+        self.p2p_wait(src, scpu, timeout, Awaiting::Posted(k), false, |c| {
+            // Acquire: pairs with the sender's Release store of POST.
+            c.sword(src, me, POST).load(Ordering::Acquire) >= k
+        })?;
+        Ok(self.posted_len(src))
+    }
+
+    /// The length of the message `src` posted (after an Acquire of POST).
+    fn posted_len(&self, src: usize) -> usize {
+        usize::try_from(self.sword(src, self.rank, LEN).load(Ordering::Relaxed)).unwrap_or(usize::MAX)
+    }
+
+    /// Takes the posted message from `src`, of exactly `buf.len()` bytes.
+    fn take(&mut self, buf: &mut [u8], src: usize, timeout: Duration) -> Result<()> {
+        let me = self.rank;
+        let k = self.p2p.recvd[src] + 1;
+        let len = buf.len();
+        self.rword(src, me, RCPU).store(u64::from(current_cpu()), Ordering::Relaxed);
+        if len <= P2P_INLINE {
+            // SAFETY: published by POST (Acquire in `wait_posted`/`drain`);
+            // the sender writes the line again only after our TAKEN store.
+            unsafe { self.seg.read(self.inline_at(src, me), buf) };
+        } else if len <= self.eager_max() {
+            // SAFETY: as above, for the data area.
+            unsafe { self.seg.read(self.area_at(src, me), buf) };
+        } else {
+            self.recv_large(buf, src, k, timeout)?;
+        }
+        self.taken(src, k);
+        Ok(())
+    }
+
+    /// Records message `k` of `src` as taken.
+    fn taken(&mut self, src: usize, k: u64) {
+        self.p2p.recvd[src] = k;
+        // Release: we are done with the inline line, the data area and the
+        // sender's buffer.
+        self.rword(src, self.rank, TAKEN).store(k, Ordering::Release);
+    }
+
+    /// Copies large message `k` of `src` straight from the sender's memory.
+    /// `Ok(false)`: cross-memory attach is not available with `src` (then
+    /// nothing was claimed) or was refused now (then the claim moves to
+    /// `on_refusal`: `SLOTS` to continue by the pipeline, `OPEN` to hand
+    /// the message back untouched).
+    fn read_by_cma(&mut self, buf: &mut [u8], src: usize, k: u64, on_refusal: u64) -> Result<bool> {
+        let me = self.rank;
+        let pid = match self.same_namespace_pid(src) {
+            Some(pid) if self.p2p.cma[src] => pid,
+            _ => {
+                self.p2p.cma[src] = false;
+                return Ok(false);
+            }
+        };
+        let seg = self.seg.clone();
+        let st = seg.atomic_u64(self.chan(src, me) + STATE);
+        // AcqRel: the claim pairs with the sender's withdrawal.
+        if st.compare_exchange(state(k, OPEN), state(k, READING), Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return Err(self.cancelled(src, k));
+        }
+        let addr = self.sword(src, me, ADDR).load(Ordering::Relaxed) as usize;
+        match crate::sys::cma::read_from(pid, addr, buf) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::ESRCH) => Err(Error::PeerLost {
+                ctx: self.p2p_ctx(src),
+                detail: format!("the process of rank {src} exited while sending message {k}"),
+            }),
+            Err(e) => {
+                tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
+                self.p2p.cma[src] = false;
+                // Release: we are done with the sender's buffer.
+                st.store(state(k, on_refusal), Ordering::Release);
+                Ok(false)
+            }
+        }
+    }
+
+    fn recv_large(&mut self, buf: &mut [u8], src: usize, k: u64, timeout: Duration) -> Result<()> {
+        let me = self.rank;
+        let scpu = self.sword(src, me, SCPU).load(Ordering::Relaxed);
+        if self.read_by_cma(buf, src, k, SLOTS)? {
+            return Ok(());
+        }
+        let seg = self.seg.clone();
+        let st = seg.atomic_u64(self.chan(src, me) + STATE);
+        if st.load(Ordering::Acquire) != state(k, SLOTS)
+            && st.compare_exchange(state(k, OPEN), state(k, SLOTS), Ordering::AcqRel, Ordering::Acquire).is_err()
+        {
+            return Err(self.cancelled(src, k));
+        }
+        let half = self.p2p.area / 2;
+        for chunk in buf.chunks_mut(half) {
+            let g = self.p2p.chunks_in[src] + 1;
+            self.p2p_wait(src, scpu, timeout, Awaiting::Chunk(g), false, |c| {
+                // Acquire: pairs with the sender's Release store of CHUNKS.
+                c.sword(src, me, CHUNKS).load(Ordering::Acquire) >= g
+            })?;
+            let at = self.area_at(src, me) + (g as usize & 1) * half;
+            // SAFETY: chunk g was published (Acquire above); the sender
+            // rewrites this half only after our ACKED store of g.
+            unsafe { self.seg.read(at, chunk) };
+            self.p2p.chunks_in[src] = g;
+            self.rword(src, me, ACKED).store(g, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn cancelled(&self, src: usize, k: u64) -> Error {
+        Error::PeerLost {
+            ctx: self.p2p_ctx(src),
+            detail: format!("rank {src} gave up sending message {k} (it failed or timed out)"),
+        }
+    }
+
+    /// Rank `j`'s pid when it runs in our pid namespace.
+    fn same_namespace_pid(&self, j: usize) -> Option<i32> {
+        let ns = self.info(self.rank, 1).load(Ordering::Relaxed);
+        let pid = self.info(j, 0).load(Ordering::Relaxed);
+        (ns != 0 && self.info(j, 1).load(Ordering::Relaxed) == ns).then(|| i32::try_from(pid).ok()).flatten()
+    }
+
+    /// Takes every message posted to this rank into `pending` (called by a
+    /// blocked send; see the module docs).
+    fn drain(&mut self, timeout: Duration) -> Result<()> {
+        let me = self.rank;
+        for src in (0..self.size).filter(|&j| j != me) {
+            loop {
+                let k = self.p2p.recvd[src] + 1;
+                // Acquire: pairs with the sender's Release store of POST.
+                if self.sword(src, me, POST).load(Ordering::Acquire) < k {
+                    break;
+                }
+                let len = self.posted_len(src);
+                let large = len > self.eager_max();
+                if large && !(self.p2p.cma[src] && self.same_namespace_pid(src).is_some()) {
+                    // The pipelined path needs the sender to stream, and a
+                    // sender blocked like us may be waiting in its own drain:
+                    // leave it (see the module docs).
+                    break;
+                }
+                let mut msg = Vec::new();
+                msg.try_reserve_exact(len).map_err(|_| Error::Protocol {
+                    ctx: self.p2p_ctx(src),
+                    detail: format!("rank {src} sent {len} bytes, more than this rank can hold in memory"),
+                })?;
+                msg.resize(len, 0);
+                if large {
+                    // Only by cross-memory attach; refused, the message is
+                    // handed back for the pipeline of a later recv.
+                    if !self.read_by_cma(&mut msg, src, k, OPEN)? {
+                        break;
+                    }
+                    self.taken(src, k);
+                } else {
+                    self.take(&mut msg, src, timeout)?;
+                }
+                self.p2p.pending[src].push_back(msg);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ShmComm, ShmOptions};
+    use nix::errno::Errno;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn pair(opts: ShmOptions) -> (ShmComm, ShmComm) {
+        let (tx, rx) = mpsc::channel::<String>();
+        let o2 = opts.clone();
+        let t = std::thread::spawn(move || {
+            ShmComm::create_with(1, 2, "p2p-unit", &o2, |_| rx.recv().map_err(|_| crate::Error::invalid("no name")))
+        });
+        let c0 = ShmComm::create_with(0, 2, "p2p-unit", &opts, |n| {
+            let n = n.unwrap_or_default().to_string();
+            tx.send(n.clone()).map_err(|_| crate::Error::invalid("no peer"))?;
+            Ok(n)
+        })
+        .unwrap();
+        (c0, t.join().unwrap().unwrap())
+    }
+
+    fn data(len: usize, salt: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt ^ (i >> 9) as u8)).collect()
+    }
+
+    #[test]
+    fn a_refused_cross_memory_attach_falls_back_to_the_pipeline_and_stays_there() {
+        let opts = ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() };
+        let (mut c0, mut c1) = pair(opts);
+        let sizes = [1usize << 20, 300_001, 5 << 20];
+        let t = std::thread::spawn(move || {
+            for (i, &len) in sizes.iter().enumerate() {
+                c0.send(&data(len, i as u8), 1, Duration::from_secs(20)).unwrap();
+            }
+            c0
+        });
+        crate::sys::cma::REFUSE.with(|r| r.set(Some(Errno::EPERM)));
+        for (i, &len) in sizes.iter().enumerate() {
+            let mut got = vec![0u8; len];
+            c1.recv(&mut got, 0, Duration::from_secs(20)).unwrap();
+            assert!(got == data(len, i as u8), "message {i} of {len} bytes");
+            // After the first refusal the receiver does not try again.
+            assert!(!c1.p2p.cma[0]);
+        }
+        let c0 = t.join().unwrap();
+        assert!(c0.p2p.chunks_out[1] > 0 && c0.p2p.chunks_out[1] == c1.p2p.chunks_in[0]);
+    }
+
+    #[test]
+    fn a_drain_refused_cross_memory_attach_hands_the_message_back_to_the_pipeline() {
+        // Both ranks send a large message first. Rank 1's cross-memory
+        // attach is refused: when its blocked send drains, it must hand rank
+        // 0's message back (rank 0 then streams it), while rank 0 takes rank
+        // 1's by cross-memory attach. Which drain runs first varies; every
+        // order must deliver both messages intact.
+        for round in 0..5u8 {
+            let opts = ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() };
+            let (mut c0, mut c1) = pair(opts);
+            let t = std::thread::spawn(move || {
+                c0.send(&data(3 << 20, round), 1, Duration::from_secs(20)).unwrap();
+                let mut got = vec![0u8; 2 << 20];
+                c0.recv(&mut got, 1, Duration::from_secs(20)).unwrap();
+                assert!(got == data(2 << 20, round + 100));
+            });
+            crate::sys::cma::REFUSE.with(|r| r.set(Some(Errno::EPERM)));
+            c1.send(&data(2 << 20, round + 100), 0, Duration::from_secs(20)).unwrap();
+            let mut got = vec![0u8; 3 << 20];
+            c1.recv(&mut got, 0, Duration::from_secs(20)).unwrap();
+            assert!(got == data(3 << 20, round), "round {round}");
+            assert!(!c1.p2p.cma[0]);
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn channel_areas_fit_the_budget() {
+        assert_eq!(super::area_bytes(1), 0);
+        assert_eq!(super::area_bytes(2), super::AREA_MAX);
+        for n in 2..=128 {
+            let a = super::area_bytes(n);
+            assert!((super::AREA_MIN..=super::AREA_MAX).contains(&a) && a % 128 == 0, "n={n}: {a}");
+        }
+    }
+}
