@@ -40,7 +40,11 @@ for k in 0 1; do
 done
 
 # Open MPI: mpirun in node 0; the remote rank's daemon is started in node 1's
-# namespace by an rsh agent that enters it.
+# namespace by an rsh agent that enters it. `--bind-to none`: each "node"'s
+# daemon would otherwise bind its rank to core 0, both ranks would share one
+# core and every operation would cost whole 4 ms scheduler slices.
+# `mpi_yield_when_idle 0`: with one slot per "host" Open MPI otherwise
+# sleeps when idle, which also costs a 4 ms slice per wait here.
 mpicc -O2 -o "$work/mpi_bench" "$anchors/mpi_bench.c"
 cat >"$work/agent.sh" <<AGENT
 #!/bin/sh
@@ -51,8 +55,8 @@ AGENT
 chmod +x "$work/agent.sh"
 echo "== Open MPI (tcp btl) across the namespaces"
 timeout 600 ip netns exec "$p-n0" mpirun --allow-run-as-root -np 2 --host 10.77.0.1:1,10.77.0.2:1 \
-    --mca plm_rsh_agent "$work/agent.sh" --mca oob_tcp_if_include eth0 \
-    --mca pml ob1 --mca btl tcp,self --mca btl_tcp_if_include eth0 \
+    --bind-to none --mca plm_rsh_agent "$work/agent.sh" --mca oob_tcp_if_include eth0 \
+    --mca pml ob1 --mca btl tcp,self --mca btl_tcp_if_include eth0 --mca mpi_yield_when_idle 0 ${MPI_EXTRA:-} \
     "$work/mpi_bench" --impl openmpi-tcp-2nodes --ops "$ops" --time-per-point 0.2 --max-bytes "$maxb" \
     --csv "$out/mpi_bench.csv" >"$out/mpi_bench.txt" 2>&1 || { cat "$out/mpi_bench.txt"; exit 1; }
 
