@@ -367,7 +367,7 @@ fn gather_scatter_reduce_all_to_all() {
                     assert_eq!(res[k], want, "gather n={n} s={s} root={root} rank {r}");
                     assert_eq!(res[k + 1], block(root, r), "scatter n={n} s={s} root={root} rank {r}");
                     let want: Vec<i64> = (0..s).map(|i| (i + n - 1) as i64).collect();
-                    let want = if r == root { bytemuck::cast_slice(&want).to_vec() } else { Vec::new() };
+                    let want: Vec<u8> = if r == root { bytemuck::cast_slice(&want).to_vec() } else { Vec::new() };
                     assert_eq!(res[k + 2], want, "reduce n={n} s={s} root={root} rank {r}");
                     k += 3;
                 }
