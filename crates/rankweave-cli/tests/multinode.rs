@@ -58,7 +58,26 @@ impl Node {
 
     /// [`Node::start`] with another master address.
     fn start_at(addr: &str, sub: &str, n: usize, k: usize, port: u16, args: &[&str], env: &[(&str, &str)]) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rankweave"));
+        Node::spawn(Command::new(env!("CARGO_BIN_EXE_rankweave")), sub, (n, k), (addr, port), args, env)
+    }
+
+    /// `rankweave <sub>` as node `k` of `cluster` (inside its network
+    /// namespace, under its host name), the master at node 0's address.
+    fn start_in(cluster: &Cluster, k: usize, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut cmd = cluster.command(k, env!("CARGO_BIN_EXE_rankweave"));
+        cmd.env_remove("RANKWEAVE_TRANSPORT").env_remove("RANKWEAVE_SOCKET_IFNAME");
+        Node::spawn(cmd, sub, (cluster.len(), k), (&cluster.addr(0), 29500), args, env)
+    }
+
+    /// Runs `cmd <sub> --nnodes n --node-rank k --master-addr A --master-port P <args>`.
+    fn spawn(
+        mut cmd: Command,
+        sub: &str,
+        (n, k): (usize, usize),
+        (addr, port): (&str, u16),
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         cmd.arg(sub)
             .args(["--nnodes", &n.to_string(), "--node-rank", &k.to_string()])
             .args(["--master-addr", addr, "--master-port", &port.to_string()])
@@ -71,29 +90,6 @@ impl Node {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn rankweave");
-        let out = child.stdout.take().map(reader);
-        let err = child.stderr.take().map(reader);
-        Node { child, started: Instant::now(), out, err }
-    }
-
-    /// `rankweave <sub>` as node `k` of `cluster` (inside its network
-    /// namespace, under its host name), the master at node 0's address.
-    fn start_in(cluster: &Cluster, k: usize, sub: &str, args: &[&str], env: &[(&str, &str)]) -> Node {
-        let mut cmd = cluster.command(k, env!("CARGO_BIN_EXE_rankweave"));
-        cmd.arg(sub)
-            .args(["--nnodes", &cluster.len().to_string(), "--node-rank", &k.to_string()])
-            .args(["--master-addr", &cluster.addr(0), "--master-port", "29500"])
-            .args(args)
-            .env_remove("RANKWEAVE_JOB_ID")
-            .env_remove("RANKWEAVE_TOKEN")
-            .env_remove("RANKWEAVE_TRANSPORT")
-            .env_remove("RANKWEAVE_SOCKET_IFNAME")
-            .env_remove("RUST_LOG")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn rankweave in a namespace");
         let out = child.stdout.take().map(reader);
         let err = child.stderr.take().map(reader);
         Node { child, started: Instant::now(), out, err }
