@@ -351,7 +351,9 @@ impl ProcessGroup {
     /// The transport collectives use in this group: [`TransportKind::Shm`]
     /// or [`TransportKind::Tcp`], never `Auto` (see the module docs for how
     /// it is chosen). A group of one reports `Shm` unless TCP was forced.
-    /// Point-to-point traffic ([`ProcessGroup::send_bytes`]) is always TCP.
+    /// Point-to-point traffic ([`ProcessGroup::send_bytes`]) takes the same
+    /// way: the segment's per-pair channels in a shared-memory group, TCP
+    /// otherwise.
     pub fn transport_kind(&self) -> TransportKind {
         self.inner.kind
     }
