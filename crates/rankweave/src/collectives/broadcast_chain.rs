@@ -30,7 +30,7 @@ use crate::transport::OpCode;
 /// `sqrt(bytes * 32 KiB)`, between 64 KiB and 1 MiB. Longer chains of
 /// segments fill the pipeline sooner but pay one message overhead (tens of
 /// microseconds over loopback) per segment; the square root balances the
-/// two (1 MiB: 183 KiB segments, 64 MiB: 1 MiB).
+/// two (1 MiB: 181 KiB segments, 64 MiB: 1 MiB).
 pub fn chain_segment_bytes(bytes: usize) -> usize {
     let target = (bytes as f64 * 32.0 * 1024.0).sqrt() as usize;
     target.clamp(64 * 1024, 1024 * 1024)

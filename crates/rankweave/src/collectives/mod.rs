@@ -90,7 +90,7 @@ pub use scatter_direct::scatter_direct;
 pub const SMALL_MESSAGE_BYTES: usize = 32 * 1024;
 
 /// Broadcasts of at least this many bytes on three or more ranks take the
-/// pipelined chain ([`broadcast_chain`]); from [`SMALL_MESSAGE_BYTES`] up to
+/// pipelined chain ([`broadcast_chain()`]); from [`SMALL_MESSAGE_BYTES`] up to
 /// it, scatter + all-gather.
 pub const CHAIN_BROADCAST_BYTES: usize = 512 * 1024;
 
