@@ -1,4 +1,4 @@
-//! all_reduce: every algorithm, world sizes 1..=8, counts 0/1/7/1000 and a
+//! all_reduce: every algorithm (ring, recursive doubling, halving/doubling), world sizes 1..=8, counts 0/1/7/1000 and a
 //! large subset, every dtype and op, bitwise identity with random floats,
 //! mismatch and timeout errors.
 
@@ -18,11 +18,23 @@ fn ring_tiny_segments(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: Reduce
     collectives::all_reduce_ring_with(c, buf, dtype, op, seg)
 }
 
-const ALGOS: [(&str, AllReduceFn); 4] = [
+/// Halving/doubling where the group size is a power of two; elsewhere it
+/// must refuse (and the ring stands in, so the matrix still checks a result).
+fn halving_doubling(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) -> rankweave::Result<()> {
+    if c.size().is_power_of_two() {
+        return collectives::all_reduce_halving_doubling(c, buf, dtype, op);
+    }
+    let err = collectives::all_reduce_halving_doubling(c, buf, dtype, op).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    collectives::all_reduce_ring(c, buf, dtype, op)
+}
+
+const ALGOS: [(&str, AllReduceFn); 5] = [
     ("front door", collectives::all_reduce),
     ("ring", collectives::all_reduce_ring),
     ("ring/tiny segments", ring_tiny_segments),
     ("recursive doubling", collectives::all_reduce_recursive_doubling),
+    ("halving/doubling", halving_doubling),
 ];
 
 fn check_matrix(n: usize, cases: &[(DType, ReduceOp, usize)]) {
@@ -66,7 +78,7 @@ fn matrix_large_count() {
         (DType::I64, ReduceOp::Max, LARGE + 3),
         (DType::I8, ReduceOp::Prod, LARGE - 1),
     ];
-    for n in [2, 3, 8] {
+    for n in [2, 3, 4, 8] {
         check_matrix(n, &cases);
     }
     check_matrix(5, &[(DType::F16, ReduceOp::Min, LARGE), (DType::U8, ReduceOp::Sum, 3 * LARGE + 1)]);

@@ -1,4 +1,4 @@
-//! broadcast: tree and scatter+all-gather, every root, world sizes 1..=8,
+//! broadcast: tree, scatter+all-gather and the pipelined chain, every root, world sizes 1..=8,
 //! counts 0/1/7/1000 and large, every element size.
 
 mod common;
@@ -9,10 +9,11 @@ use rankweave::{DType, Error};
 
 type BroadcastFn = fn(&mut Comm<'_>, &mut [u8], usize) -> rankweave::Result<()>;
 
-const ALGOS: [(&str, BroadcastFn); 3] = [
+const ALGOS: [(&str, BroadcastFn); 4] = [
     ("front door", collectives::broadcast),
     ("tree", collectives::broadcast_tree),
     ("scatter+all-gather", collectives::broadcast_scatter_all_gather),
+    ("chain", collectives::broadcast_chain),
 ];
 
 fn check(n: usize, counts: &[usize], dtypes: &[DType], all_roots: bool) {
@@ -43,7 +44,7 @@ fn matrix_small_counts() {
 
 #[test]
 fn matrix_large_count() {
-    for n in [2, 3, 5, 8] {
+    for n in [2, 3, 4, 5, 8] {
         check(n, &[LARGE, LARGE + 1], &[DType::F32], false);
     }
 }

@@ -21,7 +21,9 @@
 //! wire): below [`SMALL_MESSAGE_BYTES`] the latency-optimal ones (recursive
 //! doubling all_reduce, binomial trees for broadcast and reduce), at and above
 //! it the bandwidth-optimal ones (ring all_reduce = ring reduce-scatter + ring
-//! all-gather, scatter + all-gather broadcast, ring reduce), pipelined in
+//! all-gather, or recursive halving + doubling on a power-of-two group of
+//! more than two ranks; scatter + all-gather broadcast, and from
+//! [`CHAIN_BROADCAST_BYTES`] a pipelined chain; ring reduce), pipelined in
 //! segments of [`SEGMENT_BYTES`]. all_gather uses Bruck's algorithm when small
 //! and a ring otherwise; reduce_scatter a ring (recursive doubling on a copy
 //! when small); gather and
@@ -50,10 +52,12 @@ pub mod shm;
 
 pub mod all_gather_bruck;
 pub mod all_gather_ring;
+pub mod all_reduce_halving_doubling;
 pub mod all_reduce_recursive_doubling;
 pub mod all_reduce_ring;
 pub mod all_to_all_pairwise;
 pub mod barrier_dissemination;
+pub mod broadcast_chain;
 pub mod broadcast_scatter_all_gather;
 pub mod broadcast_tree;
 pub mod gather_direct;
@@ -64,10 +68,12 @@ pub mod scatter_direct;
 
 pub use all_gather_bruck::{all_gather_bruck, all_gather_bruck_inplace};
 pub use all_gather_ring::{all_gather_ring, all_gather_ring_inplace};
+pub use all_reduce_halving_doubling::all_reduce_halving_doubling;
 pub use all_reduce_recursive_doubling::all_reduce_recursive_doubling;
 pub use all_reduce_ring::{all_reduce_ring, all_reduce_ring_with};
 pub use all_to_all_pairwise::all_to_all_pairwise;
 pub use barrier_dissemination::barrier_dissemination;
+pub use broadcast_chain::{broadcast_chain, chain_segment_bytes};
 pub use broadcast_scatter_all_gather::broadcast_scatter_all_gather;
 pub use broadcast_tree::broadcast_tree;
 pub use gather_direct::gather_direct;
@@ -82,6 +88,11 @@ pub use scatter_direct::scatter_direct;
 /// `2 (n - 1)` latencies of a ring over loopback TCP (tens of microseconds
 /// each), so below it latency dominates and above it bandwidth does.
 pub const SMALL_MESSAGE_BYTES: usize = 32 * 1024;
+
+/// Broadcasts of at least this many bytes on three or more ranks take the
+/// pipelined chain ([`broadcast_chain()`]); from [`SMALL_MESSAGE_BYTES`] up to
+/// it, scatter + all-gather.
+pub const CHAIN_BROADCAST_BYTES: usize = 512 * 1024;
 
 /// The ring algorithms move each block in segments of at most this many
 /// bytes, so a rank reduces one segment while the next is in flight. Small
@@ -137,9 +148,12 @@ pub fn all_reduce(c: &mut Comm<'_>, buf: &mut [u8], dtype: DType, op: ReduceOp) 
     if buf.is_empty() {
         return empty_call(c);
     }
-    match buf.len() < SMALL_MESSAGE_BYTES {
-        true => all_reduce_recursive_doubling(c, buf, dtype, op),
-        false => all_reduce_ring(c, buf, dtype, op),
+    // Halving/doubling moves the ring's bytes in 2 log2 n steps instead of
+    // 2 (n - 1): fewer hand-overs wherever n is a power of two above 2.
+    match (buf.len() < SMALL_MESSAGE_BYTES, c.size() > 2 && c.size().is_power_of_two()) {
+        (true, _) => all_reduce_recursive_doubling(c, buf, dtype, op),
+        (false, true) => all_reduce_halving_doubling(c, buf, dtype, op),
+        (false, false) => all_reduce_ring(c, buf, dtype, op),
     }
 }
 
@@ -152,10 +166,13 @@ pub fn broadcast(c: &mut Comm<'_>, buf: &mut [u8], root: usize) -> Result<()> {
     if buf.is_empty() {
         return empty_call(c);
     }
-    // With two ranks the tree is one message, already optimal.
-    match c.size() > 2 && buf.len() >= SMALL_MESSAGE_BYTES {
-        true => broadcast_scatter_all_gather(c, buf, root),
-        false => broadcast_tree(c, buf, root),
+    // With two ranks the tree is one message, already optimal. Large
+    // messages take the pipelined chain, which moves fewer bytes than
+    // scatter + all-gather (see broadcast_chain).
+    match (c.size() > 2, buf.len()) {
+        (true, len) if len >= CHAIN_BROADCAST_BYTES => broadcast_chain(c, buf, root),
+        (true, len) if len >= SMALL_MESSAGE_BYTES => broadcast_scatter_all_gather(c, buf, root),
+        _ => broadcast_tree(c, buf, root),
     }
 }
 

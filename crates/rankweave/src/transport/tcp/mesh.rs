@@ -31,9 +31,6 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-/// Socket send/receive buffer size requested (the kernel may clamp it).
-pub const SOCKET_BUFFER: usize = 4 << 20;
-
 /// Longest a freshly accepted connection may take to say hello before it is
 /// dropped as a stray.
 const HELLO_GRACE: Duration = Duration::from_secs(5);
@@ -44,11 +41,12 @@ pub(crate) fn addr_key(rank: usize) -> String {
     format!("tcp/addr/{rank}")
 }
 
+/// No Nagle delay. The socket buffers are left to the kernel's autotuning
+/// (`net.ipv4.tcp_wmem`/`tcp_rmem`): fixing them (4 MiB each until run 7)
+/// switches autotuning off, and over loopback the autotuned buffers moved
+/// large messages 10-20% faster (docs/PERFORMANCE.md, run 7).
 fn tune(sock: &Socket) -> io::Result<()> {
-    sock.set_nodelay(true)?;
-    sock.set_send_buffer_size(SOCKET_BUFFER)?;
-    sock.set_recv_buffer_size(SOCKET_BUFFER)?;
-    Ok(())
+    sock.set_nodelay(true)
 }
 
 /// The address peers should dial to reach a socket bound to `bound`:

@@ -25,7 +25,7 @@ mod io;
 mod mesh;
 
 pub use header::{decode_header, AbortInfo, AbortKind, FrameKind, Header, HEADER_LEN};
-pub use mesh::{advertised_ip, SOCKET_BUFFER};
+pub use mesh::advertised_ip;
 
 use crate::error::{Context, Error, Result};
 use crate::store::SharedStore;
