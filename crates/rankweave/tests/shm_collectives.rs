@@ -15,28 +15,6 @@ fn small_opts() -> ShmOptions {
     ShmOptions { slot_bytes: 4096, timeout: Duration::from_secs(20), ..Default::default() }
 }
 
-/// Runs `f` on `n` ranks (threads) sharing one communicator; returns their results in rank order.
-fn spawn<T: Send + 'static>(
-    n: usize,
-    opts: ShmOptions,
-    f: impl Fn(&mut ShmComm) -> T + Send + Sync + 'static,
-) -> Vec<T> {
-    static GROUP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let group = format!("test{}", GROUP.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let store = Arc::new(HashStore::new());
-    let f = Arc::new(f);
-    let handles: Vec<_> = (0..n)
-        .map(|r| {
-            let (store, f, opts, group) = (store.clone(), f.clone(), opts.clone(), group.clone());
-            std::thread::spawn(move || {
-                let mut comm = ShmComm::create(r, n, &group, &*store, "shm", &opts).expect("create");
-                f(&mut comm)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().expect("rank panicked")).collect()
-}
-
 /// Value of element `i` on rank `r`: small integers so every reduction is exact.
 fn value(r: usize, i: usize, op: ReduceOp, dtype: DType) -> f64 {
     if op == ReduceOp::Prod {
@@ -95,7 +73,7 @@ const COUNTS: [usize; 6] = [0, 1, 7, 1000, 3001, 12];
 #[test]
 fn all_reduce_matches_reference_every_dtype_op_and_world_size() {
     for n in 1..=6 {
-        let results = spawn(n, small_opts(), move |comm| {
+        let results = common::run_shm(n, small_opts(), move |comm| {
             let mut out = Vec::new();
             for dtype in DType::ALL {
                 for op in ReduceOp::ALL {
@@ -131,13 +109,14 @@ fn all_reduce_matches_reference_every_dtype_op_and_world_size() {
 fn all_reduce_large_buffer_with_default_slots_is_bitwise_identical() {
     // Non-exact float data: ranks must still agree bit for bit.
     let count = 700_001; // 2.8 MB of f32: two segments of 1 MiB and a tail.
-    let results = spawn(3, ShmOptions { timeout: Duration::from_secs(30), ..Default::default() }, move |comm| {
-        let r = comm.rank() as f32;
-        let vals: Vec<f32> = (0..count).map(|i| (i as f32 * 0.37 + r * 1.31).sin()).collect();
-        let mut buf = bytemuck::cast_slice::<f32, u8>(&vals).to_vec();
-        comm.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
-        buf
-    });
+    let results =
+        common::run_shm(3, ShmOptions { timeout: Duration::from_secs(30), ..Default::default() }, move |comm| {
+            let r = comm.rank() as f32;
+            let vals: Vec<f32> = (0..count).map(|i| (i as f32 * 0.37 + r * 1.31).sin()).collect();
+            let mut buf = bytemuck::cast_slice::<f32, u8>(&vals).to_vec();
+            comm.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+            buf
+        });
     assert!(results.iter().all(|b| *b == results[0]));
     let got: &[f32] = bytemuck::cast_slice(&results[0]);
     let x = |i: usize, r: f32| (i as f32 * 0.37 + r * 1.31).sin();
@@ -155,7 +134,7 @@ fn all_reduce_large_buffer_with_default_slots_is_bitwise_identical() {
 #[test]
 fn all_gather_broadcast_reduce_scatter_barrier() {
     for n in 1..=6 {
-        let results = spawn(n, small_opts(), move |comm| {
+        let results = common::run_shm(n, small_opts(), move |comm| {
             let r = comm.rank();
             let mut out = Vec::new();
             for s in [0usize, 1, 5, 40, 41, 1000, 5000] {
@@ -207,7 +186,7 @@ fn all_gather_broadcast_reduce_scatter_barrier() {
 fn a_late_rank_is_named_in_the_timeout() {
     // Long enough that ranks 0 and 1 are never that late to each other.
     let opts = ShmOptions { timeout: Duration::from_secs(1), ..small_opts() };
-    let results = spawn(3, opts, |comm| {
+    let results = common::run_shm(3, opts, |comm| {
         if comm.rank() == 2 {
             return None; // never calls the collective
         }
@@ -227,7 +206,7 @@ fn a_late_rank_is_named_in_the_timeout() {
 
 #[test]
 fn different_collectives_are_a_mismatch_not_garbage() {
-    let results = spawn(2, small_opts(), |comm| {
+    let results = common::run_shm(2, small_opts(), |comm| {
         if comm.rank() == 0 {
             let mut buf = vec![0u8; 8];
             comm.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err()
@@ -245,7 +224,7 @@ fn different_collectives_are_a_mismatch_not_garbage() {
 
 #[test]
 fn the_segment_name_is_gone_once_every_rank_attached() {
-    let names = spawn(3, small_opts(), |comm| {
+    let names = common::run_shm(3, small_opts(), |comm| {
         comm.barrier().unwrap();
         comm.segment_name().to_string()
     });
@@ -285,7 +264,7 @@ fn different_slot_sizes_are_rejected() {
 #[test]
 fn mixed_sequence_stress() {
     let n = 4;
-    let results = spawn(n, small_opts(), move |comm| {
+    let results = common::run_shm(n, small_opts(), move |comm| {
         let r = comm.rank();
         let mut seed = 12345u64;
         let mut next = move || {
@@ -332,7 +311,7 @@ fn mixed_sequence_stress() {
 #[test]
 fn gather_scatter_reduce_all_to_all() {
     for n in 1..=5 {
-        let results = spawn(n, small_opts(), move |comm| {
+        let results = common::run_shm(n, small_opts(), move |comm| {
             let r = comm.rank();
             let mut out: Vec<Vec<u8>> = Vec::new();
             for s in [0usize, 3, 48, 700, 4100] {
@@ -381,7 +360,7 @@ fn gather_scatter_reduce_all_to_all() {
 
 #[test]
 fn bad_arguments_are_errors_not_panics() {
-    let results = spawn(2, small_opts(), |comm| {
+    let results = common::run_shm(2, small_opts(), |comm| {
         let mut five = [0u8; 5];
         let e1 = comm.all_reduce(&mut five, DType::F32, ReduceOp::Sum).unwrap_err();
         let e2 = comm.broadcast(&mut five, 2).unwrap_err();

@@ -7,8 +7,7 @@ mod common;
 
 use common::pattern;
 use rankweave::collectives::shm::{ShmComm, ShmOptions};
-use rankweave::{DType, Error, HashStore, ReduceOp};
-use std::sync::Arc;
+use rankweave::{DType, Error, ReduceOp};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(20);
@@ -19,32 +18,11 @@ fn opts(cma: bool) -> ShmOptions {
     ShmOptions { timeout: T, cross_memory_attach: cma, ..ShmOptions::default() }
 }
 
-fn spawn<R: Send + 'static>(
-    n: usize,
-    opts: ShmOptions,
-    f: impl Fn(&mut ShmComm) -> R + Send + Sync + 'static,
-) -> Vec<R> {
-    static GROUP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let group = format!("p2p{}", GROUP.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let store = Arc::new(HashStore::new());
-    let f = Arc::new(f);
-    let handles: Vec<_> = (0..n)
-        .map(|r| {
-            let (store, f, opts, group) = (store.clone(), f.clone(), opts.clone(), group.clone());
-            std::thread::spawn(move || {
-                let mut comm = ShmComm::create(r, n, &group, &*store, "shm", &opts).expect("create");
-                f(&mut comm)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().expect("rank panicked")).collect()
-}
-
 #[test]
 fn every_size_arrives_intact_in_a_ring_with_and_without_cross_memory_attach() {
     for cma in [true, false] {
         for n in [2, 3, 4] {
-            spawn(n, opts(cma), move |c| {
+            common::run_shm(n, opts(cma), move |c| {
                 let (r, n) = (c.rank(), c.size());
                 let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
                 for len in SIZES {
@@ -65,7 +43,7 @@ fn every_size_arrives_intact_in_a_ring_with_and_without_cross_memory_attach() {
 
 #[test]
 fn messages_keep_their_order_mixed_with_collectives() {
-    spawn(3, opts(true), |c| {
+    common::run_shm(3, opts(true), |c| {
         let r = c.rank();
         for round in 0..40usize {
             let len = SIZES[round % SIZES.len()].min(200_000);
@@ -95,7 +73,7 @@ fn ranks_that_all_send_before_receiving_do_not_deadlock() {
     // blocked sender to stream).
     for (cma, sizes) in [(true, &[100_000usize, 4 << 20][..]), (false, &[1000usize, 32 << 10][..])] {
         for n in [2, 3] {
-            spawn(n, opts(cma), move |c| {
+            common::run_shm(n, opts(cma), move |c| {
                 let (r, n) = (c.rank(), c.size());
                 let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
                 for &len in sizes {
@@ -116,7 +94,7 @@ fn ranks_that_all_send_before_receiving_do_not_deadlock() {
 
 #[test]
 fn facing_large_sends_without_cross_memory_attach_fail_at_the_deadline() {
-    spawn(2, opts(false), |c| {
+    common::run_shm(2, opts(false), |c| {
         let peer = 1 - c.rank();
         let start = Instant::now();
         let e = c.send(&vec![1u8; 1 << 20], peer, Duration::from_millis(300)).unwrap_err();
@@ -129,7 +107,7 @@ fn facing_large_sends_without_cross_memory_attach_fail_at_the_deadline() {
 #[test]
 fn a_length_mismatch_names_both_lengths_and_the_peer() {
     for (sent, expected) in [(8usize, 9usize), (1 << 20, 1000), (40_000, 1 << 20)] {
-        let errs = spawn(2, opts(true), move |c| {
+        let errs = common::run_shm(2, opts(true), move |c| {
             if c.rank() == 0 {
                 // The large send fails once rank 1 gives up on it (timeout)
                 // or succeeds for the eager sizes; both are fine here.
@@ -153,7 +131,7 @@ fn a_length_mismatch_names_both_lengths_and_the_peer() {
 
 #[test]
 fn deadlines_name_the_operation_the_group_and_the_peer() {
-    spawn(2, opts(true), |c| {
+    common::run_shm(2, opts(true), |c| {
         if c.rank() == 0 {
             let start = Instant::now();
             let mut b = [0u8; 4];
@@ -175,7 +153,7 @@ fn deadlines_name_the_operation_the_group_and_the_peer() {
 
 #[test]
 fn a_peer_that_closes_the_group_fails_a_waiting_recv_and_send() {
-    spawn(2, opts(true), |c| {
+    common::run_shm(2, opts(true), |c| {
         if c.rank() == 1 {
             std::thread::sleep(Duration::from_millis(100));
             c.abort_handle().close();
@@ -188,7 +166,7 @@ fn a_peer_that_closes_the_group_fails_a_waiting_recv_and_send() {
         assert!(matches!(e, Error::PeerLost { .. }) && e.peer() == Some(1), "{e}");
         assert!(e.to_string().contains("closed the group"), "{e}");
     });
-    spawn(2, opts(true), |c| {
+    common::run_shm(2, opts(true), |c| {
         if c.rank() == 1 {
             c.abort_handle().close();
             return;

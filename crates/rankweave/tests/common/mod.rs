@@ -315,3 +315,28 @@ pub fn run_world<R: Send>(
         hs.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
     })
 }
+
+/// Runs `f` on `n` ranks (threads) sharing one fresh shared-memory
+/// communicator (a unique group name over an in-process store); returns
+/// their results in rank order.
+pub fn run_shm<R: Send + 'static>(
+    n: usize,
+    opts: rankweave::collectives::shm::ShmOptions,
+    f: impl Fn(&mut rankweave::collectives::shm::ShmComm) -> R + Send + Sync + 'static,
+) -> Vec<R> {
+    static GROUP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let group = format!("shmtest{}-{}", std::process::id(), GROUP.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let store = Arc::new(HashStore::new());
+    let f = Arc::new(f);
+    let handles: Vec<_> = (0..n)
+        .map(|r| {
+            let (store, f, opts, group) = (store.clone(), f.clone(), opts.clone(), group.clone());
+            std::thread::spawn(move || {
+                let mut comm =
+                    rankweave::collectives::shm::ShmComm::create(r, n, &group, &*store, "shm", &opts).expect("create");
+                f(&mut comm)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("rank panicked")).collect()
+}
