@@ -358,14 +358,14 @@ fn ranks_of_node_0_may_leave_while_node_1_still_builds_groups() {
     }
 }
 
-#[test]
-fn a_killed_node_is_named_even_when_its_peers_fail_first() {
-    // Real collective workers: when node 1's launcher dies its workers die
-    // with it and node 0's workers fail at once (peer lost); the verdict
-    // still names node 1, whose heartbeat stopped, not a rank of node 0.
-    let port = free_port();
-    let model = ["--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "128", "--tokens", "20000"];
-    let mut nodes: Vec<Node> = (0..2).map(|k| Node::start("demo", 2, k, port, &model, &[])).collect();
+/// A demo long enough to be killed in the middle of.
+const LONG_DEMO: [&str; 10] =
+    ["--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "128", "--tokens", "20000"];
+
+/// Starts the two nodes of a long demo with `start`, SIGKILLs node 1's
+/// launcher 3 s in, and returns how node 0 ended: non-zero, within 10 s.
+fn kill_node_1_mid_demo(start: impl Fn(usize) -> Node) -> Ended {
+    let mut nodes: Vec<Node> = (0..2).map(start).collect();
     std::thread::sleep(Duration::from_secs(3));
     let node1 = nodes.pop().unwrap();
     kill(node1.pid(), Signal::SIGKILL).unwrap();
@@ -375,6 +375,16 @@ fn a_killed_node_is_named_even_when_its_peers_fail_first() {
     let took = e0.at.duration_since(killed_at);
     assert!(!e0.status.success(), "{e0:?}");
     assert!(took < Duration::from_secs(10), "node 0 ended {took:?} after the kill");
+    e0
+}
+
+#[test]
+fn a_killed_node_is_named_even_when_its_peers_fail_first() {
+    // Real collective workers: when node 1's launcher dies its workers die
+    // with it and node 0's workers fail at once (peer lost); the verdict
+    // still names node 1, whose heartbeat stopped, not a rank of node 0.
+    let port = free_port();
+    let e0 = kill_node_1_mid_demo(|k| Node::start("demo", 2, k, port, &LONG_DEMO, &[]));
     assert!(e0.stderr.contains("job failed: ranks 2-3 on node 1 (host "), "{}", e0.stderr);
     assert!(!e0.stderr.contains("job failed: rank 0 on node 0") && !e0.stderr.contains("job failed: rank 1 on node 0"));
 }
@@ -465,17 +475,7 @@ fn netns_bench_checks_every_collective_across_two_nodes() {
 #[test]
 fn netns_a_killed_launcher_mid_run_fails_the_other_node_within_10_s_naming_it() {
     let Some(c) = Cluster::new(2) else { return };
-    let model = ["--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "128", "--tokens", "20000"];
-    let mut nodes: Vec<Node> = (0..2).map(|k| Node::start_in(&c, k, "demo", &model, &[])).collect();
-    std::thread::sleep(Duration::from_secs(3));
-    let node1 = nodes.pop().unwrap();
-    // `ip netns exec` execs: the child is the launcher itself.
-    kill(node1.pid(), Signal::SIGKILL).unwrap();
-    let killed_at = Instant::now();
-    let _ = node1.wait();
-    let e0 = nodes.pop().unwrap().wait();
-    let took = e0.at.duration_since(killed_at);
-    assert!(!e0.status.success(), "{e0:?}");
-    assert!(took < Duration::from_secs(10), "node 0 ended {took:?} after the kill");
+    // `ip netns exec` execs: the child killed is the launcher itself.
+    let e0 = kill_node_1_mid_demo(|k| Node::start_in(&c, k, "demo", &LONG_DEMO, &[]));
     assert!(e0.stderr.contains("job failed: ranks 2-3 on node 1 (host node1)"), "{}", e0.stderr);
 }
