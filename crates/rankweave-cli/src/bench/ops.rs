@@ -388,6 +388,11 @@ pub struct CollBench {
     a: Buf,
     /// The output (empty for in-place operations and non-roots of gather).
     b: Buf,
+    /// sendrecv only: rank 0 receives the echo into the buffer it sent, as
+    /// the anchors' ping-pong does (one buffer per rank, the same working
+    /// set). Off for the checked run, whose echo lands in the zeroed output
+    /// so that a receive that wrote nothing is caught.
+    echo_in_place: bool,
 }
 
 impl CollBench {
@@ -436,6 +441,7 @@ impl CollBench {
             n,
             a: Buf::zeroed(a_elems * elt),
             b: Buf::zeroed(b_elems * elt),
+            echo_in_place: false,
         })
     }
 
@@ -445,6 +451,7 @@ impl CollBench {
         let (r, n, root, op, redop, block) = (self.rank, self.n, self.root, self.op, self.redop, self.layout.block);
         let dt = self.dtype;
         self.b.zero();
+        self.echo_in_place = false;
         match op {
             OpKind::AllReduce | OpKind::Reduce | OpKind::ReduceScatter => {
                 fill(dt, self.a.bytes_mut(), |i| pattern::red_in(redop, r, i, n))
@@ -470,6 +477,7 @@ impl CollBench {
     pub fn prepare_timing(&mut self) {
         self.a.zero();
         self.b.zero();
+        self.echo_in_place = true;
     }
 
     /// Runs the operation once.
@@ -489,7 +497,8 @@ impl CollBench {
             OpKind::SendRecv => match self.rank {
                 0 => {
                     comm.send_bytes(self.a.bytes(), 1)?;
-                    comm.recv_bytes(self.b.bytes_mut(), 1)
+                    let back = if self.echo_in_place { &mut self.a } else { &mut self.b };
+                    comm.recv_bytes(back.bytes_mut(), 1)
                 }
                 1 => {
                     comm.recv_bytes(self.b.bytes_mut(), 0)?;
