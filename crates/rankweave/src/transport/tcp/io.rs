@@ -222,12 +222,21 @@ pub(crate) fn drive(
     // without sleeping. It is bounded in time, so oversubscribed ranks soon
     // fall back to poll and give the core away.
     let mut spin_until: Option<Instant> = None;
+    let mut moved = 0usize;
     loop {
         if let Some(o) = out.as_deref_mut() {
             o.advance().map_err(DriveFault::Send)?;
         }
         if let Some(i) = inc.as_deref_mut() {
             i.advance(check).map_err(DriveFault::Recv)?;
+        }
+        // A stream that is still moving renews the busy phase: while a large
+        // frame flows, the next bytes are microseconds away, and a sleep in
+        // `poll` per socket-buffer's worth would cost a wake-up each.
+        let now_moved = out.as_deref().map_or(0, |o| o.sent) + inc.as_deref().map_or(0, |i| i.progress());
+        if now_moved != moved {
+            moved = now_moved;
+            spin_until = None;
         }
         let want_out = out.as_deref().filter(|o| !o.done());
         let want_in = inc.as_deref().filter(|i| !i.done());
