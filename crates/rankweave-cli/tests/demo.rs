@@ -122,6 +122,42 @@ fn tp4_pp1() {
     check_layout(4, 1);
 }
 
+/// `--sequences`: several sequences in flight at once, round robin through
+/// the stages; each is checked against its own single-process run.
+fn check_sequences(tp: usize, pp: usize, sequences: usize) {
+    let (tp_s, pp_s, n_s) = (tp.to_string(), pp.to_string(), sequences.to_string());
+    let mut args = vec!["--tp", &tp_s, "--pp", &pp_s, "--sequences", &n_s];
+    args.extend_from_slice(&TINY);
+    let r = demo(&args);
+    let all = format!("stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+    assert_eq!(r.code, Some(0), "tp {tp} pp {pp} sequences {sequences}: {all}");
+    assert!(r.stdout.contains(&format!("({sequences} sequences of 4)")), "{all}");
+    let passes = r.stdout.lines().filter(|l| l.contains("] PASS: 4 generated token ids equal")).count();
+    assert_eq!(passes, sequences, "one PASS per sequence: {all}");
+    assert!(!r.stdout.contains("FAIL"), "{all}");
+    for s in 0..sequences {
+        assert!(r.stdout.contains(&format!("[0] sequence {s}:")), "sequence {s} missing: {all}");
+    }
+    // Sequence 0 has the prompt of a one-sequence run, so its tokens too;
+    // the others have prompts of their own.
+    assert!(r.stdout.contains("tokens [44, 102, 19, 122]"), "the seeded model changed: {all}");
+    let refs: Vec<&str> = r.stdout.lines().filter(|l| l.contains("single-process reference: ")).collect();
+    assert_eq!(refs.len(), sequences, "{all}");
+    let tokens = |l: &str| l.split("tokens ").nth(1).unwrap_or_default().to_string();
+    assert_ne!(tokens(refs[0]), tokens(refs[1]), "two sequences decoded the same prompt: {all}");
+}
+
+#[test]
+fn two_sequences_through_two_stages() {
+    check_sequences(2, 2, 2);
+}
+
+#[test]
+fn three_sequences_through_two_stages_and_one_stage() {
+    check_sequences(1, 2, 3);
+    check_sequences(2, 1, 3);
+}
+
 #[test]
 fn fail_is_reported_with_a_non_zero_exit() {
     // Summing two TP partials rounds differently from one full dot product,

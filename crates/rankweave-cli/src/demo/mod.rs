@@ -58,6 +58,13 @@ pub struct DemoArgs {
     /// Length of the (seeded, random) prompt.
     #[arg(long, default_value_t = 8)]
     pub prompt_len: usize,
+    /// Sequences decoded at once, each with its own prompt. With more than
+    /// one, the stages work on different sequences at the same time (as
+    /// vLLM keeps one in flight per pipeline stage): stage k runs step t of
+    /// sequence s while stage k+1 runs the sequence before it, instead of
+    /// waiting for the one token in flight. `--pp` of them fill the pipeline.
+    #[arg(long, default_value_t = 1)]
+    pub sequences: usize,
     /// Seed of the weights and the prompt.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -131,8 +138,8 @@ impl DemoArgs {
             )));
         }
         self.model().validate(self.tp, self.pp).map_err(Error::invalid)?;
-        if self.tokens == 0 || self.prompt_len == 0 {
-            return Err(Error::invalid("--tokens and --prompt-len must be at least 1"));
+        if self.tokens == 0 || self.prompt_len == 0 || self.sequences == 0 {
+            return Err(Error::invalid("--tokens, --prompt-len and --sequences must be at least 1"));
         }
         self.device_kind()?;
         if self.tolerance.is_nan() || self.tolerance < 0.0 {
@@ -181,6 +188,7 @@ impl DemoArgs {
             ("--ffn", m.ffn.to_string()),
             ("--tokens", self.tokens.to_string()),
             ("--prompt-len", self.prompt_len.to_string()),
+            ("--sequences", self.sequences.to_string()),
             ("--seed", self.seed.to_string()),
             ("--tolerance", self.tolerance.to_string()),
             ("--device", self.device.clone()),
@@ -218,8 +226,17 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     }
     println!(
         "rankweave demo: {world} processes, tp {} x pp {}; model: {} layers, hidden {}, {} heads, ffn {}, vocab {}; \
-         prompt {} tokens, generating {}",
-        args.tp, args.pp, m.layers, m.hidden, m.heads, m.ffn, m.vocab, args.prompt_len, args.tokens
+         prompt {} tokens, generating {}{}",
+        args.tp,
+        args.pp,
+        m.layers,
+        m.hidden,
+        m.heads,
+        m.ffn,
+        m.vocab,
+        args.prompt_len,
+        args.tokens,
+        if args.sequences > 1 { format!(" for each of {} sequences", args.sequences) } else { String::new() }
     );
     let layout = model_parallel_layout(world, args.tp, args.pp, 1)?;
     let show = |groups: &[Vec<usize>]| groups.iter().map(|g| format!("{g:?}")).collect::<Vec<_>>().join(" ");

@@ -254,7 +254,12 @@ fn init_scale(fan_in: usize) -> f32 {
 
 /// The prompt: `len` token ids drawn from the seed.
 pub fn prompt(cfg: &ModelConfig, len: usize) -> Vec<i64> {
-    let mut g = SplitMix64::for_tensor(cfg.seed, 0, Kind::Prompt as u64);
+    prompt_of(cfg, len, 0)
+}
+
+/// The prompt of sequence `seq` (sequence 0's is [`prompt`]).
+pub fn prompt_of(cfg: &ModelConfig, len: usize, seq: usize) -> Vec<i64> {
+    let mut g = SplitMix64::for_tensor(cfg.seed, seq as u64, Kind::Prompt as u64);
     (0..len).map(|_| (g.next_u64() % cfg.vocab as u64) as i64).collect()
 }
 
@@ -372,14 +377,15 @@ pub struct Attention {
     wo: Array2<f32>,
     local_heads: usize,
     head_dim: usize,
-    cache: KvCache,
+    /// One cache per sequence in flight.
+    caches: Vec<KvCache>,
     tp: Tp,
 }
 
 impl Attention {
-    /// This rank's shard of layer `layer`'s attention, with a cache for
-    /// `max_seq` positions.
-    pub fn new(cfg: &ModelConfig, layer: usize, max_seq: usize, tp: Tp) -> Self {
+    /// This rank's shard of layer `layer`'s attention, with a cache of
+    /// `max_seq` positions for each of `sequences` sequences.
+    pub fn new(cfg: &ModelConfig, layer: usize, max_seq: usize, sequences: usize, tp: Tp) -> Self {
         let h = cfg.hidden;
         let full_qkv = gen_matrix(cfg, layer, Kind::Qkv, h, 3 * h, init_scale(h));
         let full_wo = gen_matrix(cfg, layer, Kind::Out, h, h, init_scale(h));
@@ -389,26 +395,30 @@ impl Attention {
             (0..3).map(|p| full_qkv.slice(s![.., p * h + cols.start..p * h + cols.end])).collect();
         let wqkv = concatenate(Axis(1), &parts).expect("equal row counts");
         let wo = full_wo.slice(s![cols.clone(), ..]).to_owned();
-        let cache = KvCache::new(max_seq, cols.len());
-        Attention { wqkv, wo, local_heads, head_dim: cfg.head_dim(), cache, tp }
+        let caches = (0..sequences.max(1)).map(|_| KvCache::new(max_seq, cols.len())).collect();
+        Attention { wqkv, wo, local_heads, head_dim: cfg.head_dim(), caches, tp }
     }
 
-    /// Attends the new rows `x` (at `positions`, which continue the cache)
-    /// to every cached position up to their own.
-    pub fn forward(&mut self, x: &Array2<f32>, positions: &[i64]) -> Result<Array2<f32>, rankweave::Error> {
+    /// Attends the new rows `x` of sequence `seq` (at `positions`, which
+    /// continue that sequence's cache) to every cached position up to their own.
+    pub fn forward(&mut self, x: &Array2<f32>, positions: &[i64], seq: usize) -> Result<Array2<f32>, rankweave::Error> {
         let t = x.nrows();
         let w = self.local_heads * self.head_dim;
-        let start = self.cache.len;
+        let n_caches = self.caches.len();
+        let cache = self.caches.get_mut(seq).ok_or_else(|| {
+            rankweave::Error::invalid(format!("sequence {seq} out of range: the stage holds {n_caches} caches"))
+        })?;
+        let start = cache.len;
         let end = start + t;
         if positions.len() != t || positions.iter().enumerate().any(|(i, &p)| p != (start + i) as i64) {
             return Err(rankweave::Error::invalid(format!(
                 "positions {positions:?} do not continue the KV cache at {start}"
             )));
         }
-        if end > self.cache.k.nrows() {
+        if end > cache.k.nrows() {
             return Err(rankweave::Error::invalid(format!(
                 "KV cache holds {} positions; {end} requested",
-                self.cache.k.nrows()
+                cache.k.nrows()
             )));
         }
         let qkv = x.dot(&self.wqkv);
@@ -416,17 +426,17 @@ impl Attention {
         let mut k = qkv.slice(s![.., w..2 * w]).to_owned();
         apply_rotary(&mut q, positions, self.head_dim);
         apply_rotary(&mut k, positions, self.head_dim);
-        self.cache.k.slice_mut(s![start..end, ..]).assign(&k);
-        self.cache.v.slice_mut(s![start..end, ..]).assign(&qkv.slice(s![.., 2 * w..3 * w]));
-        self.cache.len = end;
+        cache.k.slice_mut(s![start..end, ..]).assign(&k);
+        cache.v.slice_mut(s![start..end, ..]).assign(&qkv.slice(s![.., 2 * w..3 * w]));
+        cache.len = end;
 
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let mut out = Array2::<f32>::zeros((t, w));
         for head in 0..self.local_heads {
             let cols = head * self.head_dim..(head + 1) * self.head_dim;
             let qh = q.slice(s![.., cols.clone()]);
-            let kh = self.cache.k.slice(s![..end, cols.clone()]);
-            let vh = self.cache.v.slice(s![..end, cols.clone()]);
+            let kh = cache.k.slice(s![..end, cols.clone()]);
+            let vh = cache.v.slice(s![..end, cols.clone()]);
             let mut scores = qh.dot(&kh.t()) * scale;
             for (i, mut row) in scores.rows_mut().into_iter().enumerate() {
                 row.slice_mut(s![start + i + 1..]).fill(f32::NEG_INFINITY);
@@ -475,18 +485,18 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// This rank's shard of layer `layer`.
-    pub fn new(cfg: &ModelConfig, layer: usize, max_seq: usize, tp: Tp) -> Self {
+    pub fn new(cfg: &ModelConfig, layer: usize, max_seq: usize, sequences: usize, tp: Tp) -> Self {
         DecoderLayer {
             attn_norm: RmsNorm { gain: gen_gain(cfg, layer, Kind::AttnNorm), eps: 1e-5 },
-            attn: Attention::new(cfg, layer, max_seq, tp.clone()),
+            attn: Attention::new(cfg, layer, max_seq, sequences, tp.clone()),
             mlp_norm: RmsNorm { gain: gen_gain(cfg, layer, Kind::MlpNorm), eps: 1e-5 },
             mlp: Mlp::new(cfg, layer, tp),
         }
     }
 
-    /// Runs the layer on the new rows `x`.
-    pub fn forward(&mut self, x: Array2<f32>, positions: &[i64]) -> Result<Array2<f32>, rankweave::Error> {
-        let h = &x + &self.attn.forward(&self.attn_norm.forward(&x), positions)?;
+    /// Runs the layer on the new rows `x` of sequence `seq`.
+    pub fn forward(&mut self, x: Array2<f32>, positions: &[i64], seq: usize) -> Result<Array2<f32>, rankweave::Error> {
+        let h = &x + &self.attn.forward(&self.attn_norm.forward(&x), positions, seq)?;
         let out = &h + &self.mlp.forward(&self.mlp_norm.forward(&h))?;
         Ok(out)
     }
@@ -534,20 +544,27 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// This rank's part of the model: stage `stage` of `pp`, TP shard from `tp`.
-    pub fn new(cfg: &ModelConfig, pp: usize, stage: usize, max_seq: usize, tp: Tp) -> Self {
+    /// This rank's part of the model: stage `stage` of `pp`, TP shard from
+    /// `tp`, with KV caches for `sequences` sequences of up to `max_seq`
+    /// positions (the weights are shared by all of them).
+    pub fn new(cfg: &ModelConfig, pp: usize, stage: usize, max_seq: usize, sequences: usize, tp: Tp) -> Self {
         let range = stage_layers(cfg.layers, pp, stage);
         Stage {
             embed: (stage == 0).then(|| VocabParallelEmbedding::new(cfg, tp.clone())),
-            layers: range.map(|l| DecoderLayer::new(cfg, l, max_seq, tp.clone())).collect(),
+            layers: range.map(|l| DecoderLayer::new(cfg, l, max_seq, sequences, tp.clone())).collect(),
             head: (stage + 1 == pp).then(|| LmHead::new(cfg, tp.clone())),
         }
     }
 
-    /// Runs this stage's layers on `hidden`.
-    pub fn run_layers(&mut self, mut hidden: Array2<f32>, positions: &[i64]) -> Result<Array2<f32>, rankweave::Error> {
+    /// Runs this stage's layers on `hidden`, the new rows of sequence `seq`.
+    pub fn run_layers(
+        &mut self,
+        mut hidden: Array2<f32>,
+        positions: &[i64],
+        seq: usize,
+    ) -> Result<Array2<f32>, rankweave::Error> {
         for layer in &mut self.layers {
-            hidden = layer.forward(hidden, positions)?;
+            hidden = layer.forward(hidden, positions, seq)?;
         }
         Ok(hidden)
     }
@@ -574,12 +591,12 @@ pub fn step_inputs(prompt: &[i64], generated: &[i64]) -> (Vec<i64>, Vec<i64>) {
 
 /// The single-process model: greedy decoding of `tokens` tokens after `prompt`.
 pub fn generate_single(cfg: &ModelConfig, prompt: &[i64], tokens: usize) -> Result<Generation, rankweave::Error> {
-    let mut stage = Stage::new(cfg, 1, 0, prompt.len() + tokens, Tp::single()?);
+    let mut stage = Stage::new(cfg, 1, 0, prompt.len() + tokens, 1, Tp::single()?);
     let mut out = Generation { tokens: Vec::new(), logits: Vec::new() };
     for _ in 0..tokens {
         let (ids, positions) = step_inputs(prompt, &out.tokens);
         let hidden = stage.embed.as_ref().expect("single stage has the embedding").forward(&ids)?;
-        let hidden = stage.run_layers(hidden, &positions)?;
+        let hidden = stage.run_layers(hidden, &positions, 0)?;
         let logits = stage.head.as_ref().expect("single stage has the head").forward(&hidden)?;
         out.tokens.push(argmax(&logits) as i64);
         out.logits.push(logits);
@@ -617,7 +634,7 @@ mod tests {
                     s.spawn(move || {
                         let group =
                             ProcessGroup::new_world_with(factory, store, rank, tp, GroupOptions::builtin()).unwrap();
-                        Stage::new(cfg, pp, stage, max_seq, Tp::new(group, Arc::default()))
+                        Stage::new(cfg, pp, stage, max_seq, 1, Tp::new(group, Arc::default()))
                     })
                 })
                 .collect();
@@ -651,7 +668,7 @@ mod tests {
                                     Some(h) => h,
                                     None => st.embed.as_ref().unwrap().forward(ids).unwrap(),
                                 };
-                                let h = st.run_layers(h, positions).unwrap();
+                                let h = st.run_layers(h, positions, 0).unwrap();
                                 let l = st.head.as_ref().map(|hd| hd.forward(&h).unwrap());
                                 (h, l)
                             })
@@ -670,6 +687,34 @@ mod tests {
             out.logits.push(logits);
         }
         out
+    }
+
+    #[test]
+    fn interleaved_sequences_keep_their_own_caches() {
+        let cfg = tiny();
+        let (len, tokens, n) = (5, 4, 3);
+        let prompts: Vec<Vec<i64>> = (0..n).map(|s| prompt_of(&cfg, len, s)).collect();
+        assert_eq!(prompts[0], prompt(&cfg, len));
+        assert_ne!(prompts[0], prompts[1]);
+        let mut stage = Stage::new(&cfg, 1, 0, len + tokens, n, Tp::single().unwrap());
+        let mut outs: Vec<Generation> = (0..n).map(|_| Generation { tokens: vec![], logits: vec![] }).collect();
+        for _ in 0..tokens {
+            for (s, p) in prompts.iter().enumerate() {
+                let (ids, positions) = step_inputs(p, &outs[s].tokens);
+                let h = stage.embed.as_ref().unwrap().forward(&ids).unwrap();
+                let h = stage.run_layers(h, &positions, s).unwrap();
+                let logits = stage.head.as_ref().unwrap().forward(&h).unwrap();
+                outs[s].tokens.push(argmax(&logits) as i64);
+                outs[s].logits.push(logits);
+            }
+        }
+        for (s, p) in prompts.iter().enumerate() {
+            assert_eq!(outs[s], generate_single(&cfg, p, tokens).unwrap(), "sequence {s}");
+        }
+        // A sequence the stage holds no cache for is an error, not a panic.
+        let h = stage.embed.as_ref().unwrap().forward(&[1]).unwrap();
+        let e = stage.run_layers(h, &[0], n).unwrap_err().to_string();
+        assert!(e.contains("sequence 3 out of range"), "{e}");
     }
 
     #[test]

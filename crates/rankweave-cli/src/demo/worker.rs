@@ -21,6 +21,7 @@
 use super::model::{self, argmax, Generation, ModelConfig, Stage, Tp};
 use super::DemoArgs;
 use ndarray::Array2;
+use rankweave::coordinator::GroupCoordinator;
 use rankweave::parallel_state;
 use rankweave::tensor::{Device, Tensor, TensorDict};
 use rankweave::{Error, Result};
@@ -170,9 +171,16 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig, backend: parallel_state::
         println!("tensor collectives on {dev} ({} backend)", backend.name());
     }
     let prompt = model::prompt(cfg, args.prompt_len);
-    let mut stage = Stage::new(cfg, args.pp, stage_idx, args.prompt_len + args.tokens, comm);
+    let mut stage = Stage::new(cfg, args.pp, stage_idx, args.prompt_len + args.tokens, args.sequences, comm);
     world.barrier()?;
     times.reset();
+
+    if args.sequences > 1 {
+        let start = Instant::now();
+        let (outs, first_token_at) = decode_pipelined(args, cfg, &mut stage, &tp, &pp, &times)?;
+        let wall = start.elapsed();
+        return finish(args, cfg, &world, &times, wall, first_token_at, &outs);
+    }
 
     let start = Instant::now();
     let mut first_token_at = Duration::ZERO;
@@ -203,7 +211,7 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig, backend: parallel_state::
         };
 
         // 3. This stage's layers.
-        let hidden = stage.run_layers(hidden, &positions)?;
+        let hidden = stage.run_layers(hidden, &positions, 0)?;
 
         // 4. On to the next stage, or the logits and the next token.
         if let Some(head) = &stage.head {
@@ -237,7 +245,134 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig, backend: parallel_state::
         }
     }
     let wall = start.elapsed();
+    finish(args, cfg, &world, &times, wall, first_token_at, &[out])
+}
 
+/// The step inputs of one sequence as a dict: token ids and positions.
+fn inputs_dict(prompt: &[i64], generated: &[i64]) -> Result<TensorDict> {
+    let (ids, positions) = model::step_inputs(prompt, generated);
+    let n = ids.len();
+    Ok(TensorDict::new()
+        .with("input_ids", Tensor::from_vec(ids, vec![n])?)
+        .with("positions", Tensor::from_vec(positions, vec![n])?))
+}
+
+/// The one-element `seq` tensor of a received dict, checked against the
+/// sequence this stage expects next (the stages visit them in one order).
+fn check_seq(dict: &TensorDict, want: usize) -> Result<()> {
+    let got: Vec<i64> = get_tensor(dict, "seq")?.to_vec()?;
+    if got != [want as i64] {
+        return Err(Error::invalid(format!("pipeline out of order: expected sequence {want}, received {got:?}")));
+    }
+    Ok(())
+}
+
+/// Decodes `args.sequences` sequences at once, round robin: the first
+/// stage starts step t of sequence s as soon as sequence s's token of step
+/// t - 1 has come back round the pipeline, and in the meantime the other
+/// stages work on the sequences ahead of it. The inputs go from rank 0 to
+/// its TP group only (the other stages learn the positions from the dict
+/// they receive), so no call makes every stage wait for every other.
+/// Returns every sequence's generation (on the first stage; empty
+/// elsewhere) and when the first token of sequence 0 arrived.
+fn decode_pipelined(
+    args: &DemoArgs,
+    cfg: &ModelConfig,
+    stage: &mut Stage,
+    tp: &GroupCoordinator,
+    pp: &GroupCoordinator,
+    times: &OpTimes,
+) -> Result<(Vec<Generation>, Duration)> {
+    let (first, last) = (pp.is_first_rank(), pp.is_last_rank());
+    let n = args.sequences;
+    let prompts: Vec<Vec<i64>> = (0..n).map(|s| model::prompt_of(cfg, args.prompt_len, s)).collect();
+    let mut outs: Vec<Generation> = (0..n).map(|_| Generation { tokens: Vec::new(), logits: Vec::new() }).collect();
+    let dev = tp.device();
+    let start = Instant::now();
+    let mut first_token_at = None;
+    let seq_tensor = |s: usize| Tensor::from_vec(vec![s as i64], vec![1]);
+    for step in 0..=args.tokens {
+        for s in 0..n {
+            // The token of the step before, back from the last stage.
+            if first && !last && step > 0 {
+                let got = expect_dict(times.time(Op::RecvDict, || pp.recv_tensor_dict(None, Some(tp)))?)?;
+                check_seq(&got, s)?;
+                let token: Vec<i64> = get_tensor(&got, "next_token")?.to_vec()?;
+                let &[token] = token.as_slice() else {
+                    return Err(Error::invalid(format!("expected one next token, got {token:?}")));
+                };
+                outs[s].tokens.push(token);
+                outs[s].logits.push(get_tensor(&got, "logits")?.to_vec()?);
+            }
+            if first && s == 0 && !outs[0].tokens.is_empty() && first_token_at.is_none() {
+                first_token_at = Some(start.elapsed());
+            }
+            if step == args.tokens {
+                continue;
+            }
+            let (hidden, positions) = match &stage.embed {
+                Some(embed) => {
+                    let mine = (tp.rank_in_group() == 0).then(|| inputs_dict(&prompts[s], &outs[s].tokens));
+                    let mine = mine.transpose()?;
+                    let inputs = times.time(Op::Broadcast, || tp.broadcast_tensor_dict(mine.as_ref(), 0))?;
+                    let ids: Vec<i64> = get_tensor(&inputs, "input_ids")?.to_vec()?;
+                    (embed.forward(&ids)?, get_tensor(&inputs, "positions")?.to_vec::<i64>()?)
+                }
+                None => {
+                    let got = expect_dict(times.time(Op::RecvDict, || pp.recv_tensor_dict(None, Some(tp)))?)?;
+                    check_seq(&got, s)?;
+                    let hidden = to_array(&get_tensor(&got, "hidden")?.clone().to_device(Device::Cpu)?)?;
+                    (hidden, get_tensor(&got, "positions")?.to_vec::<i64>()?)
+                }
+            };
+            let hidden = stage.run_layers(hidden, &positions, s)?;
+            match &stage.head {
+                Some(head) => {
+                    let logits = head.forward(&hidden)?;
+                    let token = argmax(&logits) as i64;
+                    if first {
+                        // One stage: the token stays here.
+                        outs[s].tokens.push(token);
+                        outs[s].logits.push(logits);
+                        if s == 0 && first_token_at.is_none() {
+                            first_token_at = Some(start.elapsed());
+                        }
+                    } else {
+                        let n_logits = logits.len();
+                        let dict = TensorDict::new()
+                            .with("seq", seq_tensor(s)?)
+                            .with("next_token", Tensor::from_vec(vec![token], vec![1])?)
+                            .with("logits", Tensor::from_vec(logits, vec![n_logits])?);
+                        times.time(Op::SendDict, || pp.send_tensor_dict(&dict, None, Some(tp)))?;
+                    }
+                }
+                None => {
+                    let n_pos = positions.len();
+                    let dict = TensorDict::new()
+                        .with("seq", seq_tensor(s)?)
+                        .with("positions", Tensor::from_vec(positions, vec![n_pos])?)
+                        .with("hidden", to_tensor(&hidden)?.to_device(dev)?);
+                    times.time(Op::SendDict, || pp.send_tensor_dict(&dict, None, Some(tp)))?;
+                }
+            }
+        }
+    }
+    Ok((outs, first_token_at.unwrap_or_default()))
+}
+
+/// Gathers every rank's timings on rank 0, which prints the report and
+/// checks each sequence against the single-process model; returns the
+/// exit code (0 elsewhere).
+fn finish(
+    args: &DemoArgs,
+    cfg: &ModelConfig,
+    world: &GroupCoordinator,
+    times: &OpTimes,
+    wall: Duration,
+    first_token_at: Duration,
+    outs: &[Generation],
+) -> Result<i32> {
+    let rank = world.rank_in_group();
     // Everyone's timings to rank 0: [wall, (seconds, calls) per op].
     let mut row = vec![wall.as_secs_f64()];
     for (d, n) in times.snapshot() {
@@ -262,16 +397,24 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig, backend: parallel_state::
         })
         .collect();
     print_report(args, &reports, wall, first_token_at);
-    verify(args, cfg, &prompt, &out)
+    let mut code = 0;
+    for (s, out) in outs.iter().enumerate() {
+        if outs.len() > 1 {
+            println!("sequence {s}:");
+        }
+        code = code.max(verify(args, cfg, &model::prompt_of(cfg, args.prompt_len, s), out)?);
+    }
+    Ok(code)
 }
 
 fn print_report(args: &DemoArgs, reports: &[RankReport], wall: Duration, first_token_at: Duration) {
     let secs = wall.as_secs_f64();
+    let total = args.tokens * args.sequences;
     println!(
-        "generated {} tokens in {:.3} s: {:.1} tokens/s (first token, the {}-token prefill, after {:.1} ms)",
-        args.tokens,
+        "generated {total} tokens{} in {:.3} s: {:.1} tokens/s (first token, the {}-token prefill, after {:.1} ms)",
+        if args.sequences > 1 { format!(" ({} sequences of {})", args.sequences, args.tokens) } else { String::new() },
         secs,
-        args.tokens as f64 / secs,
+        total as f64 / secs,
         args.prompt_len,
         first_token_at.as_secs_f64() * 1e3
     );
