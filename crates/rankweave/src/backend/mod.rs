@@ -125,6 +125,11 @@ pub trait Communicator: Send {
     fn send(&mut self, call: Call, data: &[u8], dst: usize) -> Result<()>;
     /// Receives exactly `buf.len()` bytes from `src`.
     fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()>;
+    /// Point-to-point messages this rank has sent to `peer` through shared
+    /// memory (a statistic; 0 for backends without it).
+    fn shm_messages_sent(&self, _peer: usize) -> u64 {
+        0
+    }
 }
 
 /// The half of a backend that any thread may use while an operation is in

@@ -95,4 +95,7 @@ impl Communicator for ShmBackend {
     fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
         self.shm.recv(buf, src, call.timeout)
     }
+    fn shm_messages_sent(&self, peer: usize) -> u64 {
+        self.shm.messages_sent(peer)
+    }
 }

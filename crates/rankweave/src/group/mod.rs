@@ -576,6 +576,12 @@ impl ProcessGroup {
         let desc = OpDesc::new(OpCode::SendRecv, None, None, None, buf.len());
         self.run(Seq::RecvFrom(src), desc, |c, call| c.recv(call, buf, src))
     }
+    /// Point-to-point messages this rank has sent to group rank `peer`
+    /// through shared memory (0 where that pair talks over the network): a
+    /// statistic, to see which path a pair takes.
+    pub fn shm_messages_sent(&self, peer: usize) -> u64 {
+        lock(&self.inner.state).comm.shm_messages_sent(peer)
+    }
     /// Returns once every rank entered.
     pub fn barrier(&self) -> Result<()> {
         self.check_ready()?;

@@ -200,6 +200,9 @@ pub struct ShmComm {
     poisoned: Option<String>,
     p2p: P2p,
     watch: Watcher,
+    /// The rank each member has in the enclosing group, for errors (empty:
+    /// the communicator's own ranks).
+    names: Vec<usize>,
 }
 
 /// The optional [`Watch`] (a named type so that `ShmComm` stays `Debug`).
@@ -322,6 +325,7 @@ impl ShmComm {
             poisoned: None,
             p2p: P2p::new(HEADER + size * (CTRL + slot), size, opts.cross_memory_attach),
             watch: Watcher::default(),
+            names: Vec::new(),
         };
         comm.info(rank, 0).store(std::process::id() as u64, Ordering::Relaxed);
         comm.info(rank, 1).store(pid_namespace(), Ordering::Relaxed);
@@ -365,6 +369,21 @@ impl ShmComm {
     /// removes it); an error it returns fails the step.
     pub fn set_watch(&mut self, watch: Option<Watch>) {
         self.watch = Watcher(watch);
+    }
+
+    /// Names the members by their ranks in an enclosing group (a node's
+    /// communicator inside a group spanning nodes): point-to-point errors
+    /// then name `names[j]` for member `j`. Ignored unless it has one entry
+    /// per member.
+    pub fn set_rank_names(&mut self, names: Vec<usize>) {
+        if names.len() == self.size {
+            self.names = names;
+        }
+    }
+
+    /// Member `j`'s rank for errors (see [`ShmComm::set_rank_names`]).
+    fn name_of(&self, j: usize) -> usize {
+        self.names.get(j).copied().unwrap_or(j)
     }
 
     fn ctx(&self, op: OpCode) -> Context {

@@ -192,7 +192,7 @@ impl ShmComm {
         self.p2p.area.min(EAGER_MAX)
     }
     fn p2p_ctx(&self, peer: usize) -> Context {
-        Context::new(OpCode::SendRecv.name(), self.group.clone(), self.rank).with_peer(peer)
+        Context::new(OpCode::SendRecv.name(), self.group.clone(), self.name_of(self.rank)).with_peer(self.name_of(peer))
     }
 
     /// Waits until `ready` holds, for `peer` (whose CPU hint is `cpu`):
@@ -243,7 +243,10 @@ impl ShmComm {
             if self.info(peer, super::CLOSED_WORD).load(Ordering::Acquire) != 0 {
                 return Err(Error::PeerLost {
                     ctx: self.p2p_ctx(peer),
-                    detail: format!("rank {peer} closed the group while this rank waited for it {what}"),
+                    detail: format!(
+                        "rank {} closed the group while this rank waited for it {what}",
+                        self.name_of(peer)
+                    ),
                 });
             }
             if waited >= check_after {
@@ -254,14 +257,23 @@ impl ShmComm {
                 if self.vanished(std::iter::once(peer)).is_some() {
                     return Err(Error::PeerLost {
                         ctx: self.p2p_ctx(peer),
-                        detail: format!("the process of rank {peer} exited while this rank waited for it {what}"),
+                        detail: format!(
+                            "the process of rank {} exited while this rank waited for it {what}",
+                            self.name_of(peer)
+                        ),
                     });
                 }
             }
             if waited >= timeout {
-                return Err(Error::timeout(self.p2p_ctx(peer), waited, format!("rank {peer} {what}")));
+                return Err(Error::timeout(self.p2p_ctx(peer), waited, format!("rank {} {what}", self.name_of(peer))));
             }
         }
+    }
+
+    /// Point-to-point messages this rank has sent to member `peer` through
+    /// the segment (0 for itself or a rank out of range).
+    pub fn messages_sent(&self, peer: usize) -> u64 {
+        self.p2p.sent.get(peer).copied().unwrap_or(0)
     }
 
     /// Sends `data` to rank `dst` (see the module docs), waiting at most
@@ -415,7 +427,13 @@ impl ShmComm {
         let d = |len| describe(OpDesc::new(OpCode::SendRecv, None, None, None, len).0);
         Error::Mismatch {
             ctx: self.p2p_ctx(src),
-            detail: format!("rank {} expected {}, rank {src} sent {}", self.rank, d(mine), d(theirs)),
+            detail: format!(
+                "rank {} expected {}, rank {} sent {}",
+                self.name_of(self.rank),
+                d(mine),
+                self.name_of(src),
+                d(theirs)
+            ),
         }
     }
 
@@ -489,7 +507,7 @@ impl ShmComm {
             Ok(()) => Ok(true),
             Err(nix::errno::Errno::ESRCH) => Err(Error::PeerLost {
                 ctx: self.p2p_ctx(src),
-                detail: format!("the process of rank {src} exited while sending message {k}"),
+                detail: format!("the process of rank {} exited while sending message {k}", self.name_of(src)),
             }),
             Err(e) => {
                 tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
@@ -534,7 +552,7 @@ impl ShmComm {
     fn cancelled(&self, src: usize, k: u64) -> Error {
         Error::PeerLost {
             ctx: self.p2p_ctx(src),
-            detail: format!("rank {src} gave up sending message {k} (it failed or timed out)"),
+            detail: format!("rank {} gave up sending message {k} (it failed or timed out)", self.name_of(src)),
         }
     }
 
@@ -567,7 +585,10 @@ impl ShmComm {
                 let mut msg = Vec::new();
                 msg.try_reserve_exact(len).map_err(|_| Error::Protocol {
                     ctx: self.p2p_ctx(src),
-                    detail: format!("rank {src} sent {len} bytes, more than this rank can hold in memory"),
+                    detail: format!(
+                        "rank {} sent {len} bytes, more than this rank can hold in memory",
+                        self.name_of(src)
+                    ),
                 })?;
                 msg.resize(len, 0);
                 if large {
