@@ -16,10 +16,10 @@
 use super::shm::MeshAndSegments;
 use super::tcp::TransportComm;
 use super::{Backend, Call, Communicator};
-use crate::collectives::shm::ShmComm;
+use crate::collectives::shm::{ShmBuf, ShmComm};
 use crate::collectives::{self, Comm};
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::group::TransportKind;
 use crate::reduce::ReduceOp;
 use crate::transport::tcp::TcpTransport;
@@ -197,5 +197,12 @@ impl Communicator for HierBackend {
             (Some(i), Some(local)) if i != local.rank() => local.messages_sent(i),
             _ => 0,
         }
+    }
+    fn shm_buffer(&mut self, _len: usize) -> Result<ShmBuf> {
+        Err(Error::Unsupported(
+            "zero-copy shared-memory buffers need a group whose ranks all run on one node; this group spans \
+             nodes (use send_bytes/recv_bytes, which take shared memory between ranks of one node)"
+                .into(),
+        ))
     }
 }

@@ -85,6 +85,9 @@ const ADDR: usize = 24;
 const STATE: usize = 32;
 const CHUNKS: usize = 40;
 const SCPU: usize = 48;
+/// What the message is: [`BYTES`] or [`BUFFER`] (a zero-copy buffer's
+/// descriptor, see [`super::zc`]).
+const KIND: usize = 56;
 // Words of the receiver's line.
 const TAKEN: usize = 0;
 const ACKED: usize = 8;
@@ -94,6 +97,11 @@ const OPEN: u64 = 0;
 const READING: u64 = 1;
 const SLOTS: u64 = 2;
 const CANCELLED: u64 = 3;
+
+/// A message of plain bytes.
+pub(super) const BYTES: u64 = 0;
+/// The descriptor of a zero-copy buffer.
+pub(super) const BUFFER: u64 = 1;
 
 fn state(k: u64, phase: u64) -> u64 {
     (k << 2) | phase
@@ -130,8 +138,9 @@ pub(super) struct P2p {
     chunks_in: Vec<u64>,
     /// Whether cross-memory attach may be tried with each rank.
     cma: Vec<bool>,
-    /// Messages taken in while blocked in a send, per sender, in order.
-    pending: Vec<VecDeque<Vec<u8>>>,
+    /// Messages taken in while blocked in a send, per sender, in order,
+    /// with their kind.
+    pending: Vec<VecDeque<(u64, Vec<u8>)>>,
 }
 
 impl P2p {
@@ -281,11 +290,11 @@ impl ShmComm {
     pub fn send(&mut self, data: &[u8], dst: usize, timeout: Duration) -> Result<()> {
         self.check()?;
         self.args(OpCode::SendRecv).peer(dst)?;
-        let res = self.send_inner(data, dst, timeout);
+        let res = self.send_inner(data, dst, timeout, BYTES);
         res.map_err(|e| self.fail(e))
     }
 
-    fn send_inner(&mut self, data: &[u8], dst: usize, timeout: Duration) -> Result<()> {
+    pub(super) fn send_inner(&mut self, data: &[u8], dst: usize, timeout: Duration, kind: u64) -> Result<()> {
         let me = self.rank;
         let k = self.p2p.sent[dst] + 1;
         // Where the receiver last ran (a hint for the wait).
@@ -301,6 +310,7 @@ impl ShmComm {
         self.sword(me, dst, DESC).store(d, Ordering::Relaxed);
         self.sword(me, dst, LEN).store(len as u64, Ordering::Relaxed);
         self.sword(me, dst, SCPU).store(u64::from(current_cpu()), Ordering::Relaxed);
+        self.sword(me, dst, KIND).store(kind, Ordering::Relaxed);
         self.p2p.sent[dst] = k;
         if len <= P2P_INLINE {
             // SAFETY: the inline line of our own channel, which the receiver
@@ -409,22 +419,36 @@ impl ShmComm {
     }
 
     fn recv_inner(&mut self, buf: &mut [u8], src: usize, timeout: Duration) -> Result<()> {
-        if let Some(msg) = self.p2p.pending[src].pop_front() {
-            if msg.len() != buf.len() {
-                return Err(self.mismatch(src, msg.len(), buf.len()));
+        self.recv_kind(buf, src, timeout, BYTES)
+    }
+
+    /// Receives the next message from `src`, which must be of `kind` and
+    /// exactly `buf.len()` bytes.
+    pub(super) fn recv_kind(&mut self, buf: &mut [u8], src: usize, timeout: Duration, kind: u64) -> Result<()> {
+        if let Some((theirs, msg)) = self.p2p.pending[src].pop_front() {
+            if theirs != kind || msg.len() != buf.len() {
+                return Err(self.mismatch(src, (theirs, msg.len()), (kind, buf.len())));
             }
             buf.copy_from_slice(&msg);
             return Ok(());
         }
-        let theirs = self.wait_posted(src, timeout)?;
-        if theirs != buf.len() {
-            return Err(self.mismatch(src, theirs, buf.len()));
+        let len = self.wait_posted(src, timeout)?;
+        let theirs = self.sword(src, self.rank, KIND).load(Ordering::Relaxed);
+        if theirs != kind || len != buf.len() {
+            return Err(self.mismatch(src, (theirs, len), (kind, buf.len())));
         }
         self.take(buf, src, timeout)
     }
 
-    fn mismatch(&self, src: usize, theirs: usize, mine: usize) -> Error {
-        let d = |len| describe(OpDesc::new(OpCode::SendRecv, None, None, None, len).0);
+    /// `theirs` and `mine` are (kind, length) of the message.
+    fn mismatch(&self, src: usize, theirs: (u64, usize), mine: (u64, usize)) -> Error {
+        let d = |(kind, len): (u64, usize)| {
+            if kind == BUFFER {
+                "a zero-copy shared-memory buffer".to_string()
+            } else {
+                describe(OpDesc::new(OpCode::SendRecv, None, None, None, len).0)
+            }
+        };
         Error::Mismatch {
             ctx: self.p2p_ctx(src),
             detail: format!(
@@ -557,7 +581,7 @@ impl ShmComm {
     }
 
     /// Rank `j`'s pid when it runs in our pid namespace.
-    fn same_namespace_pid(&self, j: usize) -> Option<i32> {
+    pub(super) fn same_namespace_pid(&self, j: usize) -> Option<i32> {
         let ns = self.info(self.rank, 1).load(Ordering::Relaxed);
         let pid = self.info(j, 0).load(Ordering::Relaxed);
         (ns != 0 && self.info(j, 1).load(Ordering::Relaxed) == ns).then(|| i32::try_from(pid).ok()).flatten()
@@ -575,6 +599,7 @@ impl ShmComm {
                     break;
                 }
                 let len = self.posted_len(src);
+                let kind = self.sword(src, me, KIND).load(Ordering::Relaxed);
                 let large = len > self.eager_max();
                 if large && !(self.p2p.cma[src] && self.same_namespace_pid(src).is_some()) {
                     // The pipelined path needs the sender to stream, and a
@@ -601,7 +626,7 @@ impl ShmComm {
                 } else {
                     self.take(&mut msg, src, timeout)?;
                 }
-                self.p2p.pending[src].push_back(msg);
+                self.p2p.pending[src].push_back((kind, msg));
             }
         }
         Ok(())
