@@ -361,7 +361,7 @@ impl ShmComm {
             Error::protocol(self.zc_ctx(Some(src)), format!("rank {} sent descriptor number {fd}", self.name_of(src)))
         })?;
         let seg = ShmSegment::open_fd_of(pid, fd, DATA_AT + BUF_MIN).map_err(|e| match e {
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Error::PeerLost {
+            _ if crate::sys::proc::process_gone(pid) => Error::PeerLost {
                 ctx: self.zc_ctx(Some(owner)),
                 detail: format!(
                     "the process of rank {} (owner of a buffer rank {} sent) is gone",
@@ -377,7 +377,15 @@ impl ShmComm {
                     self.name_of(owner)
                 ))
             }
-            other => other,
+            // Not open, not a shared-memory file, too small: a bad descriptor.
+            other => Error::protocol(
+                self.zc_ctx(Some(src)),
+                format!(
+                    "rank {} sent buffer {serial} of rank {} as descriptor {fd}, which this rank cannot map: {other}",
+                    self.name_of(src),
+                    self.name_of(owner)
+                ),
+            ),
         })?;
         // Acquire: pairs with the owner's Release store of the magic.
         let ok = seg.atomic_u64(H_MAGIC).load(Ordering::Acquire) == MAGIC
@@ -395,5 +403,104 @@ impl ShmComm {
         }
         let cap = seg.len() - DATA_AT;
         Ok(Block { seg, owner, serial, cap, fd, comm: self.zc.id, here: AtomicBool::new(false) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ShmComm, ShmOptions};
+    use super::{BUFFER, BUF_MIN};
+    use crate::Error;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    const T: Duration = Duration::from_secs(20);
+
+    fn pair() -> (ShmComm, ShmComm) {
+        let opts = ShmOptions { timeout: T, ..ShmOptions::default() };
+        let (tx, rx) = mpsc::channel::<String>();
+        let o2 = opts.clone();
+        let t = std::thread::spawn(move || {
+            ShmComm::create_with(1, 2, "zc-unit", &o2, |_| rx.recv().map_err(|_| crate::Error::invalid("no name")))
+        });
+        let c0 = ShmComm::create_with(0, 2, "zc-unit", &opts, |n| {
+            let n = n.unwrap_or_default().to_string();
+            tx.send(n.clone()).map_err(|_| crate::Error::invalid("no peer"))?;
+            Ok(n)
+        })
+        .unwrap();
+        (c0, t.join().unwrap().unwrap())
+    }
+
+    /// Rank 1 posts a forged descriptor; rank 0's `recv_shm` must refuse it.
+    fn forged(words: impl FnOnce(&mut ShmComm) -> [u64; 4]) -> Error {
+        let (mut c0, mut c1) = pair();
+        let w = words(&mut c1);
+        c1.send_inner(bytemuck::cast_slice(&w), 0, T, BUFFER).unwrap();
+        let e = c0.recv_shm(1, T).unwrap_err();
+        // Poisoned afterwards, like every protocol error.
+        assert!(matches!(c0.recv_shm(1, T).unwrap_err(), Error::Poisoned { .. }));
+        drop(c1);
+        e
+    }
+
+    #[test]
+    fn forged_descriptors_are_refused_before_any_access() {
+        // An owner that is not a member.
+        let e = forged(|_| [7, 0, 3, 10]);
+        assert!(matches!(e, Error::Protocol { .. }) && e.to_string().contains("not a member"), "{e}");
+        // "Our own" block that we never made.
+        let e = forged(|_| [0, 41, 3, 10]);
+        assert!(matches!(e, Error::Protocol { .. }) && e.to_string().contains("never made"), "{e}");
+        // A descriptor number of the sender that is not a block (stdin, a
+        // closed or absurd number, a socket-free shared file that is not one
+        // of its blocks).
+        for fd in [0u64, 1 << 40, 999_999] {
+            let e = forged(|_| [1, 0, fd, 10]);
+            assert!(matches!(e, Error::Protocol { .. }), "fd {fd}: {e}");
+        }
+        let stray = crate::sys::shm::ShmSegment::create_anonymous("stray", 4096 + BUF_MIN).unwrap();
+        let fd = stray.raw_fd().unwrap() as u64;
+        let e = forged(|_| [1, 0, fd, 10]);
+        assert!(matches!(e, Error::Protocol { .. }) && e.to_string().contains("no such block"), "{e}");
+        // A real block, a length beyond its capacity.
+        let e = forged(|c1| {
+            let b = c1.shm_buffer(100).unwrap();
+            let blk = b.block.as_ref().unwrap();
+            let w = [1, blk.serial, blk.fd as u64, (BUF_MIN + 1) as u64];
+            std::mem::forget(b);
+            w
+        });
+        assert!(matches!(e, Error::Protocol { .. }) && e.to_string().contains("in a block of"), "{e}");
+    }
+
+    #[test]
+    fn a_block_sent_twice_is_refused_while_held() {
+        let (mut c0, mut c1) = pair();
+        let b = c1.shm_buffer(1000).unwrap();
+        let blk = b.block.as_ref().unwrap();
+        let w = [1u64, blk.serial, blk.fd as u64, 1000];
+        c1.send_shm(b, 0, T).unwrap();
+        let held = c0.recv_shm(1, T).unwrap();
+        c1.send_inner(bytemuck::cast_slice(&w), 0, T, BUFFER).unwrap();
+        let e = c0.recv_shm(1, T).unwrap_err();
+        assert!(matches!(e, Error::Protocol { .. }) && e.to_string().contains("holds already"), "{e}");
+        assert_eq!(held.len(), 1000);
+    }
+
+    #[test]
+    fn the_owner_never_hands_out_a_block_it_still_holds() {
+        // A peer (here: a forged header store) marking a held block free
+        // must not make two buffers of one process alias.
+        let (mut c0, _c1) = pair();
+        let a = c0.shm_buffer(10).unwrap();
+        a.block.as_ref().unwrap().state().store(super::FREE, std::sync::atomic::Ordering::Release);
+        let b = c0.shm_buffer(10).unwrap();
+        assert_ne!(a.as_ptr(), b.as_ptr());
+        assert_eq!(c0.shm_pool_bytes(), 2 * BUF_MIN);
+        drop(a);
+        let c = c0.shm_buffer(10).unwrap();
+        assert_eq!(c0.shm_pool_bytes(), 2 * BUF_MIN, "the dropped block is reused");
+        assert_ne!(b.as_ptr(), c.as_ptr());
     }
 }
