@@ -585,10 +585,16 @@ impl ProcessGroup {
     pub fn shm_buffer(&self, len: usize) -> Result<ShmBuf> {
         self.check_ready()?;
         let res = lock(&self.inner.state).comm.shm_buffer(len);
-        res.map_err(|e| match e {
-            Error::Unsupported(why) => Error::Unsupported(format!("group {}: {why}", self.inner.name)),
+        res.map_err(|e| self.name_unsupported(e))
+    }
+    /// Puts the group's name into an [`Error::Unsupported`].
+    fn name_unsupported(&self, e: Error) -> Error {
+        match e {
+            Error::Unsupported(why) if !why.contains(&format!("group {}", self.inner.name)) => {
+                Error::Unsupported(format!("group {}: {why}", self.inner.name))
+            }
             other => other,
-        })
+        }
     }
     /// Hands `buf` to group rank `dst` without copying its bytes (its
     /// [`ProcessGroup::recv_shm`] gets a view of them); the buffer may come
@@ -597,7 +603,7 @@ impl ProcessGroup {
     pub fn send_shm(&self, buf: ShmBuf, dst: usize) -> Result<()> {
         self.check("send_shm").peer(dst)?;
         let desc = OpDesc::new(OpCode::SendRecv, None, None, None, buf.len());
-        self.run(Seq::SendTo(dst), desc, |c, call| c.send_shm(call, buf, dst))
+        self.run(Seq::SendTo(dst), desc, |c, call| c.send_shm(call, buf, dst)).map_err(|e| self.name_unsupported(e))
     }
     /// Receives the buffer group rank `src` handed over with
     /// [`ProcessGroup::send_shm`]; a plain message there instead is an
@@ -605,7 +611,7 @@ impl ProcessGroup {
     pub fn recv_shm(&self, src: usize) -> Result<ShmBuf> {
         self.check("recv_shm").peer(src)?;
         let desc = OpDesc::new(OpCode::SendRecv, None, None, None, 0);
-        self.run(Seq::RecvFrom(src), desc, |c, call| c.recv_shm(call, src))
+        self.run(Seq::RecvFrom(src), desc, |c, call| c.recv_shm(call, src)).map_err(|e| self.name_unsupported(e))
     }
     /// Point-to-point messages this rank has sent to group rank `peer`
     /// through shared memory (0 where that pair talks over the network): a
