@@ -432,6 +432,20 @@ impl ShmSegment {
         unsafe { std::slice::from_raw_parts(p, len) }
     }
 
+    /// A mutable view of `len` bytes at `off` (bounds checked), for writing
+    /// in place.
+    ///
+    /// # Safety
+    /// No other view of those bytes may exist, in this process or another,
+    /// while the slice lives (the caller's ownership protocol).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self, off: usize, len: usize) -> &mut [u8] {
+        let p = self.range(off, len);
+        // SAFETY: inside the mapping (checked) and valid for `&self`;
+        // exclusive access while the slice lives is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(p, len) }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len

@@ -164,14 +164,11 @@ impl std::ops::Deref for ShmBuf {
 impl std::ops::DerefMut for ShmBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         match &self.block {
-            Some(b) => {
-                let p = b.seg.as_ptr();
-                assert!(DATA_AT + self.len <= b.seg.len());
-                // SAFETY: inside the mapping (asserted); the bytes are this
-                // buffer's alone while it lives (module docs), and `&mut self`
-                // makes this the only view of them in this process.
-                unsafe { std::slice::from_raw_parts_mut(p.add(DATA_AT), self.len) }
-            }
+            // SAFETY: the bytes are this buffer's alone while it lives (the
+            // ownership protocol of the module docs), and `&mut self` makes
+            // this the only view of them in this process; `bytes_mut` checks
+            // the range against the mapping.
+            Some(b) => unsafe { b.seg.bytes_mut(DATA_AT, self.len) },
             None => &mut [],
         }
     }
