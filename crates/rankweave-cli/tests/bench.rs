@@ -300,3 +300,37 @@ fn shared_memory_transport_checks_out_and_leaves_nothing_in_dev_shm() {
         after.iter().filter(|n| !before.contains(n) && n.to_string_lossy().contains("bench")).collect();
     assert!(leaked.is_empty(), "{leaked:?}");
 }
+
+#[test]
+fn sendrecv_shm_checks_every_element_and_is_refused_over_tcp() {
+    let csv = tmp("zc.csv");
+    let o = run(&[
+        "bench",
+        "sendrecv_shm",
+        "--nproc",
+        "2",
+        "--transport",
+        "shm",
+        "--sizes",
+        "8,70K,3M",
+        "-n",
+        "3",
+        "-w",
+        "1",
+        "--check",
+        "1",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Out of bounds values : 0 OK"), "{}", text(&o));
+    let body = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = body.lines().skip(1).filter(|r| r.split(',').nth(1) == Some("sendrecv_shm")).collect();
+    assert_eq!(rows.len(), 3, "{body}");
+    assert!(rows.iter().all(|r| r.contains("zero-copy")), "{body}");
+
+    let o = run(&["bench", "sendrecv_shm", "--nproc", "2", "--transport", "tcp", "--sizes", "8", "-n", "2"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("zero-copy shared-memory buffers"), "{}", text(&o));
+}

@@ -31,8 +31,10 @@ impl std::ops::Deref for BenchArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchOptions {
     /// Operation(s), comma-separated: all_reduce, all_gather, reduce_scatter,
-    /// broadcast, reduce, gather, all_to_all, sendrecv, bcast_obj, mq;
-    /// `anchors` (the five the anchor benchmarks measure) or `all`.
+    /// broadcast, reduce, gather, all_to_all, sendrecv, sendrecv_shm (a
+    /// zero-copy buffer ping-pong; shared-memory groups), bcast_obj, mq;
+    /// `anchors` (the five the anchor benchmarks measure) or `all` (all but
+    /// sendrecv_shm and mq).
     /// `plot` draws the CSV files that follow instead of measuring.
     #[arg(value_name = "OP")]
     pub op: String,

@@ -16,6 +16,7 @@
 //! element so that a block landing in the wrong place or a missing rank's
 //! contribution changes the result.
 
+use rankweave::collectives::shm::ShmBuf;
 use rankweave::{DType, Element, Error, ProcessGroup, ReduceOp, Result};
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,12 @@ pub enum OpKind {
     AllToAll,
     /// Ping-pong between ranks 0 and 1; time is half the round trip.
     SendRecv,
+    /// Ping-pong of one zero-copy shared-memory buffer between ranks 0 and
+    /// 1 (`shm_buffer`, `send_shm`, `recv_shm`): each hop writes one word
+    /// per 4 KiB page before sending and reads them after receiving (with
+    /// `--check 1`, rank 0 fills the pattern and both ranks verify every
+    /// element); time is half the round trip. Shared-memory groups only.
+    SendRecvShm,
     /// A serde object broadcast from the root over the group (size, then bytes).
     BcastObj,
     /// A serde object broadcast through the shared-memory MessageQueue.
@@ -45,8 +52,9 @@ pub enum OpKind {
 }
 
 impl OpKind {
-    /// Every operation, in the order `all` runs them.
-    pub const ALL: [OpKind; 10] = [
+    /// Every operation, in the order `all` runs them (`all` leaves out the
+    /// MessageQueue and sendrecv_shm, which need shared memory).
+    pub const ALL: [OpKind; 11] = [
         OpKind::AllReduce,
         OpKind::AllGather,
         OpKind::ReduceScatter,
@@ -55,6 +63,7 @@ impl OpKind {
         OpKind::Gather,
         OpKind::AllToAll,
         OpKind::SendRecv,
+        OpKind::SendRecvShm,
         OpKind::BcastObj,
         OpKind::Mq,
     ];
@@ -74,6 +83,7 @@ impl OpKind {
             OpKind::Gather => "gather",
             OpKind::AllToAll => "all_to_all",
             OpKind::SendRecv => "sendrecv",
+            OpKind::SendRecvShm => "sendrecv_shm",
             OpKind::BcastObj => "bcast_obj",
             OpKind::Mq => "mq",
         }
@@ -100,6 +110,7 @@ impl OpKind {
             "gather" => OpKind::Gather,
             "all_to_all" | "alltoall" => OpKind::AllToAll,
             "sendrecv" | "send_recv" | "pingpong" => OpKind::SendRecv,
+            "sendrecv_shm" | "pingpong_shm" => OpKind::SendRecvShm,
             "bcast_obj" | "broadcast_object" => OpKind::BcastObj,
             "mq" | "message_queue" => OpKind::Mq,
             _ => {
@@ -117,7 +128,12 @@ impl OpKind {
         match self {
             OpKind::AllReduce => 2.0 * (n - 1.0) / n,
             OpKind::AllGather | OpKind::ReduceScatter | OpKind::AllToAll | OpKind::Gather => (n - 1.0) / n,
-            OpKind::Broadcast | OpKind::Reduce | OpKind::SendRecv | OpKind::BcastObj | OpKind::Mq => 1.0,
+            OpKind::Broadcast
+            | OpKind::Reduce
+            | OpKind::SendRecv
+            | OpKind::SendRecvShm
+            | OpKind::BcastObj
+            | OpKind::Mq => 1.0,
         }
     }
 
@@ -138,6 +154,11 @@ impl OpKind {
         matches!(self, OpKind::AllReduce | OpKind::Broadcast | OpKind::Reduce)
     }
 
+    /// True for the ping-pongs between ranks 0 and 1 (at least 2 ranks).
+    pub const fn pairwise(self) -> bool {
+        matches!(self, OpKind::SendRecv | OpKind::SendRecvShm)
+    }
+
     /// True for the object broadcasts, which use two fixed objects instead of sizes.
     pub const fn is_object(self) -> bool {
         matches!(self, OpKind::BcastObj | OpKind::Mq)
@@ -146,7 +167,7 @@ impl OpKind {
     /// Divisor applied to each measured time (sendrecv reports half a round trip).
     pub const fn time_divisor(self) -> f64 {
         match self {
-            OpKind::SendRecv => 2.0,
+            OpKind::SendRecv | OpKind::SendRecvShm => 2.0,
             _ => 1.0,
         }
     }
@@ -159,7 +180,7 @@ pub fn parse_ops(s: &str) -> Result<Vec<OpKind>> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let add: Vec<OpKind> = match part.to_ascii_lowercase().as_str() {
             "anchors" => OpKind::ANCHORS.to_vec(),
-            "all" => OpKind::ALL.iter().copied().filter(|o| *o != OpKind::Mq).collect(),
+            "all" => OpKind::ALL.iter().copied().filter(|o| !matches!(o, OpKind::Mq | OpKind::SendRecvShm)).collect(),
             _ => vec![OpKind::parse(part)?],
         };
         for op in add {
@@ -393,6 +414,12 @@ pub struct CollBench {
     /// set). Off for the checked run, whose echo lands in the zeroed output
     /// so that a receive that wrote nothing is caught.
     echo_in_place: bool,
+    /// sendrecv_shm: rank 0's buffer between runs.
+    zc: Option<ShmBuf>,
+    /// sendrecv_shm: fill and verify the pattern (else touch pages only).
+    zc_check: bool,
+    /// sendrecv_shm: wrong elements rank 1 saw.
+    zc_wrong: u64,
 }
 
 impl CollBench {
@@ -409,8 +436,8 @@ impl CollBench {
         if op.is_object() {
             return Err(Error::invalid(format!("{} is not a sized collective", op.name())));
         }
-        if op == OpKind::SendRecv && n < 2 {
-            return Err(Error::invalid("sendrecv needs at least 2 ranks"));
+        if op.pairwise() && n < 2 {
+            return Err(Error::invalid(format!("{} needs at least 2 ranks", op.name())));
         }
         if op.rooted() && root >= n {
             return Err(Error::invalid(format!("root {root} is out of range for {n} ranks")));
@@ -429,7 +456,7 @@ impl CollBench {
                     (0, 0)
                 }
             }
-            OpKind::BcastObj | OpKind::Mq => (0, 0),
+            OpKind::SendRecvShm | OpKind::BcastObj | OpKind::Mq => (0, 0),
         };
         Ok(CollBench {
             op,
@@ -442,6 +469,9 @@ impl CollBench {
             a: Buf::zeroed(a_elems * elt),
             b: Buf::zeroed(b_elems * elt),
             echo_in_place: false,
+            zc: None,
+            zc_check: false,
+            zc_wrong: 0,
         })
     }
 
@@ -467,6 +497,11 @@ impl CollBench {
                     self.a.zero()
                 }
             }
+            OpKind::SendRecvShm => {
+                self.zc = None;
+                self.zc_check = true;
+                self.zc_wrong = 0;
+            }
             OpKind::BcastObj | OpKind::Mq => {}
         }
         let _ = root;
@@ -478,6 +513,7 @@ impl CollBench {
         self.a.zero();
         self.b.zero();
         self.echo_in_place = true;
+        self.zc_check = false;
     }
 
     /// Runs the operation once.
@@ -506,6 +542,7 @@ impl CollBench {
                 }
                 _ => Ok(()),
             },
+            OpKind::SendRecvShm => self.run_zero_copy(comm),
             OpKind::BcastObj | OpKind::Mq => Err(Error::invalid("object broadcasts are not sized collectives")),
         }
     }
@@ -530,7 +567,51 @@ impl CollBench {
             }
             OpKind::AllToAll => count_wrong(dt, self.b.bytes(), 0.0, |i| pattern::a2a(i / block, r, i % block, n)),
             OpKind::SendRecv if r < 2 => count_wrong(dt, self.b.bytes(), 0.0, |i| pattern::base(0, i)),
-            OpKind::SendRecv | OpKind::BcastObj | OpKind::Mq => 0,
+            OpKind::SendRecvShm if r == 0 => match &self.zc {
+                Some(buf) => count_wrong(dt, buf, 0.0, |i| pattern::base(0, i)),
+                None => self.layout.count as u64,
+            },
+            OpKind::SendRecvShm if r == 1 => self.zc_wrong,
+            OpKind::SendRecv | OpKind::SendRecvShm | OpKind::BcastObj | OpKind::Mq => 0,
+        }
+    }
+
+    /// One round trip of sendrecv_shm (see [`OpKind::SendRecvShm`]).
+    fn run_zero_copy(&mut self, comm: &ProcessGroup) -> Result<()> {
+        const PAGE: usize = 4096;
+        let (dt, bytes) = (self.dtype, self.layout.bytes as usize);
+        match self.rank {
+            0 => {
+                let mut buf = match self.zc.take() {
+                    Some(b) => b,
+                    None => comm.shm_buffer(bytes)?,
+                };
+                if self.zc_check {
+                    fill(dt, &mut buf, |i| pattern::base(0, i));
+                } else {
+                    for p in buf.chunks_mut(PAGE) {
+                        p[0] = p[0].wrapping_add(1);
+                    }
+                }
+                comm.send_shm(buf, 1)?;
+                let buf = comm.recv_shm(1)?;
+                let seen = buf.chunks(PAGE).fold(0u8, |a, p| a ^ p[0]);
+                std::hint::black_box(seen);
+                self.zc = Some(buf);
+                Ok(())
+            }
+            1 => {
+                let mut buf = comm.recv_shm(0)?;
+                if self.zc_check {
+                    self.zc_wrong = count_wrong(dt, &buf, 0.0, |i| pattern::base(0, i));
+                } else {
+                    for p in buf.chunks_mut(PAGE) {
+                        p[0] = p[0].wrapping_add(1);
+                    }
+                }
+                comm.send_shm(buf, 0)
+            }
+            _ => Ok(()),
         }
     }
 }

@@ -70,7 +70,7 @@ impl Out {
 fn steps(cfg: &Config, n: usize) -> Vec<(OpKind, Mode, usize)> {
     let mut v = Vec::new();
     for &op in &cfg.ops {
-        if op == OpKind::SendRecv && n < 2 {
+        if op.pairwise() && n < 2 {
             continue;
         }
         for &mode in &cfg.modes {
@@ -137,7 +137,7 @@ pub fn run_suite(
             "{}  mode={}  transport={transport}  world_size={n}{}",
             op.name(),
             mode.name(),
-            if op == OpKind::SendRecv { "  (ping-pong rank 0 <-> 1, half round trip)" } else { "" }
+            if op.pairwise() { "  (ping-pong rank 0 <-> 1, half round trip)" } else { "" }
         )));
         let mut table = Table::new();
         if op.is_object() {
@@ -225,6 +225,7 @@ fn record(
         busbw_gbps: algbw * op.busbw_factor(n),
         note: match op {
             OpKind::SendRecv => "half round trip r0<->r1".into(),
+            OpKind::SendRecvShm => "half round trip r0<->r1, zero-copy buffer, one word per page touched".into(),
             _ if cfg.dtype != DType::F32 || (op.reduces() && cfg.redop != ReduceOp::Sum) => {
                 format!("dtype={} redop={}", cfg.dtype, if op.reduces() { cfg.redop.name() } else { "none" })
             }

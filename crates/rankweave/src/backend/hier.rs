@@ -4,15 +4,22 @@
 //! shared-memory segment, all-reduces among the node leaders (each node's
 //! lowest group rank) over TCP, and broadcasts inside each node; `Avg` sums
 //! throughout and divides once, on the leaders, so every rank ends with the
-//! same bits. Every other operation runs over the TCP mesh.
+//! same bits. Every other collective runs over the TCP mesh.
+//!
+//! Point-to-point between two ranks of one node goes through that node's
+//! segment ([`ShmComm::send`]/[`ShmComm::recv`]: per-pair channels, one copy
+//! or none); between nodes it goes over TCP. Whether two ranks share a node
+//! is fixed when the group is built, so all messages of a pair take one
+//! path and keep their order. Errors of the node-local path name group
+//! ranks, as those of TCP do.
 
 use super::shm::MeshAndSegments;
 use super::tcp::TransportComm;
 use super::{Backend, Call, Communicator};
-use crate::collectives::shm::ShmComm;
+use crate::collectives::shm::{ShmBuf, ShmComm};
 use crate::collectives::{self, Comm};
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::group::TransportKind;
 use crate::reduce::ReduceOp;
 use crate::transport::tcp::TcpTransport;
@@ -25,6 +32,9 @@ use std::time::Instant;
 pub struct NodeLayout {
     /// Shared memory among this node's members (`None` when alone on it).
     pub local: Option<ShmComm>,
+    /// Group ranks of this node's members, in order (their ranks in
+    /// `local` are the positions here); this rank alone when alone.
+    pub local_ranks: Vec<usize>,
     /// Group ranks of the node leaders, in node order.
     pub leaders: Vec<usize>,
     /// This rank's index in `leaders`, when it leads its node.
@@ -45,6 +55,7 @@ impl HierBackend {
     pub fn backend(mut layout: NodeLayout, size: usize, mesh: Arc<TcpTransport>) -> Backend {
         let tcp = TransportComm::new(mesh.clone(), "tcp");
         if let Some(local) = layout.local.as_mut() {
+            local.set_rank_names(layout.local_ranks.clone());
             // A rank waiting in its node's segment still hears the other
             // nodes: a peer that waits for it in another operation (a
             // mismatch) or aborted stops the wait at once.
@@ -93,6 +104,15 @@ impl Transport for SubTransport<'_> {
         deadline: Instant,
     ) -> Result<()> {
         self.inner.send_recv(self.members[to], send_tag, data, self.members[from], recv_tag, buf, deadline)
+    }
+}
+
+impl HierBackend {
+    /// The node-local communicator and `peer`'s rank in it, when `peer`
+    /// shares this rank's node.
+    fn local_peer(&mut self, peer: usize) -> Option<(&mut ShmComm, usize)> {
+        let i = self.layout.local_ranks.iter().position(|&j| j == peer)?;
+        self.layout.local.as_mut().map(|c| (c, i))
     }
 }
 
@@ -160,9 +180,29 @@ impl Communicator for HierBackend {
         self.tcp.barrier(call)
     }
     fn send(&mut self, call: Call, data: &[u8], dst: usize) -> Result<()> {
-        self.tcp.send(call, data, dst)
+        match self.local_peer(dst) {
+            Some((local, i)) => local.send(data, i, call.timeout),
+            None => self.tcp.send(call, data, dst),
+        }
     }
     fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
-        self.tcp.recv(call, buf, src)
+        match self.local_peer(src) {
+            Some((local, i)) => local.recv(buf, i, call.timeout),
+            None => self.tcp.recv(call, buf, src),
+        }
+    }
+    fn shm_messages_sent(&self, peer: usize) -> u64 {
+        let i = self.layout.local_ranks.iter().position(|&j| j == peer);
+        match (i, self.layout.local.as_ref()) {
+            (Some(i), Some(local)) if i != local.rank() => local.messages_sent(i),
+            _ => 0,
+        }
+    }
+    fn shm_buffer(&mut self, _len: usize) -> Result<ShmBuf> {
+        Err(Error::Unsupported(
+            "zero-copy shared-memory buffers need a group whose ranks all run on one node; this group spans \
+             nodes (use send_bytes/recv_bytes, which take shared memory between ranks of one node)"
+                .into(),
+        ))
     }
 }

@@ -58,6 +58,7 @@ pub mod mpi;
 pub mod shm;
 pub mod tcp;
 
+use crate::collectives::shm::ShmBuf;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::group::TransportKind;
@@ -125,6 +126,33 @@ pub trait Communicator: Send {
     fn send(&mut self, call: Call, data: &[u8], dst: usize) -> Result<()>;
     /// Receives exactly `buf.len()` bytes from `src`.
     fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()>;
+    /// Point-to-point messages this rank has sent to `peer` through shared
+    /// memory (a statistic; 0 for backends without it).
+    fn shm_messages_sent(&self, _peer: usize) -> u64 {
+        0
+    }
+    /// A zero-copy buffer of `len` bytes from this rank's pool
+    /// ([`crate::collectives::shm::zc`]); [`Error::Unsupported`] for
+    /// backends whose ranks do not all share memory.
+    fn shm_buffer(&mut self, _len: usize) -> Result<ShmBuf> {
+        Err(no_shm_buffers(self.name()))
+    }
+    /// Hands `buf` to `dst` without copying it.
+    fn send_shm(&mut self, _call: Call, _buf: ShmBuf, _dst: usize) -> Result<()> {
+        Err(no_shm_buffers(self.name()))
+    }
+    /// Receives a buffer `src` handed over with `send_shm`.
+    fn recv_shm(&mut self, _call: Call, _src: usize) -> Result<ShmBuf> {
+        Err(no_shm_buffers(self.name()))
+    }
+}
+
+/// The error of a backend without zero-copy buffers.
+fn no_shm_buffers(backend: &str) -> Error {
+    Error::Unsupported(format!(
+        "the {backend} backend has no zero-copy shared-memory buffers: they need a group whose ranks \
+         all run on one node with shared memory (the shm backend)"
+    ))
 }
 
 /// The half of a backend that any thread may use while an operation is in

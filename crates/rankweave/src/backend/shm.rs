@@ -4,7 +4,7 @@
 //! operations).
 
 use super::{Backend, Call, Communicator, Link};
-use crate::collectives::shm::{ShmAbort, ShmComm};
+use crate::collectives::shm::{ShmAbort, ShmBuf, ShmComm};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::group::TransportKind;
@@ -94,5 +94,17 @@ impl Communicator for ShmBackend {
     }
     fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
         self.shm.recv(buf, src, call.timeout)
+    }
+    fn shm_messages_sent(&self, peer: usize) -> u64 {
+        self.shm.messages_sent(peer)
+    }
+    fn shm_buffer(&mut self, len: usize) -> Result<ShmBuf> {
+        self.shm.shm_buffer(len)
+    }
+    fn send_shm(&mut self, call: Call, buf: ShmBuf, dst: usize) -> Result<()> {
+        self.shm.send_shm(buf, dst, call.timeout)
+    }
+    fn recv_shm(&mut self, call: Call, src: usize) -> Result<ShmBuf> {
+        self.shm.recv_shm(src, call.timeout)
     }
 }

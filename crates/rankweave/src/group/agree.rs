@@ -138,7 +138,7 @@ pub(super) fn setup_shm(
     }
     let leader_index = leaders.iter().position(|&l| l == rank);
     tracing::debug!(group = %name, rank, nodes = leaders.len(), "members span nodes: hierarchical all_reduce");
-    Ok(Plan::Hier(NodeLayout { local: comm, leaders, leader_index }))
+    Ok(Plan::Hier(NodeLayout { local: comm, local_ranks: local, leaders, leader_index }))
 }
 
 /// Creates a shared-memory communicator among `members` (group ranks; this

@@ -31,6 +31,7 @@ pub use node::{in_the_same_node_as, node_identity};
 pub use options::{GroupOptions, TransportKind, TRANSPORT_ENV};
 
 use crate::backend::{Backend, Call, Communicator, Link};
+use crate::collectives::shm::ShmBuf;
 use crate::collectives::Comm;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
@@ -575,6 +576,48 @@ impl ProcessGroup {
         self.check("recv").peer(src)?;
         let desc = OpDesc::new(OpCode::SendRecv, None, None, None, buf.len());
         self.run(Seq::RecvFrom(src), desc, |c, call| c.recv(call, buf, src))
+    }
+    /// A zero-copy buffer of `len` bytes from this rank's pool in shared
+    /// memory ([`ShmBuf`]; see [`crate::collectives::shm::zc`]): fill it and
+    /// hand it to a peer with [`ProcessGroup::send_shm`] instead of copying.
+    /// Only for groups on the shared-memory backend (every rank on one
+    /// node); others fail with [`Error::Unsupported`]. Not a collective.
+    pub fn shm_buffer(&self, len: usize) -> Result<ShmBuf> {
+        self.check_ready()?;
+        let res = lock(&self.inner.state).comm.shm_buffer(len);
+        res.map_err(|e| self.name_unsupported(e))
+    }
+    /// Puts the group's name into an [`Error::Unsupported`].
+    fn name_unsupported(&self, e: Error) -> Error {
+        match e {
+            Error::Unsupported(why) if !why.contains(&format!("group {}", self.inner.name)) => {
+                Error::Unsupported(format!("group {}: {why}", self.inner.name))
+            }
+            other => other,
+        }
+    }
+    /// Hands `buf` to group rank `dst` without copying its bytes (its
+    /// [`ProcessGroup::recv_shm`] gets a view of them); the buffer may come
+    /// from this rank's pool or have been received. Returns once the
+    /// handover is posted. Ordered with `send_bytes` to the same peer.
+    pub fn send_shm(&self, buf: ShmBuf, dst: usize) -> Result<()> {
+        self.check("send_shm").peer(dst)?;
+        let desc = OpDesc::new(OpCode::SendRecv, None, None, None, buf.len());
+        self.run(Seq::SendTo(dst), desc, |c, call| c.send_shm(call, buf, dst)).map_err(|e| self.name_unsupported(e))
+    }
+    /// Receives the buffer group rank `src` handed over with
+    /// [`ProcessGroup::send_shm`]; a plain message there instead is an
+    /// [`Error::Mismatch`]. Dropping the buffer returns it to its owner.
+    pub fn recv_shm(&self, src: usize) -> Result<ShmBuf> {
+        self.check("recv_shm").peer(src)?;
+        let desc = OpDesc::new(OpCode::SendRecv, None, None, None, 0);
+        self.run(Seq::RecvFrom(src), desc, |c, call| c.recv_shm(call, src)).map_err(|e| self.name_unsupported(e))
+    }
+    /// Point-to-point messages this rank has sent to group rank `peer`
+    /// through shared memory (0 where that pair talks over the network): a
+    /// statistic, to see which path a pair takes.
+    pub fn shm_messages_sent(&self, peer: usize) -> u64 {
+        lock(&self.inner.state).comm.shm_messages_sent(peer)
     }
     /// Returns once every rank entered.
     pub fn barrier(&self) -> Result<()> {

@@ -199,6 +199,9 @@ pub struct ShmSegment {
     ptr: NonNull<u8>,
     len: usize,
     owner: std::sync::atomic::AtomicBool,
+    /// The descriptor an anonymous segment keeps open (others map it
+    /// through `/proc/<pid>/fd/<fd>`); `None` for named segments.
+    fd: Option<std::os::fd::OwnedFd>,
 }
 
 // SAFETY: the mapping is plain shared memory; all access goes through raw
@@ -286,7 +289,65 @@ impl ShmSegment {
         let ptr =
             unsafe { mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, &fd, 0) }
                 .map_err(|e| fail("mmap", e))?;
-        Ok(ShmSegment { name: name.to_string(), ptr: ptr.cast(), len, owner: create.into() })
+        Ok(ShmSegment { name: name.to_string(), ptr: ptr.cast(), len, owner: create.into(), fd: None })
+    }
+
+    /// Creates an anonymous segment of `len` bytes (`memfd_create`): it
+    /// never has a name in `/dev/shm`, so nothing can be left behind; its
+    /// memory lives as long as a process maps it. The descriptor stays open
+    /// ([`ShmSegment::raw_fd`]) so that other processes of the same user and
+    /// pid namespace can map it with [`ShmSegment::open_fd_of`]. The pages
+    /// are reserved and mapped at once (no SIGBUS, no page faults later).
+    pub fn create_anonymous(purpose: &str, len: usize) -> Result<Self> {
+        let size = NonZeroUsize::new(len).ok_or_else(|| Error::invalid("shared-memory segment of 0 bytes"))?;
+        let tag = std::ffi::CString::new(format!("rankweave-{purpose}")).unwrap_or_default();
+        let fd = nix::sys::memfd::memfd_create(&tag, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| os_error("memfd_create", purpose, e))?;
+        let what = format!("memfd {purpose} ({len} bytes)");
+        nix::unistd::ftruncate(&fd, len as i64).map_err(|e| os_error("ftruncate", &what, e))?;
+        match nix::fcntl::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&fd), 0, len as i64) {
+            Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {}
+            Err(e) => return Err(os_error("fallocate", &what, e)),
+        }
+        let ptr = map_fd(&fd, size).map_err(|e| os_error("mmap", &what, e))?;
+        Ok(ShmSegment { name: what, ptr, len, owner: false.into(), fd: Some(fd) })
+    }
+
+    /// Maps the anonymous segment that process `pid` holds open as `fd`
+    /// (`/proc/<pid>/fd/<fd>`), which must be a shared-memory file of at
+    /// least `min_len` bytes; the mapping covers the whole file (see
+    /// [`ShmSegment::len`]). Fails with an I/O error of kind `NotFound`
+    /// when the process or the descriptor is gone, `PermissionDenied` where
+    /// the kernel forbids it.
+    pub fn open_fd_of(pid: i32, fd: i32, min_len: usize) -> Result<Self> {
+        use std::os::fd::AsFd;
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(crate::error::Context::op(format!("open {path}")), e))?;
+        let st =
+            nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&file)).map_err(|e| os_error("fstat", &path, e))?;
+        // Only a regular file can be a shared-memory segment (a socket or a
+        // pipe would not map, a device might map something else).
+        let regular = nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+            == nix::sys::stat::SFlag::S_IFREG;
+        let len = usize::try_from(st.st_size).unwrap_or(0);
+        if !regular || len < min_len.max(1) {
+            return Err(Error::SharedMemory(format!(
+                "{path} is not a shared-memory segment of at least {min_len} bytes ({len} bytes)"
+            )));
+        }
+        let size = NonZeroUsize::new(len).ok_or_else(|| Error::invalid("shared-memory segment of 0 bytes"))?;
+        let ptr = map_fd(&file.as_fd(), size).map_err(|e| os_error("mmap", &path, e))?;
+        Ok(ShmSegment { name: path, ptr, len, owner: false.into(), fd: None })
+    }
+
+    /// The open descriptor of an anonymous segment (see
+    /// [`ShmSegment::create_anonymous`]).
+    pub fn raw_fd(&self) -> Option<i32> {
+        self.fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)
     }
 
     /// Start of the mapping.
@@ -371,6 +432,20 @@ impl ShmSegment {
         unsafe { std::slice::from_raw_parts(p, len) }
     }
 
+    /// A mutable view of `len` bytes at `off` (bounds checked), for writing
+    /// in place.
+    ///
+    /// # Safety
+    /// No other view of those bytes may exist, in this process or another,
+    /// while the slice lives (the caller's ownership protocol).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn bytes_mut(&self, off: usize, len: usize) -> &mut [u8] {
+        let p = self.range(off, len);
+        // SAFETY: inside the mapping (checked) and valid for `&self`;
+        // exclusive access while the slice lives is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(p, len) }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -397,6 +472,24 @@ impl ShmSegment {
             let _ = shm_unlink(self.name.as_str());
         }
     }
+}
+
+/// Maps all `size` bytes of `fd` shared, read-write, with its pages
+/// populated.
+fn map_fd(fd: &impl std::os::fd::AsFd, size: NonZeroUsize) -> nix::Result<NonNull<u8>> {
+    // SAFETY: mapping a shared file descriptor at a kernel-chosen address;
+    // no existing memory is affected.
+    let ptr = unsafe {
+        mmap(
+            None,
+            size,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+            fd,
+            0,
+        )
+    }?;
+    Ok(ptr.cast())
 }
 
 impl Drop for ShmSegment {

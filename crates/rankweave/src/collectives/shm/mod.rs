@@ -52,7 +52,8 @@
 //! instead of at the timeout.
 //!
 //! Point-to-point messages between the group's ranks use per-pair channels
-//! at the end of the segment (see [`p2p`]).
+//! at the end of the segment (see [`p2p`]); buffers that change hands
+//! without a copy live in per-rank pools of their own (see [`zc`]).
 //!
 //! Rank 0 unlinks the segment's name as soon as every rank has attached, so
 //! nothing stays in `/dev/shm` even when ranks are killed later.
@@ -70,7 +71,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod p2p;
+pub mod zc;
 use p2p::P2p;
+pub use zc::ShmBuf;
 
 /// Inline payload bytes per control line (a 64-byte line minus the step,
 /// the descriptor and the CPU hint).
@@ -200,6 +203,11 @@ pub struct ShmComm {
     poisoned: Option<String>,
     p2p: P2p,
     watch: Watcher,
+    /// The rank each member has in the enclosing group, for errors (empty:
+    /// the communicator's own ranks).
+    names: Vec<usize>,
+    /// Zero-copy buffers: this rank's pool and the blocks it mapped.
+    zc: zc::Zc,
 }
 
 /// The optional [`Watch`] (a named type so that `ShmComm` stays `Debug`).
@@ -322,6 +330,8 @@ impl ShmComm {
             poisoned: None,
             p2p: P2p::new(HEADER + size * (CTRL + slot), size, opts.cross_memory_attach),
             watch: Watcher::default(),
+            names: Vec::new(),
+            zc: zc::Zc::new(),
         };
         comm.info(rank, 0).store(std::process::id() as u64, Ordering::Relaxed);
         comm.info(rank, 1).store(pid_namespace(), Ordering::Relaxed);
@@ -365,6 +375,21 @@ impl ShmComm {
     /// removes it); an error it returns fails the step.
     pub fn set_watch(&mut self, watch: Option<Watch>) {
         self.watch = Watcher(watch);
+    }
+
+    /// Names the members by their ranks in an enclosing group (a node's
+    /// communicator inside a group spanning nodes): point-to-point errors
+    /// then name `names[j]` for member `j`. Ignored unless it has one entry
+    /// per member.
+    pub fn set_rank_names(&mut self, names: Vec<usize>) {
+        if names.len() == self.size {
+            self.names = names;
+        }
+    }
+
+    /// Member `j`'s rank for errors (see [`ShmComm::set_rank_names`]).
+    fn name_of(&self, j: usize) -> usize {
+        self.names.get(j).copied().unwrap_or(j)
     }
 
     fn ctx(&self, op: OpCode) -> Context {

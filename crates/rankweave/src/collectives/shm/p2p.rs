@@ -85,6 +85,9 @@ const ADDR: usize = 24;
 const STATE: usize = 32;
 const CHUNKS: usize = 40;
 const SCPU: usize = 48;
+/// What the message is: [`BYTES`] or [`BUFFER`] (a zero-copy buffer's
+/// descriptor, see [`super::zc`]).
+const KIND: usize = 56;
 // Words of the receiver's line.
 const TAKEN: usize = 0;
 const ACKED: usize = 8;
@@ -94,6 +97,11 @@ const OPEN: u64 = 0;
 const READING: u64 = 1;
 const SLOTS: u64 = 2;
 const CANCELLED: u64 = 3;
+
+/// A message of plain bytes.
+pub(super) const BYTES: u64 = 0;
+/// The descriptor of a zero-copy buffer.
+pub(super) const BUFFER: u64 = 1;
 
 fn state(k: u64, phase: u64) -> u64 {
     (k << 2) | phase
@@ -130,8 +138,9 @@ pub(super) struct P2p {
     chunks_in: Vec<u64>,
     /// Whether cross-memory attach may be tried with each rank.
     cma: Vec<bool>,
-    /// Messages taken in while blocked in a send, per sender, in order.
-    pending: Vec<VecDeque<Vec<u8>>>,
+    /// Messages taken in while blocked in a send, per sender, in order,
+    /// with their kind.
+    pending: Vec<VecDeque<(u64, Vec<u8>)>>,
 }
 
 impl P2p {
@@ -192,7 +201,7 @@ impl ShmComm {
         self.p2p.area.min(EAGER_MAX)
     }
     fn p2p_ctx(&self, peer: usize) -> Context {
-        Context::new(OpCode::SendRecv.name(), self.group.clone(), self.rank).with_peer(peer)
+        Context::new(OpCode::SendRecv.name(), self.group.clone(), self.name_of(self.rank)).with_peer(self.name_of(peer))
     }
 
     /// Waits until `ready` holds, for `peer` (whose CPU hint is `cpu`):
@@ -243,7 +252,10 @@ impl ShmComm {
             if self.info(peer, super::CLOSED_WORD).load(Ordering::Acquire) != 0 {
                 return Err(Error::PeerLost {
                     ctx: self.p2p_ctx(peer),
-                    detail: format!("rank {peer} closed the group while this rank waited for it {what}"),
+                    detail: format!(
+                        "rank {} closed the group while this rank waited for it {what}",
+                        self.name_of(peer)
+                    ),
                 });
             }
             if waited >= check_after {
@@ -254,14 +266,23 @@ impl ShmComm {
                 if self.vanished(std::iter::once(peer)).is_some() {
                     return Err(Error::PeerLost {
                         ctx: self.p2p_ctx(peer),
-                        detail: format!("the process of rank {peer} exited while this rank waited for it {what}"),
+                        detail: format!(
+                            "the process of rank {} exited while this rank waited for it {what}",
+                            self.name_of(peer)
+                        ),
                     });
                 }
             }
             if waited >= timeout {
-                return Err(Error::timeout(self.p2p_ctx(peer), waited, format!("rank {peer} {what}")));
+                return Err(Error::timeout(self.p2p_ctx(peer), waited, format!("rank {} {what}", self.name_of(peer))));
             }
         }
+    }
+
+    /// Point-to-point messages this rank has sent to member `peer` through
+    /// the segment (0 for itself or a rank out of range).
+    pub fn messages_sent(&self, peer: usize) -> u64 {
+        self.p2p.sent.get(peer).copied().unwrap_or(0)
     }
 
     /// Sends `data` to rank `dst` (see the module docs), waiting at most
@@ -269,11 +290,11 @@ impl ShmComm {
     pub fn send(&mut self, data: &[u8], dst: usize, timeout: Duration) -> Result<()> {
         self.check()?;
         self.args(OpCode::SendRecv).peer(dst)?;
-        let res = self.send_inner(data, dst, timeout);
+        let res = self.send_inner(data, dst, timeout, BYTES);
         res.map_err(|e| self.fail(e))
     }
 
-    fn send_inner(&mut self, data: &[u8], dst: usize, timeout: Duration) -> Result<()> {
+    pub(super) fn send_inner(&mut self, data: &[u8], dst: usize, timeout: Duration, kind: u64) -> Result<()> {
         let me = self.rank;
         let k = self.p2p.sent[dst] + 1;
         // Where the receiver last ran (a hint for the wait).
@@ -289,6 +310,7 @@ impl ShmComm {
         self.sword(me, dst, DESC).store(d, Ordering::Relaxed);
         self.sword(me, dst, LEN).store(len as u64, Ordering::Relaxed);
         self.sword(me, dst, SCPU).store(u64::from(current_cpu()), Ordering::Relaxed);
+        self.sword(me, dst, KIND).store(kind, Ordering::Relaxed);
         self.p2p.sent[dst] = k;
         if len <= P2P_INLINE {
             // SAFETY: the inline line of our own channel, which the receiver
@@ -397,25 +419,45 @@ impl ShmComm {
     }
 
     fn recv_inner(&mut self, buf: &mut [u8], src: usize, timeout: Duration) -> Result<()> {
-        if let Some(msg) = self.p2p.pending[src].pop_front() {
-            if msg.len() != buf.len() {
-                return Err(self.mismatch(src, msg.len(), buf.len()));
+        self.recv_kind(buf, src, timeout, BYTES)
+    }
+
+    /// Receives the next message from `src`, which must be of `kind` and
+    /// exactly `buf.len()` bytes.
+    pub(super) fn recv_kind(&mut self, buf: &mut [u8], src: usize, timeout: Duration, kind: u64) -> Result<()> {
+        if let Some((theirs, msg)) = self.p2p.pending[src].pop_front() {
+            if theirs != kind || msg.len() != buf.len() {
+                return Err(self.mismatch(src, (theirs, msg.len()), (kind, buf.len())));
             }
             buf.copy_from_slice(&msg);
             return Ok(());
         }
-        let theirs = self.wait_posted(src, timeout)?;
-        if theirs != buf.len() {
-            return Err(self.mismatch(src, theirs, buf.len()));
+        let len = self.wait_posted(src, timeout)?;
+        let theirs = self.sword(src, self.rank, KIND).load(Ordering::Relaxed);
+        if theirs != kind || len != buf.len() {
+            return Err(self.mismatch(src, (theirs, len), (kind, buf.len())));
         }
         self.take(buf, src, timeout)
     }
 
-    fn mismatch(&self, src: usize, theirs: usize, mine: usize) -> Error {
-        let d = |len| describe(OpDesc::new(OpCode::SendRecv, None, None, None, len).0);
+    /// `theirs` and `mine` are (kind, length) of the message.
+    fn mismatch(&self, src: usize, theirs: (u64, usize), mine: (u64, usize)) -> Error {
+        let d = |(kind, len): (u64, usize)| {
+            if kind == BUFFER {
+                "a zero-copy shared-memory buffer".to_string()
+            } else {
+                describe(OpDesc::new(OpCode::SendRecv, None, None, None, len).0)
+            }
+        };
         Error::Mismatch {
             ctx: self.p2p_ctx(src),
-            detail: format!("rank {} expected {}, rank {src} sent {}", self.rank, d(mine), d(theirs)),
+            detail: format!(
+                "rank {} expected {}, rank {} sent {}",
+                self.name_of(self.rank),
+                d(mine),
+                self.name_of(src),
+                d(theirs)
+            ),
         }
     }
 
@@ -489,7 +531,7 @@ impl ShmComm {
             Ok(()) => Ok(true),
             Err(nix::errno::Errno::ESRCH) => Err(Error::PeerLost {
                 ctx: self.p2p_ctx(src),
-                detail: format!("the process of rank {src} exited while sending message {k}"),
+                detail: format!("the process of rank {} exited while sending message {k}", self.name_of(src)),
             }),
             Err(e) => {
                 tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
@@ -534,12 +576,12 @@ impl ShmComm {
     fn cancelled(&self, src: usize, k: u64) -> Error {
         Error::PeerLost {
             ctx: self.p2p_ctx(src),
-            detail: format!("rank {src} gave up sending message {k} (it failed or timed out)"),
+            detail: format!("rank {} gave up sending message {k} (it failed or timed out)", self.name_of(src)),
         }
     }
 
     /// Rank `j`'s pid when it runs in our pid namespace.
-    fn same_namespace_pid(&self, j: usize) -> Option<i32> {
+    pub(super) fn same_namespace_pid(&self, j: usize) -> Option<i32> {
         let ns = self.info(self.rank, 1).load(Ordering::Relaxed);
         let pid = self.info(j, 0).load(Ordering::Relaxed);
         (ns != 0 && self.info(j, 1).load(Ordering::Relaxed) == ns).then(|| i32::try_from(pid).ok()).flatten()
@@ -557,6 +599,7 @@ impl ShmComm {
                     break;
                 }
                 let len = self.posted_len(src);
+                let kind = self.sword(src, me, KIND).load(Ordering::Relaxed);
                 let large = len > self.eager_max();
                 if large && !(self.p2p.cma[src] && self.same_namespace_pid(src).is_some()) {
                     // The pipelined path needs the sender to stream, and a
@@ -567,7 +610,10 @@ impl ShmComm {
                 let mut msg = Vec::new();
                 msg.try_reserve_exact(len).map_err(|_| Error::Protocol {
                     ctx: self.p2p_ctx(src),
-                    detail: format!("rank {src} sent {len} bytes, more than this rank can hold in memory"),
+                    detail: format!(
+                        "rank {} sent {len} bytes, more than this rank can hold in memory",
+                        self.name_of(src)
+                    ),
                 })?;
                 msg.resize(len, 0);
                 if large {
@@ -580,7 +626,7 @@ impl ShmComm {
                 } else {
                     self.take(&mut msg, src, timeout)?;
                 }
-                self.p2p.pending[src].push_back(msg);
+                self.p2p.pending[src].push_back((kind, msg));
             }
         }
         Ok(())
