@@ -187,8 +187,9 @@ fn mismatch_mode() {
     // Point-to-point, check mode off: the descriptor travels in the tag.
     // (sent bytes, received bytes): longer, shorter, empty, an f32 send
     // received as f64, and a large message whose sender must not hang.
-    let p2p: [(&str, usize, usize); 5] = [
+    let p2p: [(&str, usize, usize); 6] = [
         ("longer", 16, 8),
+        ("large into small", 1 << 20, 8),
         ("shorter", 4, 8),
         ("empty", 0, 8),
         ("f32 sent, f64 received", 4 * 4, 4 * 8),

@@ -432,10 +432,88 @@ impl RawComm {
         check(unsafe { ffi::MPI_Allreduce(send, v.as_mut_ptr().cast(), n, ffi::RSMPI_INT64_T, ffi::RSMPI_MAX, self.0) })
     }
 
-    /// Matches the first message from `src` not received yet, any tag
-    /// (`MPI_Improbe`): from then on it is this process's to receive, with
-    /// [`RawComm::mrecv`] or [`RawComm::drain`].
-    pub(crate) fn improbe(self, src: c_int) -> Result<Option<Matched>, Code> {
+    /// Receives at most `buf.len()` bytes from `src` with `tag`, polling
+    /// `keep_waiting` between tests of the request; returns the received
+    /// length, or `Ok(None)` when `keep_waiting` said stop and the receive
+    /// was cancelled before anything arrived. Only for tags that pin the
+    /// message's exact length (see the backend's `Tags`): Open MPI 4.1's
+    /// single-copy path writes a truncated large message past the buffer.
+    pub(crate) fn recv(
+        self,
+        buf: &mut [u8],
+        n: c_int,
+        src: c_int,
+        tag: c_int,
+        mut keep_waiting: impl FnMut() -> bool,
+    ) -> Result<Option<usize>, Code> {
+        // SAFETY: predefined handle, overwritten by MPI_Irecv.
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        let serial_irecv = serial();
+        // SAFETY: `buf` holds `n` bytes and stays borrowed (unused by us)
+        // until the request completes or is cancelled and waited for below.
+        check(unsafe { ffi::MPI_Irecv(out_ptr(buf), n, byte(), src, tag, self.0, &mut req) })?;
+        drop(serial_irecv);
+        // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        loop {
+            let mut done = 0;
+            let serial_test = serial();
+            // SAFETY: `req` is the active request made above.
+            let rc = unsafe { ffi::MPI_Test(&mut req, &mut done, &mut status) };
+            drop(serial_test);
+            if rc != 0 {
+                // The request is in error and so complete: `buf` is free.
+                return Err(rc);
+            }
+            if done != 0 {
+                break;
+            }
+            if !keep_waiting() {
+                let _serial = serial();
+                // SAFETY: cancel the active request, then wait for it to
+                // complete (cancelled or received), after which MPI no
+                // longer touches `buf`.
+                unsafe {
+                    ffi::MPI_Cancel(&mut req);
+                    check(ffi::MPI_Wait(&mut req, &mut status))?;
+                }
+                let mut cancelled = 0;
+                // SAFETY: a status filled by MPI_Wait.
+                check(unsafe { ffi::MPI_Test_cancelled(&status, &mut cancelled) })?;
+                if cancelled != 0 {
+                    return Ok(None);
+                }
+                break;
+            }
+        }
+        let mut got = 0;
+        let _serial = serial();
+        // SAFETY: a status filled by MPI for a completed receive.
+        check(unsafe { ffi::MPI_Get_count(&status, byte(), &mut got) })?;
+        Ok(Some(usize::try_from(got).unwrap_or(usize::MAX)))
+    }
+    /// The first message from `src` not received yet, any tag, left in
+    /// place (`MPI_Iprobe`): its tag and length in bytes.
+    pub(crate) fn iprobe(self, src: c_int) -> Result<Option<(c_int, usize)>, Code> {
+        let _serial = serial();
+        let mut flag = 0;
+        // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid communicator; MPI writes `flag` and `status`.
+        check(unsafe { ffi::MPI_Iprobe(src, ffi::RSMPI_ANY_TAG, self.0, &mut flag, &mut status) })?;
+        if flag == 0 {
+            return Ok(None);
+        }
+        let mut got = 0;
+        // SAFETY: a status MPI_Iprobe filled for a pending message.
+        check(unsafe { ffi::MPI_Get_count(&status, byte(), &mut got) })?;
+        Ok(Some((status.MPI_TAG, usize::try_from(got).unwrap_or(usize::MAX))))
+    }
+
+    /// Matches the first message from `src` under `tag` ([`any_tag`] for
+    /// any) not received yet (`MPI_Improbe`): from then on it is this
+    /// process's to receive, with [`RawComm::mrecv`] or [`RawComm::drain`].
+    pub(crate) fn improbe(self, src: c_int, tag: c_int) -> Result<Option<Matched>, Code> {
         let _serial = serial();
         let mut flag = 0;
         // SAFETY: a predefined handle, overwritten by MPI_Improbe.
@@ -443,7 +521,7 @@ impl RawComm {
         // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
         let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
         // SAFETY: a valid communicator; MPI writes `flag`, `msg`, `status`.
-        check(unsafe { ffi::MPI_Improbe(src, ffi::RSMPI_ANY_TAG, self.0, &mut flag, &mut msg, &mut status) })?;
+        check(unsafe { ffi::MPI_Improbe(src, tag, self.0, &mut flag, &mut msg, &mut status) })?;
         if flag == 0 {
             return Ok(None);
         }
@@ -501,6 +579,12 @@ impl RawComm {
         // SAFETY: `sink` holds the message's whole `n` bytes.
         check(unsafe { ffi::MPI_Mrecv(out_ptr(&mut sink), n, byte(), &mut m.msg, &mut status) })
     }
+}
+
+/// `MPI_ANY_TAG`.
+pub(crate) fn any_tag() -> c_int {
+    // SAFETY: a predefined constant.
+    unsafe { ffi::RSMPI_ANY_TAG }
 }
 
 /// A message [`RawComm::improbe`] matched: its tag and length in bytes.

@@ -21,14 +21,25 @@
 //!   group size on every rank ([`crate::reduce::finish_avg`]).
 //! - **Errors**: `MPI_ERRORS_RETURN` is set on every communicator, and a
 //!   failed call is an [`Error::Io`] naming the operation, group and rank
-//!   with MPI's message. A receive waits until the group's deadline and then
-//!   cancels, failing with [`Error::Timeout`] naming the peer. MPI cannot
+//!   with MPI's message. A receive waits until the group's deadline for the
+//!   peer's message, failing with [`Error::Timeout`] naming the peer. MPI cannot
 //!   cancel a collective (or a send) once started, so a **timed-out
 //!   collective aborts the job**: a watchdog thread looks at every
 //!   operation in flight every 50 ms and, once one has run past its
 //!   timeout, logs which operation, group and rank timed out and calls
 //!   `MPI_Abort`. A process that dies makes the
 //!   MPI launcher end the job (Open MPI's default), as with any MPI program.
+//! - **Mismatches**: a point-to-point message's tag carries its descriptor
+//!   beside the pair's sequence number ([`Tags`]); a receive matches the
+//!   peer's next message first (`MPI_Improbe`) and takes it only when tag
+//!   and length are its own, else drains it and fails with
+//!   [`Error::Mismatch`] naming the peer and both descriptors, its buffer
+//!   untouched. MPI's collectives carry no descriptor; in the check mode
+//!   ([`CHECK_ENV`]) each first agrees on a hash of its descriptor in one
+//!   small `MPI_Allreduce`, so that ranks calling different ones all fail
+//!   with [`Error::Mismatch`]; without it a mismatched collective may fail
+//!   with MPI's truncation error, hang until the watchdog aborts the job,
+//!   or return wrong data.
 //! - **Finalization**: MPI is finalized when the last handle on the
 //!   [`Runtime`] goes (the last group destroyed), or at process exit;
 //!   MPI cannot be initialized again afterwards.
@@ -616,18 +627,28 @@ fn mix(x: u64) -> u64 {
 /// Bits of a point-to-point tag that hold the pair's sequence number.
 const SEQ_BITS: u32 = 11;
 const SEQ_MASK: u32 = (1 << SEQ_BITS) - 1;
-/// Descriptor bits of the wide layout: operation, dtype and reduce op (4
-/// bits each) and 8 bits of the root and length (modulo 251).
+/// Descriptor bits of the wide layout (see [`Tags`]).
 const WIDE_BITS: u32 = 20;
+/// Lengths below this are in a wide tag exactly.
+const SMALL: usize = 1 << 12;
+/// How often (in polls past the spinning) a posted receive probes for a
+/// mismatched message.
+const PROBE_EVERY: u32 = 4;
 
 /// How a point-to-point tag carries the message's descriptor beside the
-/// pair's sequence number: `descriptor << 11 | seq mod 2048`. With
-/// `MPI_TAG_UB` of 2^31 - 1 (Open MPI) the descriptor is 20 bits (the
-/// operation, dtype and reduce op as they are, so a peer's can be named,
-/// and root and length modulo 251); with a smaller tag space it is a hash
-/// of the descriptor in what is left (at least 4 bits at MPI's minimum of
-/// 32767). A receive matches the peer's next message whatever its tag and
-/// takes it only when the tag is its own.
+/// pair's sequence number: `descriptor << 11 | seq mod 2048`.
+///
+/// With `MPI_TAG_UB` of 2^31 - 1 (Open MPI) the descriptor has 20 bits: 7
+/// of a hash of the operation, dtype, reduce op and root, then a length
+/// below 4096 exactly (with a flag bit), or 12 bits of a hash of a longer
+/// one. A small receive's tag thus pins the message's length, and the
+/// receive is posted at once, probing for a message under another tag while
+/// it waits; a longer receive (or any receive under a smaller tag space,
+/// where the descriptor is a hash in what is left, at least 4 bits at MPI's
+/// minimum of 32767) first matches the peer's next message and takes it
+/// only when tag and length are its own. So MPI never truncates a message
+/// into a receive (which Open MPI 4.1's single-copy path does by writing
+/// the whole message past the buffer).
 #[derive(Clone, Copy, Debug)]
 struct Tags {
     desc_bits: u32,
@@ -640,16 +661,29 @@ impl Tags {
         Tags { desc_bits: (bits - SEQ_BITS).min(WIDE_BITS) }
     }
 
+    fn wide(self) -> bool {
+        self.desc_bits == WIDE_BITS
+    }
+
+    /// Whether a receive of `len` bytes can be posted before its message
+    /// is seen: its tag admits no other length.
+    fn exact(self, len: usize) -> bool {
+        self.wide() && len < SMALL
+    }
+
+    /// The wide layout's hash of everything but the length.
+    fn head(desc: OpDesc) -> u32 {
+        (mix(desc.0 >> 40) >> 57) as u32
+    }
+
     /// The descriptor field of `desc`.
     fn code(self, desc: OpDesc) -> u32 {
-        if self.desc_bits == WIDE_BITS {
-            let head = (((desc.0 >> 56) & 0xf) << 8) | ((desc.0 >> 48) & 0xff);
-            // Lengths (and roots) differing by less than 251 always differ here.
-            let tail = (desc.0 & ((1 << 48) - 1)) % 251;
-            ((head << 8) | tail) as u32
-        } else {
-            (mix(desc.0) >> (64 - self.desc_bits)) as u32
+        if !self.wide() {
+            return (mix(desc.0) >> (64 - self.desc_bits)) as u32;
         }
+        let len = desc.bytes();
+        let field = if len < SMALL as u64 { SMALL as u64 | len } else { mix(len) >> 52 };
+        (Tags::head(desc) << 13) | field as u32
     }
 
     /// The tag of the `seq`-th message of a pair, described by `desc`.
@@ -661,21 +695,19 @@ impl Tags {
         tag as u32 & SEQ_MASK
     }
 
-    /// What a peer's message says of the call that sent it: under the wide
-    /// layout its descriptor (operation, dtype and reduce op from the tag,
-    /// the length from MPI, the root assumed this rank's and checked
-    /// against the tag); else its length and descriptor bits.
+    /// What a peer's message of `len` bytes under `tag` says of the call
+    /// that sent it: under the wide layout, when the rest agrees with this
+    /// rank's call, its descriptor; else its length and descriptor bits.
     fn describe(self, tag: c_int, len: usize, ours: OpDesc) -> String {
         let code = tag as u32 >> SEQ_BITS;
-        if self.desc_bits == WIDE_BITS {
-            let head = u64::from(code >> 8);
-            let root = ours.0 & (0xff << 40);
-            let guess = OpDesc(((head >> 8) << 56) | ((head & 0xff) << 48) | root | (len as u64 & ((1 << 40) - 1)));
-            if self.code(guess) == code {
-                return guess.to_string();
+        if self.wide() && code >> 13 == Tags::head(ours) {
+            let theirs = OpDesc((ours.0 & !((1 << 40) - 1)) | (len as u64 & ((1 << 40) - 1)));
+            if self.code(theirs) == code {
+                return theirs.to_string();
             }
         }
-        format!("a message of {len} bytes with descriptor bits {code:#x} (this rank's: {:#x})", self.code(ours))
+        let what = if self.wide() { "another operation, dtype or root" } else { "another descriptor" };
+        format!("a message of {len} bytes for {what} (descriptor bits {code:#x}; this rank's {:#x})", self.code(ours))
     }
 }
 
@@ -780,24 +812,129 @@ impl Communicator for MpiComm {
     }
 
     fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
-        self.count("recv", buf.len(), "bytes")?;
+        let n = self.count("recv", buf.len(), "bytes")?;
+        if self.tags.exact(buf.len()) {
+            self.recv_posted(call, buf, n, src)
+        } else {
+            self.recv_matched(call, buf, src)
+        }
+    }
+}
+
+impl MpiComm {
+    fn recv_ctx(&self, src: usize) -> Context {
+        Context::new("recv", self.name.clone(), self.rank).with_peer(src)
+    }
+
+    /// The mismatch of a receive that found the peer's message of `len`
+    /// bytes under `t` (already taken off MPI's queue).
+    fn p2p_mismatch(&self, call: &Call, src: usize, t: c_int, len: usize, want: usize) -> Error {
+        let tag = self.tags.tag(call.seq, call.desc);
+        let (theirs, mine) = (Tags::seq_of(t), Tags::seq_of(tag));
+        let detail = if theirs != mine {
+            format!(
+                "rank {src} sent its message {theirs} (mod 2048) of the pair, {}; this rank receives message {mine}, {}",
+                self.tags.describe(t, len, call.desc),
+                call.desc
+            )
+        } else if t != tag {
+            format!("rank {src} sent {}; this rank receives {}", self.tags.describe(t, len, call.desc), call.desc)
+        } else {
+            format!("rank {src} sent {len} bytes, this rank receives {want}")
+        };
+        Error::Mismatch { ctx: self.recv_ctx(src), detail }
+    }
+
+    /// A small receive: posted at once under a tag that pins the length
+    /// ([`Tags::exact`]). Spin briefly, then yield between tests: each
+    /// MPI_Test also moves MPI's transfers along, so this wait must not
+    /// sleep as the other backends' waits do. Once yielding, every few
+    /// polls probe for the peer's message of this turn (this sequence
+    /// number) under another tag: its call with another descriptor. (One
+    /// with another sequence number is a later message: MPI keeps a pair's
+    /// messages in order.)
+    fn recv_posted(&mut self, call: Call, buf: &mut [u8], n: c_int, src: usize) -> Result<()> {
         let src_c = self.root(src);
-        let ctx = || Context::new("recv", self.name.clone(), self.rank).with_peer(src);
         let start = Instant::now();
         let deadline = start + call.timeout;
         let tag = self.tags.tag(call.seq, call.desc);
         let (comm, want) = (self.comm, buf.len());
-        // Match the peer's next message first, any tag (MPI keeps a pair's
-        // messages in order, so it is the one of this turn), and receive it
-        // only when its tag and length are this call's: a message under
-        // another tag is the peer's call with another descriptor; one of
-        // another length would be truncated, which Open MPI's single-copy
-        // path does by writing past the buffer. Spin briefly, then yield
-        // between probes: each probe also moves MPI's transfers along, so
-        // this wait must not sleep as the other backends' waits do.
+        let (mut spins, mut polls) = (0u32, 0u32);
+        let mut other: Option<(c_int, usize)> = None;
+        let mut probe_failed: Option<Code> = None;
+        let got = comm
+            .recv(buf, n, src_c, tag, || {
+                if spins < SPIN_LIMIT {
+                    spins += 1;
+                    std::hint::spin_loop();
+                    return true;
+                }
+                polls = polls.wrapping_add(1);
+                if polls % PROBE_EVERY == 0 {
+                    match comm.iprobe(src_c) {
+                        Ok(Some((t, len))) if t != tag && Tags::seq_of(t) == Tags::seq_of(tag) => {
+                            other = Some((t, len));
+                            return false;
+                        }
+                        Ok(_) => {}
+                        Err(c) => {
+                            probe_failed = Some(c);
+                            return false;
+                        }
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::yield_now();
+                true
+            })
+            .map_err(|c| self.peer_err("recv", c, src))?;
+        match got {
+            Some(len) if len == want => Ok(()),
+            Some(len) => Err(self.p2p_mismatch(&call, src, tag, len, want)),
+            None => {
+                if let Some((t, len)) = other {
+                    // Take the message off MPI's queue, so that its sender
+                    // does not wait on it.
+                    match comm.improbe(src_c, t) {
+                        Ok(Some(m)) => {
+                            if let Err(c) = comm.drain(m) {
+                                tracing::debug!(
+                                    "MPI recv: dropping rank {src}'s message failed: {}",
+                                    ffi::error_string(c)
+                                );
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(c) => {
+                            tracing::debug!("MPI recv: matching rank {src}'s message failed: {}", ffi::error_string(c))
+                        }
+                    }
+                    return Err(self.p2p_mismatch(&call, src, t, len, want));
+                }
+                if let Some(c) = probe_failed {
+                    return Err(self.peer_err("recv (MPI_Iprobe)", c, src));
+                }
+                Err(Error::timeout(self.recv_ctx(src), start.elapsed(), format!("{want} bytes from rank {src}")))
+            }
+        }
+    }
+
+    /// A larger receive: match the peer's next message first, any tag (MPI
+    /// keeps a pair's messages in order, so it is the one of this turn),
+    /// and receive it only when its tag and length are this call's, so that
+    /// MPI never truncates it. Spins, then yields between probes (each also
+    /// moves MPI's transfers along).
+    fn recv_matched(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
+        let src_c = self.root(src);
+        let start = Instant::now();
+        let deadline = start + call.timeout;
+        let tag = self.tags.tag(call.seq, call.desc);
+        let (comm, want, any) = (self.comm, buf.len(), ffi::any_tag());
         let mut spins = 0u32;
         let matched = loop {
-            match comm.improbe(src_c) {
+            match comm.improbe(src_c, any) {
                 Ok(Some(m)) => break m,
                 Ok(None) => {}
                 Err(c) => return Err(self.peer_err("recv", c, src)),
@@ -808,7 +945,11 @@ impl Communicator for MpiComm {
                 continue;
             }
             if Instant::now() >= deadline {
-                return Err(Error::timeout(ctx(), start.elapsed(), format!("{want} bytes from rank {src}")));
+                return Err(Error::timeout(
+                    self.recv_ctx(src),
+                    start.elapsed(),
+                    format!("{want} bytes from rank {src}"),
+                ));
             }
             std::thread::yield_now();
         };
@@ -819,20 +960,7 @@ impl Communicator for MpiComm {
             if let Err(c) = comm.drain(matched) {
                 tracing::debug!("MPI recv: dropping rank {src}'s mismatched message failed: {}", ffi::error_string(c));
             }
-            let (theirs, mine) = (Tags::seq_of(t), Tags::seq_of(tag));
-            let detail = if theirs != mine {
-                format!(
-                    "rank {src} sent its message {theirs} (mod 2048) of the pair, {}; this rank receives message \
-                     {mine}, {}",
-                    self.tags.describe(t, len, call.desc),
-                    call.desc
-                )
-            } else if t != tag {
-                format!("rank {src} sent {}; this rank receives {}", self.tags.describe(t, len, call.desc), call.desc)
-            } else {
-                format!("rank {src} sent {len} bytes, this rank receives {want}")
-            };
-            return Err(Error::Mismatch { ctx: ctx(), detail });
+            return Err(self.p2p_mismatch(&call, src, t, len, want));
         }
         // The message is matched and under way: MPI cannot cancel it now,
         // so the watchdog guards the rest of the transfer.
@@ -972,4 +1100,83 @@ fn job_store(rt: &Runtime, timeout: Duration, token: Option<&str>, given: Option
         .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
         .ok_or_else(|| Error::Store(format!("MPI backend: rank 0 sent no store address (got {text:?})")))?;
     Ok(Arc::new(TcpStore::builder(&host, port).timeout(timeout).token(token).connect()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::OpCode;
+
+    fn p2p(len: usize) -> OpDesc {
+        OpDesc::new(OpCode::SendRecv, None, None, None, len)
+    }
+
+    #[test]
+    fn tag_layouts_fit_the_tag_space() {
+        for (ub, bits) in [(32_767, 4), (65_535, 5), ((1 << 21) - 1, 10), (i32::MAX, WIDE_BITS)] {
+            let t = Tags::new(ub);
+            assert_eq!(t.desc_bits, bits, "tag_ub {ub}");
+            let d = OpDesc::new(OpCode::Reduce, Some(DType::I64), Some(ReduceOp::Max), Some(300), usize::MAX >> 20);
+            for seq in [1, 2047, 2048, u64::MAX] {
+                for desc in [d, p2p(0), p2p(1 << 30)] {
+                    let tag = t.tag(seq, desc);
+                    assert!((0..=ub).contains(&tag), "tag_ub {ub}: tag {tag}");
+                    assert_eq!(Tags::seq_of(tag), (seq % 2048) as u32);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_lengths_and_other_descriptors_get_other_tags() {
+        let t = Tags::new(i32::MAX);
+        // Below 4096 bytes the tag pins the length: any other length (a
+        // longer one above all) gets another tag, so a posted receive never
+        // truncates.
+        for len in [0usize, 1, 8, 251, 4095] {
+            assert!(t.exact(len));
+            for other in (0..4096).chain([4096, 4096 + len, 1 << 20, 1 << 30]) {
+                if other != len {
+                    assert_ne!(t.tag(5, p2p(len)), t.tag(5, p2p(other)), "{len} vs {other}");
+                }
+            }
+        }
+        assert!(!t.exact(4096) && !Tags::new(32_767).exact(8));
+        let typed = |d: DType| OpDesc::new(OpCode::SendRecv, Some(d), None, None, 64);
+        assert_ne!(t.tag(5, typed(DType::F32)), t.tag(5, typed(DType::I32)));
+        assert_ne!(t.tag(5, p2p(64)), t.tag(6, p2p(64)));
+        assert_eq!(t.tag(5, p2p(64)), t.tag(5 + 2048, p2p(64)));
+    }
+
+    #[test]
+    fn a_peer_descriptor_is_named_from_its_tag_and_length() {
+        let t = Tags::new(i32::MAX);
+        for (theirs, ours) in [(p2p(1000), p2p(998)), (p2p(1 << 20), p2p(8)), (p2p(0), p2p(1 << 22))] {
+            let len = theirs.bytes() as usize;
+            assert_eq!(t.describe(t.tag(3, theirs), len, ours), theirs.to_string());
+        }
+        let typed = OpDesc::new(OpCode::SendRecv, Some(DType::BF16), None, None, 1000);
+        let text = t.describe(t.tag(3, typed), 1000, p2p(1000));
+        assert!(text.contains("1000 bytes") && text.contains("another operation, dtype"), "{text}");
+        // A small tag space holds a hash: the length and bits are named.
+        let small = Tags::new(32_767);
+        let text = small.describe(small.tag(3, typed), 1000, p2p(998));
+        assert!(text.contains("1000 bytes") && text.contains("descriptor bits"), "{text}");
+    }
+
+    #[test]
+    fn a_disagreement_names_every_call_and_its_ranks() {
+        let a = OpDesc::new(OpCode::AllReduce, Some(DType::F32), Some(ReduceOp::Sum), None, 64);
+        let b = OpDesc::new(OpCode::Broadcast, None, None, Some(1), 64);
+        let descs = [a, a, b, a];
+        let e = disagreement(&descs, a, "all_reduce", "tp:0", 1);
+        assert!(matches!(e, Error::Mismatch { .. }));
+        assert_eq!(e.peer(), Some(2));
+        let text = e.to_string();
+        assert!(text.contains(&format!("{a} on ranks [0, 1, 3]")), "{text}");
+        assert!(text.contains(&format!("{b} on ranks [2]")), "{text}");
+        assert!(text.contains("tp:0") && text.contains("all_reduce"), "{text}");
+        assert_eq!(disagreement(&descs, b, "broadcast", "tp:0", 2).peer(), Some(0));
+        assert_ne!(mix(a.0), mix(b.0));
+    }
 }
