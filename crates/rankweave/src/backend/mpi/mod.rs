@@ -30,11 +30,14 @@
 //!   `MPI_Abort`. A process that dies makes the
 //!   MPI launcher end the job (Open MPI's default), as with any MPI program.
 //! - **Mismatches**: a point-to-point message's tag carries its descriptor
-//!   beside the pair's sequence number ([`Tags`]); a receive matches the
-//!   peer's next message first (`MPI_Improbe`) and takes it only when tag
-//!   and length are its own, else drains it and fails with
+//!   beside the pair's sequence number (below 4096 bytes its exact
+//!   length). A small receive is posted at once and, while it waits,
+//!   probes for the peer's message of this turn under another tag; a larger
+//!   one first matches the peer's next message (`MPI_Improbe`) and takes it
+//!   only when tag and length are its own. Either way a mismatched message
+//!   is drained (its sender returns) and the receive fails with
 //!   [`Error::Mismatch`] naming the peer and both descriptors, its buffer
-//!   untouched. MPI's collectives carry no descriptor; in the check mode
+//!   untouched, and MPI never truncates a message into a buffer. MPI's collectives carry no descriptor; in the check mode
 //!   ([`CHECK_ENV`]) each first agrees on a hash of its descriptor in one
 //!   small `MPI_Allreduce`, so that ranks calling different ones all fail
 //!   with [`Error::Mismatch`]; without it a mismatched collective may fail
