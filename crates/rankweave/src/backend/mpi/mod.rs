@@ -816,7 +816,9 @@ impl Communicator for MpiComm {
 
     fn recv(&mut self, call: Call, buf: &mut [u8], src: usize) -> Result<()> {
         let n = self.count("recv", buf.len(), "bytes")?;
-        if self.tags.exact(buf.len()) {
+        // (The group's descriptor holds the buffer's length; a caller below
+        // the group whose descriptor says otherwise gets the matched path.)
+        if self.tags.exact(buf.len()) && call.desc.bytes() == buf.len() as u64 {
             self.recv_posted(call, buf, n, src)
         } else {
             self.recv_matched(call, buf, src)
