@@ -191,6 +191,29 @@ pub(crate) fn library_version() -> String {
     String::from_utf8_lossy(&buf).trim().to_string()
 }
 
+/// The largest tag `MPI_COMM_WORLD` allows (`MPI_TAG_UB`, at least 32767
+/// by the standard; 2^31 - 1 in Open MPI 4.1).
+pub(crate) fn tag_ub() -> Result<c_int, Code> {
+    let _serial = serial();
+    let mut value: *mut c_int = std::ptr::null_mut();
+    let mut flag = 0;
+    // SAFETY: MPI is initialized; for MPI_TAG_UB MPI writes a pointer to an
+    // int it owns (valid until MPI_Finalize) into `value`, and sets `flag`.
+    check(unsafe {
+        ffi::MPI_Comm_get_attr(
+            ffi::RSMPI_COMM_WORLD,
+            ffi::MPI_TAG_UB as c_int,
+            (&mut value as *mut *mut c_int).cast(),
+            &mut flag,
+        )
+    })?;
+    if flag == 0 || value.is_null() {
+        return Ok(32_767);
+    }
+    // SAFETY: a non-null pointer MPI just handed out for this attribute.
+    Ok(unsafe { *value }.max(32_767))
+}
+
 /// `MPI_IN_PLACE`, a C macro bindgen cannot translate: `(void *) 1` in
 /// Open MPI, `(void *) -1` in MPICH and its derivatives. `None` for another
 /// library, whose in-place operations then copy the send buffer.
@@ -392,10 +415,29 @@ impl RawComm {
         check(unsafe { ffi::MPI_Send(in_ptr(data), n, byte(), dst, tag, self.0) })
     }
 
+    /// In-place `MPI_Allreduce` with `MPI_MAX` over a few i64s.
+    pub(crate) fn max_i64(self, v: &mut [i64]) -> Result<(), Code> {
+        let _serial = serial();
+        let n = count(v.len()).ok_or(ffi::MPI_ERR_COUNT as c_int)?;
+        let copy: Vec<i64>;
+        let send = match in_place() {
+            Some(p) => p,
+            None => {
+                copy = v.to_vec();
+                copy.as_ptr().cast()
+            }
+        };
+        // SAFETY: `v` holds `n` i64s; `send` is MPI_IN_PLACE or a copy of
+        // `v` that outlives the call; INT64_T and MAX are predefined.
+        check(unsafe { ffi::MPI_Allreduce(send, v.as_mut_ptr().cast(), n, ffi::RSMPI_INT64_T, ffi::RSMPI_MAX, self.0) })
+    }
+
     /// Receives at most `buf.len()` bytes from `src` with `tag`, polling
     /// `keep_waiting` between tests of the request; returns the received
     /// length, or `Ok(None)` when `keep_waiting` said stop and the receive
-    /// was cancelled before anything arrived.
+    /// was cancelled before anything arrived. Only for tags that pin the
+    /// message's exact length (see the backend's `Tags`): Open MPI 4.1's
+    /// single-copy path writes a truncated large message past the buffer.
     pub(crate) fn recv(
         self,
         buf: &mut [u8],
@@ -450,6 +492,106 @@ impl RawComm {
         check(unsafe { ffi::MPI_Get_count(&status, byte(), &mut got) })?;
         Ok(Some(usize::try_from(got).unwrap_or(usize::MAX)))
     }
+    /// The first message from `src` not received yet, any tag, left in
+    /// place (`MPI_Iprobe`): its tag and length in bytes.
+    pub(crate) fn iprobe(self, src: c_int) -> Result<Option<(c_int, usize)>, Code> {
+        let _serial = serial();
+        let mut flag = 0;
+        // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid communicator; MPI writes `flag` and `status`.
+        check(unsafe { ffi::MPI_Iprobe(src, ffi::RSMPI_ANY_TAG, self.0, &mut flag, &mut status) })?;
+        if flag == 0 {
+            return Ok(None);
+        }
+        let mut got = 0;
+        // SAFETY: a status MPI_Iprobe filled for a pending message.
+        check(unsafe { ffi::MPI_Get_count(&status, byte(), &mut got) })?;
+        Ok(Some((status.MPI_TAG, usize::try_from(got).unwrap_or(usize::MAX))))
+    }
+
+    /// Matches the first message from `src` under `tag` ([`any_tag`] for
+    /// any) not received yet (`MPI_Improbe`): from then on it is this
+    /// process's to receive, with [`RawComm::mrecv`] or [`RawComm::drain`].
+    pub(crate) fn improbe(self, src: c_int, tag: c_int) -> Result<Option<Matched>, Code> {
+        let _serial = serial();
+        let mut flag = 0;
+        // SAFETY: a predefined handle, overwritten by MPI_Improbe.
+        let mut msg = unsafe { ffi::RSMPI_MESSAGE_NULL };
+        // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid communicator; MPI writes `flag`, `msg`, `status`.
+        check(unsafe { ffi::MPI_Improbe(src, tag, self.0, &mut flag, &mut msg, &mut status) })?;
+        if flag == 0 {
+            return Ok(None);
+        }
+        let mut got = 0;
+        // SAFETY: a status MPI_Improbe filled for a matched message.
+        check(unsafe { ffi::MPI_Get_count(&status, byte(), &mut got) })?;
+        Ok(Some(Matched { msg, tag: status.MPI_TAG, len: usize::try_from(got).unwrap_or(usize::MAX) }))
+    }
+
+    /// Receives the matched message `m` into `buf`, which must be exactly
+    /// `m.len` bytes (so MPI never truncates: Open MPI 4.1's single-copy
+    /// path writes a truncated large message past the receive buffer),
+    /// calling `between` between tests until it is complete.
+    pub(crate) fn mrecv(self, mut m: Matched, buf: &mut [u8], mut between: impl FnMut()) -> Result<(), Code> {
+        if m.len != buf.len() {
+            return Err(ffi::MPI_ERR_TRUNCATE as c_int);
+        }
+        let n = count(buf.len()).ok_or(ffi::MPI_ERR_COUNT as c_int)?;
+        // SAFETY: predefined handle, overwritten by MPI_Imrecv.
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        let serial_post = serial();
+        // SAFETY: `buf` holds the message's `n` bytes and stays borrowed
+        // (unused by us) until the request completes below: the loop only
+        // ends when MPI_Test says so or fails, which completes it too.
+        check(unsafe { ffi::MPI_Imrecv(out_ptr(buf), n, byte(), &mut m.msg, &mut req) })?;
+        drop(serial_post);
+        // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        loop {
+            let mut done = 0;
+            let serial_test = serial();
+            // SAFETY: `req` is the active request made above.
+            let rc = unsafe { ffi::MPI_Test(&mut req, &mut done, &mut status) };
+            drop(serial_test);
+            check(rc)?;
+            if done != 0 {
+                return Ok(());
+            }
+            between();
+        }
+    }
+
+    /// Receives the matched message `m` into a buffer of its size and drops
+    /// it (a mismatched message: its sender, blocked in `MPI_Send` on a
+    /// large one, returns). `m.len` is the peer's: reserved fallibly, and
+    /// on failure the message stays matched and unreceived.
+    pub(crate) fn drain(self, mut m: Matched) -> Result<(), Code> {
+        let n = count(m.len).ok_or(ffi::MPI_ERR_COUNT as c_int)?;
+        let mut sink: Vec<u8> = Vec::new();
+        sink.try_reserve_exact(m.len).map_err(|_| ffi::MPI_ERR_NO_MEM as c_int)?;
+        sink.resize(m.len, 0);
+        let _serial = serial();
+        // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: `sink` holds the message's whole `n` bytes.
+        check(unsafe { ffi::MPI_Mrecv(out_ptr(&mut sink), n, byte(), &mut m.msg, &mut status) })
+    }
+}
+
+/// `MPI_ANY_TAG`.
+pub(crate) fn any_tag() -> c_int {
+    // SAFETY: a predefined constant.
+    unsafe { ffi::RSMPI_ANY_TAG }
+}
+
+/// A message [`RawComm::improbe`] matched: its tag and length in bytes.
+pub(crate) struct Matched {
+    msg: ffi::MPI_Message,
+    pub tag: c_int,
+    pub len: usize,
 }
 
 /// The send buffer of an in-place operation: `MPI_IN_PLACE`, or a copy of
