@@ -262,3 +262,40 @@ fn a_killed_peer_fails_a_recv_before_the_deadline() {
     assert!(matches!(e, Error::PeerLost { .. }), "{e}");
     assert_eq!(e.peer(), Some(1));
 }
+
+#[test]
+fn a_sender_runs_up_to_the_queue_ahead_of_its_receiver() {
+    use rankweave::collectives::shm::p2p::QUEUE;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static RECEIVING: AtomicBool = AtomicBool::new(false);
+    // Small messages of every payload placement (in the slot's header
+    // line, after it), then one exclusive (large) message between queued
+    // ones: all arrive in order.
+    let lens: Vec<usize> = vec![0, 1, 32, 33, 1000, 32 << 10, 100_000, 7];
+    let expect = lens.clone();
+    common::run_shm(2, opts(true), move |c| {
+        if c.rank() == 0 {
+            assert!(c.queued_max() >= 1000, "{}", c.queued_max());
+            // The receiver sleeps before its first recv: the first QUEUE
+            // messages are queued without it.
+            for (i, &len) in lens.iter().take(QUEUE).enumerate() {
+                c.send(&pattern(i, len, 3), 1, T).unwrap();
+            }
+            assert!(!RECEIVING.load(Ordering::SeqCst), "the queued sends waited for the receiver");
+            // The next one needs a free slot: it returns only once the
+            // receiver has taken a message.
+            for (i, &len) in lens.iter().enumerate().skip(QUEUE) {
+                c.send(&pattern(i, len, 3), 1, T).unwrap();
+            }
+            assert!(RECEIVING.load(Ordering::SeqCst));
+        } else {
+            std::thread::sleep(Duration::from_millis(800));
+            RECEIVING.store(true, Ordering::SeqCst);
+            for (i, &len) in expect.iter().enumerate() {
+                let mut got = vec![0u8; len];
+                c.recv(&mut got, 0, T).unwrap();
+                assert!(got == pattern(i, len, 3), "message {i} of {len} bytes");
+            }
+        }
+    });
+}

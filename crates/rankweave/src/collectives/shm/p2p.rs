@@ -5,17 +5,31 @@
 //! - the sender's line: the number of the message posted last (`POST`),
 //!   its descriptor and length, the address of the sender's buffer, the
 //!   state word of a large message and the count of pipelined chunks posted;
-//! - the sender's inline line: up to [`P2P_INLINE`] bytes of payload;
+//! - a line the sender and receiver leave alone (it keeps their lines
+//!   apart, so that neither side's writes invalidate the other's line);
 //! - the receiver's line: the number of the message consumed last
 //!   (`TAKEN`) and the count of chunks consumed (`ACKED`);
-//! - a data area of two halves.
+//! - a data area, which holds either [`QUEUE`] slots of queued messages or
+//!   one exclusive message (two halves for the pipelined path).
 //!
-//! At most one message is in flight per channel: the sender writes message
-//! `k` only once `TAKEN >= k - 1`, so everything the channel holds belongs
-//! to one message, and messages arrive in the order they were sent.
+//! # Queued and exclusive messages
+//! A message of bytes that fits a slot ([`ShmComm::queued_max`]: a quarter
+//! of the data area less a line, at most [`EAGER_MAX`]) is *queued*: message `k`
+//! goes to slot `k % QUEUE`, a line of header (its number, descriptor,
+//! length and kind, and up to [`P2P_INLINE`] bytes of payload) followed by
+//! the rest of its payload. The sender writes it once `TAKEN >= k - QUEUE`
+//! and every exclusive message before it was taken, and returns at once: a
+//! sender runs up to [`QUEUE`] small messages ahead of its receiver (a
+//! tensor dict's metadata and tensors, a pipeline stage's next hidden state
+//! while the next stage still computes). Any other message is *exclusive*:
+//! the sender writes it only once `TAKEN >= k - 1` (the channel is empty)
+//! and describes it in its own line; no later message is written until it
+//! was taken. The receiver of message `k` tells the two apart by the number
+//! in slot `k % QUEUE`'s header, which only a queued message `k` writes.
+//! Messages arrive in the order they were sent.
 //!
 //! # Sizes
-//! - up to [`P2P_INLINE`] bytes: in the inline line; `send` returns at once.
+//! - up to [`ShmComm::queued_max`] bytes: queued; `send` returns at once.
 //! - up to the eager limit (the data area, at most [`EAGER_MAX`]): copied
 //!   into the data area; `send` returns at once.
 //! - larger: `send` posts the address of its buffer and waits until the
@@ -61,8 +75,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Payload bytes carried in the sender's inline line.
-pub const P2P_INLINE: usize = LINE;
+/// Payload bytes a queued message carries in its slot's header line.
+pub const P2P_INLINE: usize = LINE - SLOT_PAYLOAD_IN_HEADER;
+/// Queued messages a channel holds at once.
+pub const QUEUE: usize = 4;
 /// Largest message copied through the data area without waiting for the
 /// receiver (larger ones go by cross-memory attach or pipelined chunks).
 pub const EAGER_MAX: usize = 32 << 10;
@@ -74,8 +90,15 @@ pub const DRAIN_AFTER: Duration = Duration::from_millis(2);
 const BUDGET: usize = 8 << 20;
 const AREA_MAX: usize = 256 << 10;
 const AREA_MIN: usize = 16 << 10;
-/// Control bytes per channel: sender line, inline line, receiver line.
+/// Control bytes per channel: sender line, a spacer line, receiver line.
 const CHAN_CTRL: usize = 3 * LINE;
+// Words of a slot's header line; its payload starts at
+// `SLOT_PAYLOAD_IN_HEADER` when it fits the header line, else at the next line.
+const SEQ: usize = 0;
+const SDESC: usize = 8;
+const SLEN: usize = 16;
+const SKIND: usize = 24;
+const SLOT_PAYLOAD_IN_HEADER: usize = 32;
 
 // Words of the sender's line.
 const POST: usize = 0;
@@ -130,6 +153,10 @@ pub(super) struct P2p {
     base: usize,
     /// Bytes of each channel's data area.
     area: usize,
+    /// Bytes of each of a data area's [`QUEUE`] slots (whole lines).
+    slot: usize,
+    /// Number of the last exclusive message sent to each rank.
+    last_exclusive: Vec<u64>,
     /// Messages sent to / received from each rank.
     sent: Vec<u64>,
     recvd: Vec<u64>,
@@ -148,6 +175,8 @@ impl P2p {
         P2p {
             base,
             area: area_bytes(size),
+            slot: area_bytes(size) / QUEUE / LINE * LINE,
+            last_exclusive: vec![0; size],
             sent: vec![0; size],
             recvd: vec![0; size],
             chunks_out: vec![0; size],
@@ -156,6 +185,15 @@ impl P2p {
             pending: (0..size).map(|_| VecDeque::new()).collect(),
         }
     }
+}
+
+/// A posted message, as its receiver finds it.
+#[derive(Clone, Copy, Debug)]
+struct Posted {
+    /// In a slot (else exclusive, described in the sender's line).
+    queued: bool,
+    kind: u64,
+    len: usize,
 }
 
 /// What a wait is for, for its timeout message.
@@ -191,11 +229,25 @@ impl ShmComm {
     fn rword(&self, s: usize, r: usize, w: usize) -> &AtomicU64 {
         self.seg.atomic_u64(self.chan(s, r) + 2 * LINE + w)
     }
-    fn inline_at(&self, s: usize, r: usize) -> usize {
-        self.chan(s, r) + LINE
-    }
     fn area_at(&self, s: usize, r: usize) -> usize {
         self.chan(s, r) + CHAN_CTRL
+    }
+    /// Offset of the slot of queued message `k` from `s` to `r`.
+    fn queue_slot_at(&self, s: usize, r: usize, k: u64) -> usize {
+        self.area_at(s, r) + (k % QUEUE as u64) as usize * self.p2p.slot
+    }
+    /// Where a queued message of `len` bytes starts in its slot.
+    fn slot_payload(len: usize) -> usize {
+        if len <= P2P_INLINE {
+            SLOT_PAYLOAD_IN_HEADER
+        } else {
+            LINE
+        }
+    }
+    /// Largest queued message: a slot less its header line, at most
+    /// [`EAGER_MAX`].
+    pub fn queued_max(&self) -> usize {
+        self.p2p.slot.saturating_sub(LINE).min(EAGER_MAX)
     }
     fn eager_max(&self) -> usize {
         self.p2p.area.min(EAGER_MAX)
@@ -297,29 +349,42 @@ impl ShmComm {
     pub(super) fn send_inner(&mut self, data: &[u8], dst: usize, timeout: Duration, kind: u64) -> Result<()> {
         let me = self.rank;
         let k = self.p2p.sent[dst] + 1;
+        let len = data.len();
+        // A zero-copy buffer's descriptor stays exclusive: its sender must
+        // not run ahead and drop its pool before the receiver mapped it.
+        let queued = kind == BYTES && len <= self.queued_max();
         // Where the receiver last ran (a hint for the wait).
         let rcpu = self.rword(me, dst, RCPU).load(Ordering::Relaxed);
-        // The channel is free once the receiver has taken message k - 1.
-        self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(k - 1), true, |c| {
+        // A queued message needs its slot (message k - QUEUE taken) and no
+        // exclusive message in the data area; an exclusive one an empty
+        // channel.
+        let need = if queued { k.saturating_sub(QUEUE as u64).max(self.p2p.last_exclusive[dst]) } else { k - 1 };
+        self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(need), true, |c| {
             // Acquire: pairs with the receiver's Release store of TAKEN, after
-            // which it no longer reads the inline line or the data area.
-            c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k - 1
+            // which it no longer reads those messages' slots or the data area.
+            c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= need
         })?;
-        let len = data.len();
         let d = OpDesc::new(OpCode::SendRecv, None, None, None, len).0;
-        self.sword(me, dst, DESC).store(d, Ordering::Relaxed);
-        self.sword(me, dst, LEN).store(len as u64, Ordering::Relaxed);
         self.sword(me, dst, SCPU).store(u64::from(current_cpu()), Ordering::Relaxed);
-        self.sword(me, dst, KIND).store(kind, Ordering::Relaxed);
         self.p2p.sent[dst] = k;
-        if len <= P2P_INLINE {
-            // SAFETY: the inline line of our own channel, which the receiver
-            // reads only after our POST of message k (below).
-            unsafe { self.seg.write(self.inline_at(me, dst), data) };
-            // Release: publishes the payload and the words above.
+        if queued {
+            let at = self.queue_slot_at(me, dst, k);
+            for (w, v) in [(SEQ, k), (SDESC, d), (SLEN, len as u64), (SKIND, kind)] {
+                self.seg.atomic_u64(at + w).store(v, Ordering::Relaxed);
+            }
+            // SAFETY: slot k % QUEUE of our own channel: the receiver took
+            // the message that used it before (the wait above) and reads it
+            // again only after our POST of message k (below); `len` fits
+            // the slot after its payload offset (queued_max).
+            unsafe { self.seg.write(at + Self::slot_payload(len), data) };
+            // Release: publishes the slot.
             self.sword(me, dst, POST).store(k, Ordering::Release);
             return Ok(());
         }
+        self.p2p.last_exclusive[dst] = k;
+        self.sword(me, dst, DESC).store(d, Ordering::Relaxed);
+        self.sword(me, dst, LEN).store(len as u64, Ordering::Relaxed);
+        self.sword(me, dst, KIND).store(kind, Ordering::Relaxed);
         if len <= self.eager_max() {
             // SAFETY: our own channel's data area, free since TAKEN >= k - 1.
             unsafe { self.seg.write(self.area_at(me, dst), data) };
@@ -432,12 +497,11 @@ impl ShmComm {
             buf.copy_from_slice(&msg);
             return Ok(());
         }
-        let len = self.wait_posted(src, timeout)?;
-        let theirs = self.sword(src, self.rank, KIND).load(Ordering::Relaxed);
-        if theirs != kind || len != buf.len() {
-            return Err(self.mismatch(src, (theirs, len), (kind, buf.len())));
+        let posted = self.wait_posted(src, timeout)?;
+        if posted.kind != kind || posted.len != buf.len() {
+            return Err(self.mismatch(src, (posted.kind, posted.len), (kind, buf.len())));
         }
-        self.take(buf, src, timeout)
+        self.take(buf, src, timeout, posted)
     }
 
     /// `theirs` and `mine` are (kind, length) of the message.
@@ -461,8 +525,8 @@ impl ShmComm {
         }
     }
 
-    /// Waits for the next message from `src` and returns its length.
-    fn wait_posted(&mut self, src: usize, timeout: Duration) -> Result<usize> {
+    /// Waits for the next message from `src` and says what it is.
+    fn wait_posted(&mut self, src: usize, timeout: Duration) -> Result<Posted> {
         let me = self.rank;
         let k = self.p2p.recvd[src] + 1;
         let scpu = self.sword(src, me, SCPU).load(Ordering::Relaxed);
@@ -470,24 +534,44 @@ impl ShmComm {
             // Acquire: pairs with the sender's Release store of POST.
             c.sword(src, me, POST).load(Ordering::Acquire) >= k
         })?;
-        Ok(self.posted_len(src))
+        Ok(self.posted(src, k))
     }
 
-    /// The length of the message `src` posted (after an Acquire of POST).
-    fn posted_len(&self, src: usize) -> usize {
-        usize::try_from(self.sword(src, self.rank, LEN).load(Ordering::Relaxed)).unwrap_or(usize::MAX)
+    /// What message `k` of `src` is (after an Acquire of a POST of at least
+    /// `k`). Its slot's number is `k` only when it is queued: an exclusive
+    /// message `k` keeps later messages out of the channel until it was
+    /// taken, so the slot still holds an older number.
+    fn posted(&self, src: usize, k: u64) -> Posted {
+        let me = self.rank;
+        let at = self.queue_slot_at(src, me, k);
+        let word = |w: usize| self.seg.atomic_u64(at + w).load(Ordering::Relaxed);
+        let len = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        if word(SEQ) == k {
+            Posted { queued: true, kind: word(SKIND), len: len(word(SLEN)) }
+        } else {
+            let kind = self.sword(src, me, KIND).load(Ordering::Relaxed);
+            Posted { queued: false, kind, len: len(self.sword(src, me, LEN).load(Ordering::Relaxed)) }
+        }
     }
 
     /// Takes the posted message from `src`, of exactly `buf.len()` bytes.
-    fn take(&mut self, buf: &mut [u8], src: usize, timeout: Duration) -> Result<()> {
+    fn take(&mut self, buf: &mut [u8], src: usize, timeout: Duration, posted: Posted) -> Result<()> {
         let me = self.rank;
         let k = self.p2p.recvd[src] + 1;
         let len = buf.len();
         self.rword(src, me, RCPU).store(u64::from(current_cpu()), Ordering::Relaxed);
-        if len <= P2P_INLINE {
+        if posted.queued {
+            if len > self.queued_max() {
+                return Err(Error::Protocol {
+                    ctx: self.p2p_ctx(src),
+                    detail: format!("rank {} queued {len} bytes, more than a slot holds", self.name_of(src)),
+                });
+            }
+            let at = self.queue_slot_at(src, me, k) + Self::slot_payload(len);
             // SAFETY: published by POST (Acquire in `wait_posted`/`drain`);
-            // the sender writes the line again only after our TAKEN store.
-            unsafe { self.seg.read(self.inline_at(src, me), buf) };
+            // the sender writes this slot again only after our TAKEN store
+            // of k; `len` fits the slot (checked above).
+            unsafe { self.seg.read(at, buf) };
         } else if len <= self.eager_max() {
             // SAFETY: as above, for the data area.
             unsafe { self.seg.read(self.area_at(src, me), buf) };
@@ -598,9 +682,9 @@ impl ShmComm {
                 if self.sword(src, me, POST).load(Ordering::Acquire) < k {
                     break;
                 }
-                let len = self.posted_len(src);
-                let kind = self.sword(src, me, KIND).load(Ordering::Relaxed);
-                let large = len > self.eager_max();
+                let posted = self.posted(src, k);
+                let (len, kind) = (posted.len, posted.kind);
+                let large = !posted.queued && len > self.eager_max();
                 if large && !(self.p2p.cma[src] && self.same_namespace_pid(src).is_some()) {
                     // The pipelined path needs the sender to stream, and a
                     // sender blocked like us may be waiting in its own drain:
@@ -624,7 +708,7 @@ impl ShmComm {
                     }
                     self.taken(src, k);
                 } else {
-                    self.take(&mut msg, src, timeout)?;
+                    self.take(&mut msg, src, timeout, posted)?;
                 }
                 self.p2p.pending[src].push_back((kind, msg));
             }
