@@ -182,7 +182,7 @@ pub(crate) trait ObjectBroadcaster: Send + Sync {
 /// device stream the captured work is recorded on. CPU groups have no
 /// streams, so `stream` is `None`; an NCCL group gives a fresh capture
 /// stream (with the `nccl` feature, also as cudarc's stream:
-/// [`Self::cuda_stream`]).
+/// `GraphCaptureContext::cuda_stream`).
 #[derive(Clone, Default)]
 pub struct GraphCaptureContext {
     /// The capture stream (a `CUstream` as an integer), when there is a device.
@@ -1217,9 +1217,10 @@ impl GroupCoordinator {
     /// carries a fresh stream, ordered after the work enqueued so far on the
     /// group's and the device's streams; while `f` runs, this group's device
     /// operations go to the context's stream, and while that stream records
-    /// a graph ([`GraphCaptureContext::capture`]) they only enqueue (no host
+    /// a graph (`GraphCaptureContext::capture`) they only enqueue (no host
     /// wait, no event query). Buffers a captured operation uses must exist
-    /// before the capture begins (see [`crate::device::NcclComm::capture_on`]).
+    /// before the capture begins (see `NcclComm::capture_on` in the `device`
+    /// module).
     /// The group must not be destroyed.
     pub fn graph_capture<R>(
         &self,
