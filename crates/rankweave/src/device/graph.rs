@@ -20,6 +20,11 @@ use std::sync::Arc;
 /// stream captures ([`super::NcclComm::capture_on`]). The capture always
 /// ends, also when `f` fails (then its error is returned and the partial
 /// graph dropped). A capture that recorded nothing is an error.
+///
+/// The graph holds raw device addresses: every buffer a captured
+/// operation used must stay alive, and at the same address (no
+/// copy-on-write of a shared tensor), for as long as the graph is
+/// launched.
 pub fn capture_graph<R>(stream: &Arc<CudaStream>, f: impl FnOnce() -> Result<R>) -> Result<(R, CudaGraph)> {
     probe::cuda_driver()?;
     stream
