@@ -571,4 +571,39 @@ mod tests {
         assert!(e.contains("12 bytes but its receive 8"), "{e}");
         g.batch_isend_irecv(&mut []).unwrap();
     }
+
+    #[test]
+    fn three_cpu_ranks_exchange_with_everyone_in_one_batch_each() {
+        // Each rank sends to every rank (itself included) and receives
+        // from every rank, receives listed in descending rank order: as
+        // plain blocking calls in this order the ranks would wait on each
+        // other; as a batch they do not.
+        let store: crate::store::SharedStore = std::sync::Arc::new(crate::store::HashStore::new());
+        let hs: Vec<_> = (0..3)
+            .map(|rank| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let opts =
+                        crate::GroupOptions { timeout: std::time::Duration::from_secs(60), ..Default::default() };
+                    let pg = ProcessGroup::new_world(store, rank, 3, opts).unwrap();
+                    let g = DeviceGroup::Cpu(pg);
+                    // 4 MiB each: more than a transport buffers without a reader.
+                    const N: usize = 1 << 20;
+                    let out: Vec<Tensor> = (0..3).map(|r| Tensor::vec1(&vec![(10 * rank + r) as i32; N])).collect();
+                    let mut got: Vec<Tensor> = (0..3).map(|_| Tensor::zeros([N], crate::DType::I32).unwrap()).collect();
+                    let mut ops: Vec<P2pOp<'_>> =
+                        got.iter_mut().enumerate().rev().map(|(r, t)| P2pOp::Recv(t, r)).collect();
+                    ops.extend(out.iter().enumerate().map(|(r, t)| P2pOp::Send(t, r)));
+                    g.batch_isend_irecv(&mut ops).unwrap();
+                    drop(ops);
+                    for (r, t) in got.iter().enumerate() {
+                        assert_eq!(t.to_vec::<i32>().unwrap(), vec![(10 * r + rank) as i32; N], "rank {rank} from {r}");
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
 }
