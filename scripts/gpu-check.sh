@@ -8,8 +8,14 @@
 #                                     (default target/gpu-check)
 #   scripts/gpu-check.sh run [DIR]     on the GPU machine (no Rust needed):
 #                                     finds libnccl, runs the device tests
-#                                     (the `#[ignore]`d ones included) and
-#                                     prints `gpu-check: N passed, M failed`
+#                                     (the `#[ignore]`d ones included: NCCL
+#                                     at world size 1, all ops and dtypes
+#                                     against the CPU group, tensor dicts,
+#                                     the caller's stream in both modes,
+#                                     graph capture, send/recv to self, CUDA
+#                                     IPC across 2 processes) and the demo
+#                                     with --device cuda, and prints
+#                                     `gpu-check: N passed, M failed`
 #
 # The GPU machine needs the NVIDIA driver and NCCL: a libnccl.so on the
 # loader's path, or the nvidia-nccl-cu12 / nvidia-nccl-cu13 wheel (which
@@ -99,9 +105,18 @@ run() {
     echo
     echo "== device tests (nccl_device, ignored ones included)"
     local t
-    for t in without_a_driver device_metadata an_nccl_world gpu_upload_download gpu_world_of_one gpu_parallel_state gpu_a_peer_that_never_joins gpu_two_ranks; do
+    # World size 1: every op and dtype against the CPU group, tensor dicts
+    # with device tensors (gpu_world_of_one), the caller's stream waiting
+    # and enqueue-only, a graph capture launched twice, a batched send to
+    # self; then a peer that never joins, two ranks on one GPU, and CUDA
+    # IPC between two processes (the test starts them itself).
+    for t in without_a_driver device_metadata an_nccl_world a_cpu_group gpu_upload_download gpu_world_of_one \
+        gpu_callers_stream gpu_graph_capture gpu_send_to_self gpu_parallel_state gpu_a_peer_that_never_joins \
+        gpu_two_ranks gpu_cuda_ipc; do
         echo "-- $t"
-        if timeout 300 "$dir/nccl_device" --include-ignored --test-threads=1 --nocapture "$t"; then
+        # A filter that matches no test must not count as a pass.
+        if timeout 300 "$dir/nccl_device" --include-ignored --test-threads=1 --nocapture "$t" 2>&1 \
+            | tee "$dir/$t.log" && grep -q 'test result: ok. [1-9]' "$dir/$t.log"; then
             passed=$((passed + 1))
         else
             failed=$((failed + 1))

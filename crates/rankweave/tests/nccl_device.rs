@@ -3,18 +3,21 @@
 //! Two kinds of tests live here:
 //! - tests that need no device and run everywhere (this project's CI has no
 //!   GPU): building an NCCL group without the CUDA driver is a clean error
-//!   on every rank, at once;
+//!   on every rank, at once; a CPU group refuses a caller's stream and a
+//!   CUDA graph; a CPU group's batched sends and receives;
 //! - `#[ignore]`d tests that need one CUDA GPU, the driver and NCCL. They
 //!   are run by `scripts/gpu-check.sh` on a GPU machine with `--ignored`.
 //!   NCCL refuses two ranks on one GPU, so multi-rank NCCL traffic is not
 //!   covered; what one GPU allows is: world size 1 (every operation, every
-//!   dtype, against the CPU group's answer), a peer that never joins (a
-//!   timeout naming the group, not a hang) and two ranks on one GPU (an
-//!   error, not a hang).
+//!   dtype, against the CPU group's answer; the caller's stream in both
+//!   completion modes; an all_reduce captured into a CUDA graph and
+//!   launched twice; a batched send to self), a peer that never joins (a
+//!   timeout naming the group, not a hang), two ranks on one GPU (an
+//!   error, not a hang) and CUDA IPC between two processes on one GPU.
 #![cfg(feature = "nccl")]
 
-use rankweave::coordinator::{CoordinatorOptions, DeviceGroup, GroupCoordinator};
-use rankweave::device::{self, NcclComm};
+use rankweave::coordinator::{CoordinatorOptions, DeviceGroup, GraphCaptureContext, GroupCoordinator, P2pOp};
+use rankweave::device::{self, Completion, CudaDevice, IpcBuffer, IpcHandle, IpcMapping, NcclComm, P2p};
 use rankweave::tensor::{Device, Tensor, TensorDict};
 use rankweave::{DType, Error, GroupOptions, HashStore, ProcessGroup, ReduceOp};
 use std::sync::Arc;
@@ -85,6 +88,42 @@ fn device_metadata_from_a_peer_decodes_and_is_placed_on_this_groups_device() {
     if device::probe::cuda_driver().is_err() {
         let e = m.zeros().unwrap_err().to_string();
         assert!(e.contains("no CUDA driver found"), "{e}");
+    }
+}
+
+#[test]
+fn a_cpu_group_has_no_streams_and_no_graphs_but_batches_its_sends() {
+    let solo = DeviceGroup::Cpu(worlds(1, Duration::from_secs(60)).pop().unwrap());
+    assert_eq!(solo.capture_stream(), None);
+    // The refusal of a CPU context's capture needs no driver.
+    match GraphCaptureContext::default().capture(|| Ok(())) {
+        Ok(_) => panic!("a CPU context captured a graph"),
+        Err(e) => assert!(e.to_string().contains("no CUDA stream"), "{e}"),
+    }
+    let pgs = worlds(3, Duration::from_secs(60));
+    // Three ranks, each sending to every rank (itself included) and
+    // receiving from every rank, in one batch each, in an order that would
+    // deadlock as plain blocking calls.
+    let hs: Vec<_> = pgs
+        .into_iter()
+        .map(|pg| {
+            std::thread::spawn(move || {
+                let me = pg.rank();
+                let g = DeviceGroup::Cpu(pg);
+                let out: Vec<Tensor> = (0..3).map(|r| Tensor::vec1(&[(10 * me + r) as i32; 5])).collect();
+                let mut got: Vec<Tensor> = (0..3).map(|_| Tensor::zeros([5], DType::I32).unwrap()).collect();
+                let mut ops: Vec<P2pOp<'_>> = out.iter().enumerate().map(|(r, t)| P2pOp::Send(t, r)).collect();
+                ops.extend(got.iter_mut().enumerate().rev().map(|(r, t)| P2pOp::Recv(t, r)));
+                g.batch_isend_irecv(&mut ops).unwrap();
+                drop(ops);
+                for (r, t) in got.iter().enumerate() {
+                    assert_eq!(t.to_vec::<i32>().unwrap(), vec![(10 * r + me) as i32; 5], "rank {me} from {r}");
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
     }
 }
 
@@ -206,9 +245,10 @@ fn gpu_world_of_one_every_op_every_dtype_matches_the_cpu_group() {
     assert_eq!(host(&coord.all_reduce(g.clone()).unwrap()), t);
     assert_eq!(host(&coord.all_gather(&g, 1).unwrap()), t);
     assert_eq!(host(&coord.reduce_scatter(&g, 2).unwrap()), t);
-    let stream = coord.graph_capture(None, |c| Ok(c.stream)).unwrap();
-    assert_eq!(stream, nccl.capture_stream());
+    let (stream, routed) = coord.graph_capture(None, |c| Ok((c.stream, nccl.capture_stream()))).unwrap();
     assert!(stream.is_some());
+    assert_eq!(stream, routed, "inside the capture the group's operations go to its stream");
+    assert_ne!(nccl.capture_stream(), stream, "a fresh stream, routed only during the capture");
     // A host tensor in an NCCL group is refused, not misread.
     let mut h = t.clone();
     assert!(nccl.all_reduce(&mut h, ReduceOp::Sum).is_err());
@@ -296,4 +336,246 @@ fn gpu_parallel_state_on_nccl() {
     assert_eq!(host(&g), t);
     s.destroy_model_parallel();
     s.destroy_distributed_environment();
+}
+
+fn f32_bytes(v: &[f64]) -> Vec<u8> {
+    v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect()
+}
+
+fn download(b: &device::CudaBuffer) -> Vec<u8> {
+    let mut out = vec![0u8; b.len()];
+    b.download(&mut out).unwrap();
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh"]
+fn gpu_callers_stream_in_both_completion_modes() {
+    require_gpu();
+    let pg = worlds(1, Duration::from_secs(60)).pop().unwrap();
+    let comm = NcclComm::new(&pg, "stream", 0).unwrap();
+    let dev = comm.device().clone();
+    let s = dev.new_stream().unwrap();
+    let bytes = f32_bytes(&values(4096));
+    let mut buf = dev.upload(&bytes).unwrap();
+    // Wait: done when the call returns.
+    let on = comm.with_stream(&s, Completion::Wait).unwrap();
+    assert_eq!(on.completion(), Completion::Wait);
+    on.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+    assert_eq!(download(&buf), bytes);
+    // Enqueue-only: several operations back to back, then a download on
+    // the device's stream right away (cudarc's events order it after the
+    // NCCL writes on the caller's stream), then synchronize.
+    let on = comm.with_stream(&s, Completion::Enqueue).unwrap();
+    let mut out = dev.zeros(bytes.len()).unwrap();
+    on.all_gather(&buf, &mut out).unwrap();
+    on.all_reduce(&mut out, DType::F32, ReduceOp::Max).unwrap();
+    on.broadcast(&mut out, 0).unwrap();
+    assert_eq!(download(&out), bytes);
+    on.synchronize().unwrap();
+    let mut rs = dev.zeros(bytes.len()).unwrap();
+    on.reduce_scatter(&out, &mut rs, DType::F32, ReduceOp::Min).unwrap();
+    on.synchronize().unwrap();
+    assert_eq!(download(&rs), bytes);
+    // Through the coordinator's device group, on tensors.
+    let coord = GroupCoordinator::new(&pg, &[vec![0]], 0, cuda_opts()).unwrap();
+    let dg = coord.device_group().unwrap();
+    let t = Tensor::from_f64(&values(300), [3, 100], DType::BF16).unwrap();
+    let mut g = t.clone().to_device(GPU).unwrap();
+    let cs = dg.as_nccl().unwrap().device().new_stream().unwrap();
+    let ops = dg.with_stream(&cs, Completion::Enqueue).unwrap();
+    ops.all_reduce(&mut g, ReduceOp::Sum).unwrap();
+    let mut gathered = Tensor::zeros_on([1, 3, 100], DType::BF16, GPU).unwrap();
+    ops.all_gather(&g, &mut gathered).unwrap();
+    ops.synchronize().unwrap();
+    assert_eq!(host(&g), t);
+    assert_eq!(host(&gathered), t.reshape(&[1, 3, 100]).unwrap());
+    assert!(comm.aborted().is_none());
+    coord.destroy();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh"]
+fn gpu_graph_capture_of_an_all_reduce_launched_twice() {
+    require_gpu();
+    let pg = worlds(1, Duration::from_secs(60)).pop().unwrap();
+    let coord = GroupCoordinator::new(&pg, &[vec![0]], 0, cuda_opts()).unwrap();
+    let dg = coord.device_group().unwrap();
+    let cpu = DeviceGroup::Cpu(pg.new_group(&[0], "cpu_ref").unwrap().unwrap());
+    let n = 1000;
+    let first = Tensor::from_f64(&values(n), [n], DType::F32).unwrap();
+    let mut x = first.clone().to_device(GPU).unwrap();
+    let mut y = first.clone().to_device(GPU).unwrap();
+    let mut out = Tensor::zeros_on([1, n], DType::F32, GPU).unwrap();
+    let (graph, stream) = coord
+        .graph_capture(None, |ctx| {
+            let s = ctx.cuda_stream().expect("an NCCL group's capture has a CUDA stream").clone();
+            assert_eq!(dg.capture_stream(), ctx.stream, "the group's operations go to the capture stream");
+            let ((), graph) = ctx.capture(|| {
+                dg.all_gather(&x, &mut out)?;
+                dg.all_reduce(&mut y, ReduceOp::Sum)
+            })?;
+            Ok((graph, s))
+        })
+        .unwrap();
+    assert_ne!(dg.capture_stream(), Some(stream.cu_stream() as u64), "the route ends with graph_capture");
+    // Captured, not run: the output is still zeros.
+    assert_eq!(host(&out), Tensor::zeros([1, n], DType::F32).unwrap());
+    let cpu_result = |v: &Tensor| {
+        let mut want_out = Tensor::zeros([1, n], DType::F32).unwrap();
+        cpu.all_gather(v, &mut want_out).unwrap();
+        let mut want_y = v.clone();
+        cpu.all_reduce(&mut want_y, ReduceOp::Sum).unwrap();
+        (want_out, want_y)
+    };
+    let timeout = Duration::from_secs(60);
+    for round in 0..2 {
+        let v = if round == 0 {
+            first.clone()
+        } else {
+            let second =
+                Tensor::from_f64(&values(n).iter().map(|a| 3.0 * a + 1.0).collect::<Vec<_>>(), [n], DType::F32)
+                    .unwrap();
+            // New inputs in place (the graph holds the addresses).
+            x.cuda_buffer_mut().unwrap().unwrap().copy_from_host(second.as_bytes().unwrap(), timeout).unwrap();
+            y.cuda_buffer_mut().unwrap().unwrap().copy_from_host(second.as_bytes().unwrap(), timeout).unwrap();
+            let zeros = vec![0u8; out.nbytes()];
+            out.cuda_buffer_mut().unwrap().unwrap().copy_from_host(&zeros, timeout).unwrap();
+            second
+        };
+        graph.launch().unwrap();
+        device::wait_for_stream(&stream, "graph launch", timeout).unwrap();
+        let (want_out, want_y) = cpu_result(&v);
+        assert_eq!(host(&out), want_out, "launch {round}");
+        assert_eq!(host(&y), want_y, "launch {round}");
+    }
+    // Outside a capture the same group waits as usual.
+    let mut z = first.clone().to_device(GPU).unwrap();
+    dg.all_reduce(&mut z, ReduceOp::Max).unwrap();
+    assert_eq!(host(&z), first);
+    coord.destroy();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL: scripts/gpu-check.sh"]
+fn gpu_send_to_self_at_world_one_in_a_batch() {
+    require_gpu();
+    let pg = worlds(1, Duration::from_secs(60)).pop().unwrap();
+    let coord = GroupCoordinator::new(&pg, &[vec![0]], 0, cuda_opts()).unwrap();
+    let dg = coord.device_group().unwrap();
+    for dt in DType::ALL {
+        let a = Tensor::from_f64(&values(777), [777], dt).unwrap();
+        let b = Tensor::from_f64(&values(5), [5], dt).unwrap();
+        let (ga, gb) = (a.clone().to_device(GPU).unwrap(), b.clone().to_device(GPU).unwrap());
+        let mut ra = Tensor::zeros_on([777], dt, GPU).unwrap();
+        let mut rb = Tensor::zeros_on([5], dt, GPU).unwrap();
+        dg.batch_isend_irecv(&mut [
+            P2pOp::Recv(&mut ra, 0),
+            P2pOp::Send(&ga, 0),
+            P2pOp::Send(&gb, 0),
+            P2pOp::Recv(&mut rb, 0),
+        ])
+        .unwrap();
+        assert_eq!(host(&ra), a, "{dt}");
+        assert_eq!(host(&rb), b, "{dt}");
+    }
+    // On a caller's stream, enqueue-only, through the communicator.
+    let comm = dg.as_nccl().unwrap();
+    let s = comm.device().new_stream().unwrap();
+    let bytes = f32_bytes(&values(64));
+    let src = comm.device().upload(&bytes).unwrap();
+    let mut dst = comm.device().zeros(bytes.len()).unwrap();
+    let on = comm.with_stream(&s, Completion::Enqueue).unwrap();
+    on.batch_p2p(&mut [P2p::Send(&src, 0), P2p::Recv(&mut dst, 0)]).unwrap();
+    on.synchronize().unwrap();
+    assert_eq!(download(&dst), bytes);
+    // A lone send to self would hang in NCCL: refused before it.
+    let t = Tensor::from_f64(&values(4), [4], DType::F32).unwrap().to_device(GPU).unwrap();
+    let e = dg.send(&t, 0).unwrap_err().to_string();
+    assert!(e.contains("needs its receive"), "{e}");
+    assert!(comm.aborted().is_none());
+    coord.destroy();
+}
+
+const IPC_CHILD: &str = "RANKWEAVE_IPC_TEST_CHILD";
+
+/// One of the two processes of the IPC test: rank 0 exports a buffer,
+/// rank 1 maps it, checks it and writes it back doubled.
+fn ipc_worker(rank: usize, port: &str) -> rankweave::Result<()> {
+    use rankweave::parallel_state::{InitOptions, ParallelState};
+    let s = ParallelState::new();
+    s.init(&InitOptions::new().init_method(format!("tcp://127.0.0.1:{port}")).world_size(2).rank(rank))?;
+    let world = s.get_world_group()?;
+    let vals = values(1 << 16);
+    let doubled: Vec<f64> = vals.iter().map(|v| 2.0 * v).collect();
+    if rank == 0 {
+        let dev = CudaDevice::get(0)?;
+        let mut buf: IpcBuffer = dev.alloc_ipc(vals.len() * 4)?;
+        buf.upload(&f32_bytes(&vals))?;
+        let h = buf.handle()?;
+        world.broadcast_object(Some(h.to_bytes()), 0)?;
+        world.barrier()?; // rank 1 wrote
+        let mut back = vec![0u8; buf.len()];
+        buf.download(&mut back)?;
+        assert_eq!(back, f32_bytes(&doubled), "rank 1's write through the mapping");
+        world.barrier()?; // rank 1 closed its mapping; the buffer may go
+    } else {
+        let bytes: Vec<u8> = world.broadcast_object(None, 0)?;
+        let h = IpcHandle::from_bytes(&bytes)?;
+        let mut m = IpcMapping::open(&h)?;
+        let mut got = vec![0u8; m.len()];
+        m.download(&mut got)?;
+        assert_eq!(got, f32_bytes(&vals), "rank 0's values through the mapping");
+        m.upload(&f32_bytes(&doubled))?;
+        world.barrier()?;
+        drop(m);
+        world.barrier()?;
+    }
+    s.destroy_distributed_environment();
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh"]
+fn gpu_cuda_ipc_between_two_processes_on_one_gpu() {
+    if let Ok(rank) = std::env::var(IPC_CHILD) {
+        let port = std::env::var("RANKWEAVE_IPC_TEST_PORT").expect("port");
+        ipc_worker(rank.parse().expect("rank"), &port).unwrap();
+        return;
+    }
+    if let Err(e) = device::probe::cuda_driver() {
+        panic!("this test needs a CUDA GPU: {e}");
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            std::process::Command::new(&exe)
+                .args(["gpu_cuda_ipc_between_two_processes_on_one_gpu", "--exact", "--include-ignored", "--nocapture"])
+                .env(IPC_CHILD, rank.to_string())
+                .env("RANKWEAVE_IPC_TEST_PORT", &port)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut outs = Vec::new();
+    for mut c in children {
+        while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(c.try_wait(), Ok(None)) {
+            let _ = c.kill();
+        }
+        outs.push(c.wait_with_output().unwrap());
+    }
+    for (rank, o) in outs.iter().enumerate() {
+        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success() && text.contains("1 passed"), "IPC rank {rank}: {}\n{text}", o.status);
+    }
 }

@@ -37,12 +37,14 @@
 //! [`UniqueNames::lookup`] find it again, as the seed's `_groups` does for
 //! `inplace_all_reduce(tensor, group_name)`.
 
-mod device;
+pub(crate) mod device;
 mod fingerprint;
 mod wire;
 
 pub use crate::group::in_the_same_node_as;
-pub use device::DeviceGroup;
+#[cfg(feature = "nccl")]
+pub use device::DeviceOnStream;
+pub use device::{DeviceGroup, P2pOp};
 
 use crate::dtype::DType;
 use crate::error::{Context, Error, Result};
@@ -178,11 +180,50 @@ pub(crate) trait ObjectBroadcaster: Send + Sync {
 
 /// What a graph capture runs with (the seed's `GraphCaptureContext`): the
 /// device stream the captured work is recorded on. CPU groups have no
-/// streams, so `stream` is `None`; an NCCL group gives its own stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// streams, so `stream` is `None`; an NCCL group gives a fresh capture
+/// stream (with the `nccl` feature, also as cudarc's stream:
+/// `GraphCaptureContext::cuda_stream`).
+#[derive(Clone, Default)]
 pub struct GraphCaptureContext {
     /// The capture stream (a `CUstream` as an integer), when there is a device.
     pub stream: Option<u64>,
+    /// The capture stream itself.
+    #[cfg(feature = "nccl")]
+    pub(crate) cuda: Option<Arc<crate::device::CudaStream>>,
+}
+
+impl PartialEq for GraphCaptureContext {
+    fn eq(&self, other: &Self) -> bool {
+        // `stream` is the handle of `cuda` when there is one.
+        self.stream == other.stream
+    }
+}
+impl Eq for GraphCaptureContext {}
+
+impl std::fmt::Debug for GraphCaptureContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphCaptureContext").field("stream", &self.stream).finish()
+    }
+}
+
+#[cfg(feature = "nccl")]
+impl GraphCaptureContext {
+    /// The capture stream, for an NCCL group's capture.
+    pub fn cuda_stream(&self) -> Option<&Arc<crate::device::CudaStream>> {
+        self.cuda.as_ref()
+    }
+
+    /// Records what `f` enqueues on the capture stream into a CUDA graph
+    /// ([`crate::device::capture_graph`]); the device groups routed to this
+    /// context (inside [`GroupCoordinator::graph_capture`]) only enqueue
+    /// while it records. A context without a CUDA stream is an error.
+    pub fn capture<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<(R, crate::device::CudaGraph)> {
+        let s = self
+            .cuda
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("graph capture: this context has no CUDA stream (a CPU group)".into()))?;
+        crate::device::capture_graph(s, f)
+    }
 }
 
 impl ObjectBroadcaster for MessageQueue {
@@ -1171,19 +1212,27 @@ impl GroupCoordinator {
     /// Runs `f` inside a graph capture on this group, as the seed's
     /// `graph_capture` context manager: with `Some(context)` the capture joins
     /// that context (the pipeline group joining the tensor-parallel group's),
-    /// otherwise a new one starts. A capture records device work on a
-    /// side stream: an NCCL group's context carries the group's stream; a
-    /// CPU group has none (`None`). Either way the collectives inside run
-    /// eagerly, exactly as outside (an NCCL operation waits for its work,
-    /// so recording it into a CUDA graph is not supported yet). The group
-    /// must not be destroyed.
+    /// otherwise a new one starts. A CPU group has no streams (`None`) and
+    /// its collectives run eagerly, as outside. An NCCL group's new context
+    /// carries a fresh stream, ordered after the work enqueued so far on the
+    /// group's and the device's streams; while `f` runs, this group's device
+    /// operations go to the context's stream, and while that stream records
+    /// a graph (`GraphCaptureContext::capture`) they only enqueue (no host
+    /// wait, no event query). Buffers a captured operation uses must exist
+    /// before the capture begins (see `NcclComm::capture_on` in the `device`
+    /// module).
+    /// The group must not be destroyed.
     pub fn graph_capture<R>(
         &self,
         context: Option<GraphCaptureContext>,
         f: impl FnOnce(&GraphCaptureContext) -> Result<R>,
     ) -> Result<R> {
         let g = self.groups()?;
-        let context = context.unwrap_or(GraphCaptureContext { stream: g.device.capture_stream() });
+        let context = match context {
+            Some(c) => c,
+            None => g.device.new_capture_context().map_err(|e| self.fail("graph_capture", e))?,
+        };
+        let _route = g.device.route_capture(&context).map_err(|e| self.fail("graph_capture", e))?;
         f(&context)
     }
 

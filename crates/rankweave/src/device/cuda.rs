@@ -7,9 +7,10 @@
 
 use super::probe;
 use crate::error::{Context, Error, Result};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, SyncOnDrop};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Maps a driver error to the crate's error, naming what was being done.
 pub(crate) fn driver_err(what: &str, e: DriverError) -> Error {
@@ -81,10 +82,26 @@ impl CudaDevice {
     /// `len` zero bytes on the device.
     pub fn zeros(&self, len: usize) -> Result<CudaBuffer> {
         if len == 0 {
-            return Ok(CudaBuffer { ordinal: self.ordinal, len, slice: None });
+            return Ok(CudaBuffer { ordinal: self.ordinal, len, ptr: 0, slice: None });
         }
         let slice = self.stream.alloc_zeros::<u8>(len).map_err(|e| with_bytes(driver_err("cuda alloc", e), len))?;
-        Ok(CudaBuffer { ordinal: self.ordinal, len, slice: Some(slice) })
+        Ok(self.wrap(slice))
+    }
+
+    /// Wraps a fresh slice of this device, noting its address once (a read
+    /// on the allocating stream, which orders nothing new).
+    fn wrap(&self, slice: CudaSlice<u8>) -> CudaBuffer {
+        let ptr = {
+            let (p, _record) = slice.device_ptr(&self.stream);
+            p
+        };
+        CudaBuffer { ordinal: self.ordinal, len: slice.len(), ptr, slice: Some(slice) }
+    }
+
+    /// A new stream on this device (for example the one a caller runs
+    /// collectives on, or a graph capture's).
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.ctx.new_stream().map_err(|e| driver_err("CUDA stream creation", e))
     }
 
     /// A device copy of `bytes`.
@@ -93,7 +110,39 @@ impl CudaDevice {
             return self.zeros(0);
         }
         let slice = self.stream.clone_htod(bytes).map_err(|e| with_bytes(driver_err("cuda upload", e), bytes.len()))?;
-        Ok(CudaBuffer { ordinal: self.ordinal, len: bytes.len(), slice: Some(slice) })
+        Ok(self.wrap(slice))
+    }
+}
+
+/// Waits, up to `timeout`, until the work enqueued on `stream` so far has
+/// finished: records an event and polls it (a short spin, then yields,
+/// then short sleeps). `what` names the operation in the timeout error.
+pub fn wait_for_stream(stream: &CudaStream, what: &str, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let event = stream.context().new_event(None).map_err(|e| driver_err(what, e))?;
+    event.record(stream).map_err(|e| driver_err(what, e))?;
+    let mut polls = 0;
+    loop {
+        if event.try_is_complete().map_err(|e| driver_err(what, e))? {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(Error::timeout(Context::op(what), start.elapsed(), "the work on the CUDA stream to finish"));
+        }
+        backoff(&mut polls);
+    }
+}
+
+/// Waits with a short spin, then yields, then sleeps (the machine may be
+/// shared; device work can take long).
+pub(crate) fn backoff(polls: &mut u32) {
+    *polls = polls.saturating_add(1);
+    if *polls < 64 {
+        std::hint::spin_loop();
+    } else if *polls < 1024 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -137,6 +186,9 @@ fn with_bytes(mut e: Error, n: usize) -> Error {
 pub struct CudaBuffer {
     ordinal: usize,
     len: usize,
+    /// The device address (`0` for zero bytes), for the untracked accesses
+    /// of a graph capture.
+    ptr: u64,
     /// `None` for zero bytes (the driver refuses empty allocations).
     slice: Option<CudaSlice<u8>>,
 }
@@ -163,10 +215,6 @@ impl CudaBuffer {
     /// The cudarc slice (`None` for zero bytes).
     pub fn slice(&self) -> Option<&CudaSlice<u8>> {
         self.slice.as_ref()
-    }
-    /// The cudarc slice, mutable (`None` for zero bytes).
-    pub fn slice_mut(&mut self) -> Option<&mut CudaSlice<u8>> {
-        self.slice.as_mut()
     }
 
     /// A device-to-device copy; device memory exhaustion is an error.
@@ -197,27 +245,48 @@ impl CudaBuffer {
         dev.stream.synchronize().map_err(|e| driver_err("cuda download", e))
     }
 
-    /// The device address for reading on `stream`, with cudarc's guard that
-    /// orders later writers after this use (keep it until the work is
-    /// enqueued). `0` for an empty buffer.
-    pub(crate) fn read_ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, Option<impl Drop + 'a>) {
+    /// Overwrites the bytes with `bytes` (same length), in place: the
+    /// device address stays the same (a captured graph keeps working on
+    /// it). Waits for the copy, up to `timeout`.
+    pub fn copy_from_host(&mut self, bytes: &[u8], timeout: Duration) -> Result<()> {
+        if bytes.len() != self.len {
+            return Err(Error::invalid(format!(
+                "copy of a host buffer of {} bytes into {} device bytes",
+                bytes.len(),
+                self.len
+            )));
+        }
+        let Some(dst) = self.slice.as_mut() else { return Ok(()) };
+        let dev = CudaDevice::get(self.ordinal)?;
+        dev.stream.memcpy_htod(bytes, dst).map_err(|e| driver_err("cuda copy_from_host", e))?;
+        wait_for_stream(&dev.stream, "cuda copy_from_host", timeout)
+    }
+
+    /// The device address for reading on `stream`. With `tracked`, the
+    /// access goes through cudarc's events: `stream` first waits for the
+    /// last write, and the returned guard, dropped once the work is
+    /// enqueued, records this read so later writers wait for it. Without
+    /// (inside a graph capture, where waiting on an event recorded outside
+    /// the capture is illegal) only the address is returned and ordering is
+    /// the caller's. `0` for an empty buffer.
+    pub(crate) fn read_ptr<'a>(&'a self, stream: &'a CudaStream, tracked: bool) -> (u64, Option<SyncOnDrop<'a>>) {
         match &self.slice {
-            Some(s) => {
+            Some(s) if tracked => {
                 let (p, g) = s.device_ptr(stream);
                 (p, Some(g))
             }
-            None => (0, None),
+            _ => (self.ptr, None),
         }
     }
 
     /// The device address for writing on `stream` (see [`Self::read_ptr`]).
-    pub(crate) fn write_ptr<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, Option<impl Drop + 'a>) {
+    pub(crate) fn write_ptr<'a>(&'a mut self, stream: &'a CudaStream, tracked: bool) -> (u64, Option<SyncOnDrop<'a>>) {
         match &mut self.slice {
-            Some(s) => {
+            Some(s) if tracked => {
                 let (p, g) = s.device_ptr_mut(stream);
                 (p, Some(g))
             }
-            None => (0, None),
+            _ => (self.ptr, None),
         }
     }
 }
