@@ -268,10 +268,12 @@ fn a_sender_runs_up_to_the_queue_ahead_of_its_receiver() {
     use rankweave::collectives::shm::p2p::QUEUE;
     use std::sync::atomic::{AtomicBool, Ordering};
     static RECEIVING: AtomicBool = AtomicBool::new(false);
-    // Small messages of every payload placement (in the slot's header
-    // line, after it), then one exclusive (large) message between queued
-    // ones: all arrive in order.
-    let lens: Vec<usize> = vec![0, 1, 32, 33, 1000, 32 << 10, 100_000, 7];
+    // A full queue of small messages of every payload placement (in the
+    // slot's header line, after it), then exclusive ones (above a slot,
+    // large) between queued ones: all arrive in order.
+    let small = [0, 1, 32, 33, 1000, 7, 500, 64];
+    let mut lens: Vec<usize> = (0..QUEUE).map(|i| small[i % small.len()]).collect();
+    lens.extend([32 << 10, 100_000, 5]);
     let expect = lens.clone();
     common::run_shm(2, opts(true), move |c| {
         if c.rank() == 0 {

@@ -13,7 +13,7 @@
 //!   one exclusive message (two halves for the pipelined path).
 //!
 //! # Queued and exclusive messages
-//! A message of bytes that fits a slot ([`ShmComm::queued_max`]: a quarter
+//! A message of bytes that fits a slot ([`ShmComm::queued_max`]: an eighth
 //! of the data area less a line, at most [`EAGER_MAX`]) is *queued*: message `k`
 //! goes to slot `k % QUEUE`, a line of header (its number, descriptor,
 //! length and kind, and up to [`P2P_INLINE`] bytes of payload) followed by
@@ -78,7 +78,7 @@ use std::time::{Duration, Instant};
 /// Payload bytes a queued message carries in its slot's header line.
 pub const P2P_INLINE: usize = LINE - SLOT_PAYLOAD_IN_HEADER;
 /// Queued messages a channel holds at once.
-pub const QUEUE: usize = 4;
+pub const QUEUE: usize = 8;
 /// Largest message copied through the data area without waiting for the
 /// receiver (larger ones go by cross-memory attach or pipelined chunks).
 pub const EAGER_MAX: usize = 32 << 10;
