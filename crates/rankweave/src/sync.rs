@@ -83,16 +83,24 @@ impl Backoff {
     /// Waits a little, longer with every call.
     #[inline]
     pub(crate) fn snooze(&mut self) {
+        self.snooze_with(std::thread::sleep);
+    }
+
+    /// [`Backoff::snooze`], with `sleep` in place of the sleeping stage's
+    /// `thread::sleep` (a futex wait that the awaited change ends early;
+    /// it must not sleep longer than the interval it is given).
+    #[inline]
+    pub(crate) fn snooze_with(&mut self, sleep: impl FnOnce(Duration)) {
         if self.step < SPIN_LIMIT {
             self.step += 1;
             std::hint::spin_loop();
             return;
         }
-        self.snooze_slow();
+        self.snooze_slow(sleep);
     }
 
     #[cold]
-    fn snooze_slow(&mut self) {
+    fn snooze_slow(&mut self, sleep: impl FnOnce(Duration)) {
         let started = *self.started.get_or_insert_with(Instant::now);
         if self.step == SPIN_LIMIT {
             if started.elapsed() < YIELD_FOR {
@@ -101,7 +109,7 @@ impl Backoff {
             }
             self.step += 1;
         }
-        std::thread::sleep(self.sleep);
+        sleep(self.sleep);
         let cap = if started.elapsed() >= LONG_IDLE { IDLE_SLEEP_MAX } else { SLEEP_MAX };
         self.sleep = (self.sleep * 2).min(cap);
     }

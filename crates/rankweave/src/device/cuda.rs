@@ -104,6 +104,50 @@ impl CudaDevice {
         self.ctx.new_stream().map_err(|e| driver_err("CUDA stream creation", e))
     }
 
+    /// A device copy of the `len` bytes at device address `src` on this
+    /// device: the way in for tensors of other CUDA libraries (candle,
+    /// another cudarc version), which all expose their allocations'
+    /// addresses. Waits for the copy, up to `timeout`.
+    ///
+    /// From candle (its `cuda` feature cannot be built beside this crate's
+    /// dynamic loading of the driver, so this is the bridge). A sketch of
+    /// the candle side, not compiled here and not run on a GPU yet:
+    ///
+    /// ```text
+    /// let (storage, layout) = t.storage_and_layout();      // t: contiguous candle CUDA tensor
+    /// let candle_core::Storage::Cuda(cs) = &*storage else { .. };
+    /// let slice = cs.as_cuda_slice::<f32>()?;              // candle's cudarc
+    /// let (ptr, _guard) = slice.device_ptr(cs.device().cuda_stream().as_ref());
+    /// t.device().synchronize()?;                           // its writes are done
+    /// let buf = unsafe { dev.copy_from_device_ptr(ptr + 4 * layout.start_offset() as u64, 4 * t.elem_count(), timeout)? };
+    /// let ours = rankweave::tensor::Tensor::from_cuda(buf, t.dims().to_vec(), DType::F32)?;
+    /// ```
+    ///
+    /// # Safety
+    ///
+    /// `src` must address at least `len` bytes of device memory on this
+    /// device, allocated in its primary context (the context cudarc and
+    /// candle use), with every write to them finished (synchronize the
+    /// stream that made them first); they must not be freed or written until
+    /// this call returns.
+    pub unsafe fn copy_from_device_ptr(&self, src: u64, len: usize, timeout: Duration) -> Result<CudaBuffer> {
+        let mut out = self.zeros(len)?;
+        if len == 0 {
+            return Ok(out);
+        }
+        let (dst, guard) = out.write_ptr(&self.stream, true);
+        self.ctx.bind_to_thread().map_err(|e| driver_err("cuda copy from a device address", e))?;
+        // SAFETY: `dst` is `len` bytes of our fresh allocation, ordered on
+        // `self.stream` by its guard; `src` holds `len` finished bytes on
+        // this device by the caller's contract; both live until the copy
+        // finished (waited for below, before returning).
+        let r = unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, len, self.stream.cu_stream()) };
+        drop(guard);
+        r.map_err(|e| driver_err("cuda copy from a device address", e))?;
+        wait_for_stream(&self.stream, "cuda copy from a device address", timeout)?;
+        Ok(out)
+    }
+
     /// A device copy of `bytes`.
     pub fn upload(&self, bytes: &[u8]) -> Result<CudaBuffer> {
         if bytes.is_empty() {
@@ -228,6 +272,31 @@ impl CudaBuffer {
             dev.stream.memcpy_dtod(src, dst).map_err(|e| driver_err("cuda copy", e))?;
         }
         Ok(out)
+    }
+
+    /// Copies the bytes to the device address `dst` on the same device:
+    /// the way out to other CUDA libraries' tensors (see
+    /// [`CudaDevice::copy_from_device_ptr`]). Waits for the copy, up to
+    /// `timeout`.
+    ///
+    /// # Safety
+    ///
+    /// `dst` must address at least `self.len()` bytes of device memory on
+    /// this buffer's device, in its primary context, that nothing else
+    /// reads or writes until this call returns.
+    pub unsafe fn copy_to_device_ptr(&self, dst: u64, timeout: Duration) -> Result<()> {
+        let Some(src) = &self.slice else { return Ok(()) };
+        let dev = CudaDevice::get(self.ordinal)?;
+        let (p, guard) = src.device_ptr(&dev.stream);
+        dev.ctx.bind_to_thread().map_err(|e| driver_err("cuda copy to a device address", e))?;
+        // SAFETY: `p` is our `len` bytes, ordered after their last write on
+        // `dev.stream` by the guard; `dst` holds `len` writable bytes on this
+        // device by the caller's contract; both live until the copy
+        // finished (waited for below).
+        let r = unsafe { cudarc::driver::result::memcpy_dtod_async(dst, p, self.len, dev.stream.cu_stream()) };
+        drop(guard);
+        r.map_err(|e| driver_err("cuda copy to a device address", e))?;
+        wait_for_stream(&dev.stream, "cuda copy to a device address", timeout)
     }
 
     /// Copies the bytes to host memory (waits for the copy).

@@ -16,9 +16,13 @@
 //!   checks the remote range), and the caller's protocol must keep the
 //!   remote buffer alive and unchanged during the call.
 //!
+//! - `futex::wait`/`wake` sleep on and wake a word of a shared mapping
+//!   (process-shared futexes on the low half of a 64-bit counter).
+//!
 //! What users need of it is re-exported by [`crate::segments`].
 
 pub(crate) mod cma;
+pub(crate) mod futex;
 pub(crate) mod net;
 pub(crate) mod proc;
 pub(crate) mod shm;

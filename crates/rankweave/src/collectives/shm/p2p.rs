@@ -70,6 +70,7 @@
 use super::{describe, ShmComm, LINE, LIVENESS_EVERY};
 use crate::error::{Context, Error, Result};
 use crate::sync::{current_cpu, Backoff};
+use crate::sys::futex;
 use crate::transport::{OpCode, OpDesc};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,6 +116,10 @@ const KIND: usize = 56;
 const TAKEN: usize = 0;
 const ACKED: usize = 8;
 const RCPU: usize = 16;
+/// Set while the receiver sleeps on `POST` (see [`ShmComm::park`]).
+const RPARK: usize = 24;
+// Word of the spacer line: set while the sender sleeps on `TAKEN`.
+const SPARK: usize = 0;
 
 const OPEN: u64 = 0;
 const READING: u64 = 1;
@@ -277,11 +282,44 @@ impl ShmComm {
         if me != u32::MAX && cpu == me as u64 {
             backoff.skip_spin();
         }
+        // The word whose change ends the wait, and our flag that says we
+        // sleep on it; the side that changes the word wakes us.
+        let park = match what {
+            Awaiting::Taken(_) => {
+                Some((self.chan(self.rank, peer) + 2 * LINE + TAKEN, self.chan(self.rank, peer) + LINE + SPARK))
+            }
+            Awaiting::Posted(_) => {
+                Some((self.chan(peer, self.rank) + POST, self.chan(peer, self.rank) + 2 * LINE + RPARK))
+            }
+            Awaiting::Chunk(_) | Awaiting::Ack(_) => None,
+        };
         let mut start: Option<Instant> = None;
         let mut check_after = LIVENESS_EVERY;
         let mut drained_at = Duration::ZERO;
         loop {
-            backoff.snooze();
+            match park {
+                Some((word, flag)) => {
+                    let seg = self.seg.clone();
+                    let (word, flag) = (seg.atomic_u64(word), seg.atomic_u64(flag));
+                    // Read before the check below: a change after it makes
+                    // the futex wait return at once.
+                    let low = word.load(Ordering::Acquire) as u32;
+                    if ready(self) {
+                        return Ok(());
+                    }
+                    backoff.snooze_with(|interval| {
+                        // SeqCst store, then SeqCst load: pairs with the
+                        // waker's store of the word, fence and load of the
+                        // flag (one of the two sides sees the other).
+                        flag.store(1, Ordering::SeqCst);
+                        if word.load(Ordering::SeqCst) as u32 == low {
+                            futex::wait(word, low, interval);
+                        }
+                        flag.store(0, Ordering::Relaxed);
+                    });
+                }
+                None => backoff.snooze(),
+            }
             if ready(self) {
                 return Ok(());
             }
@@ -378,7 +416,7 @@ impl ShmComm {
             // the slot after its payload offset (queued_max).
             unsafe { self.seg.write(at + Self::slot_payload(len), data) };
             // Release: publishes the slot.
-            self.sword(me, dst, POST).store(k, Ordering::Release);
+            self.post(dst, k);
             return Ok(());
         }
         self.p2p.last_exclusive[dst] = k;
@@ -388,12 +426,12 @@ impl ShmComm {
         if len <= self.eager_max() {
             // SAFETY: our own channel's data area, free since TAKEN >= k - 1.
             unsafe { self.seg.write(self.area_at(me, dst), data) };
-            self.sword(me, dst, POST).store(k, Ordering::Release);
+            self.post(dst, k);
             return Ok(());
         }
         self.sword(me, dst, ADDR).store(data.as_ptr() as u64, Ordering::Relaxed);
         self.sword(me, dst, STATE).store(state(k, OPEN), Ordering::Relaxed);
-        self.sword(me, dst, POST).store(k, Ordering::Release);
+        self.post(dst, k);
         self.send_large(data, dst, k, timeout, rcpu).inspect_err(|_| self.withdraw(dst, k))
     }
 
@@ -585,9 +623,28 @@ impl ShmComm {
     /// Records message `k` of `src` as taken.
     fn taken(&mut self, src: usize, k: u64) {
         self.p2p.recvd[src] = k;
-        // Release: we are done with the inline line, the data area and the
-        // sender's buffer.
+        // Release: we are done with the slot, the data area and the sender's
+        // buffer.
         self.rword(src, self.rank, TAKEN).store(k, Ordering::Release);
+        self.wake_parked(self.chan(src, self.rank) + 2 * LINE + TAKEN, self.chan(src, self.rank) + LINE + SPARK);
+    }
+
+    /// Posts message `k` to `dst` (Release: publishes its slot or words)
+    /// and wakes the receiver if it sleeps on it.
+    fn post(&self, dst: usize, k: u64) {
+        self.sword(self.rank, dst, POST).store(k, Ordering::Release);
+        self.wake_parked(self.chan(self.rank, dst) + POST, self.chan(self.rank, dst) + 2 * LINE + RPARK);
+    }
+
+    /// After a store to the word at `word`: wakes the peer whose flag at
+    /// `flag` says it sleeps on that word. The fence pairs with the
+    /// sleeper's SeqCst store of its flag and load of the word in
+    /// `p2p_wait`: either it saw the new value, or we see its flag.
+    fn wake_parked(&self, word: usize, flag: usize) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.seg.atomic_u64(flag).load(Ordering::Relaxed) != 0 {
+            futex::wake(self.seg.atomic_u64(word));
+        }
     }
 
     /// Copies large message `k` of `src` straight from the sender's memory.
