@@ -108,11 +108,12 @@ run() {
     # World size 1: every op and dtype against the CPU group, tensor dicts
     # with device tensors (gpu_world_of_one), the caller's stream waiting
     # and enqueue-only, a graph capture launched twice, a batched send to
-    # self; then a peer that never joins, two ranks on one GPU, and CUDA
-    # IPC between two processes (the test starts them itself).
+    # self; then a peer that never joins, two ranks on one GPU, CUDA IPC
+    # between two processes (the test starts them itself), and copies in
+    # and out through raw device addresses (the bridge to candle's tensors).
     for t in without_a_driver device_metadata an_nccl_world a_cpu_group gpu_upload_download gpu_world_of_one \
         gpu_callers_stream gpu_graph_capture gpu_send_to_self gpu_parallel_state gpu_a_peer_that_never_joins \
-        gpu_two_ranks gpu_cuda_ipc; do
+        gpu_two_ranks gpu_cuda_ipc gpu_copies_through_device_addresses; do
         echo "-- $t"
         # A filter that matches no test must not count as a pass.
         if timeout 300 "$dir/nccl_device" --include-ignored --test-threads=1 --nocapture "$t" 2>&1 \

@@ -176,6 +176,37 @@ fn gpu_upload_download_and_copy_on_write() {
     assert!(e.contains("does not exist"), "{e}");
 }
 
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh"]
+fn gpu_copies_through_device_addresses() {
+    require_gpu();
+    let dev = CudaDevice::get(0).unwrap();
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + 3) as u8).collect();
+    let a = dev.upload(&bytes).unwrap();
+    let t = Duration::from_secs(30);
+    // In: a copy of another allocation's bytes, whole and from an offset.
+    // SAFETY: `a` holds `bytes.len()` finished bytes on device 0 (upload
+    // waits) and outlives the copies.
+    let b = unsafe { dev.copy_from_device_ptr(a.device_ptr(), bytes.len(), t) }.unwrap();
+    let mut got = vec![0u8; bytes.len()];
+    b.download(&mut got).unwrap();
+    assert!(got == bytes);
+    let c = unsafe { dev.copy_from_device_ptr(a.device_ptr() + 16, bytes.len() - 16, t) }.unwrap();
+    let mut got = vec![0u8; bytes.len() - 16];
+    c.download(&mut got).unwrap();
+    assert!(got[..] == bytes[16..]);
+    // Out: into another allocation, then as a tensor.
+    let d = dev.zeros(bytes.len()).unwrap();
+    // SAFETY: `d` holds `bytes.len()` bytes on device 0 that nothing else
+    // uses during the copy.
+    unsafe { a.copy_to_device_ptr(d.device_ptr(), t) }.unwrap();
+    let mut got = vec![0u8; bytes.len()];
+    d.download(&mut got).unwrap();
+    assert!(got == bytes);
+    let tensor = Tensor::from_cuda(b, [bytes.len()], DType::U8).unwrap();
+    assert_eq!(host(&tensor).as_bytes().unwrap(), &bytes[..]);
+}
+
 /// Runs `op` on the NCCL device group and on a CPU group of one rank with
 /// the same inputs, and checks the outputs are bit-identical.
 fn same_as_cpu(nccl: &DeviceGroup, cpu: &DeviceGroup, what: &str, op: impl Fn(&DeviceGroup, Device) -> Vec<Tensor>) {

@@ -256,6 +256,14 @@ impl CudaBuffer {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// The device address of the bytes (`0` for zero bytes), for other CUDA
+    /// libraries ([`CudaDevice::copy_from_device_ptr`] and
+    /// [`CudaBuffer::copy_to_device_ptr`] on their side). Work this crate
+    /// enqueued on the buffer may still be running: synchronize the device's
+    /// stream before another library reads or writes through the address.
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
     /// The cudarc slice (`None` for zero bytes).
     pub fn slice(&self) -> Option<&CudaSlice<u8>> {
         self.slice.as_ref()
