@@ -1,0 +1,36 @@
+# Tables of docs/bench/p2p-goals.sh: python3 docs/bench/p2p-goals.py OUTDIR (Open MPI / rankweave > 1: rankweave faster).
+import csv,glob,collections,statistics as st,sys,os
+D=sys.argv[1] if len(sys.argv)>1 else '/tmp/p2p-goals'
+d=collections.defaultdict(list)
+for f in glob.glob(D+'/*-r*.csv'):
+    b=os.path.basename(f)
+    who,tr=b.split('-')[0],b.split('-')[1]
+    for r in csv.DictReader(open(f)):
+        if r['mode']!='loop': continue
+        d[(tr,r['op'],int(r['world_size']),int(r['bytes']),who)].append(float(r['median_us']))
+mem={}
+if os.path.exists(D+'/memcpy.csv'):
+    for r in csv.DictReader(open(D+'/memcpy.csv')):
+        if r['op']=='copy' and r['threads']=='1': mem[int(r['bytes'])]=float(r['median_s'])*1e6
+def fmt(b):
+    for u,s in ((1<<20,'MiB'),(1<<10,'KiB')):
+        if b>=u: return f"{b//u} {s}"
+    return f"{b} B"
+keys=sorted({k[:4] for k in d})
+for tr in ('shm','tcp'):
+    print(f"\n### {tr}\n")
+    hdr="| op | N | size | Open MPI us | rankweave us | Open MPI / rankweave |"
+    if tr=='shm': hdr+=" memcpy us (1 thread) | memcpy / rankweave |"
+    print(hdr); print("|"+"---|"*(hdr.count('|')-1))
+    for k in keys:
+        if k[0]!=tr: continue
+        o=d.get(k+('ompi',)); w=d.get(k+('rw',))
+        if not w: continue
+        # ops absent in OMPI (e.g. sendrecv_shm) compare with OMPI's sendrecv
+        if not o and k[1].startswith('sendrecv'): o=d.get((tr,'sendrecv',k[2],k[3],'ompi'))
+        om=st.median(o) if o else float('nan'); wm=st.median(w)
+        line=f"| {k[1]} | {k[2]} | {fmt(k[3])} | {' / '.join('%.4g'%x for x in o) if o else '-'} | {' / '.join('%.4g'%x for x in w)} | {om/wm:.2f} |"
+        if tr=='shm':
+            m=mem.get(k[3])
+            line+=f" {m:.4g} | {m/wm:.2f} |" if m else " - | - |"
+        print(line)
