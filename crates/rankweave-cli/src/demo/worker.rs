@@ -187,16 +187,7 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig, backend: parallel_state::
     let mut out = Generation { tokens: Vec::new(), logits: Vec::new() };
     for step in 0..args.tokens {
         // 1. The step's inputs, from rank 0 to everyone.
-        let mine = (rank == 0).then(|| {
-            let (ids, positions) = model::step_inputs(&prompt, &out.tokens);
-            let n = ids.len();
-            Ok::<_, Error>(
-                TensorDict::new()
-                    .with("input_ids", Tensor::from_vec(ids, vec![n])?)
-                    .with("positions", Tensor::from_vec(positions, vec![n])?),
-            )
-        });
-        let mine = mine.transpose()?;
+        let mine = (rank == 0).then(|| inputs_dict(&prompt, &out.tokens)).transpose()?;
         let inputs = times.time(Op::Broadcast, || world.broadcast_tensor_dict(mine.as_ref(), 0))?;
         let ids: Vec<i64> = get_tensor(&inputs, "input_ids")?.to_vec()?;
         let positions: Vec<i64> = get_tensor(&inputs, "positions")?.to_vec()?;
@@ -218,9 +209,7 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig, backend: parallel_state::
             let logits = head.forward(&hidden)?;
             let token = argmax(&logits) as i64;
             if args.pp > 1 {
-                let dict = TensorDict::new()
-                    .with("next_token", Tensor::from_vec(vec![token], vec![1])?)
-                    .with("logits", Tensor::from_vec(logits.clone(), vec![logits.len()])?);
+                let dict = token_dict(token, logits.clone())?;
                 times.time(Op::SendDict, || pp.send_tensor_dict(&dict, None, Some(&tp)))?;
             }
             out.tokens.push(token);
@@ -232,13 +221,7 @@ fn run_initialized(args: &DemoArgs, cfg: &ModelConfig, backend: parallel_state::
         }
         if first && !last {
             let got = times.time(Op::RecvDict, || pp.recv_tensor_dict(None, Some(&tp)))?;
-            let got = expect_dict(got)?;
-            let token: Vec<i64> = get_tensor(&got, "next_token")?.to_vec()?;
-            let &[token] = token.as_slice() else {
-                return Err(Error::invalid(format!("expected one next token, got {token:?}")));
-            };
-            out.tokens.push(token);
-            out.logits.push(get_tensor(&got, "logits")?.to_vec()?);
+            push_token(&mut out, &expect_dict(got)?)?;
         }
         if step == 0 {
             first_token_at = start.elapsed();
@@ -257,12 +240,38 @@ fn inputs_dict(prompt: &[i64], generated: &[i64]) -> Result<TensorDict> {
         .with("positions", Tensor::from_vec(positions, vec![n])?))
 }
 
-/// The one-element `seq` tensor of a received dict, checked against the
-/// sequence this stage expects next (the stages visit them in one order).
-fn check_seq(dict: &TensorDict, want: usize) -> Result<()> {
+/// What the last stage sends the first: the step's token and logits.
+fn token_dict(token: i64, logits: Vec<f32>) -> Result<TensorDict> {
+    let n = logits.len();
+    Ok(TensorDict::new()
+        .with("next_token", Tensor::from_vec(vec![token], vec![1])?)
+        .with("logits", Tensor::from_vec(logits, vec![n])?))
+}
+
+/// Appends the token and logits of a [`token_dict`] to `out`.
+fn push_token(out: &mut Generation, dict: &TensorDict) -> Result<()> {
+    let token: Vec<i64> = get_tensor(dict, "next_token")?.to_vec()?;
+    let &[token] = token.as_slice() else {
+        return Err(Error::invalid(format!("expected one next token, got {token:?}")));
+    };
+    out.tokens.push(token);
+    out.logits.push(get_tensor(dict, "logits")?.to_vec()?);
+    Ok(())
+}
+
+/// The one-element `seq` tensor of a dict received over `pp` from the
+/// previous stage, checked against the sequence this stage expects next
+/// (the stages visit them in one order).
+fn check_seq(dict: &TensorDict, want: usize, pp: &GroupCoordinator) -> Result<()> {
     let got: Vec<i64> = get_tensor(dict, "seq")?.to_vec()?;
     if got != [want as i64] {
-        return Err(Error::invalid(format!("pipeline out of order: expected sequence {want}, received {got:?}")));
+        let (me, n) = (pp.rank_in_group(), pp.world_size());
+        return Err(Error::invalid(format!(
+            "recv_tensor_dict in group {} on rank {me}: pipeline out of order: expected sequence {want} from rank {}, \
+             received {got:?}",
+            pp.unique_name(),
+            (me + n - 1) % n
+        )));
     }
     Ok(())
 }
@@ -296,13 +305,8 @@ fn decode_pipelined(
             // The token of the step before, back from the last stage.
             if first && !last && step > 0 {
                 let got = expect_dict(times.time(Op::RecvDict, || pp.recv_tensor_dict(None, Some(tp)))?)?;
-                check_seq(&got, s)?;
-                let token: Vec<i64> = get_tensor(&got, "next_token")?.to_vec()?;
-                let &[token] = token.as_slice() else {
-                    return Err(Error::invalid(format!("expected one next token, got {token:?}")));
-                };
-                outs[s].tokens.push(token);
-                outs[s].logits.push(get_tensor(&got, "logits")?.to_vec()?);
+                check_seq(&got, s, pp)?;
+                push_token(&mut outs[s], &got)?;
             }
             if first && s == 0 && !outs[0].tokens.is_empty() && first_token_at.is_none() {
                 first_token_at = Some(start.elapsed());
@@ -320,7 +324,7 @@ fn decode_pipelined(
                 }
                 None => {
                     let got = expect_dict(times.time(Op::RecvDict, || pp.recv_tensor_dict(None, Some(tp)))?)?;
-                    check_seq(&got, s)?;
+                    check_seq(&got, s, pp)?;
                     let hidden = to_array(&get_tensor(&got, "hidden")?.clone().to_device(Device::Cpu)?)?;
                     (hidden, get_tensor(&got, "positions")?.to_vec::<i64>()?)
                 }
@@ -338,11 +342,7 @@ fn decode_pipelined(
                             first_token_at = Some(start.elapsed());
                         }
                     } else {
-                        let n_logits = logits.len();
-                        let dict = TensorDict::new()
-                            .with("seq", seq_tensor(s)?)
-                            .with("next_token", Tensor::from_vec(vec![token], vec![1])?)
-                            .with("logits", Tensor::from_vec(logits, vec![n_logits])?);
+                        let dict = token_dict(token, logits)?.with("seq", seq_tensor(s)?);
                         times.time(Op::SendDict, || pp.send_tensor_dict(&dict, None, Some(tp)))?;
                     }
                 }
