@@ -1,11 +1,14 @@
 //! Integration tests for `rankweave launch` and `rankweave demo`: they run
 //! the real binary with `sh` workers.
 
+mod common;
+
+use common::{assert_gone, Scratch};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -61,55 +64,7 @@ fn run(cmd: Command) -> Run {
     run_with(cmd, |_| {})
 }
 
-/// A fresh scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-        let p = std::env::temp_dir().join(format!("rankweave-launch-test-{}-{name}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Whether `pid` is a live (not zombie) process.
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Pids written by workers into files of `dir`.
-fn recorded_pids(dir: &Path) -> Vec<i32> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
-}
-
-fn assert_all_gone(pids: &[i32]) {
-    // The launcher has exited and reaped its workers; allow the kernel a
-    // moment to finish tearing down grandchildren.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let survivors: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-    assert!(survivors.is_empty(), "worker processes survived the launcher: {survivors:?}");
-}
 
 /// Splits `[rank] rest` lines; panics on an unprefixed line.
 fn by_rank(text: &str) -> BTreeMap<usize, Vec<String>> {
@@ -227,9 +182,9 @@ fn failing_rank_stops_the_others_and_sets_the_exit_code() {
     assert_eq!(msg.len(), 1, "{}", r.stderr);
     assert!(msg[0].contains("rank 1 (pid ") && msg[0].contains("exited with code 3"), "{}", msg[0]);
     assert!(msg[0].contains("stopping 3 other workers"), "{}", msg[0]);
-    let pids = recorded_pids(&dir.0);
+    let pids = dir.recorded_pids();
     assert_eq!(pids.len(), 6);
-    assert_all_gone(&pids);
+    assert_gone(&pids, Duration::from_secs(2));
 }
 
 #[test]
@@ -253,9 +208,9 @@ fn workers_ignoring_sigterm_are_killed_after_the_grace_period() {
     assert_eq!(r.status.code(), Some(5), "{}", r.stderr);
     assert!(r.elapsed >= Duration::from_millis(900), "SIGKILL came before the grace period: {:?}", r.elapsed);
     assert!(r.elapsed < Duration::from_secs(10), "took {:?}", r.elapsed);
-    let pids = recorded_pids(&dir.0);
+    let pids = dir.recorded_pids();
     assert_eq!(pids.len(), 2);
-    assert_all_gone(&pids);
+    assert_gone(&pids, Duration::from_secs(2));
 }
 
 #[test]
@@ -266,7 +221,7 @@ fn sigterm_to_the_launcher_is_forwarded() {
     let mut sent = Instant::now();
     let r = run_with(cmd, |pid| {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while recorded_pids(&dir.0).len() < 3 {
+        while dir.recorded_pids().len() < 3 {
             assert!(Instant::now() < deadline, "workers did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -276,7 +231,7 @@ fn sigterm_to_the_launcher_is_forwarded() {
     assert_eq!(r.status.code(), Some(128 + 15), "{}", r.stderr);
     assert!(sent.elapsed() < Duration::from_secs(5), "launcher took {:?} after SIGTERM", sent.elapsed());
     assert!(r.stderr.contains("received SIGTERM; stopping 3 workers"), "{}", r.stderr);
-    assert_all_gone(&recorded_pids(&dir.0));
+    assert_gone(&dir.recorded_pids(), Duration::from_secs(2));
 }
 
 #[test]

@@ -6,17 +6,18 @@
 //! namespaces (one per node, each with its own address and host name; see
 //! `crates/rankweave/tests/netns`).
 
+mod common;
 #[path = "../../rankweave/tests/netns/mod.rs"]
 mod netns;
 
+use common::{assert_gone, Scratch};
 use netns::Cluster;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// A launcher still running after this long is killed and the test fails.
 const GUARD: Duration = Duration::from_secs(90);
@@ -135,64 +136,6 @@ fn launch_sh(n: usize, nproc: usize, port: u16, script: &str) -> Vec<Node> {
         .collect()
 }
 
-/// A fresh scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-        let p = std::env::temp_dir().join(format!("rankweave-multinode-{}-{name}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-    /// Pids written as `<dir>/<rank>` by the workers, waiting until `n` exist.
-    fn pids(&self, n: usize) -> Vec<i32> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let pids: Vec<i32> = std::fs::read_dir(&self.0)
-                .unwrap()
-                .flatten()
-                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                .filter_map(|s| s.trim().parse().ok())
-                .collect();
-            if pids.len() >= n {
-                return pids;
-            }
-            assert!(Instant::now() < deadline, "the workers did not all start: {pids:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie still answers kill(0); read its state.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn assert_gone(pids: &[i32], within: Duration) {
-    let deadline = Instant::now() + within;
-    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-    for &p in &left {
-        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-    }
-    assert!(left.is_empty(), "orphan workers still running: {left:?}");
-}
-
 /// Lines `[rank] a b c` of `text` as (rank, fields).
 fn rank_lines(text: &str) -> Vec<(usize, Vec<String>)> {
     text.lines()
@@ -251,7 +194,7 @@ fn a_killed_launcher_of_node_1_fails_node_0_within_10_s_and_leaves_no_worker() {
     let port = free_port();
     let script = format!("echo $$ > {}/$RANK; exec sleep 60", scratch.path());
     let mut nodes = launch_sh(2, 2, port, &script);
-    let pids = scratch.pids(4);
+    let pids = scratch.wait_pids(4);
     let node1 = nodes.pop().unwrap();
     kill(node1.pid(), Signal::SIGKILL).unwrap();
     let killed_at = Instant::now();
@@ -276,7 +219,7 @@ fn a_killed_launcher_of_node_0_fails_the_others_naming_node_0() {
     let scratch = Scratch::new("kill0");
     let script = format!("echo $$ > {}/$RANK; exec sleep 60", scratch.path());
     let mut nodes = launch_sh(3, 1, port, &script);
-    let pids = scratch.pids(3);
+    let pids = scratch.wait_pids(3);
     let node0 = nodes.remove(0);
     kill(node0.pid(), Signal::SIGKILL).unwrap();
     let killed_at = Instant::now();
@@ -307,22 +250,28 @@ fn mismatched_tokens_and_absent_nodes_fail_within_the_bound() {
     assert!(e0.at.duration_since(e1.at) < Duration::from_secs(15), "{e0:?}");
 }
 
-#[test]
-fn demo_across_two_nodes_passes() {
-    let port = free_port();
-    let model = ["--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "128", "--tokens", "4"];
-    let nodes: Vec<Node> = (0..2).map(|k| Node::start("demo", 2, k, port, &model, &[])).collect();
+/// Waits for the two launchers of a 2 x 2 demo and checks that both
+/// succeeded, rank 0 printed PASS, and TP stayed inside node 0 while PP
+/// crossed to node 1.
+fn demo_passed(nodes: Vec<Node>) -> Vec<Ended> {
     let ended: Vec<Ended> = nodes.into_iter().map(Node::wait).collect();
     for (k, e) in ended.iter().enumerate() {
         assert!(e.status.success(), "node {k}: {e:?}");
     }
     let e0 = &ended[0];
     assert!(e0.stdout.contains("[0] PASS: 4 generated token ids equal the single-process model's"), "{}", e0.stdout);
-    // TP inside a node, PP across nodes.
     assert!(e0.stdout.contains("rank 0: tp group [0, 1] (rank 0 in it), pp group [0, 2] (stage 0 of 2)"), "{e0:?}");
+    assert!(ended[1].stdout.contains("node 1: every worker finished"), "{:?}", ended[1]);
+    ended
+}
+
+#[test]
+fn demo_across_two_nodes_passes() {
+    let port = free_port();
+    let nodes: Vec<Node> = (0..2).map(|k| Node::start("demo", 2, k, port, &DEMO_MODEL, &[])).collect();
+    let ended = demo_passed(nodes);
     let e1 = &ended[1];
     assert!(e1.stdout.contains("rank 2: tp group [2, 3] (rank 0 in it), pp group [0, 2] (stage 1 of 2)"), "{e1:?}");
-    assert!(e1.stdout.contains("node 1: every worker finished"), "{e1:?}");
 }
 
 #[test]
@@ -444,14 +393,7 @@ const DEMO_MODEL: [&str; 10] = ["--layers", "2", "--hidden", "64", "--heads", "4
 fn netns_demo_across_two_nodes_passes() {
     let Some(c) = Cluster::new(2) else { return };
     let nodes: Vec<Node> = (0..2).map(|k| Node::start_in(&c, k, "demo", &DEMO_MODEL, &[])).collect();
-    let ended: Vec<Ended> = nodes.into_iter().map(Node::wait).collect();
-    for (k, e) in ended.iter().enumerate() {
-        assert!(e.status.success(), "node {k}: {e:?}");
-    }
-    let e0 = &ended[0];
-    assert!(e0.stdout.contains("[0] PASS: 4 generated token ids equal the single-process model's"), "{}", e0.stdout);
-    assert!(e0.stdout.contains("rank 0: tp group [0, 1] (rank 0 in it), pp group [0, 2] (stage 0 of 2)"), "{e0:?}");
-    assert!(ended[1].stdout.contains("node 1: every worker finished"), "{:?}", ended[1]);
+    demo_passed(nodes);
 }
 
 #[test]
