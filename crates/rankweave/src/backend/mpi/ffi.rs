@@ -456,16 +456,8 @@ impl RawComm {
         // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
         let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
         loop {
-            let mut done = 0;
-            let serial_test = serial();
-            // SAFETY: `req` is the active request made above.
-            let rc = unsafe { ffi::MPI_Test(&mut req, &mut done, &mut status) };
-            drop(serial_test);
-            if rc != 0 {
-                // The request is in error and so complete: `buf` is free.
-                return Err(rc);
-            }
-            if done != 0 {
+            // An error completes the request too: `buf` is then free.
+            if test(&mut req, &mut status)? {
                 break;
             }
             if !keep_waiting() {
@@ -551,13 +543,7 @@ impl RawComm {
         // SAFETY: MPI_Status is a plain C struct; zeroed is a valid value.
         let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
         loop {
-            let mut done = 0;
-            let serial_test = serial();
-            // SAFETY: `req` is the active request made above.
-            let rc = unsafe { ffi::MPI_Test(&mut req, &mut done, &mut status) };
-            drop(serial_test);
-            check(rc)?;
-            if done != 0 {
+            if test(&mut req, &mut status)? {
                 return Ok(());
             }
             between();
@@ -579,6 +565,18 @@ impl RawComm {
         // SAFETY: `sink` holds the message's whole `n` bytes.
         check(unsafe { ffi::MPI_Mrecv(out_ptr(&mut sink), n, byte(), &mut m.msg, &mut status) })
     }
+}
+
+/// Tests the active request `req` once (`MPI_Test`, under the MPI lock):
+/// `Ok(true)` once it is complete, with `status` filled. A failed test
+/// completes the request too.
+fn test(req: &mut ffi::MPI_Request, status: &mut ffi::MPI_Status) -> Result<bool, Code> {
+    let mut done = 0;
+    let _serial = serial();
+    // SAFETY: `req` is an active request of the caller's; MPI writes
+    // `done` and `status`.
+    check(unsafe { ffi::MPI_Test(req, &mut done, status) })?;
+    Ok(done != 0)
 }
 
 /// `MPI_ANY_TAG`.
