@@ -64,8 +64,6 @@ fn run(cmd: Command) -> Run {
     run_with(cmd, |_| {})
 }
 
-/// Whether `pid` is a live (not zombie) process.
-
 /// Splits `[rank] rest` lines; panics on an unprefixed line.
 fn by_rank(text: &str) -> BTreeMap<usize, Vec<String>> {
     let mut map: BTreeMap<usize, Vec<String>> = BTreeMap::new();
