@@ -226,10 +226,13 @@ impl ShmComm {
                 self.name_of(j)
             )));
         }
-        let class = len
-            .max(BUF_MIN)
-            .checked_next_power_of_two()
-            .ok_or_else(|| Error::invalid(format!("shared-memory buffer of {len} bytes")))?;
+        let class = len.max(BUF_MIN).checked_next_power_of_two().ok_or_else(|| {
+            Error::invalid(format!(
+                "shm_buffer in group {} on rank {}: no size class holds {len} bytes",
+                self.group,
+                self.name_of(self.rank)
+            ))
+        })?;
         for b in self.zc.own.iter().filter(|b| b.cap == class) {
             if b.here.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_err() {
                 continue;
@@ -277,12 +280,19 @@ impl ShmComm {
         self.check()?;
         self.args(OpCode::SendRecv).peer(dst)?;
         let Some(b) = buf.block.as_ref() else {
-            return Err(Error::invalid("send_shm: the buffer holds no block"));
+            return Err(Error::invalid(format!(
+                "send_shm in group {} on rank {} to rank {}: the buffer holds no block",
+                self.group,
+                self.name_of(self.rank),
+                self.name_of(dst)
+            )));
         };
         if b.comm != self.zc.id {
             return Err(Error::invalid(format!(
-                "send_shm: the buffer belongs to another group's pool than {}'s",
-                self.group
+                "send_shm in group {} on rank {} to rank {}: the buffer belongs to another group's pool",
+                self.group,
+                self.name_of(self.rank),
+                self.name_of(dst)
             )));
         }
         let words = [b.owner as u64, b.serial, b.fd as u64, buf.len as u64];
