@@ -293,27 +293,31 @@ impl ShmComm {
             }
             Awaiting::Chunk(_) | Awaiting::Ack(_) => None,
         };
-        let seg = self.seg.clone();
-        let park = park.map(|(word, flag)| (seg.atomic_u64(word), seg.atomic_u64(flag)));
         let mut start: Option<Instant> = None;
         let mut check_after = LIVENESS_EVERY;
         let mut drained_at = Duration::ZERO;
         loop {
             match park {
-                Some((word, flag)) => backoff.snooze_with(|interval| {
-                    // Announce the sleep, then read the value to sleep on
-                    // and look once more (SeqCst store and load: pairs with
-                    // the waker's store of the word, fence and load of the
-                    // flag). A change before the read is seen by `ready`; a
-                    // change after it either makes the futex wait return at
-                    // once or finds the flag set and wakes us.
-                    flag.store(1, Ordering::SeqCst);
-                    let low = word.load(Ordering::SeqCst) as u32;
-                    if !ready(self) {
-                        futex::wait(word, low, interval);
+                Some((word, flag)) => {
+                    let seg = self.seg.clone();
+                    let (word, flag) = (seg.atomic_u64(word), seg.atomic_u64(flag));
+                    // Read before the check below: a change after it makes
+                    // the futex wait return at once.
+                    let low = word.load(Ordering::Acquire) as u32;
+                    if ready(self) {
+                        return Ok(());
                     }
-                    flag.store(0, Ordering::Relaxed);
-                }),
+                    backoff.snooze_with(|interval| {
+                        // SeqCst store, then SeqCst load: pairs with the
+                        // waker's store of the word, fence and load of the
+                        // flag (one of the two sides sees the other).
+                        flag.store(1, Ordering::SeqCst);
+                        if word.load(Ordering::SeqCst) as u32 == low {
+                            futex::wait(word, low, interval);
+                        }
+                        flag.store(0, Ordering::Relaxed);
+                    });
+                }
                 None => backoff.snooze(),
             }
             if ready(self) {
