@@ -14,15 +14,33 @@ const T: Duration = Duration::from_secs(20);
 /// Lengths around every threshold: inline (64), eager (32 KiB), then large.
 const SIZES: [usize; 12] = [0, 1, 8, 64, 65, 1000, 32 << 10, (32 << 10) + 1, 100_000, 1 << 20, 3 << 20, 9_000_001];
 
-fn opts(cma: bool) -> ShmOptions {
-    ShmOptions { timeout: T, cross_memory_attach: cma, ..ShmOptions::default() }
+/// How large messages travel.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Path {
+    /// The default: pipelined through the segment; cross-memory attach
+    /// only when a blocked send takes in the messages posted to it.
+    Default,
+    /// Every large message by cross-memory attach.
+    SingleCopy,
+    /// No cross-memory attach at all.
+    NoCma,
+}
+const PATHS: [Path; 3] = [Path::Default, Path::SingleCopy, Path::NoCma];
+
+fn opts(path: Path) -> ShmOptions {
+    let o = ShmOptions { timeout: T, ..ShmOptions::default() };
+    match path {
+        Path::Default => o,
+        Path::SingleCopy => ShmOptions { single_copy_min: 0, ..o },
+        Path::NoCma => ShmOptions { cross_memory_attach: false, ..o },
+    }
 }
 
 #[test]
-fn every_size_arrives_intact_in_a_ring_with_and_without_cross_memory_attach() {
-    for cma in [true, false] {
+fn every_size_arrives_intact_in_a_ring_on_every_path() {
+    for path in PATHS {
         for n in [2, 3, 4] {
-            common::run_shm(n, opts(cma), move |c| {
+            common::run_shm(n, opts(path), move |c| {
                 let (r, n) = (c.rank(), c.size());
                 let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
                 for len in SIZES {
@@ -34,7 +52,7 @@ fn every_size_arrives_intact_in_a_ring_with_and_without_cross_memory_attach() {
                         c.recv(&mut got, prev, T).unwrap();
                         c.send(&pattern(r, len, 1), next, T).unwrap();
                     }
-                    assert!(got == pattern(prev, len, 1), "cma={cma} n={n} rank {r} len {len}");
+                    assert!(got == pattern(prev, len, 1), "{path:?} n={n} rank {r} len {len}");
                 }
             });
         }
@@ -43,7 +61,7 @@ fn every_size_arrives_intact_in_a_ring_with_and_without_cross_memory_attach() {
 
 #[test]
 fn messages_keep_their_order_mixed_with_collectives() {
-    common::run_shm(3, opts(true), |c| {
+    common::run_shm(3, opts(Path::Default), |c| {
         let r = c.rank();
         for round in 0..40usize {
             let len = SIZES[round % SIZES.len()].min(200_000);
@@ -71,9 +89,13 @@ fn ranks_that_all_send_before_receiving_do_not_deadlock() {
     // Large messages are taken in by cross-memory attach; without it only
     // messages up to the eager limit can be (the pipelined path needs the
     // blocked sender to stream).
-    for (cma, sizes) in [(true, &[100_000usize, 4 << 20][..]), (false, &[1000usize, 32 << 10][..])] {
+    for (path, sizes) in [
+        (Path::Default, &[100_000usize, 4 << 20][..]),
+        (Path::SingleCopy, &[100_000usize, 4 << 20][..]),
+        (Path::NoCma, &[1000usize, 32 << 10][..]),
+    ] {
         for n in [2, 3] {
-            common::run_shm(n, opts(cma), move |c| {
+            common::run_shm(n, opts(path), move |c| {
                 let (r, n) = (c.rank(), c.size());
                 let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
                 for &len in sizes {
@@ -83,9 +105,9 @@ fn ranks_that_all_send_before_receiving_do_not_deadlock() {
                     c.send(&pattern(r, len, 3), next, T).unwrap();
                     let mut got = vec![0u8; len];
                     c.recv(&mut got, prev, T).unwrap();
-                    assert!(got == pattern(prev, len, 2), "cma={cma} n={n} len={len} first");
+                    assert!(got == pattern(prev, len, 2), "{path:?} n={n} len={len} first");
                     c.recv(&mut got, prev, T).unwrap();
-                    assert!(got == pattern(prev, len, 3), "cma={cma} n={n} len={len} second");
+                    assert!(got == pattern(prev, len, 3), "{path:?} n={n} len={len} second");
                 }
             });
         }
@@ -94,7 +116,7 @@ fn ranks_that_all_send_before_receiving_do_not_deadlock() {
 
 #[test]
 fn facing_large_sends_without_cross_memory_attach_fail_at_the_deadline() {
-    common::run_shm(2, opts(false), |c| {
+    common::run_shm(2, opts(Path::NoCma), |c| {
         let peer = 1 - c.rank();
         let start = Instant::now();
         let e = c.send(&vec![1u8; 1 << 20], peer, Duration::from_millis(300)).unwrap_err();
@@ -107,7 +129,7 @@ fn facing_large_sends_without_cross_memory_attach_fail_at_the_deadline() {
 #[test]
 fn a_length_mismatch_names_both_lengths_and_the_peer() {
     for (sent, expected) in [(8usize, 9usize), (1 << 20, 1000), (40_000, 1 << 20)] {
-        let errs = common::run_shm(2, opts(true), move |c| {
+        let errs = common::run_shm(2, opts(Path::Default), move |c| {
             if c.rank() == 0 {
                 // The large send fails once rank 1 gives up on it (timeout)
                 // or succeeds for the eager sizes; both are fine here.
@@ -131,7 +153,7 @@ fn a_length_mismatch_names_both_lengths_and_the_peer() {
 
 #[test]
 fn deadlines_name_the_operation_the_group_and_the_peer() {
-    common::run_shm(2, opts(true), |c| {
+    common::run_shm(2, opts(Path::Default), |c| {
         if c.rank() == 0 {
             let start = Instant::now();
             let mut b = [0u8; 4];
@@ -153,7 +175,7 @@ fn deadlines_name_the_operation_the_group_and_the_peer() {
 
 #[test]
 fn a_peer_that_closes_the_group_fails_a_waiting_recv_and_send() {
-    common::run_shm(2, opts(true), |c| {
+    common::run_shm(2, opts(Path::Default), |c| {
         if c.rank() == 1 {
             std::thread::sleep(Duration::from_millis(100));
             c.abort_handle().close();
@@ -166,7 +188,7 @@ fn a_peer_that_closes_the_group_fails_a_waiting_recv_and_send() {
         assert!(matches!(e, Error::PeerLost { .. }) && e.peer() == Some(1), "{e}");
         assert!(e.to_string().contains("closed the group"), "{e}");
     });
-    common::run_shm(2, opts(true), |c| {
+    common::run_shm(2, opts(Path::Default), |c| {
         if c.rank() == 1 {
             c.abort_handle().close();
             return;
@@ -181,8 +203,12 @@ fn a_peer_that_closes_the_group_fails_a_waiting_recv_and_send() {
 #[test]
 fn child_rank_entry() {
     let Ok(name) = std::env::var("RANKWEAVE_P2P_CHILD_SEGMENT") else { return };
-    let cma = std::env::var("RANKWEAVE_P2P_CHILD_CMA").is_ok();
-    let mut comm = ShmComm::create_with(1, 2, "p2p-procs", &opts(cma), |_| Ok(name)).unwrap();
+    let path = match std::env::var("RANKWEAVE_P2P_CHILD_PATH").as_deref() {
+        Ok("SingleCopy") => Path::SingleCopy,
+        Ok("NoCma") => Path::NoCma,
+        _ => Path::Default,
+    };
+    let mut comm = ShmComm::create_with(1, 2, "p2p-procs", &opts(path), |_| Ok(name)).unwrap();
     let mut b = [0u8; 8];
     comm.recv(&mut b, 0, T).unwrap();
     comm.send(&b, 0, T).unwrap();
@@ -198,16 +224,14 @@ fn child_rank_entry() {
     }
 }
 
-fn spawn_child(cma: bool, hang: bool) -> (ShmComm, std::process::Child) {
+fn spawn_child(path: Path, hang: bool) -> (ShmComm, std::process::Child) {
     let mut child = None;
-    let comm = ShmComm::create_with(0, 2, "p2p-procs", &opts(cma), |name| {
+    let comm = ShmComm::create_with(0, 2, "p2p-procs", &opts(path), |name| {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
         cmd.args(["--exact", "child_rank_entry", "--test-threads=1"])
             .env("RANKWEAVE_P2P_CHILD_SEGMENT", name.unwrap())
             .stdout(std::process::Stdio::null());
-        if cma {
-            cmd.env("RANKWEAVE_P2P_CHILD_CMA", "1");
-        }
+        cmd.env("RANKWEAVE_P2P_CHILD_PATH", format!("{path:?}"));
         if hang {
             cmd.env("RANKWEAVE_P2P_CHILD_HANG", "1");
         }
@@ -225,13 +249,13 @@ fn spawn_child(cma: bool, hang: bool) -> (ShmComm, std::process::Child) {
 
 #[test]
 fn two_processes_exchange_every_size() {
-    for cma in [true, false] {
-        let (mut comm, mut child) = spawn_child(cma, false);
+    for path in PATHS {
+        let (mut comm, mut child) = spawn_child(path, false);
         for len in SIZES {
             comm.send(&pattern(0, len, 4), 1, T).unwrap();
             let mut got = vec![0u8; len];
             comm.recv(&mut got, 1, T).unwrap();
-            assert!(got == pattern(1, len, 5), "cma={cma} len {len}");
+            assert!(got == pattern(1, len, 5), "{path:?} len {len}");
         }
         assert!(child.wait().unwrap().success());
     }
@@ -239,7 +263,7 @@ fn two_processes_exchange_every_size() {
 
 #[test]
 fn a_killed_peer_fails_a_blocked_send_and_recv_before_the_deadline() {
-    let (mut comm, mut child) = spawn_child(true, true);
+    let (mut comm, mut child) = spawn_child(Path::Default, true);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     child.wait().unwrap();
     let start = Instant::now();
@@ -252,7 +276,7 @@ fn a_killed_peer_fails_a_blocked_send_and_recv_before_the_deadline() {
 
 #[test]
 fn a_killed_peer_fails_a_recv_before_the_deadline() {
-    let (mut comm, mut child) = spawn_child(true, true);
+    let (mut comm, mut child) = spawn_child(Path::Default, true);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     child.wait().unwrap();
     let start = Instant::now();
@@ -275,7 +299,7 @@ fn a_sender_runs_up_to_the_queue_ahead_of_its_receiver() {
     let mut lens: Vec<usize> = (0..QUEUE).map(|i| small[i % small.len()]).collect();
     lens.extend([32 << 10, 100_000, 5]);
     let expect = lens.clone();
-    common::run_shm(2, opts(true), move |c| {
+    common::run_shm(2, opts(Path::Default), move |c| {
         if c.rank() == 0 {
             assert!(c.queued_max() >= 1000, "{}", c.queued_max());
             // The receiver sleeps before its first recv: the first QUEUE

@@ -88,7 +88,7 @@ const CTRL: usize = 3 * LINE;
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 6;
+const VERSION: u64 = 7;
 /// Offset of the abort word in the header (see [`ShmAbort`]).
 const ABORT_AT: usize = 32;
 /// Interval of the warning that names the ranks a step waits for.
@@ -110,10 +110,21 @@ pub struct ShmOptions {
     pub timeout: Duration,
     /// all_reduce up to this many bytes uses the one-step direct algorithm.
     pub direct_all_reduce_bytes: usize,
-    /// Large point-to-point messages are copied straight from the sender's
-    /// memory (`process_vm_readv`) where the kernel allows it; off, they
-    /// always take the pipelined path through the segment.
+    /// Whether point-to-point may copy a large message straight from the
+    /// sender's memory (`process_vm_readv`) where the kernel allows it: for
+    /// messages of at least [`ShmOptions::single_copy_min`] bytes, and
+    /// always when a rank blocked in a send takes in the messages posted
+    /// to it. Off, large messages always take the pipelined path through
+    /// the segment.
     pub cross_memory_attach: bool,
+    /// Smallest large point-to-point message the receiver copies straight
+    /// from the sender's memory; smaller ones take the pipelined path
+    /// (the sender copies chunks into the segment while the receiver copies
+    /// the previous ones out). The default, `usize::MAX`, pipelines every
+    /// size: on the 2-core machine of `docs/PERFORMANCE.md` (run 11) the
+    /// pipeline took 0.5-0.8 of the time of `process_vm_readv` from 64 KiB
+    /// to 256 MiB, which pins and copies page by page on one core.
+    pub single_copy_min: usize,
 }
 
 impl Default for ShmOptions {
@@ -123,6 +134,7 @@ impl Default for ShmOptions {
             timeout: crate::store::default_timeout(),
             direct_all_reduce_bytes: DEFAULT_DIRECT_ALL_REDUCE_BYTES,
             cross_memory_attach: true,
+            single_copy_min: usize::MAX,
         }
     }
 }
@@ -328,7 +340,7 @@ impl ShmComm {
             step: 0,
             unit: 0,
             poisoned: None,
-            p2p: P2p::new(HEADER + size * (CTRL + slot), size, opts.cross_memory_attach),
+            p2p: P2p::new(HEADER + size * (CTRL + slot), size, opts.cross_memory_attach, opts.single_copy_min),
             watch: Watcher::default(),
             names: Vec::new(),
             zc: zc::Zc::new(),

@@ -33,13 +33,21 @@
 //! - up to the eager limit (the data area, at most [`EAGER_MAX`]): copied
 //!   into the data area; `send` returns at once.
 //! - larger: `send` posts the address of its buffer and waits until the
-//!   receiver has taken the message. The receiver copies it straight from
-//!   the sender's memory with one `process_vm_readv` (cross-memory attach:
-//!   one copy in all). Where the kernel refuses that (ptrace restrictions,
+//!   receiver claims the message. By default the receiver asks for the
+//!   *pipelined* path: the sender copies chunks (about [`PIPE_CHUNK`]
+//!   bytes, between 2 and [`MAX_PARTS`] of them in the data area) into the
+//!   data area's parts in turn while the receiver copies the previous ones
+//!   out, and `send` returns once the last chunk is in the segment. Two
+//!   copies, overlapped on two cores: on the machine of
+//!   `docs/PERFORMANCE.md` (run 11) that took 0.5-0.8 of the time of one
+//!   `process_vm_readv` from 64 KiB to 256 MiB. A message of at least
+//!   [`super::ShmOptions::single_copy_min`] bytes (off by default) is
+//!   instead copied straight from the sender's memory with one
+//!   `process_vm_readv` (cross-memory attach), and `send` waits until that
+//!   read is over. Where the kernel refuses it (ptrace restrictions,
 //!   another pid namespace, a seccomp filter, or
-//!   [`super::ShmOptions::cross_memory_attach`] off) the receiver asks for
-//!   the pipelined path instead: the sender copies chunks of half the data
-//!   area into alternating halves and the receiver copies them out.
+//!   [`super::ShmOptions::cross_memory_attach`] off) the receiver falls
+//!   back to the pipeline.
 //!
 //! # The state word of a large message
 //! `k << 2 | phase`, phases `OPEN` (posted), `READING` (the receiver is in
@@ -57,8 +65,8 @@
 //! [`DRAIN_AFTER`] takes the messages other ranks have posted to this rank
 //! into memory (allocated with `try_reserve`); a later `recv` from that
 //! peer returns them first, in order. It takes only what it can copy
-//! without the sender's help (inline, eager, and large messages by
-//! cross-memory attach): where cross-memory attach is refused, ranks that
+//! without the sender's help (inline, eager, and large messages of any
+//! size by cross-memory attach): where cross-memory attach is refused, ranks that
 //! all send messages above the eager limit to each other before receiving
 //! wait for each other until the deadline, as `MPI_Send` may.
 //!
@@ -89,7 +97,11 @@ pub const DRAIN_AFTER: Duration = Duration::from_millis(2);
 
 /// Bytes of all channels' data areas together, before clamping per channel.
 const BUDGET: usize = 8 << 20;
-const AREA_MAX: usize = 256 << 10;
+const AREA_MAX: usize = 1 << 20;
+/// Target bytes of a pipelined chunk: a data area holds between 2 and
+/// [`MAX_PARTS`] chunks of about this size.
+const PIPE_CHUNK: usize = 64 << 10;
+const MAX_PARTS: usize = 8;
 const AREA_MIN: usize = 16 << 10;
 /// Control bytes per channel: sender line, a spacer line, receiver line.
 const CHAN_CTRL: usize = 3 * LINE;
@@ -137,7 +149,7 @@ fn state(k: u64, phase: u64) -> u64 {
 
 /// Bytes of one channel's data area in a group of `size` ranks (0 for one
 /// rank): a fixed budget (8 MiB) shared among the `size * (size - 1)` channels,
-/// between 16 and 256 KiB each.
+/// between 16 KiB and 1 MiB each.
 pub(super) fn area_bytes(size: usize) -> usize {
     if size < 2 {
         return 0;
@@ -160,6 +172,12 @@ pub(super) struct P2p {
     area: usize,
     /// Bytes of each of a data area's [`QUEUE`] slots (whole lines).
     slot: usize,
+    /// Parts of the data area a pipelined message cycles through, and the
+    /// bytes of each (whole lines).
+    parts: usize,
+    chunk: usize,
+    /// Smallest large message read by cross-memory attach.
+    single_copy_min: usize,
     /// Number of the last exclusive message sent to each rank.
     last_exclusive: Vec<u64>,
     /// Messages sent to / received from each rank.
@@ -176,11 +194,16 @@ pub(super) struct P2p {
 }
 
 impl P2p {
-    pub(super) fn new(base: usize, size: usize, cma: bool) -> P2p {
+    pub(super) fn new(base: usize, size: usize, cma: bool, single_copy_min: usize) -> P2p {
+        let area = area_bytes(size);
+        let parts = (area / PIPE_CHUNK).clamp(2, MAX_PARTS);
         P2p {
             base,
-            area: area_bytes(size),
-            slot: area_bytes(size) / QUEUE / LINE * LINE,
+            area,
+            slot: area / QUEUE / LINE * LINE,
+            parts,
+            chunk: area / parts / LINE * LINE,
+            single_copy_min,
             last_exclusive: vec![0; size],
             sent: vec![0; size],
             recvd: vec![0; size],
@@ -284,41 +307,41 @@ impl ShmComm {
         }
         // The word whose change ends the wait, and our flag that says we
         // sleep on it; the side that changes the word wakes us.
-        let park = match what {
+        let (word, flag) = match what {
             Awaiting::Taken(_) => {
-                Some((self.chan(self.rank, peer) + 2 * LINE + TAKEN, self.chan(self.rank, peer) + LINE + SPARK))
+                (self.chan(self.rank, peer) + 2 * LINE + TAKEN, self.chan(self.rank, peer) + LINE + SPARK)
             }
-            Awaiting::Posted(_) => {
-                Some((self.chan(peer, self.rank) + POST, self.chan(peer, self.rank) + 2 * LINE + RPARK))
+            Awaiting::Posted(_) => (self.chan(peer, self.rank) + POST, self.chan(peer, self.rank) + 2 * LINE + RPARK),
+            // The receiver's and the sender's flags serve every word they
+            // wait for (each waits for one word at a time).
+            Awaiting::Chunk(_) => (self.chan(peer, self.rank) + CHUNKS, self.chan(peer, self.rank) + 2 * LINE + RPARK),
+            Awaiting::Ack(_) => {
+                (self.chan(self.rank, peer) + 2 * LINE + ACKED, self.chan(self.rank, peer) + LINE + SPARK)
             }
-            Awaiting::Chunk(_) | Awaiting::Ack(_) => None,
         };
         let mut start: Option<Instant> = None;
         let mut check_after = LIVENESS_EVERY;
         let mut drained_at = Duration::ZERO;
         loop {
-            match park {
-                Some((word, flag)) => {
-                    let seg = self.seg.clone();
-                    let (word, flag) = (seg.atomic_u64(word), seg.atomic_u64(flag));
-                    // Read before the check below: a change after it makes
-                    // the futex wait return at once.
-                    let low = word.load(Ordering::Acquire) as u32;
-                    if ready(self) {
-                        return Ok(());
-                    }
-                    backoff.snooze_with(|interval| {
-                        // SeqCst store, then SeqCst load: pairs with the
-                        // waker's store of the word, fence and load of the
-                        // flag (one of the two sides sees the other).
-                        flag.store(1, Ordering::SeqCst);
-                        if word.load(Ordering::SeqCst) as u32 == low {
-                            futex::wait(word, low, interval);
-                        }
-                        flag.store(0, Ordering::Relaxed);
-                    });
+            {
+                let seg = self.seg.clone();
+                let (word, flag) = (seg.atomic_u64(word), seg.atomic_u64(flag));
+                // Read before the check below: a change after it makes
+                // the futex wait return at once.
+                let low = word.load(Ordering::Acquire) as u32;
+                if ready(self) {
+                    return Ok(());
                 }
-                None => backoff.snooze(),
+                backoff.snooze_with(|interval| {
+                    // SeqCst store, then SeqCst load: pairs with the
+                    // waker's store of the word, fence and load of the
+                    // flag (one of the two sides sees the other).
+                    flag.store(1, Ordering::SeqCst);
+                    if word.load(Ordering::SeqCst) as u32 == low {
+                        futex::wait(word, low, interval);
+                    }
+                    flag.store(0, Ordering::Relaxed);
+                });
             }
             if ready(self) {
                 return Ok(());
@@ -448,26 +471,28 @@ impl ShmComm {
         if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
             return Ok(());
         }
-        let half = self.p2p.area / 2;
-        for chunk in data.chunks(half) {
+        let (parts, size) = (self.p2p.parts, self.p2p.chunk);
+        for chunk in data.chunks(size) {
             let g = self.p2p.chunks_out[dst] + 1;
-            // Half g % 2 held chunk g - 2: wait until it was taken.
-            let need = g.saturating_sub(2);
+            // Part g % parts held chunk g - parts: wait until it was taken.
+            let need = g.saturating_sub(parts as u64);
             self.p2p_wait(dst, rcpu, timeout, Awaiting::Ack(need), false, |c| {
                 // Acquire: the receiver finished copying chunk `need` out.
                 c.rword(me, dst, ACKED).load(Ordering::Acquire) >= need
             })?;
-            let at = self.area_at(me, dst) + (g as usize & 1) * half;
-            // SAFETY: our channel's half g % 2, which the receiver no longer
-            // reads (it acknowledged chunk g - 2) and reads again only after
-            // the Release store of CHUNKS below.
+            let at = self.area_at(me, dst) + (g % parts as u64) as usize * size;
+            // SAFETY: our channel's part g % parts, which the receiver no
+            // longer reads (it acknowledged chunk g - parts) and reads again
+            // only after the Release store of CHUNKS below; a chunk is at
+            // most `size` bytes and `parts * size` fits the data area.
             unsafe { self.seg.write(at, chunk) };
             self.p2p.chunks_out[dst] = g;
             self.sword(me, dst, CHUNKS).store(g, Ordering::Release);
+            self.wake_parked(self.chan(me, dst) + CHUNKS, self.chan(me, dst) + 2 * LINE + RPARK);
         }
-        self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(k), false, |c| {
-            c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k
-        })
+        // Every byte is in the segment: the caller's buffer is free. The
+        // next message waits until the receiver took this one.
+        Ok(())
     }
 
     /// After a failed large send: makes sure the receiver is not and will
@@ -687,7 +712,7 @@ impl ShmComm {
     fn recv_large(&mut self, buf: &mut [u8], src: usize, k: u64, timeout: Duration) -> Result<()> {
         let me = self.rank;
         let scpu = self.sword(src, me, SCPU).load(Ordering::Relaxed);
-        if self.read_by_cma(buf, src, k, SLOTS)? {
+        if buf.len() >= self.p2p.single_copy_min && self.read_by_cma(buf, src, k, SLOTS)? {
             return Ok(());
         }
         let seg = self.seg.clone();
@@ -697,19 +722,20 @@ impl ShmComm {
         {
             return Err(self.cancelled(src, k));
         }
-        let half = self.p2p.area / 2;
-        for chunk in buf.chunks_mut(half) {
+        let (parts, size) = (self.p2p.parts, self.p2p.chunk);
+        for chunk in buf.chunks_mut(size) {
             let g = self.p2p.chunks_in[src] + 1;
             self.p2p_wait(src, scpu, timeout, Awaiting::Chunk(g), false, |c| {
                 // Acquire: pairs with the sender's Release store of CHUNKS.
                 c.sword(src, me, CHUNKS).load(Ordering::Acquire) >= g
             })?;
-            let at = self.area_at(src, me) + (g as usize & 1) * half;
+            let at = self.area_at(src, me) + (g % parts as u64) as usize * size;
             // SAFETY: chunk g was published (Acquire above); the sender
-            // rewrites this half only after our ACKED store of g.
+            // rewrites this part only after our ACKED store of g.
             unsafe { self.seg.read(at, chunk) };
             self.p2p.chunks_in[src] = g;
             self.rword(src, me, ACKED).store(g, Ordering::Release);
+            self.wake_parked(self.chan(src, me) + 2 * LINE + ACKED, self.chan(src, me) + LINE + SPARK);
         }
         Ok(())
     }
@@ -802,7 +828,7 @@ mod tests {
 
     #[test]
     fn a_refused_cross_memory_attach_falls_back_to_the_pipeline_and_stays_there() {
-        let opts = ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() };
+        let opts = ShmOptions { timeout: Duration::from_secs(20), single_copy_min: 0, ..ShmOptions::default() };
         let (mut c0, mut c1) = pair(opts);
         let sizes = [1usize << 20, 300_001, 5 << 20];
         let t = std::thread::spawn(move || {
