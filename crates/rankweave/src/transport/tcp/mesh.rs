@@ -41,12 +41,41 @@ pub(crate) fn addr_key(rank: usize) -> String {
     format!("tcp/addr/{rank}")
 }
 
-/// No Nagle delay. The socket buffers are left to the kernel's autotuning
+/// No Nagle delay, and the congestion control of [`congestion`]. The
+/// socket buffers are left to the kernel's autotuning
 /// (`net.ipv4.tcp_wmem`/`tcp_rmem`): fixing them (4 MiB each until run 7)
 /// switches autotuning off, and over loopback the autotuned buffers moved
 /// large messages 10-20% faster (docs/PERFORMANCE.md, run 7).
 fn tune(sock: &Socket) -> io::Result<()> {
-    sock.set_nodelay(true)
+    sock.set_nodelay(true)?;
+    if let Some(ca) = congestion() {
+        // Not allowed (a kernel without the module, or one outside
+        // `net.ipv4.tcp_allowed_congestion_control`): keep the default.
+        if let Err(e) = sock.set_tcp_congestion(ca.as_bytes()) {
+            tracing::debug!("TCP congestion control {ca} refused ({e}); the kernel's default stays");
+        }
+    }
+    Ok(())
+}
+
+/// Congestion control the mesh connections ask for: `cubic`, unless
+/// `RANKWEAVE_TCP_CONGESTION` names another, or `system` for the kernel's
+/// default (`net.ipv4.tcp_congestion_control`). BBR, the default of many
+/// cloud images, paces every burst and released paced segments from timers
+/// on either core, which reordered loopback streams into spurious
+/// retransmissions: a 1 MiB ping-pong took 1.8-2x as long under BBR as
+/// under cubic (docs/PERFORMANCE.md, run 11).
+pub(crate) fn congestion() -> Option<&'static str> {
+    static CA: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    CA.get_or_init(|| congestion_from(std::env::var("RANKWEAVE_TCP_CONGESTION").ok().as_deref())).as_deref()
+}
+
+fn congestion_from(var: Option<&str>) -> Option<String> {
+    match var.map(str::trim) {
+        None | Some("") => Some("cubic".to_string()),
+        Some("system") => None,
+        Some(name) => Some(name.to_string()),
+    }
 }
 
 /// The address peers should dial to reach a socket bound to `bound`:
@@ -344,5 +373,31 @@ fn dial(spec: &MeshSpec<'_>, peer: usize, start: Instant) -> Result<Socket> {
             detail: format!("rank {peer} lost: {e} during the handshake (at {addr})"),
         }),
         Err(HelloError::Bad(why)) => Err(Error::protocol(spec.ctx("connect").with_peer(peer), why)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{congestion_from, tune};
+    use socket2::Socket;
+
+    #[test]
+    fn congestion_control_is_cubic_unless_named_or_left_to_the_system() {
+        assert_eq!(congestion_from(None).as_deref(), Some("cubic"));
+        assert_eq!(congestion_from(Some(" ")).as_deref(), Some("cubic"));
+        assert_eq!(congestion_from(Some("system")), None);
+        assert_eq!(congestion_from(Some(" reno ")).as_deref(), Some("reno"));
+    }
+
+    #[test]
+    fn a_tuned_connection_runs_cubic_without_nagle() {
+        let avail = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control").unwrap();
+        assert!(avail.split_whitespace().any(|c| c == "cubic"), "this kernel has no cubic: {avail}");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = Socket::from(std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+        tune(&sock).unwrap();
+        let ca = sock.tcp_congestion().unwrap();
+        assert_eq!(String::from_utf8_lossy(&ca).trim_end_matches('\0'), "cubic");
+        assert!(sock.nodelay().unwrap());
     }
 }
