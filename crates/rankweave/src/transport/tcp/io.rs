@@ -178,17 +178,25 @@ fn poll_timeout(deadline: Instant, now: Instant) -> PollTimeout {
     PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
 }
 
-/// How long [`drive`] retries non-blocking I/O before sleeping in `poll`
-/// when every local rank has a core of its own.
+/// How long [`drive`] retries non-blocking I/O (yielding between tries)
+/// before sleeping in `poll`.
 const SPIN_BEFORE_POLL: std::time::Duration = std::time::Duration::from_micros(40);
 
 /// The busy phase when `local_ranks` ranks share this node:
-/// [`SPIN_BEFORE_POLL`] when they fit the cores, none when they outnumber
-/// them — a spinning rank would then only delay the peer it waits for.
+/// [`SPIN_BEFORE_POLL`] up to four ranks per core, none beyond.
+///
+/// Oversubscribed ranks take the busy phase too: each try yields, so a peer
+/// queued on our core runs at once, and a core that does not fall idle
+/// needs no wake-up. On this project's 2-core VM a wake-up from `poll` took
+/// tens of microseconds: with 4 ranks going straight to `poll`, an 8 B
+/// sendrecv took 44 us and an 8 B all_reduce 60 us, with the busy phase 4.5
+/// and 24 us; with 8 ranks, 48 -> 5 us and 154 -> 76 us (docs/PERFORMANCE.md,
+/// run 11). Beyond four ranks per core (not measured) they go straight to
+/// `poll`, as every oversubscribed rank did before.
 pub(crate) fn spin_budget(local_ranks: usize) -> std::time::Duration {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if local_ranks <= cores {
+    if local_ranks <= cores.saturating_mul(4) {
         SPIN_BEFORE_POLL
     } else {
         std::time::Duration::ZERO
