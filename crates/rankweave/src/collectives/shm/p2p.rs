@@ -5,8 +5,9 @@
 //! - the sender's line: the number of the message posted last (`POST`),
 //!   its descriptor and length, the address of the sender's buffer, the
 //!   state word of a large message and the count of pipelined chunks posted;
-//! - a line the sender and receiver leave alone (it keeps their lines
-//!   apart, so that neither side's writes invalidate the other's line);
+//! - a line of the two sides' sleep flags, written only when a side goes
+//!   to sleep (it also keeps their lines apart, so that neither side's
+//!   writes invalidate the other's line);
 //! - the receiver's line: the number of the message consumed last
 //!   (`TAKEN`) and the count of chunks consumed (`ACKED`);
 //! - a data area, which holds either [`QUEUE`] slots of queued messages or
@@ -128,10 +129,12 @@ const KIND: usize = 56;
 const TAKEN: usize = 0;
 const ACKED: usize = 8;
 const RCPU: usize = 16;
-/// Set while the receiver sleeps on `POST` (see [`ShmComm::park`]).
-const RPARK: usize = 24;
-// Word of the spacer line: set while the sender sleeps on `TAKEN`.
+// Words of the spacer line, each written only when its side goes to sleep
+// (so that the other side's check of it on every message reads a line
+// that stays in its cache): set while the sender sleeps on `TAKEN` or
+// `ACKED`, and while the receiver sleeps on `POST` or `CHUNKS`.
 const SPARK: usize = 0;
+const RPARK: usize = 8;
 
 const OPEN: u64 = 0;
 const READING: u64 = 1;
@@ -180,6 +183,9 @@ pub(super) struct P2p {
     single_copy_min: usize,
     /// Number of the last exclusive message sent to each rank.
     last_exclusive: Vec<u64>,
+    /// The receiver's `TAKEN` as this rank last read it, per rank: a
+    /// queued send needs a fresh read only when its slot is not known free.
+    taken_seen: Vec<u64>,
     /// Messages sent to / received from each rank.
     sent: Vec<u64>,
     recvd: Vec<u64>,
@@ -205,6 +211,7 @@ impl P2p {
             chunk: area / parts / LINE * LINE,
             single_copy_min,
             last_exclusive: vec![0; size],
+            taken_seen: vec![0; size],
             sent: vec![0; size],
             recvd: vec![0; size],
             chunks_out: vec![0; size],
@@ -311,10 +318,10 @@ impl ShmComm {
             Awaiting::Taken(_) => {
                 (self.chan(self.rank, peer) + 2 * LINE + TAKEN, self.chan(self.rank, peer) + LINE + SPARK)
             }
-            Awaiting::Posted(_) => (self.chan(peer, self.rank) + POST, self.chan(peer, self.rank) + 2 * LINE + RPARK),
+            Awaiting::Posted(_) => (self.chan(peer, self.rank) + POST, self.chan(peer, self.rank) + LINE + RPARK),
             // The receiver's and the sender's flags serve every word they
             // wait for (each waits for one word at a time).
-            Awaiting::Chunk(_) => (self.chan(peer, self.rank) + CHUNKS, self.chan(peer, self.rank) + 2 * LINE + RPARK),
+            Awaiting::Chunk(_) => (self.chan(peer, self.rank) + CHUNKS, self.chan(peer, self.rank) + LINE + RPARK),
             Awaiting::Ack(_) => {
                 (self.chan(self.rank, peer) + 2 * LINE + ACKED, self.chan(self.rank, peer) + LINE + SPARK)
             }
@@ -414,30 +421,38 @@ impl ShmComm {
         // A zero-copy buffer's descriptor stays exclusive: its sender must
         // not run ahead and drop its pool before the receiver mapped it.
         let queued = kind == BYTES && len <= self.queued_max();
-        // Where the receiver last ran (a hint for the wait).
-        let rcpu = self.rword(me, dst, RCPU).load(Ordering::Relaxed);
         // A queued message needs its slot (message k - QUEUE taken) and no
         // exclusive message in the data area; an exclusive one an empty
         // channel.
         let need = if queued { k.saturating_sub(QUEUE as u64).max(self.p2p.last_exclusive[dst]) } else { k - 1 };
-        self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(need), true, |c| {
-            // Acquire: pairs with the receiver's Release store of TAKEN, after
-            // which it no longer reads those messages' slots or the data area.
-            c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= need
-        })?;
+        if self.p2p.taken_seen[dst] < need {
+            // Where the receiver last ran (a hint for the wait).
+            let rcpu = self.rword(me, dst, RCPU).load(Ordering::Relaxed);
+            self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(need), true, |c| {
+                // Acquire: pairs with the receiver's Release store of TAKEN, after
+                // which it no longer reads those messages' slots or the data area.
+                c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= need
+            })?;
+            // Acquire, as above.
+            self.p2p.taken_seen[dst] = self.rword(me, dst, TAKEN).load(Ordering::Acquire);
+        }
         let d = OpDesc::new(OpCode::SendRecv, None, None, None, len).0;
         self.sword(me, dst, SCPU).store(u64::from(current_cpu()), Ordering::Relaxed);
         self.p2p.sent[dst] = k;
         if queued {
             let at = self.queue_slot_at(me, dst, k);
-            for (w, v) in [(SEQ, k), (SDESC, d), (SLEN, len as u64), (SKIND, kind)] {
+            for (w, v) in [(SDESC, d), (SLEN, len as u64), (SKIND, kind)] {
                 self.seg.atomic_u64(at + w).store(v, Ordering::Relaxed);
             }
             // SAFETY: slot k % QUEUE of our own channel: the receiver took
             // the message that used it before (the wait above) and reads it
-            // again only after our POST of message k (below); `len` fits
-            // the slot after its payload offset (queued_max).
+            // again only once it sees the slot's number k or our POST of
+            // message k (below); `len` fits the slot after its payload
+            // offset (queued_max).
             unsafe { self.seg.write(at + Self::slot_payload(len), data) };
+            // Release: publishes the slot to a receiver that polls it (one
+            // line, payload included, instead of POST's line and then it).
+            self.seg.atomic_u64(at + SEQ).store(k, Ordering::Release);
             // Release: publishes the slot.
             self.post(dst, k);
             return Ok(());
@@ -455,6 +470,7 @@ impl ShmComm {
         self.sword(me, dst, ADDR).store(data.as_ptr() as u64, Ordering::Relaxed);
         self.sword(me, dst, STATE).store(state(k, OPEN), Ordering::Relaxed);
         self.post(dst, k);
+        let rcpu = self.rword(me, dst, RCPU).load(Ordering::Relaxed);
         self.send_large(data, dst, k, timeout, rcpu).inspect_err(|_| self.withdraw(dst, k))
     }
 
@@ -488,7 +504,7 @@ impl ShmComm {
             unsafe { self.seg.write(at, chunk) };
             self.p2p.chunks_out[dst] = g;
             self.sword(me, dst, CHUNKS).store(g, Ordering::Release);
-            self.wake_parked(self.chan(me, dst) + CHUNKS, self.chan(me, dst) + 2 * LINE + RPARK);
+            self.wake_parked(self.chan(me, dst) + CHUNKS, self.chan(me, dst) + LINE + RPARK);
         }
         // Every byte is in the segment: the caller's buffer is free. The
         // next message waits until the receiver took this one.
@@ -593,15 +609,17 @@ impl ShmComm {
         let me = self.rank;
         let k = self.p2p.recvd[src] + 1;
         let scpu = self.sword(src, me, SCPU).load(Ordering::Relaxed);
+        let slot = self.queue_slot_at(src, me, k) + SEQ;
         self.p2p_wait(src, scpu, timeout, Awaiting::Posted(k), false, |c| {
-            // Acquire: pairs with the sender's Release store of POST.
-            c.sword(src, me, POST).load(Ordering::Acquire) >= k
+            // Acquire: pairs with the sender's Release store of the slot's
+            // number (a queued message) or of POST (any message).
+            c.seg.atomic_u64(slot).load(Ordering::Acquire) == k || c.sword(src, me, POST).load(Ordering::Acquire) >= k
         })?;
         Ok(self.posted(src, k))
     }
 
     /// What message `k` of `src` is (after an Acquire of a POST of at least
-    /// `k`). Its slot's number is `k` only when it is queued: an exclusive
+    /// `k` or of its slot's number `k`). Its slot's number is `k` only when it is queued: an exclusive
     /// message `k` keeps later messages out of the channel until it was
     /// taken, so the slot still holds an older number.
     fn posted(&self, src: usize, k: u64) -> Posted {
@@ -658,7 +676,7 @@ impl ShmComm {
     /// and wakes the receiver if it sleeps on it.
     fn post(&self, dst: usize, k: u64) {
         self.sword(self.rank, dst, POST).store(k, Ordering::Release);
-        self.wake_parked(self.chan(self.rank, dst) + POST, self.chan(self.rank, dst) + 2 * LINE + RPARK);
+        self.wake_parked(self.chan(self.rank, dst) + POST, self.chan(self.rank, dst) + LINE + RPARK);
     }
 
     /// After a store to the word at `word`: wakes the peer whose flag at
