@@ -101,8 +101,9 @@ const BUDGET: usize = 8 << 20;
 const AREA_MAX: usize = 1 << 20;
 /// Target bytes of a pipelined chunk: a data area holds between 2 and
 /// [`MAX_PARTS`] chunks of about this size.
-const PIPE_CHUNK: usize = 64 << 10;
-const MAX_PARTS: usize = 8;
+pub const PIPE_CHUNK: usize = 64 << 10;
+/// Most chunks of a pipelined message in a data area at once.
+pub const MAX_PARTS: usize = 8;
 const AREA_MIN: usize = 16 << 10;
 /// Control bytes per channel: sender line, a spacer line, receiver line.
 const CHAN_CTRL: usize = 3 * LINE;
