@@ -122,8 +122,8 @@ pub struct ShmOptions {
     /// (the sender copies chunks into the segment while the receiver copies
     /// the previous ones out). The default, `usize::MAX`, pipelines every
     /// size: on the 2-core machine of `docs/PERFORMANCE.md` (run 11) the
-    /// pipeline took 0.5-0.8 of the time of `process_vm_readv` from 64 KiB
-    /// to 256 MiB, which pins and copies page by page on one core.
+    /// pipeline took 0.44-0.88 of the time of `process_vm_readv` from 64 KiB
+    /// to 64 MiB, which pins and copies page by page on one core.
     pub single_copy_min: usize,
 }
 

@@ -40,8 +40,8 @@
 //!   data area's parts in turn while the receiver copies the previous ones
 //!   out, and `send` returns once the last chunk is in the segment. Two
 //!   copies, overlapped on two cores: on the machine of
-//!   `docs/PERFORMANCE.md` (run 11) that took 0.5-0.8 of the time of one
-//!   `process_vm_readv` from 64 KiB to 256 MiB. A message of at least
+//!   `docs/PERFORMANCE.md` (run 11) that took 0.44-0.88 of the time of
+//!   one `process_vm_readv` from 64 KiB to 64 MiB. A message of at least
 //!   [`super::ShmOptions::single_copy_min`] bytes (off by default) is
 //!   instead copied straight from the sender's memory with one
 //!   `process_vm_readv` (cross-memory attach), and `send` waits until that
@@ -268,6 +268,19 @@ impl ShmComm {
     fn area_at(&self, s: usize, r: usize) -> usize {
         self.chan(s, r) + CHAN_CTRL
     }
+    /// In the channel from `s` to `r`: the offset of the word a wait for
+    /// `what` watches, and of the flag its waiter sets while it sleeps on
+    /// it. The receiver's and the sender's flags serve every word they
+    /// wait for (each waits for one word at a time).
+    fn park_at(&self, s: usize, r: usize, what: Awaiting) -> (usize, usize) {
+        let c = self.chan(s, r);
+        match what {
+            Awaiting::Taken(_) => (c + 2 * LINE + TAKEN, c + LINE + SPARK),
+            Awaiting::Ack(_) => (c + 2 * LINE + ACKED, c + LINE + SPARK),
+            Awaiting::Posted(_) => (c + POST, c + LINE + RPARK),
+            Awaiting::Chunk(_) => (c + CHUNKS, c + LINE + RPARK),
+        }
+    }
     /// Offset of the slot of queued message `k` from `s` to `r`.
     fn queue_slot_at(&self, s: usize, r: usize, k: u64) -> usize {
         self.area_at(s, r) + (k % QUEUE as u64) as usize * self.p2p.slot
@@ -316,16 +329,8 @@ impl ShmComm {
         // The word whose change ends the wait, and our flag that says we
         // sleep on it; the side that changes the word wakes us.
         let (word, flag) = match what {
-            Awaiting::Taken(_) => {
-                (self.chan(self.rank, peer) + 2 * LINE + TAKEN, self.chan(self.rank, peer) + LINE + SPARK)
-            }
-            Awaiting::Posted(_) => (self.chan(peer, self.rank) + POST, self.chan(peer, self.rank) + LINE + RPARK),
-            // The receiver's and the sender's flags serve every word they
-            // wait for (each waits for one word at a time).
-            Awaiting::Chunk(_) => (self.chan(peer, self.rank) + CHUNKS, self.chan(peer, self.rank) + LINE + RPARK),
-            Awaiting::Ack(_) => {
-                (self.chan(self.rank, peer) + 2 * LINE + ACKED, self.chan(self.rank, peer) + LINE + SPARK)
-            }
+            Awaiting::Taken(_) | Awaiting::Ack(_) => self.park_at(self.rank, peer, what),
+            Awaiting::Posted(_) | Awaiting::Chunk(_) => self.park_at(peer, self.rank, what),
         };
         let mut start: Option<Instant> = None;
         let mut check_after = LIVENESS_EVERY;
@@ -505,7 +510,7 @@ impl ShmComm {
             unsafe { self.seg.write(at, chunk) };
             self.p2p.chunks_out[dst] = g;
             self.sword(me, dst, CHUNKS).store(g, Ordering::Release);
-            self.wake_parked(self.chan(me, dst) + CHUNKS, self.chan(me, dst) + LINE + RPARK);
+            self.wake_parked(self.park_at(me, dst, Awaiting::Chunk(g)));
         }
         // Every byte is in the segment: the caller's buffer is free. The
         // next message waits until the receiver took this one.
@@ -620,9 +625,10 @@ impl ShmComm {
     }
 
     /// What message `k` of `src` is (after an Acquire of a POST of at least
-    /// `k` or of its slot's number `k`). Its slot's number is `k` only when it is queued: an exclusive
-    /// message `k` keeps later messages out of the channel until it was
-    /// taken, so the slot still holds an older number.
+    /// `k` or of its slot's number `k`). Its slot's number is `k` only when
+    /// it is queued: an exclusive message `k` keeps later messages out of
+    /// the channel until it was taken, so the slot still holds an older
+    /// number.
     fn posted(&self, src: usize, k: u64) -> Posted {
         let me = self.rank;
         let at = self.queue_slot_at(src, me, k);
@@ -670,21 +676,21 @@ impl ShmComm {
         // Release: we are done with the slot, the data area and the sender's
         // buffer.
         self.rword(src, self.rank, TAKEN).store(k, Ordering::Release);
-        self.wake_parked(self.chan(src, self.rank) + 2 * LINE + TAKEN, self.chan(src, self.rank) + LINE + SPARK);
+        self.wake_parked(self.park_at(src, self.rank, Awaiting::Taken(k)));
     }
 
     /// Posts message `k` to `dst` (Release: publishes its slot or words)
     /// and wakes the receiver if it sleeps on it.
     fn post(&self, dst: usize, k: u64) {
         self.sword(self.rank, dst, POST).store(k, Ordering::Release);
-        self.wake_parked(self.chan(self.rank, dst) + POST, self.chan(self.rank, dst) + LINE + RPARK);
+        self.wake_parked(self.park_at(self.rank, dst, Awaiting::Posted(k)));
     }
 
     /// After a store to the word at `word`: wakes the peer whose flag at
     /// `flag` says it sleeps on that word. The fence pairs with the
     /// sleeper's SeqCst store of its flag and load of the word in
     /// `p2p_wait`: either it saw the new value, or we see its flag.
-    fn wake_parked(&self, word: usize, flag: usize) {
+    fn wake_parked(&self, (word, flag): (usize, usize)) {
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.seg.atomic_u64(flag).load(Ordering::Relaxed) != 0 {
             futex::wake(self.seg.atomic_u64(word));
@@ -754,7 +760,7 @@ impl ShmComm {
             unsafe { self.seg.read(at, chunk) };
             self.p2p.chunks_in[src] = g;
             self.rword(src, me, ACKED).store(g, Ordering::Release);
-            self.wake_parked(self.chan(src, me) + 2 * LINE + ACKED, self.chan(src, me) + LINE + SPARK);
+            self.wake_parked(self.park_at(src, me, Awaiting::Ack(g)));
         }
         Ok(())
     }
@@ -866,6 +872,31 @@ mod tests {
         }
         let c0 = t.join().unwrap();
         assert!(c0.p2p.chunks_out[1] > 0 && c0.p2p.chunks_out[1] == c1.p2p.chunks_in[0]);
+    }
+
+    #[test]
+    fn large_messages_take_the_pipeline_by_default() {
+        let (mut c0, mut c1) = pair(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() });
+        let sizes = [super::EAGER_MAX + 1, 1 << 20, 5 << 20];
+        let t = std::thread::spawn(move || {
+            for (i, &len) in sizes.iter().enumerate() {
+                c0.send(&data(len, i as u8), 1, Duration::from_secs(20)).unwrap();
+            }
+            c0
+        });
+        for (i, &len) in sizes.iter().enumerate() {
+            let mut got = vec![0u8; len];
+            c1.recv(&mut got, 0, Duration::from_secs(20)).unwrap();
+            assert!(got == data(len, i as u8), "message {i} of {len} bytes");
+        }
+        let c0 = t.join().unwrap();
+        // Every byte went through the chunks, and cross-memory attach was
+        // not tried (a refusal would have cleared the flag).
+        let chunks: u64 = sizes.iter().map(|&l| l.div_ceil(c0.p2p.chunk) as u64).sum();
+        assert_eq!(c0.p2p.chunks_out[1], chunks);
+        assert_eq!(c1.p2p.chunks_in[0], chunks);
+        assert!(c1.p2p.cma[0]);
+        assert!(c0.p2p.parts > 2 && c0.p2p.parts * c0.p2p.chunk <= c0.p2p.area);
     }
 
     #[test]
