@@ -1,6 +1,6 @@
 //! Point-to-point through the shared-memory segment (ranks as threads and
 //! as processes): every size path (inline, eager, cross-memory attach,
-//! pipelined), order, ranks that send to each other before receiving,
+//! split, pipelined), order, ranks that send to each other before receiving,
 //! length mismatches, deadlines and a killed peer.
 
 mod common;
@@ -17,21 +17,26 @@ const SIZES: [usize; 12] = [0, 1, 8, 64, 65, 1000, 32 << 10, (32 << 10) + 1, 100
 /// How large messages travel.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Path {
-    /// The default: pipelined through the segment; cross-memory attach
-    /// only when a blocked send takes in the messages posted to it.
+    /// The default: a split copy (the receiver reads the first half from
+    /// the sender's memory, the sender writes the second into the
+    /// receiver's).
     Default,
-    /// Every large message by cross-memory attach.
+    /// Every large message by the receiver's cross-memory attach.
     SingleCopy,
+    /// Pipelined through the segment; cross-memory attach only when a
+    /// blocked send takes in the messages posted to it.
+    Pipeline,
     /// No cross-memory attach at all.
     NoCma,
 }
-const PATHS: [Path; 3] = [Path::Default, Path::SingleCopy, Path::NoCma];
+const PATHS: [Path; 4] = [Path::Default, Path::SingleCopy, Path::Pipeline, Path::NoCma];
 
 fn opts(path: Path) -> ShmOptions {
     let o = ShmOptions { timeout: T, ..ShmOptions::default() };
     match path {
         Path::Default => o,
         Path::SingleCopy => ShmOptions { single_copy_min: 0, ..o },
+        Path::Pipeline => ShmOptions { split_copy_min: usize::MAX, ..o },
         Path::NoCma => ShmOptions { cross_memory_attach: false, ..o },
     }
 }
@@ -92,6 +97,7 @@ fn ranks_that_all_send_before_receiving_do_not_deadlock() {
     for (path, sizes) in [
         (Path::Default, &[100_000usize, 4 << 20][..]),
         (Path::SingleCopy, &[100_000usize, 4 << 20][..]),
+        (Path::Pipeline, &[100_000usize, 4 << 20][..]),
         (Path::NoCma, &[1000usize, 32 << 10][..]),
     ] {
         for n in [2, 3] {
@@ -205,6 +211,7 @@ fn child_rank_entry() {
     let Ok(name) = std::env::var("RANKWEAVE_P2P_CHILD_SEGMENT") else { return };
     let path = match std::env::var("RANKWEAVE_P2P_CHILD_PATH").as_deref() {
         Ok("SingleCopy") => Path::SingleCopy,
+        Ok("Pipeline") => Path::Pipeline,
         Ok("NoCma") => Path::NoCma,
         _ => Path::Default,
     };

@@ -1,9 +1,10 @@
-//! Cross-memory attach: one copy straight out of another process's memory.
+//! Cross-memory attach: one copy straight out of, or into, another
+//! process's memory.
 
 use nix::errno::Errno;
-use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
-use std::io::IoSliceMut;
+use std::io::{IoSlice, IoSliceMut};
 
 /// Copies `out.len()` bytes at address `addr` of process `pid` into `out`
 /// (`process_vm_readv`, repeated after a partial transfer). The errno on
@@ -28,11 +29,33 @@ pub(crate) fn read_from(pid: i32, addr: usize, out: &mut [u8]) -> Result<(), Err
     Ok(())
 }
 
+/// Copies `data` to address `addr` of process `pid` (`process_vm_writev`,
+/// repeated after a partial transfer); the errors of [`read_from`].
+pub(crate) fn write_to(pid: i32, addr: usize, data: &[u8]) -> Result<(), Errno> {
+    #[cfg(test)]
+    if let Some(e) = REFUSE_WRITE.with(std::cell::Cell::get) {
+        return Err(e);
+    }
+    let mut done = 0;
+    while done < data.len() {
+        let base = addr.checked_add(done).ok_or(Errno::EFAULT)?;
+        let remote = [RemoteIoVec { base, len: data.len() - done }];
+        let n = process_vm_writev(Pid::from_raw(pid), &[IoSlice::new(&data[done..])], &remote)?;
+        if n == 0 {
+            return Err(Errno::EFAULT);
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 thread_local! {
     /// Unit tests: make [`read_from`] fail on this thread as a kernel that
     /// refuses cross-memory attach would.
     pub(crate) static REFUSE: std::cell::Cell<Option<Errno>> = const { std::cell::Cell::new(None) };
+    /// The same for [`write_to`].
+    pub(crate) static REFUSE_WRITE: std::cell::Cell<Option<Errno>> = const { std::cell::Cell::new(None) };
 }
 
 #[cfg(test)]
@@ -50,5 +73,17 @@ mod tests {
             Err(e) => assert!(matches!(e, Errno::EPERM | Errno::ENOSYS), "{e}"),
         }
         assert!(read_from(me, usize::MAX - 10, &mut out[..100]).is_err());
+    }
+
+    #[test]
+    fn writes_this_process_and_refuses_a_bad_address() {
+        let src: Vec<u8> = (0..100_000u32).map(|i| (i * 13) as u8).collect();
+        let mut out = vec![0u8; src.len()];
+        let me = std::process::id() as i32;
+        match write_to(me, out.as_mut_ptr() as usize, &src) {
+            Ok(()) => assert_eq!(out, src),
+            Err(e) => assert!(matches!(e, Errno::EPERM | Errno::ENOSYS), "{e}"),
+        }
+        assert!(write_to(me, usize::MAX - 10, &src[..100]).is_err());
     }
 }

@@ -88,7 +88,7 @@ const CTRL: usize = 3 * LINE;
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 7;
+const VERSION: u64 = 8;
 /// Offset of the abort word in the header (see [`ShmAbort`]).
 const ABORT_AT: usize = 32;
 /// Interval of the warning that names the ranks a step waits for.
@@ -100,6 +100,10 @@ pub const DEFAULT_SLOT_BYTES: usize = 2 << 20;
 /// measured about even at 8 KiB, the two-step path ahead from 16-32 KiB).
 pub const DEFAULT_DIRECT_ALL_REDUCE_BYTES: usize = 8 << 10;
 
+/// Default [`ShmOptions::split_copy_min`]: every large message (above the
+/// eager limit, [`p2p::EAGER_MAX`]) is split.
+pub const DEFAULT_SPLIT_COPY_MIN: usize = 0;
+
 /// Settings of a [`ShmComm`]. Every rank must use the same `slot_bytes`.
 #[derive(Debug, Clone)]
 pub struct ShmOptions {
@@ -110,21 +114,28 @@ pub struct ShmOptions {
     pub timeout: Duration,
     /// all_reduce up to this many bytes uses the one-step direct algorithm.
     pub direct_all_reduce_bytes: usize,
-    /// Whether point-to-point may copy a large message straight from the
-    /// sender's memory (`process_vm_readv`) where the kernel allows it: for
-    /// messages of at least [`ShmOptions::single_copy_min`] bytes, and
-    /// always when a rank blocked in a send takes in the messages posted
-    /// to it. Off, large messages always take the pipelined path through
-    /// the segment.
+    /// Whether point-to-point may copy a large message straight between
+    /// the two processes' memories (`process_vm_readv`/`process_vm_writev`)
+    /// where the kernel allows it: the split copy, the whole-message read
+    /// from [`ShmOptions::single_copy_min`] bytes, and always when a rank
+    /// blocked in a send takes in the messages posted to it. Off, large
+    /// messages always take the pipelined path through the segment.
     pub cross_memory_attach: bool,
-    /// Smallest large point-to-point message the receiver copies straight
-    /// from the sender's memory; smaller ones take the pipelined path
-    /// (the sender copies chunks into the segment while the receiver copies
-    /// the previous ones out). The default, `usize::MAX`, pipelines every
-    /// size: on the 2-core machine of `docs/PERFORMANCE.md` (run 11) the
-    /// pipeline took 0.44-0.88 of the time of `process_vm_readv` from 64 KiB
-    /// to 64 MiB, which pins and copies page by page on one core.
+    /// Smallest large point-to-point message the receiver copies whole
+    /// straight from the sender's memory (one `process_vm_readv` on one
+    /// core); smaller ones take the split copy or the pipelined path. The
+    /// default, `usize::MAX`, never does: on the 2-core machine of
+    /// `docs/PERFORMANCE.md` (run 11) the pipeline took 0.44-0.88 of the
+    /// time of one `process_vm_readv` from 64 KiB to 64 MiB.
     pub single_copy_min: usize,
+    /// Smallest large point-to-point message (below `single_copy_min`)
+    /// whose copy the two sides split where cross-memory attach is
+    /// allowed: the receiver reads the first half straight from the
+    /// sender's memory (`process_vm_readv`) while the sender writes the
+    /// second half straight into the receiver's (`process_vm_writev`), one
+    /// copy of each byte, on two cores at once. Smaller messages take the
+    /// pipelined path. `usize::MAX` turns the split off.
+    pub split_copy_min: usize,
 }
 
 impl Default for ShmOptions {
@@ -135,6 +146,7 @@ impl Default for ShmOptions {
             direct_all_reduce_bytes: DEFAULT_DIRECT_ALL_REDUCE_BYTES,
             cross_memory_attach: true,
             single_copy_min: usize::MAX,
+            split_copy_min: DEFAULT_SPLIT_COPY_MIN,
         }
     }
 }
@@ -340,7 +352,13 @@ impl ShmComm {
             step: 0,
             unit: 0,
             poisoned: None,
-            p2p: P2p::new(HEADER + size * (CTRL + slot), size, opts.cross_memory_attach, opts.single_copy_min),
+            p2p: P2p::new(
+                HEADER + size * (CTRL + slot),
+                size,
+                opts.cross_memory_attach,
+                opts.single_copy_min,
+                opts.split_copy_min,
+            ),
             watch: Watcher::default(),
             names: Vec::new(),
             zc: zc::Zc::new(),

@@ -9,7 +9,8 @@
 //!   to sleep (it also keeps their lines apart, so that neither side's
 //!   writes invalidate the other's line);
 //! - the receiver's line: the number of the message consumed last
-//!   (`TAKEN`) and the count of chunks consumed (`ACKED`);
+//!   (`TAKEN`), the count of chunks consumed (`ACKED`), and for a split
+//!   copy the address of the receiver's buffer and where it is divided;
 //! - a data area, which holds either [`QUEUE`] slots of queued messages or
 //!   one exclusive message (two halves for the pipelined path).
 //!
@@ -34,30 +35,45 @@
 //! - up to the eager limit (the data area, at most [`EAGER_MAX`]): copied
 //!   into the data area; `send` returns at once.
 //! - larger: `send` posts the address of its buffer and waits until the
-//!   receiver claims the message. By default the receiver asks for the
-//!   *pipelined* path: the sender copies chunks (about [`PIPE_CHUNK`]
-//!   bytes, between 2 and [`MAX_PARTS`] of them in the data area) into the
-//!   data area's parts in turn while the receiver copies the previous ones
-//!   out, and `send` returns once the last chunk is in the segment. Two
-//!   copies, overlapped on two cores: on the machine of
-//!   `docs/PERFORMANCE.md` (run 11) that took 0.44-0.88 of the time of
-//!   one `process_vm_readv` from 64 KiB to 64 MiB. A message of at least
-//!   [`super::ShmOptions::single_copy_min`] bytes (off by default) is
-//!   instead copied straight from the sender's memory with one
-//!   `process_vm_readv` (cross-memory attach), and `send` waits until that
-//!   read is over. Where the kernel refuses it (ptrace restrictions,
-//!   another pid namespace, a seccomp filter, or
-//!   [`super::ShmOptions::cross_memory_attach`] off) the receiver falls
-//!   back to the pipeline.
+//!   receiver claims the message. By default the receiver asks for a
+//!   *split* copy: it posts the address of its own buffer and reads the
+//!   first half straight from the sender's memory (`process_vm_readv`,
+//!   cross-memory attach) while the sender writes the second half
+//!   straight into the receiver's (`process_vm_writev`); `send` returns
+//!   once the receiver has its half. One copy of each byte, half on each
+//!   core: on the machine of `docs/PERFORMANCE.md` (run 12) 0.58-0.82 of
+//!   the pipeline's time from 64 KiB to 64 MiB.
+//! - below [`super::ShmOptions::split_copy_min`] (by default no large
+//!   message), or where the kernel refuses cross-memory attach either way
+//!   (ptrace restrictions, another pid namespace, a seccomp filter, or
+//!   [`super::ShmOptions::cross_memory_attach`] off), the *pipelined*
+//!   path: the sender copies chunks (about [`PIPE_CHUNK`] bytes, between 2
+//!   and [`MAX_PARTS`] of them in the data area) into the data area's
+//!   parts in turn while the receiver copies the previous ones out, and
+//!   `send` returns once the last chunk is in the segment. A sender whose
+//!   write is refused hands its half back (the receiver reads it too) and
+//!   the receiver does not ask it again; a receiver whose read is refused
+//!   moves the message to the pipeline.
+//! - from [`super::ShmOptions::single_copy_min`] bytes (off by default):
+//!   one `process_vm_readv` of the whole message by the receiver, and
+//!   `send` waits until that read is over.
 //!
 //! # The state word of a large message
-//! `k << 2 | phase`, phases `OPEN` (posted), `READING` (the receiver is in
-//! `process_vm_readv`), `SLOTS` (pipelined) and `CANCELLED` (the sender gave
-//! up). The receiver claims a message by a compare-exchange `OPEN ->
-//! READING` and the sender gives up by `OPEN -> CANCELLED`: exactly one
-//! wins, so the receiver never reads a buffer its sender has already
-//! returned (the sender that lost waits for the read to end, which takes no
-//! longer than a copy, or for the receiver's process to vanish).
+//! `k << 4 | phase`, phases `OPEN` (posted), `READING` (the receiver is in
+//! `process_vm_readv`), `SLOTS` (pipelined), `CANCELLED` (the sender gave
+//! up), and for a split copy `SHARED` (claimed), `WRITING` (the sender
+//! writes its half), `WRITTEN` or `DECLINED` (its half is in the
+//! receiver's buffer, or left to the receiver) and `REVOKED` (the receiver
+//! gave up). The receiver claims a message by a compare-exchange `OPEN ->
+//! READING` (or `SHARED`) and the sender gives up by `OPEN -> CANCELLED`:
+//! exactly one wins, so the receiver never reads a buffer its sender has
+//! already returned (the sender that lost waits for the read to end, which
+//! takes no longer than a copy, or for the receiver's process to vanish).
+//! In the same way the sender writes into the receiver's buffer only after
+//! `SHARED -> WRITING`, and a receiver that gives up first revokes by
+//! `SHARED -> REVOKED` (or, having lost, waits for the write to end), so
+//! that no write lands in a buffer its receiver has returned; a sender that
+//! gives up declines its half by `SHARED -> DECLINED`.
 //!
 //! # Two senders facing each other
 //! A large `send` blocks until its receiver takes the message. So that two
@@ -130,6 +146,10 @@ const KIND: usize = 56;
 const TAKEN: usize = 0;
 const ACKED: usize = 8;
 const RCPU: usize = 16;
+/// The receiver's buffer and where the split copy divides it (the sender
+/// writes from `RSPLIT` on), set before the claim `OPEN -> SHARED`.
+const RADDR: usize = 24;
+const RSPLIT: usize = 32;
 // Words of the spacer line, each written only when its side goes to sleep
 // (so that the other side's check of it on every message reads a line
 // that stays in its cache): set while the sender sleeps on `TAKEN` or
@@ -137,10 +157,17 @@ const RCPU: usize = 16;
 const SPARK: usize = 0;
 const RPARK: usize = 8;
 
+// Phases of a large message (the low bits of STATE; see the module docs).
 const OPEN: u64 = 0;
 const READING: u64 = 1;
 const SLOTS: u64 = 2;
 const CANCELLED: u64 = 3;
+const SHARED: u64 = 4;
+const WRITING: u64 = 5;
+const WRITTEN: u64 = 6;
+const DECLINED: u64 = 7;
+const REVOKED: u64 = 8;
+const PHASE_BITS: u32 = 4;
 
 /// A message of plain bytes.
 pub(super) const BYTES: u64 = 0;
@@ -148,7 +175,12 @@ pub(super) const BYTES: u64 = 0;
 pub(super) const BUFFER: u64 = 1;
 
 fn state(k: u64, phase: u64) -> u64 {
-    (k << 2) | phase
+    (k << PHASE_BITS) | phase
+}
+
+/// The phase of state word `st` when it is message `k`'s.
+fn phase_of(st: u64, k: u64) -> Option<u64> {
+    (st >> PHASE_BITS == k).then_some(st & ((1 << PHASE_BITS) - 1))
 }
 
 /// Bytes of one channel's data area in a group of `size` ranks (0 for one
@@ -182,6 +214,10 @@ pub(super) struct P2p {
     chunk: usize,
     /// Smallest large message read by cross-memory attach.
     single_copy_min: usize,
+    /// Smallest large message whose copy the two sides split.
+    split_copy_min: usize,
+    /// Whether this rank, receiving, may ask each sender to write its half.
+    split: Vec<bool>,
     /// Number of the last exclusive message sent to each rank.
     last_exclusive: Vec<u64>,
     /// The receiver's `TAKEN` as this rank last read it, per rank: a
@@ -201,7 +237,7 @@ pub(super) struct P2p {
 }
 
 impl P2p {
-    pub(super) fn new(base: usize, size: usize, cma: bool, single_copy_min: usize) -> P2p {
+    pub(super) fn new(base: usize, size: usize, cma: bool, single_copy_min: usize, split_copy_min: usize) -> P2p {
         let area = area_bytes(size);
         let parts = (area / PIPE_CHUNK).clamp(2, MAX_PARTS);
         P2p {
@@ -211,6 +247,8 @@ impl P2p {
             parts,
             chunk: area / parts / LINE * LINE,
             single_copy_min,
+            split_copy_min,
+            split: vec![cma; size],
             last_exclusive: vec![0; size],
             taken_seen: vec![0; size],
             sent: vec![0; size],
@@ -239,6 +277,8 @@ enum Awaiting {
     Posted(u64),
     Chunk(u64),
     Ack(u64),
+    /// The sender's half of a split copy of message `k`.
+    Half(u64),
 }
 
 impl std::fmt::Display for Awaiting {
@@ -248,6 +288,7 @@ impl std::fmt::Display for Awaiting {
             Awaiting::Posted(k) => write!(f, "to send message {k}"),
             Awaiting::Chunk(g) => write!(f, "to post chunk {g}"),
             Awaiting::Ack(g) => write!(f, "to take chunk {g}"),
+            Awaiting::Half(k) => write!(f, "to write its half of message {k}"),
         }
     }
 }
@@ -279,6 +320,7 @@ impl ShmComm {
             Awaiting::Ack(_) => (c + 2 * LINE + ACKED, c + LINE + SPARK),
             Awaiting::Posted(_) => (c + POST, c + LINE + RPARK),
             Awaiting::Chunk(_) => (c + CHUNKS, c + LINE + RPARK),
+            Awaiting::Half(_) => (c + STATE, c + LINE + RPARK),
         }
     }
     /// Offset of the slot of queued message `k` from `s` to `r`.
@@ -330,7 +372,7 @@ impl ShmComm {
         // sleep on it; the side that changes the word wakes us.
         let (word, flag) = match what {
             Awaiting::Taken(_) | Awaiting::Ack(_) => self.park_at(self.rank, peer, what),
-            Awaiting::Posted(_) | Awaiting::Chunk(_) => self.park_at(peer, self.rank, what),
+            Awaiting::Posted(_) | Awaiting::Chunk(_) | Awaiting::Half(_) => self.park_at(peer, self.rank, what),
         };
         let mut start: Option<Instant> = None;
         let mut check_after = LIVENESS_EVERY;
@@ -345,12 +387,17 @@ impl ShmComm {
                 if ready(self) {
                     return Ok(());
                 }
+                let me: &ShmComm = self;
                 backoff.snooze_with(|interval| {
-                    // SeqCst store, then SeqCst load: pairs with the
-                    // waker's store of the word, fence and load of the
-                    // flag (one of the two sides sees the other).
+                    // Store, fence, then the loads: pairs with the waker's
+                    // store, fence and load of the flag (one of the two
+                    // sides sees the other). `ready` is asked again because
+                    // a waker may change another word than the one slept on
+                    // (a receiver's claim of a large message wakes a sender
+                    // that sleeps on TAKEN).
                     flag.store(1, Ordering::SeqCst);
-                    if word.load(Ordering::SeqCst) as u32 == low {
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    if word.load(Ordering::SeqCst) as u32 == low && !ready(me) {
                         futex::wait(word, low, interval);
                     }
                     flag.store(0, Ordering::Relaxed);
@@ -484,15 +531,79 @@ impl ShmComm {
     /// the receiver asks for the pipelined path.
     fn send_large(&mut self, data: &[u8], dst: usize, k: u64, timeout: Duration, rcpu: u64) -> Result<()> {
         let me = self.rank;
-        self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(k), true, |c| {
-            c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k
-                || c.sword(me, dst, STATE).load(Ordering::Acquire) == state(k, SLOTS)
-        })?;
-        // Acquire: pairs with the receiver's Release of TAKEN (its read of
-        // our buffer is over).
-        if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
+        loop {
+            self.p2p_wait(dst, rcpu, timeout, Awaiting::Taken(k), true, |c| {
+                c.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k
+                    || matches!(
+                        phase_of(c.sword(me, dst, STATE).load(Ordering::Acquire), k),
+                        Some(SLOTS | SHARED | REVOKED)
+                    )
+            })?;
+            // Acquire: pairs with the receiver's Release of TAKEN (its read
+            // of our buffer is over).
+            if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
+                return Ok(());
+            }
+            // Acquire: pairs with the receiver's claim (its RADDR, RSPLIT).
+            match phase_of(self.sword(me, dst, STATE).load(Ordering::Acquire), k) {
+                Some(SLOTS) => return self.stream(data, dst, timeout, rcpu),
+                Some(SHARED) => self.write_half(data, dst, k)?,
+                Some(REVOKED) => {
+                    return Err(Error::PeerLost {
+                        ctx: self.p2p_ctx(dst),
+                        detail: format!(
+                            "rank {} gave up receiving message {k} (it failed or timed out)",
+                            self.name_of(dst)
+                        ),
+                    })
+                }
+                // Our half is written or declined (or a claim was revoked
+                // before we wrote): wait again.
+                _ => {}
+            }
+        }
+    }
+
+    /// The sender's half of a split copy of message `k` (the receiver
+    /// claimed it `SHARED`): writes `data[RSPLIT..]` into the receiver's
+    /// buffer, or declines, so that the receiver copies it itself.
+    fn write_half(&mut self, data: &[u8], dst: usize, k: u64) -> Result<()> {
+        let me = self.rank;
+        let seg = self.seg.clone();
+        let st = seg.atomic_u64(self.chan(me, dst) + STATE);
+        // Acquire: the claim published RADDR and RSPLIT. A receiver that
+        // gave up in between revoked the claim: then nothing is written.
+        if st.compare_exchange(state(k, SHARED), state(k, WRITING), Ordering::AcqRel, Ordering::Acquire).is_err() {
             return Ok(());
         }
+        let addr = self.rword(me, dst, RADDR).load(Ordering::Relaxed) as usize;
+        let split = usize::try_from(self.rword(me, dst, RSPLIT).load(Ordering::Relaxed)).unwrap_or(usize::MAX);
+        let written = match (self.same_namespace_pid(dst), data.get(split..), addr.checked_add(split)) {
+            (Some(pid), Some(tail), Some(at)) => crate::sys::cma::write_to(pid, at, tail),
+            _ => Err(nix::errno::Errno::EINVAL),
+        };
+        let outcome = match written {
+            Ok(()) => WRITTEN,
+            Err(e) => {
+                tracing::debug!(group = %self.group, rank = me, "writing into rank {dst} refused ({e}): it copies the rest");
+                DECLINED
+            }
+        };
+        // Release: our writes into the receiver's buffer are over.
+        st.store(state(k, outcome), Ordering::Release);
+        self.wake_parked(self.park_at(me, dst, Awaiting::Half(k)));
+        match written {
+            Err(nix::errno::Errno::ESRCH) => Err(Error::PeerLost {
+                ctx: self.p2p_ctx(dst),
+                detail: format!("the process of rank {} exited while receiving message {k}", self.name_of(dst)),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Streams `data` through the data area's parts (the pipelined path).
+    fn stream(&mut self, data: &[u8], dst: usize, timeout: Duration, rcpu: u64) -> Result<()> {
+        let me = self.rank;
         let (parts, size) = (self.p2p.parts, self.p2p.chunk);
         for chunk in data.chunks(size) {
             let g = self.p2p.chunks_out[dst] + 1;
@@ -521,22 +632,27 @@ impl ShmComm {
     /// not be reading our buffer before the caller gets it back.
     fn withdraw(&self, dst: usize, k: u64) {
         let me = self.rank;
+        let st = self.sword(me, dst, STATE);
+        // A split copy not written yet is handed back: the receiver copies
+        // the rest itself (it reads our buffer in any case, below).
+        // AcqRel: as the claim's other side.
+        let _ = st.compare_exchange(state(k, SHARED), state(k, DECLINED), Ordering::AcqRel, Ordering::Acquire);
+        if st.load(Ordering::Acquire) == state(k, DECLINED) {
+            self.wake_parked(self.park_at(me, dst, Awaiting::Half(k)));
+        }
+        // The phases in which the receiver may be reading our buffer.
+        let reading = |s: u64| matches!(phase_of(s, k), Some(READING | SHARED | WRITTEN | DECLINED));
         loop {
             // AcqRel: on success the receiver's later claim fails; on failure
             // we see its claim.
-            match self.sword(me, dst, STATE).compare_exchange(
-                state(k, OPEN),
-                state(k, CANCELLED),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Err(s) if s == state(k, READING) => {
+            match st.compare_exchange(state(k, OPEN), state(k, CANCELLED), Ordering::AcqRel, Ordering::Acquire) {
+                Err(s) if reading(s) => {
                     // The read is one copy: wait for it to end (or for the
                     // receiver's process to vanish), whatever the deadline.
                     let mut backoff = Backoff::new();
                     let mut check_at = Instant::now() + LIVENESS_EVERY;
                     // Acquire: pairs with the receiver's Release stores.
-                    while self.sword(me, dst, STATE).load(Ordering::Acquire) == state(k, READING) {
+                    while reading(st.load(Ordering::Acquire)) {
                         if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
                             return;
                         }
@@ -551,9 +667,11 @@ impl ShmComm {
                     if self.rword(me, dst, TAKEN).load(Ordering::Acquire) >= k {
                         return;
                     }
-                    // Handed back (OPEN) or switched to the pipeline: retry.
+                    // Handed back (OPEN), switched to the pipeline or
+                    // revoked: retry.
                 }
-                // Withdrawn, or not in the claimable state any more.
+                // Withdrawn, or the receiver no longer reads our buffer
+                // (the pipeline, a revoked split).
                 _ => return,
             }
         }
@@ -737,16 +855,144 @@ impl ShmComm {
     fn recv_large(&mut self, buf: &mut [u8], src: usize, k: u64, timeout: Duration) -> Result<()> {
         let me = self.rank;
         let scpu = self.sword(src, me, SCPU).load(Ordering::Relaxed);
-        if buf.len() >= self.p2p.single_copy_min && self.read_by_cma(buf, src, k, SLOTS)? {
+        let len = buf.len();
+        if len >= self.p2p.single_copy_min {
+            if self.read_by_cma(buf, src, k, SLOTS)? {
+                return Ok(());
+            }
+        } else if len >= self.p2p.split_copy_min
+            && self.p2p.split[src]
+            && self.p2p.cma[src]
+            && self.recv_split(buf, src, k, timeout, scpu)?
+        {
             return Ok(());
         }
         let seg = self.seg.clone();
         let st = seg.atomic_u64(self.chan(src, me) + STATE);
-        if st.load(Ordering::Acquire) != state(k, SLOTS)
-            && st.compare_exchange(state(k, OPEN), state(k, SLOTS), Ordering::AcqRel, Ordering::Acquire).is_err()
-        {
+        if st.load(Ordering::Acquire) != state(k, SLOTS) {
+            if st.compare_exchange(state(k, OPEN), state(k, SLOTS), Ordering::AcqRel, Ordering::Acquire).is_err() {
+                return Err(self.cancelled(src, k));
+            }
+            // The sender may sleep on TAKEN: the claim is news to it.
+            self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
+        }
+        self.recv_chunks(buf, src, timeout, scpu)
+    }
+
+    /// Receives message `k` by a split copy: this rank reads the first
+    /// half from the sender's memory while the sender writes the second
+    /// into ours. `Ok(false)`: cross-memory attach was refused before
+    /// anything was claimed, or after the claim moved to `SLOTS` (then the
+    /// pipeline delivers the whole message).
+    fn recv_split(&mut self, buf: &mut [u8], src: usize, k: u64, timeout: Duration, scpu: u64) -> Result<bool> {
+        let me = self.rank;
+        let Some(pid) = self.same_namespace_pid(src) else {
+            self.p2p.cma[src] = false;
+            return Ok(false);
+        };
+        let seg = self.seg.clone();
+        let st = seg.atomic_u64(self.chan(src, me) + STATE);
+        // Halves divided at a page of our buffer, so that each side's copy
+        // touches its own pages.
+        let at = buf.as_ptr() as usize;
+        let split = ((at + buf.len() / 2).next_multiple_of(4096) - at).min(buf.len());
+        self.rword(src, me, RADDR).store(at as u64, Ordering::Relaxed);
+        self.rword(src, me, RSPLIT).store(split as u64, Ordering::Relaxed);
+        // AcqRel: publishes RADDR and RSPLIT; pairs with the sender's
+        // withdrawal as in `read_by_cma`.
+        if st.compare_exchange(state(k, OPEN), state(k, SHARED), Ordering::AcqRel, Ordering::Acquire).is_err() {
             return Err(self.cancelled(src, k));
         }
+        self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
+        let addr = self.sword(src, me, ADDR).load(Ordering::Relaxed) as usize;
+        let lost = |c: &ShmComm| Error::PeerLost {
+            ctx: c.p2p_ctx(src),
+            detail: format!("the process of rank {} exited while sending message {k}", c.name_of(src)),
+        };
+        let (head, tail) = buf.split_at_mut(split);
+        match crate::sys::cma::read_from(pid, addr, head) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ESRCH) => return Err(lost(self)),
+            Err(e) => {
+                tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
+                self.p2p.cma[src] = false;
+                // The whole message by the pipeline, once the sender is
+                // not writing into our buffer any more.
+                self.settle_half(src, k, timeout, scpu, SLOTS)?;
+                return Ok(false);
+            }
+        }
+        match self.settle_half(src, k, timeout, scpu, 0)? {
+            WRITTEN => {}
+            _ => {
+                // Declined: the sender cannot write here (or gave up);
+                // copy its half too, and do not ask it again.
+                self.p2p.split[src] = false;
+                let rest = addr.checked_add(split).ok_or(nix::errno::Errno::EFAULT);
+                match rest.and_then(|a| crate::sys::cma::read_from(pid, a, tail)) {
+                    Ok(()) => {}
+                    Err(nix::errno::Errno::ESRCH) => return Err(lost(self)),
+                    Err(e) => {
+                        tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
+                        self.p2p.cma[src] = false;
+                        // Release: we no longer read the sender's buffer.
+                        st.store(state(k, SLOTS), Ordering::Release);
+                        self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits until the sender of split message `k` wrote or declined its
+    /// half and returns which (`WRITTEN` or `DECLINED`); with `then` not
+    /// 0, moves the message to that phase first (`SLOTS`: the pipeline
+    /// takes over). When the wait fails, the claim is revoked once the
+    /// sender no longer writes into our buffer (whatever the deadline: the
+    /// write is one copy), so that the caller gets its buffer back.
+    fn settle_half(&mut self, src: usize, k: u64, timeout: Duration, scpu: u64, then: u64) -> Result<u64> {
+        let me = self.rank;
+        let seg = self.seg.clone();
+        let st = seg.atomic_u64(self.chan(src, me) + STATE);
+        let settled = |s: u64| matches!(phase_of(s, k), Some(WRITTEN | DECLINED));
+        let waited = self.p2p_wait(src, scpu, timeout, Awaiting::Half(k), false, |c| {
+            // Acquire: pairs with the sender's Release store after its write.
+            settled(c.sword(src, me, STATE).load(Ordering::Acquire))
+        });
+        if let Err(e) = waited {
+            // Not written yet: revoke, and the sender will not write.
+            if st.compare_exchange(state(k, SHARED), state(k, REVOKED), Ordering::AcqRel, Ordering::Acquire).is_err() {
+                let mut backoff = Backoff::new();
+                let mut check_at = Instant::now() + LIVENESS_EVERY;
+                while st.load(Ordering::Acquire) == state(k, WRITING) {
+                    if !backoff.is_spinning() && Instant::now() >= check_at {
+                        if self.vanished(std::iter::once(src)).is_some() {
+                            return Err(e);
+                        }
+                        check_at = Instant::now() + LIVENESS_EVERY;
+                    }
+                    backoff.snooze();
+                }
+                // Release: we no longer read the sender's buffer.
+                st.store(state(k, REVOKED), Ordering::Release);
+            }
+            self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
+            return Err(e);
+        }
+        let outcome = st.load(Ordering::Acquire) & ((1 << PHASE_BITS) - 1);
+        if then != 0 {
+            // Release: we no longer read the sender's buffer.
+            st.store(state(k, then), Ordering::Release);
+            self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
+        }
+        Ok(outcome)
+    }
+
+    /// Copies the chunks of a pipelined message out of the data area.
+    fn recv_chunks(&mut self, buf: &mut [u8], src: usize, timeout: Duration, scpu: u64) -> Result<()> {
+        let me = self.rank;
         let (parts, size) = (self.p2p.parts, self.p2p.chunk);
         for chunk in buf.chunks_mut(size) {
             let g = self.p2p.chunks_in[src] + 1;
@@ -874,9 +1120,104 @@ mod tests {
         assert!(c0.p2p.chunks_out[1] > 0 && c0.p2p.chunks_out[1] == c1.p2p.chunks_in[0]);
     }
 
+    /// Sends `sizes` from rank 0 to rank 1 (with the hooks `refuse_write`
+    /// on the sender's thread and `refuse_read` on the receiver's), checks
+    /// every byte, and returns both ranks.
+    fn transfer(
+        opts: ShmOptions,
+        sizes: &'static [usize],
+        refuse_write: Option<Errno>,
+        refuse_read: Option<Errno>,
+    ) -> (ShmComm, ShmComm) {
+        let (mut c0, mut c1) = pair(opts);
+        let t = std::thread::spawn(move || {
+            crate::sys::cma::REFUSE_WRITE.with(|r| r.set(refuse_write));
+            for (i, &len) in sizes.iter().enumerate() {
+                c0.send(&data(len, i as u8), 1, Duration::from_secs(20)).unwrap();
+            }
+            c0
+        });
+        crate::sys::cma::REFUSE.with(|r| r.set(refuse_read));
+        for (i, &len) in sizes.iter().enumerate() {
+            let mut got = vec![0u8; len];
+            c1.recv(&mut got, 0, Duration::from_secs(20)).unwrap();
+            assert!(got == data(len, i as u8), "message {i} of {len} bytes");
+        }
+        crate::sys::cma::REFUSE.with(|r| r.set(None));
+        (t.join().unwrap(), c1)
+    }
+
+    const SPLIT_SIZES: &[usize] = &[super::EAGER_MAX + 1, 1 << 20, 5 << 20, 300_001];
+
     #[test]
-    fn large_messages_take_the_pipeline_by_default() {
+    fn large_messages_are_split_between_the_two_sides_by_default() {
+        let (c0, c1) =
+            transfer(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() }, SPLIT_SIZES, None, None);
+        // Nothing went through the chunks, and both halves were copied
+        // across (a refusal on either side would have cleared a flag).
+        assert_eq!((c0.p2p.chunks_out[1], c1.p2p.chunks_in[0]), (0, 0));
+        assert!(c1.p2p.split[0] && c1.p2p.cma[0]);
+        assert_eq!(c1.p2p.recvd[0], SPLIT_SIZES.len() as u64);
+    }
+
+    #[test]
+    fn a_sender_refused_writing_hands_its_half_back_and_is_not_asked_again() {
+        let opts = ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() };
+        let (c0, c1) = transfer(opts, SPLIT_SIZES, Some(Errno::EPERM), None);
+        // The first message's second half was read by the receiver; the
+        // later ones took the pipeline.
+        assert!(!c1.p2p.split[0] && c1.p2p.cma[0]);
+        let chunks: u64 = SPLIT_SIZES[1..].iter().map(|&l| l.div_ceil(c0.p2p.chunk) as u64).sum();
+        assert_eq!((c0.p2p.chunks_out[1], c1.p2p.chunks_in[0]), (chunks, chunks));
+    }
+
+    #[test]
+    fn a_receiver_refused_reading_takes_the_whole_message_by_the_pipeline() {
+        let opts = ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() };
+        let (c0, c1) = transfer(opts, SPLIT_SIZES, None, Some(Errno::EPERM));
+        assert!(!c1.p2p.cma[0]);
+        let chunks: u64 = SPLIT_SIZES.iter().map(|&l| l.div_ceil(c0.p2p.chunk) as u64).sum();
+        assert_eq!((c0.p2p.chunks_out[1], c1.p2p.chunks_in[0]), (chunks, chunks));
+    }
+
+    #[test]
+    fn a_receiver_that_gives_up_on_the_senders_half_revokes_it() {
+        use super::{Awaiting, ADDR, BYTES, DESC, KIND, LEN, OPEN, REVOKED, STATE};
+        use crate::transport::{OpCode, OpDesc};
+        use std::sync::atomic::Ordering;
         let (mut c0, mut c1) = pair(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() });
+        // Rank 0 posts a large message by hand and then does not answer
+        // the receiver's claim, as a sender stuck elsewhere would.
+        let msg = data(1 << 20, 7);
+        let k = 1;
+        let d = OpDesc::new(OpCode::SendRecv, None, None, None, msg.len()).0;
+        for (w, v) in [(DESC, d), (LEN, msg.len() as u64), (KIND, BYTES), (ADDR, msg.as_ptr() as u64)] {
+            c0.sword(0, 1, w).store(v, Ordering::Relaxed);
+        }
+        c0.sword(0, 1, STATE).store(super::state(k, OPEN), Ordering::Relaxed);
+        c0.p2p.sent[1] = k;
+        c0.p2p.last_exclusive[1] = k;
+        c0.post(1, k);
+        let mut got = vec![0u8; msg.len()];
+        let e = c1.recv(&mut got, 0, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, crate::Error::Timeout { .. }), "{e}");
+        assert!(e.to_string().contains(&Awaiting::Half(k).to_string()), "{e}");
+        assert_eq!(c0.sword(0, 1, STATE).load(Ordering::Acquire), super::state(k, REVOKED));
+        // The receiver read its half before it gave up; the sender, late,
+        // writes nothing and learns that the receiver gave up.
+        let split = c1.rword(0, 1, super::RSPLIT).load(Ordering::Relaxed) as usize;
+        assert!(got[..split] == msg[..split] && got[split..].iter().all(|&b| b == 0));
+        c0.write_half(&msg, 1, k).unwrap();
+        assert_eq!(c0.sword(0, 1, STATE).load(Ordering::Acquire), super::state(k, REVOKED));
+        assert!(got[split..].iter().all(|&b| b == 0));
+        let e = c0.send_large(&msg, 1, k, Duration::from_secs(5), 0).unwrap_err();
+        assert!(e.to_string().contains("gave up receiving message 1"), "{e}");
+    }
+
+    #[test]
+    fn large_messages_take_the_pipeline_when_the_split_is_off() {
+        let (mut c0, mut c1) =
+            pair(ShmOptions { timeout: Duration::from_secs(20), split_copy_min: usize::MAX, ..ShmOptions::default() });
         let sizes = [super::EAGER_MAX + 1, 1 << 20, 5 << 20];
         let t = std::thread::spawn(move || {
             for (i, &len) in sizes.iter().enumerate() {
@@ -909,7 +1250,12 @@ mod tests {
         // cross-memory attach (`single_copy_min` 0) or by the pipeline (the
         // default).
         for (round, single_copy_min) in (0..10u8).zip([0, usize::MAX].into_iter().cycle()) {
-            let opts = ShmOptions { timeout: Duration::from_secs(20), single_copy_min, ..ShmOptions::default() };
+            let opts = ShmOptions {
+                timeout: Duration::from_secs(20),
+                single_copy_min,
+                split_copy_min: usize::MAX,
+                ..ShmOptions::default()
+            };
             let (mut c0, mut c1) = pair(opts);
             let t = std::thread::spawn(move || {
                 c0.send(&data(3 << 20, round), 1, Duration::from_secs(20)).unwrap();
