@@ -16,17 +16,11 @@ pub(crate) fn read_from(pid: i32, addr: usize, out: &mut [u8]) -> Result<(), Err
     if let Some(e) = REFUSE.with(std::cell::Cell::get) {
         return Err(e);
     }
-    let mut done = 0;
-    while done < out.len() {
-        let base = addr.checked_add(done).ok_or(Errno::EFAULT)?;
-        let remote = [RemoteIoVec { base, len: out.len() - done }];
-        let n = process_vm_readv(Pid::from_raw(pid), &mut [IoSliceMut::new(&mut out[done..])], &remote)?;
-        if n == 0 {
-            return Err(Errno::EFAULT);
-        }
-        done += n;
-    }
-    Ok(())
+    let len = out.len();
+    whole(len, |done| {
+        let remote = [RemoteIoVec { base: addr.checked_add(done).ok_or(Errno::EFAULT)?, len: len - done }];
+        process_vm_readv(Pid::from_raw(pid), &mut [IoSliceMut::new(&mut out[done..])], &remote)
+    })
 }
 
 /// Copies `data` to address `addr` of process `pid` (`process_vm_writev`,
@@ -36,15 +30,21 @@ pub(crate) fn write_to(pid: i32, addr: usize, data: &[u8]) -> Result<(), Errno> 
     if let Some(e) = REFUSE_WRITE.with(std::cell::Cell::get) {
         return Err(e);
     }
+    whole(data.len(), |done| {
+        let remote = [RemoteIoVec { base: addr.checked_add(done).ok_or(Errno::EFAULT)?, len: data.len() - done }];
+        process_vm_writev(Pid::from_raw(pid), &[IoSlice::new(&data[done..])], &remote)
+    })
+}
+
+/// Repeats `step(bytes done so far)` until `len` bytes are done; a step
+/// that moves nothing is `EFAULT` (the range ends in unmapped memory).
+fn whole(len: usize, mut step: impl FnMut(usize) -> Result<usize, Errno>) -> Result<(), Errno> {
     let mut done = 0;
-    while done < data.len() {
-        let base = addr.checked_add(done).ok_or(Errno::EFAULT)?;
-        let remote = [RemoteIoVec { base, len: data.len() - done }];
-        let n = process_vm_writev(Pid::from_raw(pid), &[IoSlice::new(&data[done..])], &remote)?;
-        if n == 0 {
-            return Err(Errno::EFAULT);
+    while done < len {
+        match step(done)? {
+            0 => return Err(Errno::EFAULT),
+            n => done += n,
         }
-        done += n;
     }
     Ok(())
 }
