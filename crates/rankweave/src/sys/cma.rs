@@ -36,6 +36,21 @@ pub(crate) fn write_to(pid: i32, addr: usize, data: &[u8]) -> Result<(), Errno> 
     })
 }
 
+/// Lets any process of this user attach to this one (Yama's
+/// `PR_SET_PTRACER_ANY`), once per process: without it, Yama's
+/// `ptrace_scope` 1 allows cross-memory attach only into descendants,
+/// never between sibling ranks. Where Yama is absent the call fails with
+/// `EINVAL` and nothing is needed; any failure is only logged (the peers'
+/// attempts are then refused, and they fall back).
+pub(crate) fn allow_peer_attach() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        if let Err(e) = rustix::process::set_ptracer(rustix::process::PTracer::Any) {
+            tracing::debug!("PR_SET_PTRACER_ANY not set ({e}): Yama absent or the call refused");
+        }
+    });
+}
+
 /// Repeats `step(bytes done so far)` until `len` bytes are done; a step
 /// that moves nothing is `EFAULT` (the range ends in unmapped memory).
 fn whole(len: usize, mut step: impl FnMut(usize) -> Result<usize, Errno>) -> Result<(), Errno> {

@@ -120,6 +120,16 @@ pub struct ShmOptions {
     /// from [`ShmOptions::single_copy_min`] bytes, and always when a rank
     /// blocked in a send takes in the messages posted to it. Off, large
     /// messages always take the pipelined path through the segment.
+    ///
+    /// Where Yama's `ptrace_scope` is 1 (Ubuntu's default) a process may
+    /// attach only to its descendants, and ranks are siblings. So that
+    /// they can reach each other, a communicator created with this on
+    /// declares, once per process, that any process of the same user may
+    /// attach to it (`prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY)`, as Open
+    /// MPI's shared-memory transport does). Turn it off to keep Yama's
+    /// restriction for the process (and the pipeline for every large
+    /// message); with `ptrace_scope` 2 or 3 the kernel refuses cross-memory
+    /// attach whatever this says, and the pipeline takes over.
     pub cross_memory_attach: bool,
     /// Smallest large point-to-point message the receiver copies whole
     /// straight from the sender's memory (one `process_vm_readv` on one
@@ -365,6 +375,11 @@ impl ShmComm {
         };
         comm.info(rank, 0).store(std::process::id() as u64, Ordering::Relaxed);
         comm.info(rank, 1).store(pid_namespace(), Ordering::Relaxed);
+        if opts.cross_memory_attach && size > 1 {
+            // Before the hello step: once it is over, every rank lets its
+            // peers attach.
+            crate::sys::cma::allow_peer_attach();
+        }
         // The hello step's Release store publishes the process line.
         comm.step(OpCode::Hello, desc(OpCode::Hello, None, None, None, 0), None)?;
         // Everyone has the mapping: the name is no longer needed.
