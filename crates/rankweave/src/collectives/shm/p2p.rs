@@ -636,8 +636,7 @@ impl ShmComm {
         // A split copy not written yet is handed back: the receiver copies
         // the rest itself (it reads our buffer in any case, below).
         // AcqRel: as the claim's other side.
-        let _ = st.compare_exchange(state(k, SHARED), state(k, DECLINED), Ordering::AcqRel, Ordering::Acquire);
-        if st.load(Ordering::Acquire) == state(k, DECLINED) {
+        if st.compare_exchange(state(k, SHARED), state(k, DECLINED), Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.wake_parked(self.park_at(me, dst, Awaiting::Half(k)));
         }
         // The phases in which the receiver may be reading our buffer.
@@ -836,20 +835,38 @@ impl ShmComm {
             return Err(self.cancelled(src, k));
         }
         let addr = self.sword(src, me, ADDR).load(Ordering::Relaxed) as usize;
-        match crate::sys::cma::read_from(pid, addr, buf) {
+        if self.copy_from_sender(pid, addr, buf, src, k)? {
+            return Ok(true);
+        }
+        self.set_phase(src, k, on_refusal);
+        Ok(false)
+    }
+
+    /// Copies `out.len()` bytes at `addr` of the sender `src` (process
+    /// `pid`) of message `k` into `out`. `Ok(false)`: the kernel refused,
+    /// and cross-memory attach with `src` is not tried again.
+    fn copy_from_sender(&mut self, pid: i32, addr: usize, out: &mut [u8], src: usize, k: u64) -> Result<bool> {
+        match crate::sys::cma::read_from(pid, addr, out) {
             Ok(()) => Ok(true),
             Err(nix::errno::Errno::ESRCH) => Err(Error::PeerLost {
                 ctx: self.p2p_ctx(src),
                 detail: format!("the process of rank {} exited while sending message {k}", self.name_of(src)),
             }),
             Err(e) => {
-                tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
+                tracing::debug!(group = %self.group, rank = self.rank, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
                 self.p2p.cma[src] = false;
-                // Release: we are done with the sender's buffer.
-                st.store(state(k, on_refusal), Ordering::Release);
                 Ok(false)
             }
         }
+    }
+
+    /// Moves large message `k` of `src` to `phase` (Release: whatever this
+    /// rank did with the sender's buffer before is over) and wakes the
+    /// sender if it sleeps waiting for the message to be taken: every
+    /// phase the receiver sets is news to the sender.
+    fn set_phase(&self, src: usize, k: u64, phase: u64) {
+        self.sword(src, self.rank, STATE).store(state(k, phase), Ordering::Release);
+        self.wake_parked(self.park_at(src, self.rank, Awaiting::Taken(k)));
     }
 
     fn recv_large(&mut self, buf: &mut [u8], src: usize, k: u64, timeout: Duration) -> Result<()> {
@@ -905,54 +922,31 @@ impl ShmComm {
         }
         self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
         let addr = self.sword(src, me, ADDR).load(Ordering::Relaxed) as usize;
-        let lost = |c: &ShmComm| Error::PeerLost {
-            ctx: c.p2p_ctx(src),
-            detail: format!("the process of rank {} exited while sending message {k}", c.name_of(src)),
-        };
         let (head, tail) = buf.split_at_mut(split);
-        match crate::sys::cma::read_from(pid, addr, head) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::ESRCH) => return Err(lost(self)),
-            Err(e) => {
-                tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
-                self.p2p.cma[src] = false;
-                // The whole message by the pipeline, once the sender is
-                // not writing into our buffer any more.
-                self.settle_half(src, k, timeout, scpu, SLOTS)?;
-                return Ok(false);
-            }
-        }
-        match self.settle_half(src, k, timeout, scpu, 0)? {
-            WRITTEN => {}
+        let head_copied = self.copy_from_sender(pid, addr, head, src, k)?;
+        // Refused, the whole message goes by the pipeline once the sender
+        // no longer writes into our buffer.
+        let whole = match self.settle_half(src, k, timeout, scpu)? {
+            WRITTEN => head_copied,
+            // Declined: the sender cannot write here (or gave up); copy its
+            // half too, and do not ask it again.
             _ => {
-                // Declined: the sender cannot write here (or gave up);
-                // copy its half too, and do not ask it again.
                 self.p2p.split[src] = false;
-                let rest = addr.checked_add(split).ok_or(nix::errno::Errno::EFAULT);
-                match rest.and_then(|a| crate::sys::cma::read_from(pid, a, tail)) {
-                    Ok(()) => {}
-                    Err(nix::errno::Errno::ESRCH) => return Err(lost(self)),
-                    Err(e) => {
-                        tracing::debug!(group = %self.group, rank = me, "cross-memory attach from rank {src} refused ({e}): pipelined copies");
-                        self.p2p.cma[src] = false;
-                        // Release: we no longer read the sender's buffer.
-                        st.store(state(k, SLOTS), Ordering::Release);
-                        self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
-                        return Ok(false);
-                    }
-                }
+                head_copied && self.copy_from_sender(pid, addr.saturating_add(split), tail, src, k)?
             }
+        };
+        if !whole {
+            self.set_phase(src, k, SLOTS);
         }
-        Ok(true)
+        Ok(whole)
     }
 
     /// Waits until the sender of split message `k` wrote or declined its
-    /// half and returns which (`WRITTEN` or `DECLINED`); with `then` not
-    /// 0, moves the message to that phase first (`SLOTS`: the pipeline
-    /// takes over). When the wait fails, the claim is revoked once the
-    /// sender no longer writes into our buffer (whatever the deadline: the
-    /// write is one copy), so that the caller gets its buffer back.
-    fn settle_half(&mut self, src: usize, k: u64, timeout: Duration, scpu: u64, then: u64) -> Result<u64> {
+    /// half and returns which (`WRITTEN` or `DECLINED`). When the wait
+    /// fails, the claim is revoked once the sender no longer writes into
+    /// our buffer (whatever the deadline: the write is one copy), so that
+    /// the caller gets its buffer back.
+    fn settle_half(&mut self, src: usize, k: u64, timeout: Duration, scpu: u64) -> Result<u64> {
         let me = self.rank;
         let seg = self.seg.clone();
         let st = seg.atomic_u64(self.chan(src, me) + STATE);
@@ -975,19 +969,11 @@ impl ShmComm {
                     }
                     backoff.snooze();
                 }
-                // Release: we no longer read the sender's buffer.
-                st.store(state(k, REVOKED), Ordering::Release);
             }
-            self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
+            self.set_phase(src, k, REVOKED);
             return Err(e);
         }
-        let outcome = st.load(Ordering::Acquire) & ((1 << PHASE_BITS) - 1);
-        if then != 0 {
-            // Release: we no longer read the sender's buffer.
-            st.store(state(k, then), Ordering::Release);
-            self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
-        }
-        Ok(outcome)
+        Ok(st.load(Ordering::Acquire) & ((1 << PHASE_BITS) - 1))
     }
 
     /// Copies the chunks of a pipelined message out of the data area.
