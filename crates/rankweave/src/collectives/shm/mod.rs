@@ -140,10 +140,12 @@ pub struct ShmOptions {
     pub single_copy_min: usize,
     /// Smallest large point-to-point message (below `single_copy_min`)
     /// whose copy the two sides split where cross-memory attach is
-    /// allowed: the receiver reads the first half straight from the
-    /// sender's memory (`process_vm_readv`) while the sender writes the
-    /// second half straight into the receiver's (`process_vm_writev`), one
-    /// copy of each byte, on two cores at once. Smaller messages take the
+    /// allowed: the receiver reads one half straight from the sender's
+    /// memory (`process_vm_readv`) while the sender writes the other half
+    /// straight into the receiver's (`process_vm_writev`), one copy of
+    /// each byte, on two cores at once (the lower rank of the pair always
+    /// copies the first half, so a buffer passed back and forth stays in
+    /// the caches that copy it). Smaller messages take the
     /// pipelined path. `usize::MAX` turns the split off.
     pub split_copy_min: usize,
 }

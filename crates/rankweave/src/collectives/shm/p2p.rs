@@ -36,13 +36,17 @@
 //!   into the data area; `send` returns at once.
 //! - larger: `send` posts the address of its buffer and waits until the
 //!   receiver claims the message. By default the receiver asks for a
-//!   *split* copy: it posts the address of its own buffer and reads the
-//!   first half straight from the sender's memory (`process_vm_readv`,
-//!   cross-memory attach) while the sender writes the second half
+//!   *split* copy: it posts the address of its own buffer and reads one
+//!   half straight from the sender's memory (`process_vm_readv`,
+//!   cross-memory attach) while the sender writes the other half
 //!   straight into the receiver's (`process_vm_writev`); `send` returns
 //!   once the receiver has its half. One copy of each byte, half on each
 //!   core: on the machine of `docs/PERFORMANCE.md` (run 12) 0.58-0.82 of
-//!   the pipeline's time from 64 KiB to 64 MiB.
+//!   the pipeline's time from 64 KiB to 64 MiB. The lower-numbered rank of
+//!   the pair copies the first half whichever way the message goes, so
+//!   that a buffer sent back and forth keeps each half in the cache of
+//!   the core that copies it (run 13: 0.38-0.48 of the time of a fixed
+//!   choice from 64 KiB to 1 MiB).
 //! - below [`super::ShmOptions::split_copy_min`] (by default no large
 //!   message), or where the kernel refuses cross-memory attach either way
 //!   (ptrace restrictions, another pid namespace, a seccomp filter, or
@@ -147,7 +151,8 @@ const TAKEN: usize = 0;
 const ACKED: usize = 8;
 const RCPU: usize = 16;
 /// The receiver's buffer and where the split copy divides it (the sender
-/// writes from `RSPLIT` on), set before the claim `OPEN -> SHARED`.
+/// writes the half [`sender_copies_head`] gives it), set before the claim
+/// `OPEN -> SHARED`.
 const RADDR: usize = 24;
 const RSPLIT: usize = 32;
 // Words of the spacer line, each written only when its side goes to sleep
@@ -156,6 +161,16 @@ const RSPLIT: usize = 32;
 // `ACKED`, and while the receiver sleeps on `POST` or `CHUNKS`.
 const SPARK: usize = 0;
 const RPARK: usize = 8;
+
+/// Which half of a split copy the sender writes: the lower-numbered rank
+/// of a pair always copies the first half of the messages between the
+/// two, whichever way they go. A buffer passed back and forth (an echo, a
+/// ping-pong, a stage that returns what it got) then has each half's lines
+/// in the cache of the core that copies that half next: the one that
+/// wrote them last time.
+fn sender_copies_head(src: usize, dst: usize) -> bool {
+    src < dst
+}
 
 // Phases of a large message (the low bits of STATE; see the module docs).
 const OPEN: u64 = 0;
@@ -565,8 +580,9 @@ impl ShmComm {
     }
 
     /// The sender's half of a split copy of message `k` (the receiver
-    /// claimed it `SHARED`): writes `data[RSPLIT..]` into the receiver's
-    /// buffer, or declines, so that the receiver copies it itself.
+    /// claimed it `SHARED`): writes its side of `RSPLIT` (see
+    /// [`sender_copies_head`]) into the receiver's buffer, or declines, so
+    /// that the receiver copies it itself.
     fn write_half(&mut self, data: &[u8], dst: usize, k: u64) -> Result<()> {
         let me = self.rank;
         let seg = self.seg.clone();
@@ -578,8 +594,12 @@ impl ShmComm {
         }
         let addr = self.rword(me, dst, RADDR).load(Ordering::Relaxed) as usize;
         let split = usize::try_from(self.rword(me, dst, RSPLIT).load(Ordering::Relaxed)).unwrap_or(usize::MAX);
-        let written = match (self.same_namespace_pid(dst), data.get(split..), addr.checked_add(split)) {
-            (Some(pid), Some(tail), Some(at)) => crate::sys::cma::write_to(pid, at, tail),
+        let (part, at) = match sender_copies_head(me, dst) {
+            true => (data.get(..split), Some(addr)),
+            false => (data.get(split..), addr.checked_add(split)),
+        };
+        let written = match (self.same_namespace_pid(dst), part, at) {
+            (Some(pid), Some(part), Some(at)) => crate::sys::cma::write_to(pid, at, part),
             _ => Err(nix::errno::Errno::EINVAL),
         };
         let outcome = match written {
@@ -896,9 +916,9 @@ impl ShmComm {
         self.recv_chunks(buf, src, timeout, scpu)
     }
 
-    /// Receives message `k` by a split copy: this rank reads the first
-    /// half from the sender's memory while the sender writes the second
-    /// into ours. `Ok(false)`: cross-memory attach was refused before
+    /// Receives message `k` by a split copy: this rank reads one half
+    /// from the sender's memory while the sender writes the other into
+    /// ours (which one: [`sender_copies_head`]). `Ok(false)`: cross-memory attach was refused before
     /// anything was claimed, or after the claim moved to `SLOTS` (then the
     /// pipeline delivers the whole message).
     fn recv_split(&mut self, buf: &mut [u8], src: usize, k: u64, timeout: Duration, scpu: u64) -> Result<bool> {
@@ -923,16 +943,22 @@ impl ShmComm {
         self.wake_parked(self.park_at(src, me, Awaiting::Taken(k)));
         let addr = self.sword(src, me, ADDR).load(Ordering::Relaxed) as usize;
         let (head, tail) = buf.split_at_mut(split);
-        let head_copied = self.copy_from_sender(pid, addr, head, src, k)?;
+        let (head_at, tail_at) = (addr, addr.saturating_add(split));
+        let ((mine, mine_at), (theirs, theirs_at)) = if sender_copies_head(src, me) {
+            ((tail, tail_at), (head, head_at))
+        } else {
+            ((head, head_at), (tail, tail_at))
+        };
+        let mine_copied = self.copy_from_sender(pid, mine_at, mine, src, k)?;
         // Refused, the whole message goes by the pipeline once the sender
         // no longer writes into our buffer.
         let whole = match self.settle_half(src, k, timeout, scpu)? {
-            WRITTEN => head_copied,
+            WRITTEN => mine_copied,
             // Declined: the sender cannot write here (or gave up); copy its
             // half too, and do not ask it again.
             _ => {
                 self.p2p.split[src] = false;
-                head_copied && self.copy_from_sender(pid, addr.saturating_add(split), tail, src, k)?
+                mine_copied && self.copy_from_sender(pid, theirs_at, theirs, src, k)?
             }
         };
         if !whole {
@@ -1150,8 +1176,8 @@ mod tests {
     fn a_sender_refused_writing_hands_its_half_back_and_is_not_asked_again() {
         let opts = ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() };
         let (c0, c1) = transfer(opts, SPLIT_SIZES, Some(Errno::EPERM), None);
-        // The first message's second half was read by the receiver; the
-        // later ones took the pipeline.
+        // The sender's half of the first message was read by the
+        // receiver; the later ones took the pipeline.
         assert!(!c1.p2p.split[0] && c1.p2p.cma[0]);
         let chunks: u64 = SPLIT_SIZES[1..].iter().map(|&l| l.div_ceil(c0.p2p.chunk) as u64).sum();
         assert_eq!((c0.p2p.chunks_out[1], c1.p2p.chunks_in[0]), (chunks, chunks));
@@ -1189,13 +1215,16 @@ mod tests {
         assert!(matches!(e, crate::Error::Timeout { .. }), "{e}");
         assert!(e.to_string().contains(&Awaiting::Half(k).to_string()), "{e}");
         assert_eq!(c0.sword(0, 1, STATE).load(Ordering::Acquire), super::state(k, REVOKED));
-        // The receiver read its half before it gave up; the sender, late,
-        // writes nothing and learns that the receiver gave up.
+        // The receiver read its half (the second: rank 0, the lower, copies
+        // the first) before it gave up; the sender, late, writes nothing
+        // and learns that the receiver gave up.
+        assert!(super::sender_copies_head(0, 1));
         let split = c1.rword(0, 1, super::RSPLIT).load(Ordering::Relaxed) as usize;
-        assert!(got[..split] == msg[..split] && got[split..].iter().all(|&b| b == 0));
+        assert!(split > 0 && split < msg.len());
+        assert!(got[split..] == msg[split..] && got[..split].iter().all(|&b| b == 0));
         c0.write_half(&msg, 1, k).unwrap();
         assert_eq!(c0.sword(0, 1, STATE).load(Ordering::Acquire), super::state(k, REVOKED));
-        assert!(got[split..].iter().all(|&b| b == 0));
+        assert!(got[..split].iter().all(|&b| b == 0));
         let e = c0.send_large(&msg, 1, k, Duration::from_secs(5), 0).unwrap_err();
         assert!(e.to_string().contains("gave up receiving message 1"), "{e}");
     }
