@@ -45,8 +45,9 @@
 //!   the pipeline's time from 64 KiB to 64 MiB. The lower-numbered rank of
 //!   the pair copies the first half whichever way the message goes, so
 //!   that a buffer sent back and forth keeps each half in the cache of
-//!   the core that copies it (run 13: 0.38-0.48 of the time of a fixed
-//!   choice from 64 KiB to 1 MiB).
+//!   the core that copies it (run 13: a ping-pong takes 0.38-0.48 of the
+//!   time it took with the receiver always reading the first half, from
+//!   64 KiB to 1 MiB).
 //! - below [`super::ShmOptions::split_copy_min`] (by default no large
 //!   message), or where the kernel refuses cross-memory attach either way
 //!   (ptrace restrictions, another pid namespace, a seccomp filter, or
@@ -1192,41 +1193,56 @@ mod tests {
         assert_eq!((c0.p2p.chunks_out[1], c1.p2p.chunks_in[0]), (chunks, chunks));
     }
 
-    #[test]
-    fn a_receiver_that_gives_up_on_the_senders_half_revokes_it() {
+    /// A receiver that times out on the sender's half of a split copy
+    /// from rank `from` (0 or 1) to the other.
+    fn receiver_gives_up_on_the_senders_half(from: usize) {
         use super::{Awaiting, ADDR, BYTES, DESC, KIND, LEN, OPEN, REVOKED, STATE};
         use crate::transport::{OpCode, OpDesc};
         use std::sync::atomic::Ordering;
-        let (mut c0, mut c1) = pair(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() });
-        // Rank 0 posts a large message by hand and then does not answer
-        // the receiver's claim, as a sender stuck elsewhere would.
+        let (c0, c1) = pair(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() });
+        let (mut tx, mut rx) = if from == 0 { (c0, c1) } else { (c1, c0) };
+        let to = 1 - from;
+        // The sender posts a large message by hand and then does not
+        // answer the receiver's claim, as a sender stuck elsewhere would.
         let msg = data(1 << 20, 7);
         let k = 1;
         let d = OpDesc::new(OpCode::SendRecv, None, None, None, msg.len()).0;
         for (w, v) in [(DESC, d), (LEN, msg.len() as u64), (KIND, BYTES), (ADDR, msg.as_ptr() as u64)] {
-            c0.sword(0, 1, w).store(v, Ordering::Relaxed);
+            tx.sword(from, to, w).store(v, Ordering::Relaxed);
         }
-        c0.sword(0, 1, STATE).store(super::state(k, OPEN), Ordering::Relaxed);
-        c0.p2p.sent[1] = k;
-        c0.p2p.last_exclusive[1] = k;
-        c0.post(1, k);
+        tx.sword(from, to, STATE).store(super::state(k, OPEN), Ordering::Relaxed);
+        tx.p2p.sent[to] = k;
+        tx.p2p.last_exclusive[to] = k;
+        tx.post(to, k);
         let mut got = vec![0u8; msg.len()];
-        let e = c1.recv(&mut got, 0, Duration::from_millis(300)).unwrap_err();
+        let e = rx.recv(&mut got, from, Duration::from_millis(300)).unwrap_err();
         assert!(matches!(e, crate::Error::Timeout { .. }), "{e}");
         assert!(e.to_string().contains(&Awaiting::Half(k).to_string()), "{e}");
-        assert_eq!(c0.sword(0, 1, STATE).load(Ordering::Acquire), super::state(k, REVOKED));
-        // The receiver read its half (the second: rank 0, the lower, copies
-        // the first) before it gave up; the sender, late, writes nothing
-        // and learns that the receiver gave up.
-        assert!(super::sender_copies_head(0, 1));
-        let split = c1.rword(0, 1, super::RSPLIT).load(Ordering::Relaxed) as usize;
+        assert_eq!(tx.sword(from, to, STATE).load(Ordering::Acquire), super::state(k, REVOKED));
+        // The receiver read its half before it gave up (the second when
+        // the sender is rank 0, the lower of the two, which copies the
+        // first); the sender, late, writes nothing and learns that the
+        // receiver gave up.
+        let split = rx.rword(from, to, super::RSPLIT).load(Ordering::Relaxed) as usize;
         assert!(split > 0 && split < msg.len());
-        assert!(got[split..] == msg[split..] && got[..split].iter().all(|&b| b == 0));
-        c0.write_half(&msg, 1, k).unwrap();
-        assert_eq!(c0.sword(0, 1, STATE).load(Ordering::Acquire), super::state(k, REVOKED));
-        assert!(got[..split].iter().all(|&b| b == 0));
-        let e = c0.send_large(&msg, 1, k, Duration::from_secs(5), 0).unwrap_err();
+        let (read, left) = if from == 0 { (split..msg.len(), 0..split) } else { (0..split, split..msg.len()) };
+        assert_eq!(super::sender_copies_head(from, to), from == 0);
+        assert!(got[read.clone()] == msg[read] && got[left.clone()].iter().all(|&b| b == 0));
+        tx.write_half(&msg, to, k).unwrap();
+        assert_eq!(tx.sword(from, to, STATE).load(Ordering::Acquire), super::state(k, REVOKED));
+        assert!(got[left].iter().all(|&b| b == 0));
+        let e = tx.send_large(&msg, to, k, Duration::from_secs(5), 0).unwrap_err();
         assert!(e.to_string().contains("gave up receiving message 1"), "{e}");
+    }
+
+    #[test]
+    fn a_receiver_that_gives_up_on_the_senders_half_revokes_it() {
+        receiver_gives_up_on_the_senders_half(0);
+    }
+
+    #[test]
+    fn the_higher_rank_sending_writes_the_second_half_and_a_revoke_stops_it_too() {
+        receiver_gives_up_on_the_senders_half(1);
     }
 
     #[test]
