@@ -66,18 +66,9 @@ pub struct LaunchArgs {
     /// Worker processes to start on this node.
     #[arg(long, value_name = "N")]
     pub nproc_per_node: usize,
-    /// Number of nodes in the job.
-    #[arg(long, value_name = "M", default_value_t = 1)]
-    pub nnodes: usize,
-    /// This node's index, 0 <= K < M (exported as GROUP_RANK).
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    pub node_rank: usize,
-    /// Address of node 0, whose launcher hosts the rendezvous store (IPv6 literals work).
-    #[arg(long, value_name = "A", default_value = "127.0.0.1")]
-    pub master_addr: String,
-    /// Rendezvous port [default: a free port on one node, 29500 on several; 0 picks a free one on one node].
-    #[arg(long, value_name = "P")]
-    pub master_port: Option<u16>,
+    /// Where this node stands in the job.
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Seconds between SIGTERM and SIGKILL when stopping workers.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
     pub grace: f64,
@@ -90,6 +81,54 @@ pub struct LaunchArgs {
     /// The program to run and its arguments (after `--`).
     #[arg(value_name = "PROGRAM", trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<OsString>,
+}
+
+/// This node's place in a job of one or more nodes: the options `launch`
+/// and `demo` share. Every node of a job is started with the same values
+/// but its own `--node-rank`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// Number of nodes in the job.
+    #[arg(long, value_name = "M", default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index, 0 <= K < M (exported as GROUP_RANK).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of node 0, whose launcher hosts the rendezvous store (IPv6 literals work).
+    #[arg(long, value_name = "A", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Rendezvous port [default: a free port on one node, 29500 on several; 0 picks a free one on one node].
+    #[arg(long, value_name = "P")]
+    pub master_port: Option<u16>,
+}
+
+impl Default for NodeArgs {
+    /// One node, on loopback, with a free port.
+    fn default() -> Self {
+        NodeArgs { nnodes: 1, node_rank: 0, master_addr: "127.0.0.1".into(), master_port: None }
+    }
+}
+
+impl NodeArgs {
+    /// Checks the node count, this node's index and the address; every
+    /// problem is an `InvalidArgument` naming the option.
+    pub fn check(&self) -> Result<()> {
+        if self.nnodes == 0 {
+            return Err(Error::invalid("--nnodes must be at least 1"));
+        }
+        if self.node_rank >= self.nnodes {
+            return Err(Error::invalid(format!(
+                "--node-rank {} is out of range for --nnodes {} (valid: 0..={})",
+                self.node_rank,
+                self.nnodes,
+                self.nnodes - 1
+            )));
+        }
+        if self.master_addr.is_empty() {
+            return Err(Error::invalid("--master-addr must not be empty"));
+        }
+        Ok(())
+    }
 }
 
 /// A validated description of one node's share of a job.
@@ -123,22 +162,9 @@ impl JobSpec {
         if a.nproc_per_node == 0 {
             return Err(Error::invalid("--nproc-per-node must be at least 1"));
         }
-        if a.nnodes == 0 {
-            return Err(Error::invalid("--nnodes must be at least 1"));
-        }
-        if a.node_rank >= a.nnodes {
-            return Err(Error::invalid(format!(
-                "--node-rank {} is out of range for --nnodes {} (valid: 0..={})",
-                a.node_rank,
-                a.nnodes,
-                a.nnodes - 1
-            )));
-        }
-        if a.nproc_per_node.checked_mul(a.nnodes).is_none() {
+        a.node.check()?;
+        if a.nproc_per_node.checked_mul(a.node.nnodes).is_none() {
             return Err(Error::invalid("--nproc-per-node times --nnodes overflows"));
-        }
-        if a.master_addr.is_empty() {
-            return Err(Error::invalid("--master-addr must not be empty"));
         }
         if !a.grace.is_finite() || a.grace < 0.0 || a.grace > 86_400.0 {
             return Err(Error::invalid(format!("--grace {} must be between 0 and 86400 seconds", a.grace)));
@@ -155,10 +181,10 @@ impl JobSpec {
         })?;
         Ok(JobSpec {
             nproc_per_node: a.nproc_per_node,
-            nnodes: a.nnodes,
-            node_rank: a.node_rank,
-            master_addr: a.master_addr,
-            master_port: a.master_port,
+            nnodes: a.node.nnodes,
+            node_rank: a.node.node_rank,
+            master_addr: a.node.master_addr,
+            master_port: a.node.master_port,
             grace: Duration::from_secs_f64(a.grace),
             node_timeout: Duration::from_secs_f64(a.node_timeout),
             prefix: !a.no_prefix,
@@ -562,10 +588,7 @@ mod tests {
     fn args(n: usize, nnodes: usize, node_rank: usize, cmd: &[&str]) -> LaunchArgs {
         LaunchArgs {
             nproc_per_node: n,
-            nnodes,
-            node_rank,
-            master_addr: "127.0.0.1".into(),
-            master_port: None,
+            node: NodeArgs { nnodes, node_rank, ..NodeArgs::default() },
             grace: 5.0,
             node_timeout: 5.0,
             no_prefix: false,
@@ -604,7 +627,7 @@ mod tests {
     fn default_ports() {
         let spec = |nnodes, node_rank, port| {
             let mut a = args(1, nnodes, node_rank, &["true"]);
-            a.master_port = port;
+            a.node.master_port = port;
             JobSpec::from_args(a).unwrap()
         };
         assert_eq!(spec(2, 1, None).port().unwrap(), DEFAULT_MULTINODE_PORT);

@@ -72,18 +72,10 @@ pub struct DemoArgs {
     /// single-process logits.
     #[arg(long, default_value_t = 1e-3)]
     pub tolerance: f32,
-    /// Number of nodes; each runs `rankweave demo` with its own --node-rank.
-    #[arg(long, value_name = "M", default_value_t = 1)]
-    pub nnodes: usize,
-    /// This node's index, 0 <= K < M.
-    #[arg(long, value_name = "K", default_value_t = 0)]
-    pub node_rank: usize,
-    /// Address of node 0, where its launcher hosts the rendezvous store.
-    #[arg(long, value_name = "A", default_value = "127.0.0.1")]
-    pub master_addr: String,
-    /// Rendezvous port [default: a free port on one node, 29500 on several].
-    #[arg(long, value_name = "P")]
-    pub master_port: Option<u16>,
+    /// Where this node stands in the job: each node runs `rankweave demo`
+    /// with the same options and its own --node-rank.
+    #[command(flatten)]
+    pub node: crate::launch::NodeArgs,
     /// Where the tensor collectives run: `cpu` (CPU process groups) or
     /// `cuda` (NCCL groups, rank r on cuda:r; needs the `nccl` feature and
     /// one GPU per rank: NCCL refuses two ranks on one GPU, so with one GPU
@@ -124,17 +116,13 @@ impl DemoArgs {
                 )));
             }
         }
-        if self.nnodes == 0 || self.node_rank >= self.nnodes {
-            return Err(Error::invalid(format!(
-                "--node-rank {} must be below --nnodes {} (and --nnodes at least 1)",
-                self.node_rank, self.nnodes
-            )));
-        }
-        if world % self.nnodes != 0 || (world / self.nnodes) % self.tp != 0 {
+        self.node.check()?;
+        let nnodes = self.node.nnodes;
+        if world % nnodes != 0 || (world / nnodes) % self.tp != 0 {
             return Err(Error::invalid(format!(
                 "tp ({}) x pp ({}) = {world} ranks over --nnodes {}: each node must hold whole TP groups \
                  (tp x pp divisible by nnodes, and ranks per node divisible by tp)",
-                self.tp, self.pp, self.nnodes
+                self.tp, self.pp, nnodes
             )));
         }
         self.model().validate(self.tp, self.pp).map_err(Error::invalid)?;
@@ -214,14 +202,15 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         return worker::run(&args, backend);
     }
     let m = args.model();
-    let per_node = world / args.nnodes;
-    if args.nnodes > 1 {
+    let node = &args.node;
+    let per_node = world / node.nnodes;
+    if node.nnodes > 1 {
         println!(
             "rankweave demo: node {} of {}: ranks {}..{} of {world}",
-            args.node_rank,
-            args.nnodes,
-            args.node_rank * per_node,
-            (args.node_rank + 1) * per_node - 1
+            node.node_rank,
+            node.nnodes,
+            node.node_rank * per_node,
+            (node.node_rank + 1) * per_node - 1
         );
     }
     println!(
@@ -244,10 +233,10 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     let exe = std::env::current_exe().map_err(|e| Error::io(Context::op("demo: locate own executable"), e))?;
     let spec = JobSpec {
         nproc_per_node: per_node,
-        nnodes: args.nnodes,
-        node_rank: args.node_rank,
-        master_addr: args.master_addr.clone(),
-        master_port: args.master_port,
+        nnodes: node.nnodes,
+        node_rank: node.node_rank,
+        master_addr: node.master_addr.clone(),
+        master_port: node.master_port,
         grace: Duration::from_secs(5),
         node_timeout: launch::DEFAULT_NODE_TIMEOUT,
         prefix: true,
@@ -257,8 +246,8 @@ pub fn run(args: DemoArgs) -> Result<i32> {
     let code = launch::run_job(&spec)?;
     if code != 0 {
         println!("FAIL: the workers ended with exit code {code}");
-    } else if args.node_rank != 0 {
-        println!("node {}: every worker finished; rank 0 on node 0 checked the result", args.node_rank);
+    } else if node.node_rank != 0 {
+        println!("node {}: every worker finished; rank 0 on node 0 checked the result", node.node_rank);
     }
     Ok(code)
 }
