@@ -74,3 +74,29 @@ fn main() {
     let _ = std::io::stdout().flush();
     std::process::exit(code);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap's own checks: no two options of a subcommand share a name,
+        // every default parses, flattened structs (NodeArgs) fit in.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn launch_and_demo_read_the_same_node_options() {
+        let node = ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29501"];
+        let launch = Cli::parse_from(["rankweave", "launch", "--nproc-per-node", "2"].into_iter().chain(node));
+        let demo = Cli::parse_from(["rankweave", "demo"].into_iter().chain(node));
+        let (super::Command::Launch(l), super::Command::Demo(d)) = (launch.command, demo.command) else {
+            panic!("parsed into the wrong subcommands");
+        };
+        for n in [&l.node, &d.node] {
+            assert_eq!((n.nnodes, n.node_rank, n.master_addr.as_str(), n.master_port), (2, 1, "10.0.0.1", Some(29501)));
+        }
+    }
+}
