@@ -166,6 +166,7 @@ fn the_group_api_moves_buffers_and_other_backends_refuse_them() {
         }
         pg.barrier().unwrap();
     });
+    // Two ranks on two nodes: neither shares its node, so neither has a pool.
     for under in [Under::Tcp, Under::Hier(2)] {
         run_world(under, 2, T, |_, pg| {
             let e = pg.shm_buffer(100).unwrap_err();
@@ -175,6 +176,56 @@ fn the_group_api_moves_buffers_and_other_backends_refuse_them() {
             pg.barrier().unwrap();
         });
     }
+}
+
+#[test]
+fn a_group_spanning_nodes_moves_buffers_inside_a_node_and_refuses_them_across() {
+    // Under::Hier(2) with 4 ranks: node 0 holds ranks 0 and 2, node 1
+    // ranks 1 and 3.
+    run_world(Under::Hier(2), 4, T, |r, pg| {
+        match r {
+            0 => {
+                let mut buf = pg.shm_buffer(70_000).unwrap();
+                buf.copy_from_slice(&pattern(3, 70_000, 1));
+                pg.send_shm(buf, 2).unwrap();
+                pg.send_bytes(&[4, 5], 2).unwrap();
+                // Rank 2 sends the buffer back with every byte plus one.
+                let back = pg.recv_shm(2).unwrap();
+                let want: Vec<u8> = pattern(3, 70_000, 1).iter().map(|b| b.wrapping_add(1)).collect();
+                assert!(back[..] == want[..]);
+                let e = pg.send_shm(back, 1).unwrap_err();
+                assert!(matches!(e, Error::Unsupported(_)), "{e}");
+                assert!(e.to_string().contains("group rank 1 runs on another"), "{e}");
+                assert!(e.to_string().contains(pg.name()), "{e}");
+            }
+            2 => {
+                let mut buf = pg.recv_shm(0).unwrap();
+                let mut b = [0u8; 2];
+                pg.recv_bytes(&mut b, 0).unwrap();
+                assert_eq!(b, [4, 5]);
+                for x in buf.iter_mut() {
+                    *x = x.wrapping_add(1);
+                }
+                pg.send_shm(buf, 0).unwrap();
+            }
+            1 => {
+                let e = pg.recv_shm(0).unwrap_err();
+                assert!(e.to_string().contains("group rank 0 runs on another"), "{e}");
+                // Its own node's pool works.
+                let mut buf = pg.shm_buffer(8).unwrap();
+                buf.copy_from_slice(&[9; 8]);
+                pg.send_shm(buf, 3).unwrap();
+            }
+            _ => {
+                let buf = pg.recv_shm(1).unwrap();
+                assert_eq!(&buf[..], &[9; 8]);
+            }
+        }
+        // Not poisoned: the group keeps working, across nodes too.
+        let mut v = [r as i32 + 1];
+        pg.all_reduce(&mut v, rankweave::ReduceOp::Sum).unwrap();
+        assert_eq!(v, [10]);
+    });
 }
 
 /// Child-process entry: rank 1. Owner mode (`..._OWNER`): fills a buffer,

@@ -8,7 +8,10 @@
 //!
 //! Point-to-point between two ranks of one node goes through that node's
 //! segment ([`ShmComm::send`]/[`ShmComm::recv`]: per-pair channels, one copy
-//! or none); between nodes it goes over TCP. Whether two ranks share a node
+//! or none); between nodes it goes over TCP. Zero-copy buffers
+//! ([`ShmBuf`]) come from the node's segment and go between ranks of one
+//! node; to or from another node they are [`Error::Unsupported`] on both
+//! sides. Whether two ranks share a node
 //! is fixed when the group is built, so all messages of a pair take one
 //! path and keep their order. Errors of the node-local path name group
 //! ranks, as those of TCP do.
@@ -198,11 +201,35 @@ impl Communicator for HierBackend {
             _ => 0,
         }
     }
-    fn shm_buffer(&mut self, _len: usize) -> Result<ShmBuf> {
-        Err(Error::Unsupported(
-            "zero-copy shared-memory buffers need a group whose ranks all run on one node; this group spans \
-             nodes (use send_bytes/recv_bytes, which take shared memory between ranks of one node)"
-                .into(),
-        ))
+    fn shm_buffer(&mut self, len: usize) -> Result<ShmBuf> {
+        match self.layout.local.as_mut() {
+            Some(local) => local.shm_buffer(len),
+            None => Err(Error::Unsupported(
+                "zero-copy shared-memory buffers go between ranks of one node, and no other rank of this group \
+                 runs on this one (send_bytes/recv_bytes cross nodes over TCP)"
+                    .into(),
+            )),
+        }
     }
+    fn send_shm(&mut self, call: Call, buf: ShmBuf, dst: usize) -> Result<()> {
+        match self.local_peer(dst) {
+            Some((local, i)) => local.send_shm(buf, i, call.timeout),
+            None => Err(across_nodes(dst)),
+        }
+    }
+    fn recv_shm(&mut self, call: Call, src: usize) -> Result<ShmBuf> {
+        match self.local_peer(src) {
+            Some((local, i)) => local.recv_shm(i, call.timeout),
+            None => Err(across_nodes(src)),
+        }
+    }
+}
+
+/// The error of a zero-copy handover to or from a rank on another node.
+/// Both sides know the layout, so both get it and neither waits.
+fn across_nodes(peer: usize) -> Error {
+    Error::Unsupported(format!(
+        "zero-copy shared-memory buffers go between ranks of one node, and group rank {peer} runs on another \
+         (send_bytes/recv_bytes cross nodes over TCP)"
+    ))
 }

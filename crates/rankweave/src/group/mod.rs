@@ -580,8 +580,10 @@ impl ProcessGroup {
     /// A zero-copy buffer of `len` bytes from this rank's pool in shared
     /// memory ([`ShmBuf`]; see [`crate::collectives::shm::zc`]): fill it and
     /// hand it to a peer with [`ProcessGroup::send_shm`] instead of copying.
-    /// Only for groups on the shared-memory backend (every rank on one
-    /// node); others fail with [`Error::Unsupported`]. Not a collective.
+    /// For groups on the shared-memory backend (every rank on one node)
+    /// and, in a group spanning nodes, between ranks of one node (a rank
+    /// alone on its node has no pool); elsewhere, and to or from a rank on
+    /// another node, [`Error::Unsupported`]. Not a collective.
     pub fn shm_buffer(&self, len: usize) -> Result<ShmBuf> {
         self.check_ready()?;
         let res = lock(&self.inner.state).comm.shm_buffer(len);
