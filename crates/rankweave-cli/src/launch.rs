@@ -3,7 +3,9 @@
 //! torchrun's job for any program: every worker gets `RANK`, `LOCAL_RANK`,
 //! `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `GROUP_RANK` (the node rank),
 //! `MASTER_ADDR`, `MASTER_PORT`, `RANKWEAVE_JOB_ID` and, with more than one
-//! worker per node, `OMP_NUM_THREADS=1` unless it is already set.
+//! worker per node, `OMP_NUM_THREADS=1` unless it is already set. With
+//! `--bind-to core` (or `auto`) each worker runs on a CPU of its own
+//! ([`crate::bind`]).
 //!
 //! Supervision: each worker runs in its own process group. When one exits
 //! non-zero or dies from a signal, or the launcher gets SIGINT, SIGTERM or
@@ -40,6 +42,7 @@ mod output;
 mod signals;
 mod store_host;
 
+use crate::bind::{self, BindTo};
 pub use job::DEFAULT_NODE_TIMEOUT;
 use job::{Failure, JobLink, Joined, Timing, Topology, Verdict};
 use output::{Forwarders, Stream};
@@ -78,6 +81,11 @@ pub struct LaunchArgs {
     /// Pass worker output through untouched instead of prefixing lines with `[rank] `.
     #[arg(long)]
     pub no_prefix: bool,
+    /// Pin each worker to a CPU of its own: `none`, `core` (local rank k on
+    /// the k-th CPU this launcher may use; more workers than CPUs is an
+    /// error) or `auto` (`core` when every worker gets its own CPU).
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = BindTo::None)]
+    pub bind_to: BindTo,
     /// The program to run and its arguments (after `--`).
     #[arg(value_name = "PROGRAM", trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<OsString>,
@@ -150,6 +158,8 @@ pub struct JobSpec {
     pub node_timeout: Duration,
     /// Prefix worker output lines with `[rank] `.
     pub prefix: bool,
+    /// CPU placement of the workers.
+    pub bind: BindTo,
     /// Program to run.
     pub program: OsString,
     /// Its arguments.
@@ -188,6 +198,7 @@ impl JobSpec {
             grace: Duration::from_secs_f64(a.grace),
             node_timeout: Duration::from_secs_f64(a.node_timeout),
             prefix: !a.no_prefix,
+            bind: a.bind_to,
             program,
             args: command.collect(),
         })
@@ -221,6 +232,7 @@ pub fn run(args: LaunchArgs) -> Result<i32> {
 /// Starts the workers of `spec`, supervises them until all have ended and
 /// cleans up; returns the launcher's exit code (0 when every worker exited 0).
 pub fn run_job(spec: &JobSpec) -> Result<i32> {
+    let cpus = bind::plan_here(spec.bind, spec.nproc_per_node)?;
     signals::install().map_err(|e| Error::io(Context::op("launch: install signal handlers"), e))?;
     adopt::become_subreaper();
     let port = spec.port()?;
@@ -259,7 +271,7 @@ pub fn run_job(spec: &JobSpec) -> Result<i32> {
     let mut code = None;
     for local_rank in 0..spec.nproc_per_node {
         let rank = spec.node_rank * spec.nproc_per_node + local_rank;
-        match spawn_worker(spec, local_rank, port, &job) {
+        match spawn_worker(spec, local_rank, cpus.as_ref().map(|c| c[local_rank]), port, &job) {
             Ok(mut child) => {
                 if spec.prefix {
                     if let Some(out) = child.stdout.take() {
@@ -348,9 +360,13 @@ pub fn worker_env(spec: &JobSpec, local_rank: usize, port: u16, job: &str) -> Ve
     env
 }
 
-fn spawn_worker(spec: &JobSpec, local_rank: usize, port: u16, job: &str) -> std::io::Result<Child> {
+fn spawn_worker(spec: &JobSpec, local_rank: usize, cpu: Option<usize>, port: u16, job: &str) -> std::io::Result<Child> {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args).envs(worker_env(spec, local_rank, port, job)).stdin(Stdio::null());
+    if let Some(cpu) = cpu {
+        bind::pin(&mut cmd, cpu)?;
+        tracing::debug!(local_rank, cpu, "worker bound");
+    }
     // Its own process group: signals reach everything the worker started,
     // and a terminal's Ctrl-C reaches only the launcher, which forwards it.
     cmd.process_group(0);
@@ -592,6 +608,7 @@ mod tests {
             grace: 5.0,
             node_timeout: 5.0,
             no_prefix: false,
+            bind_to: BindTo::None,
             command: cmd.iter().map(OsString::from).collect(),
         }
     }

@@ -8,6 +8,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 mod bench;
+mod bind;
 mod demo;
 mod launch;
 mod selftest;

@@ -330,3 +330,52 @@ fn topology_prints_the_seed_layout() {
     assert_eq!(bad.status.code(), Some(2), "{}", bad.stderr);
     assert!(bad.stderr.contains("8") && bad.stderr.contains("3") && bad.stderr.contains("2"), "{}", bad.stderr);
 }
+
+/// `Cpus_allowed_list` of this process (as `/proc/self/status` writes it).
+fn my_cpu_list() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string()
+}
+
+/// The CPUs this process may run on, in order.
+fn my_cpus() -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count()).filter(|&c| set.is_set(c).unwrap()).collect()
+}
+
+const CPU_SCRIPT: &str = "grep Cpus_allowed_list /proc/self/status | cut -f2";
+
+#[test]
+fn bound_workers_each_run_on_a_cpu_of_their_own() {
+    let cpus = my_cpus();
+    let n = cpus.len().min(3);
+    for policy in ["core", "auto"] {
+        let r = run(launcher(&["--nproc-per-node", &n.to_string(), "--bind-to", policy, "--", "sh", "-c", CPU_SCRIPT]));
+        assert!(r.status.success(), "{}", r.stderr);
+        let lines = by_rank(&r.stdout);
+        assert_eq!(lines.len(), n, "{}", r.stdout);
+        for (k, body) in &lines {
+            assert_eq!(body, &vec![cpus[*k].to_string()], "--bind-to {policy}: rank {k} of {n}, CPUs {cpus:?}");
+        }
+    }
+}
+
+#[test]
+fn more_workers_than_cpus_stay_unbound_under_auto_and_are_refused_under_core() {
+    let n = (my_cpus().len() + 1).to_string();
+    let whole = my_cpu_list();
+    for args in [vec!["--bind-to", "auto"], vec![]] {
+        let mut a = vec!["--nproc-per-node", n.as_str()];
+        a.extend(args);
+        a.extend(["--", "sh", "-c", CPU_SCRIPT]);
+        let r = run(launcher(&a));
+        assert!(r.status.success(), "{}", r.stderr);
+        for body in by_rank(&r.stdout).values() {
+            assert_eq!(body, &vec![whole.clone()], "{a:?}");
+        }
+    }
+    let r = run(launcher(&["--nproc-per-node", &n, "--bind-to", "core", "--", "sh", "-c", CPU_SCRIPT]));
+    assert_eq!(r.status.code(), Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("--bind-to core") && r.stderr.contains(&format!("{n} workers")), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "no worker starts: {}", r.stdout);
+}

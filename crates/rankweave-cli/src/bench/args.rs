@@ -124,6 +124,12 @@ pub struct BenchOptions {
     #[arg(long, value_name = "N")]
     pub nproc: Option<String>,
 
+    /// With --nproc: pin each rank to a CPU of its own (`auto`: only when
+    /// every rank gets one, as mpirun places two ranks on two cores; `core`;
+    /// `none`).
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = crate::bind::BindTo::Auto)]
+    pub bind_to: crate::bind::BindTo,
+
     /// Per-operation deadline in seconds.
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
@@ -276,6 +282,8 @@ pub struct Config {
     pub transports: Vec<TransportKind>,
     /// World sizes to spawn (`--nproc`), empty under a launcher.
     pub nproc: Vec<usize>,
+    /// CPU placement of spawned ranks (`--bind-to`).
+    pub bind: crate::bind::BindTo,
     /// Per-operation deadline.
     pub timeout: Duration,
     /// `--csv`.
@@ -371,6 +379,7 @@ impl Config {
             },
             transports,
             nproc,
+            bind: a.bind_to,
             timeout: Duration::from_secs_f64(a.timeout),
             csv: a.csv.clone(),
             json: a.json.clone(),

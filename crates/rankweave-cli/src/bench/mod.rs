@@ -67,7 +67,7 @@ fn run_spawner(cfg: &Config) -> Result<i32> {
     let mut records = Vec::new();
     let mut code = 0;
     for &n in &cfg.nproc {
-        let (c, recs) = spawn::run_world(n)?;
+        let (c, recs) = spawn::run_world(n, cfg.bind)?;
         records.extend(recs);
         if c != 0 {
             code = c;

@@ -80,7 +80,13 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) {
 /// Runs one world of `n` ranks of this command. Returns the exit code (0
 /// when every rank succeeded, else the first failed rank's) and rank 0's
 /// records (empty when it wrote none).
-pub fn run_world(n: usize) -> Result<(i32, Vec<Record>)> {
+pub fn run_world(n: usize, bind: crate::bind::BindTo) -> Result<(i32, Vec<Record>)> {
+    let cpus = crate::bind::plan_here(bind, n)?;
+    if let Some(c) = &cpus {
+        eprintln!(
+            "rankweave bench: {n} ranks bound to CPUs {c:?}, rank k on the k-th (--bind-to none leaves them unbound)"
+        );
+    }
     let exe = std::env::current_exe().map_err(|e| Error::io(Context::op("bench: find own executable"), e))?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let port = crate::launch::free_port()?;
@@ -107,12 +113,16 @@ pub fn run_world(n: usize) -> Result<(i32, Vec<Record>)> {
         if std::env::var_os("OMP_NUM_THREADS").is_none() && n > 1 {
             cmd.env("OMP_NUM_THREADS", "1");
         }
+        let pinned = match &cpus {
+            Some(cpus) => crate::bind::pin(&mut cmd, cpus[r]),
+            None => Ok(()),
+        };
         if r == 0 {
             cmd.env(RESULTS_ENV, &results);
         } else {
             cmd.env_remove(RESULTS_ENV).stdout(Stdio::piped()).stderr(Stdio::piped());
         }
-        let mut child = match cmd.spawn() {
+        let mut child = match pinned.and_then(|()| cmd.spawn()) {
             Ok(c) => c,
             Err(e) => {
                 for rk in &mut ranks {

@@ -87,6 +87,10 @@ pub struct DemoArgs {
     /// every process is a worker; needs the cargo feature `mpi`).
     #[arg(long, default_value = "gloo")]
     pub backend: String,
+    /// Pin each worker to a CPU of its own, as `rankweave launch --bind-to`
+    /// (`auto`: only when every worker of this node gets one).
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = crate::bind::BindTo::None)]
+    pub bind_to: crate::bind::BindTo,
     /// Run as one worker of a demo (set by the demo itself).
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -240,6 +244,7 @@ pub fn run(args: DemoArgs) -> Result<i32> {
         grace: Duration::from_secs(5),
         node_timeout: launch::DEFAULT_NODE_TIMEOUT,
         prefix: true,
+        bind: args.bind_to,
         program: exe.into_os_string(),
         args: args.worker_args(),
     };

@@ -239,6 +239,12 @@ pub(super) struct P2p {
     /// The receiver's `TAKEN` as this rank last read it, per rank: a
     /// queued send needs a fresh read only when its slot is not known free.
     taken_seen: Vec<u64>,
+    /// The CPU this rank last wrote as its `SCPU` (as sender) and `RCPU`
+    /// (as receiver) in each rank's channel: the hint is rewritten only
+    /// when it changed, so that a message does not take the line from a
+    /// peer that polls it just to store the same number.
+    scpu_said: Vec<u64>,
+    rcpu_said: Vec<u64>,
     /// Messages sent to / received from each rank.
     sent: Vec<u64>,
     recvd: Vec<u64>,
@@ -267,6 +273,8 @@ impl P2p {
             split: vec![cma; size],
             last_exclusive: vec![0; size],
             taken_seen: vec![0; size],
+            scpu_said: vec![u64::MAX; size],
+            rcpu_said: vec![u64::MAX; size],
             sent: vec![0; size],
             recvd: vec![0; size],
             chunks_out: vec![0; size],
@@ -506,19 +514,26 @@ impl ShmComm {
             self.p2p.taken_seen[dst] = self.rword(me, dst, TAKEN).load(Ordering::Acquire);
         }
         let d = OpDesc::new(OpCode::SendRecv, None, None, None, len).0;
-        self.sword(me, dst, SCPU).store(u64::from(current_cpu()), Ordering::Relaxed);
+        let cpu = u64::from(current_cpu());
+        if self.p2p.scpu_said[dst] != cpu {
+            self.p2p.scpu_said[dst] = cpu;
+            self.sword(me, dst, SCPU).store(cpu, Ordering::Relaxed);
+        }
         self.p2p.sent[dst] = k;
         if queued {
             let at = self.queue_slot_at(me, dst, k);
-            for (w, v) in [(SDESC, d), (SLEN, len as u64), (SKIND, kind)] {
-                self.seg.atomic_u64(at + w).store(v, Ordering::Relaxed);
-            }
+            // The payload first, then the header line's words one after
+            // another: the receiver polls the header line, and every store
+            // to it takes the line back from the receiver's cache.
             // SAFETY: slot k % QUEUE of our own channel: the receiver took
             // the message that used it before (the wait above) and reads it
             // again only once it sees the slot's number k or our POST of
             // message k (below); `len` fits the slot after its payload
             // offset (queued_max).
             unsafe { self.seg.write(at + Self::slot_payload(len), data) };
+            for (w, v) in [(SDESC, d), (SLEN, len as u64), (SKIND, kind)] {
+                self.seg.atomic_u64(at + w).store(v, Ordering::Relaxed);
+            }
             // Release: publishes the slot to a receiver that polls it (one
             // line, payload included, instead of POST's line and then it).
             self.seg.atomic_u64(at + SEQ).store(k, Ordering::Release);
@@ -527,12 +542,17 @@ impl ShmComm {
             return Ok(());
         }
         self.p2p.last_exclusive[dst] = k;
+        let eager = len <= self.eager_max();
+        if eager {
+            // The data before the words of our line, which the receiver
+            // polls (as for a queued message's header line).
+            // SAFETY: our own channel's data area, free since TAKEN >= k - 1.
+            unsafe { self.seg.write(self.area_at(me, dst), data) };
+        }
         self.sword(me, dst, DESC).store(d, Ordering::Relaxed);
         self.sword(me, dst, LEN).store(len as u64, Ordering::Relaxed);
         self.sword(me, dst, KIND).store(kind, Ordering::Relaxed);
-        if len <= self.eager_max() {
-            // SAFETY: our own channel's data area, free since TAKEN >= k - 1.
-            unsafe { self.seg.write(self.area_at(me, dst), data) };
+        if eager {
             self.post(dst, k);
             return Ok(());
         }
@@ -785,7 +805,11 @@ impl ShmComm {
         let me = self.rank;
         let k = self.p2p.recvd[src] + 1;
         let len = buf.len();
-        self.rword(src, me, RCPU).store(u64::from(current_cpu()), Ordering::Relaxed);
+        let cpu = u64::from(current_cpu());
+        if self.p2p.rcpu_said[src] != cpu {
+            self.p2p.rcpu_said[src] = cpu;
+            self.rword(src, me, RCPU).store(cpu, Ordering::Relaxed);
+        }
         if posted.queued {
             if len > self.queued_max() {
                 return Err(Error::Protocol {
