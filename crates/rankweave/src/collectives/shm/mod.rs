@@ -88,7 +88,7 @@ const CTRL: usize = 3 * LINE;
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 8;
+const VERSION: u64 = 9;
 /// Offset of the abort word in the header (see [`ShmAbort`]).
 const ABORT_AT: usize = 32;
 /// Interval of the warning that names the ranks a step waits for.

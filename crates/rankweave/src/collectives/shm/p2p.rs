@@ -158,10 +158,17 @@ const RADDR: usize = 24;
 const RSPLIT: usize = 32;
 // Words of the spacer line, each written only when its side goes to sleep
 // (so that the other side's check of it on every message reads a line
-// that stays in its cache): set while the sender sleeps on `TAKEN` or
-// `ACKED`, and while the receiver sleeps on `POST` or `CHUNKS`.
+// that stays in its cache): a flag set while the sender (`SPARK`) or the
+// receiver (`RPARK`) sleeps, and the bell each sleeps on (`SBELL`,
+// `RBELL`), which the other side rings after changing anything the
+// sleeper waits for when it sees the flag. A sleeper therefore never
+// misses a change of a word other than the one its futex watches (the
+// sender that waits for `TAKEN` is also woken by the receiver's claim,
+// which changes `STATE`).
 const SPARK: usize = 0;
 const RPARK: usize = 8;
+const SBELL: usize = 16;
+const RBELL: usize = 24;
 
 /// Which half of a split copy the sender writes: the lower-numbered rank
 /// of a pair always copies the first half of the messages between the
@@ -333,18 +340,16 @@ impl ShmComm {
     fn area_at(&self, s: usize, r: usize) -> usize {
         self.chan(s, r) + CHAN_CTRL
     }
-    /// In the channel from `s` to `r`: the offset of the word a wait for
-    /// `what` watches, and of the flag its waiter sets while it sleeps on
-    /// it. The receiver's and the sender's flags serve every word they
-    /// wait for (each waits for one word at a time).
+    /// In the channel from `s` to `r`: the offsets of the bell a wait for
+    /// `what` sleeps on and of the flag its waiter sets while it sleeps.
+    /// The sender's (waiting for `TAKEN` or `ACKED`) and the receiver's
+    /// (waiting for anything else) serve every wait of their side (each
+    /// side waits for one thing at a time).
     fn park_at(&self, s: usize, r: usize, what: Awaiting) -> (usize, usize) {
-        let c = self.chan(s, r);
+        let c = self.chan(s, r) + LINE;
         match what {
-            Awaiting::Taken(_) => (c + 2 * LINE + TAKEN, c + LINE + SPARK),
-            Awaiting::Ack(_) => (c + 2 * LINE + ACKED, c + LINE + SPARK),
-            Awaiting::Posted(_) => (c + POST, c + LINE + RPARK),
-            Awaiting::Chunk(_) => (c + CHUNKS, c + LINE + RPARK),
-            Awaiting::Half(_) => (c + STATE, c + LINE + RPARK),
+            Awaiting::Taken(_) | Awaiting::Ack(_) => (c + SBELL, c + SPARK),
+            Awaiting::Posted(_) | Awaiting::Chunk(_) | Awaiting::Half(_) => (c + RBELL, c + RPARK),
         }
     }
     /// Offset of the slot of queued message `k` from `s` to `r`.
@@ -392,9 +397,9 @@ impl ShmComm {
         if me != u32::MAX && cpu == me as u64 {
             backoff.skip_spin();
         }
-        // The word whose change ends the wait, and our flag that says we
-        // sleep on it; the side that changes the word wakes us.
-        let (word, flag) = match what {
+        // The bell we sleep on, and our flag that says we sleep; the side
+        // that changes what we wait for rings the bell when it sees the flag.
+        let (bell, flag) = match what {
             Awaiting::Taken(_) | Awaiting::Ack(_) => self.park_at(self.rank, peer, what),
             Awaiting::Posted(_) | Awaiting::Chunk(_) | Awaiting::Half(_) => self.park_at(peer, self.rank, what),
         };
@@ -404,25 +409,24 @@ impl ShmComm {
         loop {
             {
                 let seg = self.seg.clone();
-                let (word, flag) = (seg.atomic_u64(word), seg.atomic_u64(flag));
-                // Read before the check below: a change after it makes
-                // the futex wait return at once.
-                let low = word.load(Ordering::Acquire) as u32;
+                let (bell, flag) = (seg.atomic_u64(bell), seg.atomic_u64(flag));
+                // Read before our flag is set: a waker rings only after it
+                // saw the flag, so a ring after this read makes the futex
+                // wait below return at once.
+                let rung = bell.load(Ordering::SeqCst) as u32;
                 if ready(self) {
                     return Ok(());
                 }
                 let me: &ShmComm = self;
                 backoff.snooze_with(|interval| {
-                    // Store, fence, then the loads: pairs with the waker's
-                    // store, fence and load of the flag (one of the two
-                    // sides sees the other). `ready` is asked again because
-                    // a waker may change another word than the one slept on
-                    // (a receiver's claim of a large message wakes a sender
-                    // that sleeps on TAKEN).
+                    // Store, fence, then the check: pairs with the waker's
+                    // change, fence and load of the flag (one of the two
+                    // sides sees the other's store): either `ready` sees the
+                    // change, or the waker sees the flag and rings.
                     flag.store(1, Ordering::SeqCst);
                     std::sync::atomic::fence(Ordering::SeqCst);
-                    if word.load(Ordering::SeqCst) as u32 == low && !ready(me) {
-                        futex::wait(word, low, interval);
+                    if !ready(me) {
+                        futex::wait(bell, rung, interval);
                     }
                     flag.store(0, Ordering::Relaxed);
                 });
@@ -848,14 +852,16 @@ impl ShmComm {
         self.wake_parked(self.park_at(self.rank, dst, Awaiting::Posted(k)));
     }
 
-    /// After a store to the word at `word`: wakes the peer whose flag at
-    /// `flag` says it sleeps on that word. The fence pairs with the
-    /// sleeper's SeqCst store of its flag and load of the word in
-    /// `p2p_wait`: either it saw the new value, or we see its flag.
-    fn wake_parked(&self, (word, flag): (usize, usize)) {
+    /// After a change of something the peer may wait for: rings the bell
+    /// at `bell` and wakes the peer when its flag at `flag` says it sleeps.
+    /// The fence pairs with the sleeper's SeqCst store of its flag and its
+    /// check in `p2p_wait`: either it saw the change, or we see its flag.
+    fn wake_parked(&self, (bell, flag): (usize, usize)) {
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.seg.atomic_u64(flag).load(Ordering::Relaxed) != 0 {
-            futex::wake(self.seg.atomic_u64(word));
+            let bell = self.seg.atomic_u64(bell);
+            bell.fetch_add(1, Ordering::SeqCst);
+            futex::wake(bell);
         }
     }
 
