@@ -36,7 +36,18 @@ use std::time::{Duration, Instant};
 /// arrives within a microsecond or two.
 pub(crate) const SPIN_LIMIT: u32 = 32;
 /// How long a wait yields (counted from its first yield) before sleeping.
-pub(crate) const YIELD_FOR: Duration = Duration::from_micros(50);
+///
+/// A sleep is cheap; the wake-up is not: a core that fell idle halts,
+/// and on the 2-core VM this was tuned on bringing it back took tens of
+/// microseconds, so a wait that outlasts the yield stage by a little paid
+/// far more than it waited. Most waits between ranks that work in turns
+/// (a root encoding an object while the others decode the last one, a
+/// pipeline stage handing over, a tensor-parallel peer a step behind) last
+/// 50-200 us. 200 us against run 13's 50 us (docs/PERFORMANCE.md, run 14):
+/// a 1 MiB object broadcast 311 -> 186 us at 2 ranks and 566 -> 414 us at
+/// 4, the demo with 4 ranks on 2 cores 3-29 % more tokens/s in each of four
+/// rounds; 8 ranks on 2 cores, an 8 B all_reduce 12.1 -> 13.9 us.
+pub(crate) const YIELD_FOR: Duration = Duration::from_micros(200);
 /// First sleep interval.
 pub(crate) const SLEEP_MIN: Duration = Duration::from_micros(8);
 /// Longest sleep interval during an ordinary wait.

@@ -12,7 +12,9 @@
 //!   [`INLINE_BYTES`] bytes per rank in the same cache line as the flag.
 //!   A rank waiting for a peer that last signalled from the waiter's own
 //!   CPU skips spinning and yields at once: that peer cannot run meanwhile
-//!   (ranks outnumbering cores).
+//!   (ranks outnumbering cores). A rank that waits past the yield stage
+//!   sleeps on a bell in the header, which every signalling rank rings
+//!   while the header counts a sleeper.
 //! - **slot**: each rank's data area of `slot_bytes`, split into two
 //!   **halves**; consecutive transfer units alternate halves.
 //! - **unit**: one use of the slot halves (write, step, read). A rank writes
@@ -63,6 +65,7 @@ use crate::error::{Context, Error, Result};
 use crate::reduce::{finish_avg, reduce_into, ReduceOp};
 use crate::store::Store;
 use crate::sync::{current_cpu, Backoff};
+use crate::sys::futex;
 use crate::sys::shm::ShmSegment;
 use crate::transport::{OpCode, OpDesc};
 use crate::validate::Check;
@@ -88,9 +91,17 @@ const CTRL: usize = 3 * LINE;
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 9;
+const VERSION: u64 = 10;
 /// Offset of the abort word in the header (see [`ShmAbort`]).
 const ABORT_AT: usize = 32;
+/// Offsets in the header of the number of ranks asleep in a step and of
+/// the bell they sleep on: a rank that signals a step rings the bell when
+/// the count is not zero, so that a sleeping waiter wakes when the rank it
+/// waits for arrives instead of at the end of its sleep interval (up to 1
+/// ms, 5 ms once idle). Best effort (see `step`); the interval bounds a
+/// missed ring.
+const STEP_SLEEPERS_AT: usize = 40;
+const STEP_BELL_AT: usize = 48;
 /// Interval of the warning that names the ranks a step waits for.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -556,6 +567,15 @@ impl ShmComm {
         // Release: publishes the inline bytes, the descriptor and every slot
         // write of this step; pairs with the Acquire load below on the peers.
         self.line_step(self.rank, p).store(e, Ordering::Release);
+        // Without a fence between the store and this load (it would cost
+        // every step): a sleeper that counted itself in the few nanoseconds
+        // before our step became visible may be missed, and then sleeps out
+        // its interval, as every sleeper did before the bell.
+        if self.seg.atomic_u64(STEP_SLEEPERS_AT).load(Ordering::Relaxed) != 0 {
+            let bell = self.seg.atomic_u64(STEP_BELL_AT);
+            bell.fetch_add(1, Ordering::SeqCst);
+            futex::wake(bell);
+        }
 
         // The clock starts after the spinning stage: most steps end before.
         let mut start: Option<Instant> = None;
@@ -619,7 +639,19 @@ impl ShmComm {
                     }
                 }
             }
-            backoff.snooze();
+            let me: &ShmComm = self;
+            backoff.snooze_with(|interval| {
+                let (sleepers, bell) = (me.seg.atomic_u64(STEP_SLEEPERS_AT), me.seg.atomic_u64(STEP_BELL_AT));
+                // The bell before the count: a rank that sees the count
+                // rings after this read, and the futex wait returns at once.
+                let rung = bell.load(Ordering::SeqCst) as u32;
+                sleepers.fetch_add(1, Ordering::SeqCst);
+                // Acquire: as in the loop above.
+                if (next..me.size).any(|j| me.line_step(j, p).load(Ordering::Acquire) < e) {
+                    futex::wait(bell, rung, interval);
+                }
+                sleepers.fetch_sub(1, Ordering::Relaxed);
+            });
         }
         for j in 0..self.size {
             let other = self.line_desc(j, p).load(Ordering::Relaxed);

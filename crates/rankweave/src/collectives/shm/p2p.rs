@@ -1346,4 +1346,31 @@ mod tests {
             assert!((super::AREA_MIN..=super::AREA_MAX).contains(&a) && a % 128 == 0, "n={n}: {a}");
         }
     }
+
+    #[test]
+    fn a_rank_asleep_in_a_step_is_rung_awake_and_counted_out() {
+        use std::sync::atomic::Ordering;
+        let (c0, c1) = pair(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() });
+        let word = |c: &ShmComm, at: usize| c.seg.atomic_u64(at).load(Ordering::SeqCst);
+        let (mut c0, mut c1) = (c0, Some(c1));
+        for attempt in 0.. {
+            let before = word(&c0, super::super::STEP_BELL_AT);
+            let mut late = c1.take().unwrap();
+            let t = std::thread::spawn(move || {
+                // Long past the yield stage: rank 0 sleeps meanwhile.
+                std::thread::sleep(Duration::from_millis(30));
+                late.barrier().unwrap();
+                late
+            });
+            c0.barrier().unwrap();
+            c1 = Some(t.join().unwrap());
+            assert_eq!(word(&c0, super::super::STEP_SLEEPERS_AT), 0, "a sleeper did not count itself out");
+            // The late rank's step saw rank 0 asleep and rang (it can miss
+            // only in the nanoseconds between a sleeper's look and its sleep).
+            if word(&c0, super::super::STEP_BELL_AT) > before {
+                break;
+            }
+            assert!(attempt < 5, "the late rank never rang the bell of the rank asleep in the step");
+        }
+    }
 }
