@@ -371,3 +371,123 @@ fn the_environment_override_reaches_new_groups() {
         assert!(out.status.success() && text.contains("1 passed"), "{value}: {text}");
     }
 }
+
+/// An object of every shape the codec carries, about `len` bytes encoded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Obj {
+    id: u64,
+    name: String,
+    tags: Vec<(u32, bool)>,
+    #[serde(with = "serde_bytes_like")]
+    body: Vec<u8>,
+}
+
+/// `Vec<u8>` as one byte string (as a user's `serde_bytes` field would be).
+mod serde_bytes_like {
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+fn obj(root: usize, len: usize) -> Obj {
+    Obj {
+        id: root as u64 * 1000 + len as u64,
+        name: format!("from {root}"),
+        tags: (0..(len % 7) as u32).map(|i| (i, i % 2 == 0)).collect(),
+        body: pattern(root, len, 3),
+    }
+}
+
+#[test]
+fn objects_broadcast_over_shm_and_tcp_arrive_equal_in_place_or_staged() {
+    let _g = shared();
+    let limits = rankweave::tensor::DecodeLimits::default();
+    for n in [2, 3] {
+        // Up to an area of n half slots in one step; above, staged.
+        let area = n * DEFAULT_SLOT_BYTES / 2;
+        let lens = [0, 100, area - 64, area + 5000, 2 * area + 1];
+        let outs = run_pair(n, |r, shm, tcp| {
+            for &len in &lens {
+                for root in 0..n {
+                    let want = obj(root, len);
+                    for g in [shm, tcp] {
+                        let got = g.broadcast_object((r == root).then_some(&want), root, &limits).unwrap();
+                        match got {
+                            None => assert_eq!(r, root),
+                            Some(o) => {
+                                assert!(o == want, "n={n} len={len} root={root} rank {r} ({:?})", g.transport_kind())
+                            }
+                        }
+                    }
+                }
+            }
+            true
+        });
+        assert_eq!(outs, vec![true; n]);
+    }
+}
+
+/// Serializing it always fails.
+#[derive(Debug, serde::Deserialize)]
+struct Unencodable;
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _s: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this object refuses to be encoded"))
+    }
+}
+
+#[test]
+fn object_broadcast_errors_name_the_root_and_leave_the_group_usable() {
+    let _g = shared();
+    let outs = run_pair(3, |r, shm, tcp| {
+        for g in [shm, tcp] {
+            // The root cannot encode: it gets the encoder's error, the others one naming it.
+            let res = g.broadcast_object::<Unencodable>((r == 1).then_some(&Unencodable), 1, &Default::default());
+            let err = res.unwrap_err();
+            if r == 1 {
+                // postcard keeps only the kind of a serializer's error.
+                assert!(matches!(err, Error::Serialization { .. }) && err.to_string().contains("encode"), "{err}");
+            } else {
+                assert_eq!(err.peer(), Some(1), "{err:?}");
+                assert!(err.to_string().contains("could not encode"), "{err}");
+            }
+            // A receiver past its limit refuses before allocating. Over TCP the
+            // refused bytes stay unreceived, so only shared memory goes on after it.
+            if g.transport_kind() == TransportKind::Shm {
+                let limits = rankweave::tensor::DecodeLimits {
+                    max_object_bytes: if r == 2 { 1000 } else { u64::MAX },
+                    ..Default::default()
+                };
+                let want = obj(0, 5000);
+                let res = g.broadcast_object((r == 0).then_some(&want), 0, &limits);
+                if r == 2 {
+                    let err = res.unwrap_err();
+                    assert_eq!(err.peer(), Some(0), "{err:?}");
+                    assert!(err.to_string().contains("above this rank's limit of 1000 bytes"), "{err}");
+                } else if r == 1 {
+                    assert!(res.unwrap().unwrap() == want);
+                }
+            }
+            // The group still works.
+            let want = obj(2, 300);
+            let got = g.broadcast_object((r == 2).then_some(&want), 2, &Default::default()).unwrap();
+            assert!(got.is_none_or(|o| o == want));
+        }
+        true
+    });
+    assert_eq!(outs, vec![true; 3]);
+}

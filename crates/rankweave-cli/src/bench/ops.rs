@@ -733,6 +733,7 @@ pub fn encode(obj: &BenchObject) -> Result<Vec<u8>> {
 }
 
 /// Decodes what [`encode`] wrote; bad bytes are an error.
+#[cfg(test)]
 pub fn decode(bytes: &[u8]) -> Result<BenchObject> {
     postcard::from_bytes(bytes)
         .map_err(|e| Error::Serialization { ctx: rankweave::Context::op("bench.decode"), detail: e.to_string() })
@@ -743,41 +744,14 @@ pub fn decode(bytes: &[u8]) -> Result<BenchObject> {
 pub const MAX_OBJECT_BYTES: u64 = 1 << 30;
 
 /// Broadcasts an object from `root` over the group as the coordinator's
-/// `broadcast_object` does: the encoded length, then the bytes, through a
-/// buffer `buf` reused across calls (a fresh 1 MiB buffer per call pays a
-/// page fault per 4 KiB, and glibc decides from the heap's layout whether
-/// the next one is fresh again: 85 us in one run, 1.3 ms in the next). The
-/// root encodes on every call and the others decode a fresh object, as
-/// users pay it; the root gets `None` (it keeps its object).
-pub fn broadcast_object(
-    comm: &ProcessGroup,
-    obj: Option<&BenchObject>,
-    root: usize,
-    buf: &mut Vec<u8>,
-) -> Result<Option<BenchObject>> {
-    if comm.rank() == root {
-        let obj = obj.ok_or_else(|| Error::invalid("the root of an object broadcast must pass the object"))?;
-        buf.clear();
-        postcard::to_io(obj, &mut *buf)
-            .map_err(|e| Error::Serialization { ctx: rankweave::Context::op("bench.encode"), detail: e.to_string() })?;
-        let mut len = (buf.len() as u64).to_le_bytes();
-        comm.broadcast_bytes(&mut len, root)?;
-        comm.broadcast_bytes(buf, root)?;
-        Ok(None)
-    } else {
-        let mut len = [0u8; 8];
-        comm.broadcast_bytes(&mut len, root)?;
-        let len = u64::from_le_bytes(len);
-        if len > MAX_OBJECT_BYTES {
-            return Err(Error::protocol(
-                rankweave::Context::op("bench.broadcast_object").with_peer(root),
-                format!("object of {len} bytes exceeds the {MAX_OBJECT_BYTES}-byte limit"),
-            ));
-        }
-        buf.resize(len as usize, 0);
-        comm.broadcast_bytes(buf, root)?;
-        decode(buf).map(Some)
-    }
+/// `broadcast_object` does ([`ProcessGroup::broadcast_object`]: on shared
+/// memory one step, the object encoded straight into the segment and
+/// decoded straight out of it). The root encodes on every call and the
+/// others decode a fresh object, as users pay it; the root gets `None` (it
+/// keeps its object).
+pub fn broadcast_object(comm: &ProcessGroup, obj: Option<&BenchObject>, root: usize) -> Result<Option<BenchObject>> {
+    let limits = rankweave::tensor::DecodeLimits { max_object_bytes: MAX_OBJECT_BYTES, ..Default::default() };
+    comm.broadcast_object(obj, root, &limits)
 }
 
 #[cfg(test)]

@@ -253,12 +253,11 @@ fn measure_object(
     let root = cfg.root;
     let mine = (comm.rank() == root).then_some(&obj);
     let mut wrong = 0;
-    let mut buf = Vec::new();
     if cfg.check {
-        let got = ops::broadcast_object(comm, mine, root, &mut buf)?;
+        let got = ops::broadcast_object(comm, mine, root)?;
         wrong = harness::sum_over_ranks(comm, u64::from(got.is_some_and(|g| g != obj)))?;
     }
-    let mut f = || ops::broadcast_object(comm, mine, root, &mut buf).map(|_| ());
+    let mut f = || ops::broadcast_object(comm, mine, root).map(|_| ());
     let stats = harness::measure(comm, mode, &cfg.plan, 1.0, &mut f)?;
     let mut rec = record(op, mode, comm.size(), size.anchor_bytes(), encoded, stats, cfg, impl_name, wrong);
     rec.note = format!("obj={} encoded={encoded}B (postcard); bytes = the anchors' pickled size", size.label());

@@ -145,6 +145,86 @@ pub trait Communicator: Send {
     fn recv_shm(&mut self, _call: Call, _src: usize) -> Result<ShmBuf> {
         Err(no_shm_buffers(self.name()))
     }
+    /// Whether [`Communicator::broadcast_blob`] is this backend's own; when
+    /// it is not, the group sends a blob as two broadcasts (its length,
+    /// then its bytes) and never calls it.
+    fn has_blob_broadcast(&self) -> bool {
+        false
+    }
+    /// One collective that broadcasts a blob whose length only `root`
+    /// knows (see [`BlobRole`]); `scratch` is a buffer the group keeps
+    /// across calls. A rank whose side fails (the root cannot encode, a
+    /// receiver refuses the size or cannot decode) still completes the
+    /// collective, so that the group stays usable, and then returns the
+    /// error. Called only when [`Communicator::has_blob_broadcast`] is true.
+    fn broadcast_blob(&mut self, _call: Call, _role: BlobRole<'_>, _scratch: &mut Vec<u8>, _root: usize) -> Result<()> {
+        Err(Error::Unsupported(format!("the {} backend has no blob broadcast of its own", self.name())))
+    }
+}
+
+/// What the root of a blob broadcast sends: bytes produced on demand, so
+/// that a backend can have them written straight into its own memory (an
+/// object encoded into shared memory, not into a buffer and then copied).
+pub trait BlobSource {
+    /// Writes the blob at the front of `out` and returns its length, or
+    /// `Ok(None)` when it needs more than `out.len()` bytes (what it wrote
+    /// is then ignored and [`BlobSource::write_vec`] follows).
+    fn write_into(&mut self, out: &mut [u8]) -> Result<Option<usize>>;
+    /// Appends the whole blob to `out`.
+    fn write_vec(&mut self, out: &mut Vec<u8>) -> Result<()>;
+}
+
+/// A blob already in memory.
+impl BlobSource for &[u8] {
+    fn write_into(&mut self, out: &mut [u8]) -> Result<Option<usize>> {
+        Ok(out.get_mut(..self.len()).map(|o| {
+            o.copy_from_slice(self);
+            self.len()
+        }))
+    }
+    fn write_vec(&mut self, out: &mut Vec<u8>) -> Result<()> {
+        out.extend_from_slice(self);
+        Ok(())
+    }
+}
+
+/// The error of a receiver whose blob broadcast's root could not make the
+/// blob (its encoding failed; the root returns the reason).
+pub(crate) fn blob_not_made(ctx: crate::error::Context, root: usize) -> Error {
+    Error::Serialization { ctx, detail: format!("rank {root}, the root, could not encode the object it broadcast") }
+}
+
+/// The error of a receiver that refuses a blob of `len` bytes above its
+/// `limit`.
+pub(crate) fn blob_refused(ctx: crate::error::Context, root: usize, len: u64, limit: usize) -> Error {
+    Error::Serialization {
+        ctx,
+        detail: format!("rank {root} broadcast an object of {len} bytes, above this rank's limit of {limit} bytes"),
+    }
+}
+
+/// One rank's side of a blob broadcast.
+pub enum BlobRole<'a> {
+    /// The root: what it sends.
+    Send(&'a mut dyn BlobSource),
+    /// Every other rank.
+    Receive {
+        /// The most bytes this rank accepts: a larger declared length is
+        /// refused before anything is allocated.
+        limit: usize,
+        /// Called once with the blob, which may live in the backend's
+        /// memory: valid only during the call.
+        read: &'a mut dyn FnMut(&[u8]) -> Result<()>,
+    },
+}
+
+impl std::fmt::Debug for BlobRole<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlobRole::Send(_) => f.write_str("Send"),
+            BlobRole::Receive { limit, .. } => f.debug_struct("Receive").field("limit", limit).finish_non_exhaustive(),
+        }
+    }
 }
 
 /// The error of a backend without zero-copy buffers.

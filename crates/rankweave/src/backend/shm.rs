@@ -3,7 +3,7 @@
 //! TCP mesh carries abort messages (and traffic outside the group's
 //! operations).
 
-use super::{Backend, Call, Communicator, Link};
+use super::{Backend, BlobRole, Call, Communicator, Link};
 use crate::collectives::shm::{ShmAbort, ShmBuf, ShmComm};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -106,5 +106,11 @@ impl Communicator for ShmBackend {
     }
     fn recv_shm(&mut self, call: Call, src: usize) -> Result<ShmBuf> {
         self.shm.recv_shm(src, call.timeout)
+    }
+    fn has_blob_broadcast(&self) -> bool {
+        true
+    }
+    fn broadcast_blob(&mut self, _call: Call, role: BlobRole<'_>, scratch: &mut Vec<u8>, root: usize) -> Result<()> {
+        self.shm.broadcast_blob(role, scratch, root)
     }
 }

@@ -46,6 +46,7 @@ pub use crate::group::in_the_same_node_as;
 pub use device::DeviceOnStream;
 pub use device::{DeviceGroup, P2pOp};
 
+use crate::backend::BlobRole;
 use crate::dtype::DType;
 use crate::error::{Context, Error, Result};
 use crate::group::ProcessGroup;
@@ -259,12 +260,7 @@ struct Inner {
     use_message_queue_broadcaster: bool,
     mq_broadcaster: Mutex<Option<Arc<dyn ObjectBroadcaster>>>,
     limits: DecodeLimits,
-    /// The buffer object broadcasts reuse (see [`wire::broadcast_blob_into`]).
-    blob: Mutex<Vec<u8>>,
 }
-
-/// Largest reused object buffer kept between calls.
-const BLOB_KEEP_MAX: usize = 64 << 20;
 
 /// A group of ranks and every operation the seed runs over it.
 ///
@@ -418,7 +414,6 @@ impl GroupCoordinator {
                 use_message_queue_broadcaster: opts.use_message_queue_broadcaster,
                 mq_broadcaster: Mutex::new(mq_broadcaster),
                 limits: opts.limits.unwrap_or_else(DecodeLimits::from_env),
-                blob: Mutex::new(Vec::new()),
             }),
         };
         names.register(&coordinator);
@@ -934,23 +929,19 @@ impl GroupCoordinator {
         self.run(op, |g| {
             self.check_collective(g, op, |f| f.arg(src as i64))?;
             if self.inner.mq_broadcaster.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
-                // Through the reused buffer: the same cost on every call.
-                let mut buf = std::mem::take(&mut *self.inner.blob.lock().unwrap_or_else(|e| e.into_inner()));
-                let res = match obj {
+                // One blob broadcast: on shared memory encoded straight into
+                // the segment and decoded straight out of it.
+                return match obj {
                     Some(obj) if self.rank_in_group() == src => {
-                        buf.clear();
-                        codec::encode_object_into(&obj, &mut buf)
-                            .and_then(|()| wire::broadcast_blob_into(&g.cpu, &mut buf, src, &self.inner.limits))
-                            .map(|()| obj)
+                        g.cpu.broadcast_object(Some(&obj), src, &self.inner.limits)?;
+                        Ok(obj)
                     }
-                    _ => wire::broadcast_blob_into(&g.cpu, &mut buf, src, &self.inner.limits)
-                        .and_then(|()| codec::decode_object(&buf))
-                        .map_err(|e| self.at_peer(e, op, src)),
+                    _ => g
+                        .cpu
+                        .broadcast_object::<T>(None, src, &self.inner.limits)
+                        .map_err(|e| self.at_peer(e, op, src))?
+                        .ok_or_else(|| Error::invalid("broadcast_object: no object came back from the source")),
                 };
-                if buf.capacity() <= BLOB_KEEP_MAX {
-                    *self.inner.blob.lock().unwrap_or_else(|e| e.into_inner()) = buf;
-                }
-                return res;
             }
             if let (true, Some(obj)) = (self.rank_in_group() == src, obj) {
                 self.broadcast_blob(g, Some(codec::encode_object(&obj)?), src, op)?;
@@ -974,11 +965,17 @@ impl GroupCoordinator {
         self.run(op, |g| {
             self.check_collective(g, op, |f| f.arg(src as i64).arg2(len.min(i32::MAX as usize) as i32))?;
             if self.rank_in_group() == src {
-                wire::broadcast_blob(&g.cpu, Some(codec::encode_object(&*obj_list)?), src, &self.inner.limits)?;
-                return Ok(());
+                return g.cpu.broadcast_blob(BlobRole::Send(&mut codec::Encoder(&*obj_list)), src);
             }
-            let bytes = wire::broadcast_blob(&g.cpu, None, src, &self.inner.limits)?;
-            let got: Vec<T> = codec::decode_object(&bytes).map_err(|e| self.at_peer(e, op, src))?;
+            let mut got: Vec<T> = Vec::new();
+            let mut read = |bytes: &[u8]| {
+                got = codec::decode_object(bytes)?;
+                Ok(())
+            };
+            let limit = usize::try_from(self.inner.limits.max_object_bytes).unwrap_or(usize::MAX);
+            g.cpu
+                .broadcast_blob(BlobRole::Receive { limit, read: &mut read }, src)
+                .map_err(|e| self.at_peer(e, op, src))?;
             if got.len() != len {
                 return Err(Error::invalid(format!(
                     "broadcast_object_list: src rank {src} sent {} objects but this rank's list holds {len}; \

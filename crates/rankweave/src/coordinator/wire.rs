@@ -1,11 +1,13 @@
 //! Byte blobs over a process group (an 8-byte little-endian length, then the
 //! bytes) and the same-node probe.
 
+use crate::backend::BlobRole;
 use crate::error::{Context, Error, Result};
 use crate::group::ProcessGroup;
 use crate::tensor::{try_zeroed_vec, DecodeLimits};
 
-/// Broadcasts `data` (on `root`) to every rank; returns the bytes everywhere.
+/// Broadcasts `data` (on `root`) to every rank; returns the bytes
+/// everywhere ([`ProcessGroup::broadcast_blob`]).
 pub(crate) fn broadcast_blob(
     pg: &ProcessGroup,
     data: Option<Vec<u8>>,
@@ -13,58 +15,19 @@ pub(crate) fn broadcast_blob(
     limits: &DecodeLimits,
 ) -> Result<Vec<u8>> {
     if pg.rank() == root {
-        let mut data = data.ok_or_else(|| Error::invalid("broadcast: the root must provide the bytes"))?;
-        let mut len = (data.len() as u64).to_le_bytes();
-        pg.broadcast_bytes(&mut len, root)?;
-        if !data.is_empty() {
-            pg.broadcast_bytes(&mut data, root)?;
-        }
-        Ok(data)
-    } else {
-        let mut len = [0u8; 8];
-        pg.broadcast_bytes(&mut len, root)?;
-        let n =
-            limits.check_object_len(u64::from_le_bytes(len)).map_err(|e| peer_ctx(e, "broadcast_object", pg, root))?;
-        let mut data = alloc_blob(n, "broadcast_object", pg, root)?;
-        if n > 0 {
-            pg.broadcast_bytes(&mut data, root)?;
-        }
-        Ok(data)
+        let data = data.ok_or_else(|| Error::invalid("broadcast: the root must provide the bytes"))?;
+        pg.broadcast_blob(BlobRole::Send(&mut &data[..]), root)?;
+        return Ok(data);
     }
-}
-
-/// [`broadcast_blob`] through a buffer the caller reuses: on `root`, `buf`
-/// holds the bytes; elsewhere it is resized to the root's length and
-/// filled. A buffer kept across calls is already mapped, so a large object
-/// does not pay a page fault per 4 KiB on every call (fresh allocations of
-/// a MiB or more come straight from `mmap`, or from heap pages that glibc
-/// gave back at the previous free, which made the cost bimodal).
-pub(crate) fn broadcast_blob_into(
-    pg: &ProcessGroup,
-    buf: &mut Vec<u8>,
-    root: usize,
-    limits: &DecodeLimits,
-) -> Result<()> {
-    let mut len = (buf.len() as u64).to_le_bytes();
-    pg.broadcast_bytes(&mut len, root)?;
-    if pg.rank() != root {
-        let n =
-            limits.check_object_len(u64::from_le_bytes(len)).map_err(|e| peer_ctx(e, "broadcast_object", pg, root))?;
-        if n > buf.len() {
-            buf.try_reserve(n - buf.len()).map_err(|_| Error::OutOfMemory {
-                ctx: Context::new("broadcast_object", pg.name(), pg.rank()).with_peer(root),
-                bytes: n as u64,
-                detail: format!("an object of {n} bytes declared by peer rank {root}"),
-            })?;
-        }
-        // Only bytes beyond the buffer's old length are zeroed; all are
-        // overwritten below.
-        buf.resize(n, 0);
-    }
-    if !buf.is_empty() {
-        pg.broadcast_bytes(buf, root)?;
-    }
-    Ok(())
+    let mut out = Vec::new();
+    let mut read = |bytes: &[u8]| {
+        out = alloc_blob(bytes.len(), "broadcast_object", pg, root)?;
+        out.copy_from_slice(bytes);
+        Ok(())
+    };
+    let limit = usize::try_from(limits.max_object_bytes).unwrap_or(usize::MAX);
+    pg.broadcast_blob(BlobRole::Receive { limit, read: &mut read }, root)?;
+    Ok(out)
 }
 
 /// Sends the size of `data`, then `data`, to group rank `dst`.

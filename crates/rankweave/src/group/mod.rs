@@ -30,16 +30,19 @@ pub use factory::{BackendFactory, CpuFactory, GroupInfo};
 pub use node::{in_the_same_node_as, node_identity};
 pub use options::{GroupOptions, TransportKind, TRANSPORT_ENV};
 
-use crate::backend::{Backend, Call, Communicator, Link};
+use crate::backend::{Backend, BlobRole, Call, Communicator, Link};
 use crate::collectives::shm::ShmBuf;
 use crate::collectives::Comm;
 use crate::dtype::{DType, Element};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::reduce::ReduceOp;
 use crate::store::{PrefixStore, SharedStore};
+use crate::tensor::codec;
+use crate::tensor::DecodeLimits;
 use crate::transport::tcp::group_id_of;
 use crate::transport::{OpCode, OpDesc, Transport};
 use crate::validate::Check;
+use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -101,6 +104,12 @@ struct Inner {
     link: Arc<dyn Link>,
     factory: Arc<dyn BackendFactory>,
     state: Mutex<OpState>,
+    /// Whether the backend broadcasts blobs itself
+    /// ([`Communicator::has_blob_broadcast`]).
+    blob_direct: bool,
+    /// The buffer of [`ProcessGroup::broadcast_blob`], kept across calls (a
+    /// fresh one of a MiB or more pays a page fault per 4 KiB each time).
+    blob: Mutex<Vec<u8>>,
     /// Why the group is unusable, once an operation failed or it was destroyed.
     poison: OnceLock<String>,
     /// Subgroups created from this group so far (by every caller, members or not).
@@ -137,6 +146,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The length word of a two-broadcast blob whose root failed to make it.
+const BLOB_FAILED_LEN: u64 = u64::MAX;
+/// Largest blob buffer a group keeps for the next call.
+const BLOB_KEEP_MAX: usize = 64 << 20;
+
+/// Puts `scratch` back as the group's blob buffer unless it grew too big.
+fn keep_blob(slot: &Mutex<Vec<u8>>, scratch: Vec<u8>) {
+    if scratch.capacity() <= BLOB_KEEP_MAX {
+        *lock(slot) = scratch;
+    }
+}
+
 /// Which counter an operation's sequence number comes from.
 enum Seq {
     Collective,
@@ -171,6 +192,7 @@ impl ProcessGroup {
         };
         let Backend { comm, link, kind } = factory.build(&info)?;
         let backend_name = comm.name();
+        let blob_direct = comm.has_blob_broadcast();
         tracing::debug!(group = %name, rank, size, transport = %kind, backend = backend_name, "group ready");
         Ok(ProcessGroup {
             inner: Arc::new(Inner {
@@ -193,6 +215,8 @@ impl ProcessGroup {
                     comm,
                     scratch: Vec::new(),
                 }),
+                blob_direct,
+                blob: Mutex::new(Vec::new()),
                 poison: OnceLock::new(),
                 children: AtomicU64::new(0),
                 names,
@@ -621,6 +645,128 @@ impl ProcessGroup {
     pub fn shm_messages_sent(&self, peer: usize) -> u64 {
         lock(&self.inner.state).comm.shm_messages_sent(peer)
     }
+    /// Broadcasts a blob whose length only `root` knows, as one
+    /// collective: the root passes [`BlobRole::Send`] with what to send,
+    /// every other rank [`BlobRole::Receive`] with the most bytes it takes
+    /// and what to do with them. On the shared-memory backend a blob of up
+    /// to `size` half slots (2 MiB for two ranks by default) goes in one
+    /// step, written by the root straight into the segment and read in
+    /// place by the others ([`crate::collectives::shm`]); elsewhere the
+    /// length and the bytes go as two broadcasts through a buffer the group
+    /// keeps. A root that cannot produce the blob, or a receiver that
+    /// refuses its size or fails in `read`, returns the error after the
+    /// collective (on the shared-memory backend; elsewhere a refused size
+    /// leaves the root's bytes unreceived and the group's next collective
+    /// fails); the others get an error naming the root.
+    pub fn broadcast_blob(&self, role: BlobRole<'_>, root: usize) -> Result<()> {
+        self.check("broadcast_blob").root(root)?;
+        self.check_ready()?;
+        let me = self.inner.rank;
+        if matches!(role, BlobRole::Send(_)) != (me == root) {
+            return Err(Error::invalid(format!(
+                "broadcast_blob in group {}: rank {me} must pass {} since the root is rank {root}",
+                self.inner.name,
+                if me == root { "BlobRole::Send" } else { "BlobRole::Receive" }
+            )));
+        }
+        if self.inner.size == 1 {
+            return Ok(());
+        }
+        if self.inner.blob_direct {
+            let desc = OpDesc::new(OpCode::Object, None, None, Some(root), 0);
+            return self.run(Seq::Collective, desc, |c, call| {
+                let mut scratch = std::mem::take(&mut *lock(&self.inner.blob));
+                let res = c.broadcast_blob(call, role, &mut scratch, root);
+                keep_blob(&self.inner.blob, scratch);
+                res
+            });
+        }
+        let mut scratch = std::mem::take(&mut *lock(&self.inner.blob));
+        let res = self.broadcast_blob_in_two(role, &mut scratch, root);
+        keep_blob(&self.inner.blob, scratch);
+        res
+    }
+
+    /// [`ProcessGroup::broadcast_blob`] as two broadcasts: the length (all
+    /// ones when the root failed), then the bytes.
+    fn broadcast_blob_in_two(&self, role: BlobRole<'_>, scratch: &mut Vec<u8>, root: usize) -> Result<()> {
+        scratch.clear();
+        match role {
+            BlobRole::Send(src) => {
+                let made = src.write_vec(scratch);
+                let mut len = if made.is_ok() { scratch.len() as u64 } else { BLOB_FAILED_LEN }.to_le_bytes();
+                self.broadcast_bytes(&mut len, root)?;
+                made?;
+                if !scratch.is_empty() {
+                    self.broadcast_bytes(scratch, root)?;
+                }
+                Ok(())
+            }
+            BlobRole::Receive { limit, read } => {
+                let mut len = [0u8; 8];
+                self.broadcast_bytes(&mut len, root)?;
+                let len = u64::from_le_bytes(len);
+                let ctx = || Context::new("broadcast_blob", self.inner.name.clone(), self.inner.rank).with_peer(root);
+                if len == BLOB_FAILED_LEN {
+                    return Err(crate::backend::blob_not_made(ctx(), root));
+                }
+                if len > limit as u64 {
+                    return Err(crate::backend::blob_refused(ctx(), root, len, limit));
+                }
+                let n = len as usize;
+                if scratch.try_reserve_exact(n).is_err() {
+                    return Err(Error::OutOfMemory {
+                        ctx: ctx(),
+                        bytes: len,
+                        detail: format!("an object of {len} bytes broadcast by rank {root}"),
+                    });
+                }
+                scratch.resize(n, 0);
+                if n > 0 {
+                    self.broadcast_bytes(scratch, root)?;
+                }
+                read(scratch)
+            }
+        }
+    }
+
+    /// Broadcasts an object from `root`, which passes `Some(obj)` (the
+    /// others `None`), encoded as [`crate::tensor::codec::encode_object`]
+    /// does, through [`ProcessGroup::broadcast_blob`]: the others return
+    /// `Some` of the decoded copy, the root `None`. A declared size above
+    /// `limits.max_object_bytes` is refused before anything is allocated.
+    pub fn broadcast_object<T: Serialize + DeserializeOwned>(
+        &self,
+        obj: Option<&T>,
+        root: usize,
+        limits: &DecodeLimits,
+    ) -> Result<Option<T>> {
+        if self.inner.rank == root {
+            let obj = obj.ok_or_else(|| {
+                Error::invalid(format!(
+                    "broadcast_object in group {}: the root (rank {root}) must pass Some(object)",
+                    self.inner.name
+                ))
+            })?;
+            self.broadcast_blob(BlobRole::Send(&mut codec::Encoder(obj)), root)?;
+            return Ok(None);
+        }
+        let mut got = None;
+        let mut read = |bytes: &[u8]| {
+            got = Some(codec::decode_object::<T>(bytes)?);
+            Ok(())
+        };
+        let limit = usize::try_from(limits.max_object_bytes).unwrap_or(usize::MAX);
+        self.broadcast_blob(BlobRole::Receive { limit, read: &mut read }, root).map_err(|e| match e {
+            Error::Serialization { ctx, detail } if ctx.peer.is_none() => Error::Serialization {
+                ctx: Context::new("broadcast_object", self.inner.name.clone(), self.inner.rank).with_peer(root),
+                detail,
+            },
+            other => other,
+        })?;
+        Ok(got)
+    }
+
     /// Returns once every rank entered.
     pub fn barrier(&self) -> Result<()> {
         self.check_ready()?;

@@ -152,6 +152,24 @@ pub fn encode_object_into<T: Serialize + ?Sized>(obj: &T, out: &mut Vec<u8>) -> 
     postcard::to_io(obj, out).map(|_| ()).map_err(|e| ser_err("encode_object", e))
 }
 
+/// An object as a [`crate::backend::BlobSource`]: encoded as
+/// [`encode_object`] does, straight into the backend's memory when it fits.
+#[derive(Debug)]
+pub struct Encoder<'a, T: ?Sized>(pub &'a T);
+
+impl<T: Serialize + ?Sized> crate::backend::BlobSource for Encoder<'_, T> {
+    fn write_into(&mut self, out: &mut [u8]) -> Result<Option<usize>> {
+        match postcard::to_slice(self.0, out) {
+            Ok(used) => Ok(Some(used.len())),
+            Err(postcard::Error::SerializeBufferFull) => Ok(None),
+            Err(e) => Err(ser_err("encode_object", e)),
+        }
+    }
+    fn write_vec(&mut self, out: &mut Vec<u8>) -> Result<()> {
+        encode_object_into(self.0, out)
+    }
+}
+
 /// Decodes a value written by [`encode_object`]. Trailing bytes are an error.
 pub fn decode_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     let (v, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|e| ser_err("decode_object", e))?;

@@ -16,7 +16,9 @@
 //!   sleeps on a bell in the header, which every signalling rank rings
 //!   while the header counts a sleeper.
 //! - **slot**: each rank's data area of `slot_bytes`, split into two
-//!   **halves**; consecutive transfer units alternate halves.
+//!   **halves**; consecutive transfer units alternate halves. The halves
+//!   of one parity lie side by side in rank order, so a unit's halves
+//!   form one contiguous **area** of `size` halves.
 //! - **unit**: one use of the slot halves (write, step, read). A rank writes
 //!   half `u % 2` again only at unit `u + 2`, after the step of unit `u + 1`,
 //!   which every rank signals only once it has finished reading unit `u`.
@@ -41,6 +43,13 @@
 //! - gather, scatter, all_to_all: write, step, read what is addressed to
 //!   this rank (scatter and all_to_all carry `n` blocks per slot half).
 //! - barrier: one step.
+//! - blob broadcast (an encoded object, length known only to the root):
+//!   one step carries the length inline; a blob that fits in the unit's
+//!   area is written there by the root (an object encoded in place) and
+//!   read in place by the others (decoded straight out of the segment), so
+//!   its bytes are written once and read once, and the root encodes the
+//!   next one into the other area while the others still decode. A larger
+//!   blob follows in units of one area.
 //!
 //! Every step carries a descriptor (operation, dtype, reduce op, length):
 //! ranks that call different collectives get [`Error::Mismatch`] naming the
@@ -60,6 +69,7 @@
 //! Rank 0 unlinks the segment's name as soon as every rank has attached, so
 //! nothing stays in `/dev/shm` even when ranks are killed later.
 
+use crate::backend::BlobRole;
 use crate::dtype::DType;
 use crate::error::{Context, Error, Result};
 use crate::reduce::{finish_avg, reduce_into, ReduceOp};
@@ -91,7 +101,7 @@ const CTRL: usize = 3 * LINE;
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 10;
+const VERSION: u64 = 11;
 /// Offset of the abort word in the header (see [`ShmAbort`]).
 const ABORT_AT: usize = 32;
 /// Offsets in the header of the number of ranks asleep in a step and of
@@ -102,6 +112,11 @@ const ABORT_AT: usize = 32;
 /// missed ring.
 const STEP_SLEEPERS_AT: usize = 40;
 const STEP_BELL_AT: usize = 48;
+/// Modes of a blob broadcast's header (see `ShmComm::broadcast_blob`): the
+/// blob is in the area, it follows in units, or the root failed to encode it.
+const BLOB_DIRECT: u64 = 1;
+const BLOB_STAGED: u64 = 2;
+const BLOB_FAILED: u64 = 3;
 /// Interval of the warning that names the ranks a step waits for.
 const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -522,9 +537,16 @@ impl ShmComm {
         unsafe { self.seg.bytes(self.line(j, p) + INLINE_AT, len) }
     }
 
+    /// Offset of the halves `u % 2` of every slot: they lie side by side,
+    /// in rank order (all halves 0, then all halves 1), so that a unit's
+    /// halves form one contiguous area of `size` halves.
+    fn unit_area_at(&self, u: u64) -> usize {
+        HEADER + self.size * CTRL + (u as usize & 1) * self.size * self.half
+    }
+
     /// Offset of half `u % 2` of rank `j`'s slot.
     fn slot_at(&self, j: usize, u: u64) -> usize {
-        HEADER + self.size * CTRL + j * self.slot + (u as usize & 1) * self.half
+        self.unit_area_at(u) + j * self.half
     }
 
     /// Read view of `len` bytes at `off` in half `u % 2` of rank `j`'s slot.
@@ -945,6 +967,140 @@ impl ShmComm {
             off += c;
         }
         Ok(())
+    }
+
+    /// Broadcast of a blob whose length only `root` knows (see the module
+    /// docs): the root passes [`BlobRole::Send`], every other rank
+    /// [`BlobRole::Receive`]; `scratch` stages a blob larger than one area.
+    /// Every rank completes the collective even when its side fails (an
+    /// encoding error on the root, a refused size or a decoding error
+    /// elsewhere), so the group stays in step, and then returns the error.
+    pub fn broadcast_blob(&mut self, role: BlobRole<'_>, scratch: &mut Vec<u8>, root: usize) -> Result<()> {
+        const OP: OpCode = OpCode::Object;
+        self.check()?;
+        self.args(OP).root(root)?;
+        if matches!(role, BlobRole::Send(_)) != (self.rank == root) {
+            return Err(Error::invalid(format!(
+                "blob broadcast in group {}: rank {} must {} since the root is rank {root}",
+                self.group,
+                self.rank,
+                if self.rank == root { "send" } else { "receive" }
+            )));
+        }
+        if self.size == 1 {
+            return Ok(());
+        }
+        let d = desc(OP, None, None, Some(root), 0);
+        let cap = self.size * self.half;
+        let u = self.next_unit();
+        match role {
+            BlobRole::Send(src) => {
+                let area_at = self.unit_area_at(u);
+                // SAFETY: unit `u`'s area, which only the root writes during
+                // the unit (the others write nothing in a broadcast), and
+                // which no rank reads before the step below publishes it:
+                // its last readers (unit u - 2) finished before signalling
+                // the step of unit u - 1, which this rank has passed.
+                let area = unsafe { self.seg.bytes_mut(area_at, cap) };
+                let mut failure = None;
+                let (len, mode) = match src.write_into(area) {
+                    Ok(Some(n)) if n <= cap => (n, BLOB_DIRECT),
+                    Ok(_) => {
+                        scratch.clear();
+                        match src.write_vec(scratch) {
+                            Ok(()) => {
+                                let c = cap.min(scratch.len());
+                                area[..c].copy_from_slice(&scratch[..c]);
+                                // A source that said it does not fit may
+                                // still make a blob that does.
+                                (scratch.len(), if scratch.len() <= cap { BLOB_DIRECT } else { BLOB_STAGED })
+                            }
+                            Err(e) => {
+                                failure = Some(e);
+                                (0, BLOB_FAILED)
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        (0, BLOB_FAILED)
+                    }
+                };
+                let header = [len as u64, mode];
+                self.step(OP, d, Some(bytemuck::bytes_of(&header)))?;
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                let mut off = cap.min(len);
+                while off < len {
+                    let c = cap.min(len - off);
+                    let u = self.next_unit();
+                    // SAFETY: as above, for unit `u`.
+                    unsafe { self.seg.write(self.unit_area_at(u), &scratch[off..off + c]) };
+                    self.step(OP, d, None)?;
+                    off += c;
+                }
+                Ok(())
+            }
+            BlobRole::Receive { limit, read } => {
+                self.step(OP, d, None)?;
+                let p = (self.step & 1) as usize;
+                let mut header = [0u64; 2];
+                bytemuck::bytes_of_mut(&mut header).copy_from_slice(self.inline(root, p, 16));
+                let [len, mode] = header;
+                let ctx = || self.ctx(OP).with_peer(root);
+                let refused = |len: u64| crate::backend::blob_refused(ctx(), root, len, limit);
+                match mode {
+                    BLOB_FAILED => Err(crate::backend::blob_not_made(ctx(), root)),
+                    BLOB_DIRECT if len as usize <= cap => {
+                        if len > limit as u64 {
+                            return Err(refused(len));
+                        }
+                        // SAFETY: published by the root's step, and not
+                        // written again before this rank's next step (see
+                        // the module docs).
+                        read(unsafe { self.seg.bytes(self.unit_area_at(u), len as usize) })
+                    }
+                    BLOB_STAGED if len as usize > cap => {
+                        let units = (len as usize).div_ceil(cap);
+                        let mut refusal = (len > limit as u64).then(|| refused(len));
+                        if refusal.is_none() {
+                            scratch.clear();
+                            if scratch.try_reserve_exact(len as usize).is_err() {
+                                refusal = Some(Error::OutOfMemory {
+                                    ctx: ctx(),
+                                    bytes: len,
+                                    detail: format!("an object of {len} bytes broadcast by rank {root}"),
+                                });
+                            }
+                        }
+                        let mut unit = u;
+                        for k in 0..units {
+                            if k > 0 {
+                                unit = self.next_unit();
+                                self.step(OP, d, None)?;
+                            }
+                            if refusal.is_none() {
+                                let c = cap.min(len as usize - k * cap);
+                                // SAFETY: as for the direct blob.
+                                scratch.extend_from_slice(unsafe { self.seg.bytes(self.unit_area_at(unit), c) });
+                            }
+                        }
+                        match refusal {
+                            Some(e) => Err(e),
+                            None => read(scratch),
+                        }
+                    }
+                    _ => {
+                        let e = Error::protocol(
+                            ctx(),
+                            format!("blob broadcast header [{len}, {mode}] from rank {root} is not valid"),
+                        );
+                        Err(self.fail(e))
+                    }
+                }
+            }
+        }
     }
 
     /// all_gather: `output.len() == size * input.len()`, rank order.
