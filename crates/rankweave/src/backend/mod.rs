@@ -33,6 +33,11 @@
 //! 2. [`Link`]: `abort` (tell the peers this rank failed) and `close`
 //!    (release connections; peers see this rank as gone), both callable
 //!    from any thread while an operation is in flight.
+//! 3. Optionally, [`Communicator::broadcast_blob`] (with
+//!    [`Communicator::has_blob_broadcast`]): a blob whose length only the
+//!    root knows in one collective, its bytes produced by a
+//!    [`BlobSource`] straight into the backend's memory. Without it the
+//!    group sends the length and the bytes as two broadcasts.
 //!
 //! It proves itself by passing the conformance suite,
 //! `crates/rankweave/tests/conformance/mod.rs` (every collective, dtype,
