@@ -735,6 +735,27 @@ impl ProcessGroup {
     /// does, through [`ProcessGroup::broadcast_blob`]: the others return
     /// `Some` of the decoded copy, the root `None`. A declared size above
     /// `limits.max_object_bytes` is refused before anything is allocated.
+    ///
+    /// ```
+    /// use rankweave::tensor::DecodeLimits;
+    /// use rankweave::{GroupOptions, HashStore, ProcessGroup, SharedStore};
+    /// use std::sync::Arc;
+    ///
+    /// let store: SharedStore = Arc::new(HashStore::new());
+    /// let ranks: Vec<_> = (0..2)
+    ///     .map(|rank| {
+    ///         let store = store.clone();
+    ///         std::thread::spawn(move || -> rankweave::Result<Option<Vec<String>>> {
+    ///             let pg = ProcessGroup::new_world(store, rank, 2, GroupOptions::default())?;
+    ///             let plan = vec!["decode".to_string(), "req-7".to_string()];
+    ///             pg.broadcast_object((rank == 0).then_some(&plan), 0, &DecodeLimits::default())
+    ///         })
+    ///     })
+    ///     .collect();
+    /// let got: Vec<_> = ranks.into_iter().map(|h| h.join().expect("rank thread").unwrap()).collect();
+    /// assert_eq!(got[0], None); // the root keeps its own
+    /// assert_eq!(got[1].as_deref(), Some(&["decode".to_string(), "req-7".to_string()][..]));
+    /// ```
     pub fn broadcast_object<T: Serialize + DeserializeOwned>(
         &self,
         obj: Option<&T>,
