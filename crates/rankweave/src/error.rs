@@ -238,6 +238,29 @@ impl Error {
         }
     }
 
+    /// Puts a serialization, allocation or protocol error raised below an
+    /// operation (a codec's, which names only itself) into that
+    /// operation's context `ctx`: its group and rank, and `ctx`'s peer
+    /// when it has one; the inner operation stays in brackets (`op
+    /// [decode_object]`). An error already placed in another group, and
+    /// every other kind, is returned as it is.
+    pub fn within(mut self, ctx: Context) -> Error {
+        if let Error::Serialization { .. } | Error::OutOfMemory { .. } | Error::Protocol { .. } = self {
+            if let Some(c) = self.context_mut() {
+                if c.group.is_empty() || c.group == ctx.group {
+                    let peer = ctx.peer.or(c.peer);
+                    let inner_op = std::mem::take(&mut c.op);
+                    *c = ctx;
+                    c.peer = peer;
+                    if !inner_op.is_empty() && inner_op != c.op {
+                        c.op = format!("{} [{inner_op}]", c.op);
+                    }
+                }
+            }
+        }
+        self
+    }
+
     /// The context of errors that carry one, mutable.
     pub fn context_mut(&mut self) -> Option<&mut Context> {
         match self {

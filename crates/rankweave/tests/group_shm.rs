@@ -459,11 +459,16 @@ fn object_broadcast_errors_name_the_root_and_leave_the_group_usable() {
             let res = g.broadcast_object::<Unencodable>((r == 1).then_some(&Unencodable), 1, &Default::default());
             let err = res.unwrap_err();
             if r == 1 {
-                // postcard keeps only the kind of a serializer's error.
-                assert!(matches!(err, Error::Serialization { .. }) && err.to_string().contains("encode"), "{err}");
+                // postcard keeps only the kind of a serializer's error; the
+                // context names the operation, the group and this rank.
+                let text = err.to_string();
+                assert!(matches!(err, Error::Serialization { .. }), "{err:?}");
+                assert!(text.contains("broadcast_object [encode_object]"), "{text}");
+                assert!(text.contains(&format!("in group {} on rank 1", g.name())), "{text}");
             } else {
                 assert_eq!(err.peer(), Some(1), "{err:?}");
                 assert!(err.to_string().contains("could not encode"), "{err}");
+                assert!(err.to_string().contains(&format!("in group {} on rank {r}", g.name())), "{err}");
             }
             // A receiver past its limit refuses before allocating. Over TCP the
             // refused bytes stay unreceived, so only shared memory goes on after it.

@@ -208,6 +208,11 @@ pub(crate) fn blob_refused(ctx: crate::error::Context, root: usize, len: u64, li
     }
 }
 
+/// The error of a receiver that cannot allocate the `len` bytes of a blob.
+pub(crate) fn blob_no_memory(ctx: crate::error::Context, root: usize, len: u64) -> Error {
+    Error::OutOfMemory { ctx, bytes: len, detail: format!("an object of {len} bytes broadcast by rank {root}") }
+}
+
 /// One rank's side of a blob broadcast.
 pub enum BlobRole<'a> {
     /// The root: what it sends.

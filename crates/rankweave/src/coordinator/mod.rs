@@ -940,7 +940,9 @@ impl GroupCoordinator {
                         .cpu
                         .broadcast_object::<T>(None, src, &self.inner.limits)
                         .map_err(|e| self.at_peer(e, op, src))?
-                        .ok_or_else(|| Error::invalid("broadcast_object: no object came back from the source")),
+                        .ok_or_else(|| {
+                            self.at_peer(Error::protocol(Context::op(op.name()), "no object came back"), op, src)
+                        }),
                 };
             }
             if let (true, Some(obj)) = (self.rank_in_group() == src, obj) {
@@ -1258,7 +1260,7 @@ impl GroupCoordinator {
     /// Attaches this group's context and `peer` to an error about bytes or
     /// sizes that peer sent.
     fn at_peer(&self, e: Error, op: CoordOp, peer: usize) -> Error {
-        with_ctx(e, self.ctx(op).with_peer(peer))
+        e.within(self.ctx(op).with_peer(peer))
     }
 }
 
@@ -1283,26 +1285,6 @@ fn stacked_shape(n: usize, shape: &[usize]) -> Vec<usize> {
 /// Position of `op` in [`ReduceOp::ALL`], as fingerprints carry it.
 fn op_index(op: ReduceOp) -> i64 {
     ReduceOp::ALL.iter().position(|o| *o == op).unwrap_or(0) as i64
-}
-
-/// Attaches `ctx` to an error about a peer's bytes (a serialization error,
-/// a declared size that does not fit in memory, a bad length) whose own
-/// context is only an operation name; the peer is kept when `ctx` has none.
-fn with_ctx(mut e: Error, ctx: Context) -> Error {
-    if let Error::Serialization { .. } | Error::OutOfMemory { .. } | Error::Protocol { .. } = e {
-        if let Some(c) = e.context_mut() {
-            if c.group.is_empty() || c.group == ctx.group {
-                let peer = ctx.peer.or(c.peer);
-                let inner_op = std::mem::take(&mut c.op);
-                *c = ctx;
-                c.peer = peer;
-                if !inner_op.is_empty() && inner_op != c.op {
-                    c.op = format!("{} [{inner_op}]", c.op);
-                }
-            }
-        }
-    }
-    e
 }
 
 #[cfg(test)]

@@ -715,11 +715,7 @@ impl ProcessGroup {
                 }
                 let n = len as usize;
                 if scratch.try_reserve_exact(n).is_err() {
-                    return Err(Error::OutOfMemory {
-                        ctx: ctx(),
-                        bytes: len,
-                        detail: format!("an object of {len} bytes broadcast by rank {root}"),
-                    });
+                    return Err(crate::backend::blob_no_memory(ctx(), root, len));
                 }
                 scratch.resize(n, 0);
                 if n > 0 {
@@ -762,6 +758,7 @@ impl ProcessGroup {
         root: usize,
         limits: &DecodeLimits,
     ) -> Result<Option<T>> {
+        let ctx = Context::new("broadcast_object", self.inner.name.clone(), self.inner.rank);
         if self.inner.rank == root {
             let obj = obj.ok_or_else(|| {
                 Error::invalid(format!(
@@ -769,7 +766,7 @@ impl ProcessGroup {
                     self.inner.name
                 ))
             })?;
-            self.broadcast_blob(BlobRole::Send(&mut codec::Encoder(obj)), root)?;
+            self.broadcast_blob(BlobRole::Send(&mut codec::Encoder(obj)), root).map_err(|e| e.within(ctx))?;
             return Ok(None);
         }
         let mut got = None;
@@ -778,13 +775,8 @@ impl ProcessGroup {
             Ok(())
         };
         let limit = usize::try_from(limits.max_object_bytes).unwrap_or(usize::MAX);
-        self.broadcast_blob(BlobRole::Receive { limit, read: &mut read }, root).map_err(|e| match e {
-            Error::Serialization { ctx, detail } if ctx.peer.is_none() => Error::Serialization {
-                ctx: Context::new("broadcast_object", self.inner.name.clone(), self.inner.rank).with_peer(root),
-                detail,
-            },
-            other => other,
-        })?;
+        self.broadcast_blob(BlobRole::Receive { limit, read: &mut read }, root)
+            .map_err(|e| e.within(ctx.with_peer(root)))?;
         Ok(got)
     }
 

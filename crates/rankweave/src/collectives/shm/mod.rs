@@ -1067,11 +1067,7 @@ impl ShmComm {
                         if refusal.is_none() {
                             scratch.clear();
                             if scratch.try_reserve_exact(len as usize).is_err() {
-                                refusal = Some(Error::OutOfMemory {
-                                    ctx: ctx(),
-                                    bytes: len,
-                                    detail: format!("an object of {len} bytes broadcast by rank {root}"),
-                                });
+                                refusal = Some(crate::backend::blob_no_memory(ctx(), root, len));
                             }
                         }
                         let mut unit = u;
