@@ -12,6 +12,11 @@ mem={}
 if os.path.exists(D+'/memcpy.csv'):
     for r in csv.DictReader(open(D+'/memcpy.csv')):
         if r['op']=='copy' and r['threads']=='1': mem[int(r['bytes'])]=float(r['median_s'])*1e6
+# The cross-core copy of docs/bench/xcore_copy.c (sizes 64 KiB x 4^k).
+xc={}
+if os.path.exists(D+'/xcore.csv'):
+    for r in csv.DictReader(open(D+'/xcore.csv')):
+        if r['op']=='cross': xc[int(r['bytes'])]=float(r['median_us'])
 def fmt(b):
     for u,s in ((1<<20,'MiB'),(1<<10,'KiB')):
         if b>=u: return f"{b//u} {s}"
@@ -20,7 +25,7 @@ keys=sorted({k[:4] for k in d})
 for tr in ('shm','tcp'):
     print(f"\n### {tr}\n")
     hdr="| op | N | size | Open MPI us | rankweave us | Open MPI / rankweave |"
-    if tr=='shm': hdr+=" memcpy us (1 thread) | memcpy / rankweave |"
+    if tr=='shm': hdr+=" memcpy us (1 thread) | memcpy / rankweave | cross-core copy us | cross-core / rankweave |"
     print(hdr); print("|"+"---|"*(hdr.count('|')-1))
     for k in keys:
         if k[0]!=tr: continue
@@ -33,4 +38,6 @@ for tr in ('shm','tcp'):
         if tr=='shm':
             m=mem.get(k[3])
             line+=f" {m:.4g} | {m/wm:.2f} |" if m else " - | - |"
+            x=xc.get(k[3])
+            line+=f" {x:.4g} | {x/wm:.2f} |" if x else " - | - |"
         print(line)

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Point-to-point and TCP goals in one run (docs/PERFORMANCE.md run 10): a
-# one-thread memcpy, rankweave's shared-memory sendrecv (and the zero-copy
+# one-thread memcpy and the host's cross-core copy, rankweave's shared-memory sendrecv (and the zero-copy
 # sendrecv_shm) beside Open MPI's vader, and rankweave's TCP sendrecv,
 # broadcast and all_reduce beside Open MPI's tcp btl, N = 2 and 4, ROUNDS
 # rounds; then the demo with one and two sequences (OLD=binary adds an
@@ -11,6 +11,7 @@
 set -u
 OUT=${OUT:-/tmp/p2p-goals}; mkdir -p $OUT
 RW=${RW:-$PWD/target/release/rankweave}
+BENCH_DIR=$PWD/docs/bench
 SHM_OPS=${SHM_OPS:-sendrecv}; ROUNDS=${ROUNDS:-2}
 A=${ANCHORS:-/tmp/anchors}; cd $A   # a copy of ../shared/bench-anchors (read-only where mounted)
 M=(mpirun --allow-run-as-root --oversubscribe --mca oob_tcp_if_include lo --mca pml ob1)
@@ -18,6 +19,11 @@ SHM=(--mca btl vader,self); TCP=(--mca btl tcp,self --mca btl_tcp_if_include lo)
 log() { echo "$(date +%T) $*" | tee -a $OUT/log; uptime >> $OUT/log; }
 [ -x memcpy_bw ] || gcc -O2 -Wall -pthread -o memcpy_bw memcpy_bw.c
 log memcpy; ./memcpy_bw 2 $OUT/memcpy.csv > $OUT/memcpy.txt 2>&1
+# The host's cross-core copy (docs/bench/xcore_copy.c): the bound of any
+# copying transfer between two processes on two cores, which moves with
+# where the hypervisor puts the two vCPUs (run 17).
+gcc -O2 -Wall -pthread -o $OUT/xcore_copy $BENCH_DIR/xcore_copy.c \
+  && { log xcore; $OUT/xcore_copy $OUT/xcore.csv > $OUT/xcore.txt 2>&1; }
 for r in $(seq 1 $ROUNDS); do
   for n in 2 4; do
     mx=64M; [ $n = 2 ] && mx=256M
