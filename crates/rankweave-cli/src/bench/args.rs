@@ -134,6 +134,11 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
 
+    /// Also print each rank's own median and mean per size (and add them
+    /// to the CSV's note), to see which rank sets the reported time.
+    #[arg(long = "per-rank")]
+    pub per_rank: bool,
+
     /// Write the results as CSV (the anchors' columns).
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
@@ -286,6 +291,8 @@ pub struct Config {
     pub bind: crate::bind::BindTo,
     /// Per-operation deadline.
     pub timeout: Duration,
+    /// `--per-rank`.
+    pub per_rank: bool,
     /// `--csv`.
     pub csv: Option<PathBuf>,
     /// `--json`.
@@ -381,6 +388,7 @@ impl Config {
             nproc,
             bind: a.bind_to,
             timeout: Duration::from_secs_f64(a.timeout),
+            per_rank: a.per_rank,
             csv: a.csv.clone(),
             json: a.json.clone(),
             plot: a.plot.clone(),

@@ -87,7 +87,7 @@ pub struct Plan {
 pub const MIN_ITERS: usize = 3;
 
 /// Timings of one measurement, identical on every rank.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stats {
     /// Median seconds per operation.
     pub median_s: f64,
@@ -97,6 +97,17 @@ pub struct Stats {
     pub min_s: f64,
     /// Timed iterations.
     pub iters: usize,
+    /// Each rank's own `[median, mean]` seconds per operation, in rank
+    /// order: in loop mode its per-op deltas, in sync mode its own time
+    /// from entry to exit (the reported figures are cross-rank).
+    pub per_rank: Vec<[f64; 2]>,
+}
+
+/// Every rank's `[median, mean]`, rank after rank.
+fn gather_pairs(comm: &ProcessGroup, mine: [f64; 2]) -> Result<Vec<[f64; 2]>> {
+    let mut all = vec![[0f64; 2]; comm.size()];
+    comm.all_gather_bytes(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all))?;
+    Ok(all)
 }
 
 /// The median of `v` (mean of the two middle values for an even length); 0 when empty.
@@ -186,8 +197,9 @@ fn time_loop(comm: &ProcessGroup, plan: &Plan, div: f64, f: &mut dyn FnMut() -> 
     let mean = (prev - start).as_secs_f64() / iters as f64 / div;
     let min = deltas.iter().copied().fold(f64::INFINITY, f64::min);
     let mut st = [median(&mut deltas), mean, min];
+    let per_rank = gather_pairs(comm, [st[0], st[1]])?;
     max_over_ranks(comm, &mut st)?;
-    Ok(Stats { median_s: st[0], mean_s: st[1], min_s: st[2], iters })
+    Ok(Stats { median_s: st[0], mean_s: st[1], min_s: st[2], iters, per_rank })
 }
 
 fn time_sync(comm: &ProcessGroup, plan: &Plan, div: f64, f: &mut dyn FnMut() -> Result<()>) -> Result<Stats> {
@@ -216,6 +228,9 @@ fn time_sync(comm: &ProcessGroup, plan: &Plan, div: f64, f: &mut dyn FnMut() -> 
         f()?;
         stamps[2 * i + 1] = mono_ns();
     }
+    let mut own: Vec<f64> = stamps.chunks_exact(2).map(|p| (p[1] - p[0]).max(0) as f64 * 1e-9 / div).collect();
+    let own_mean = own.iter().sum::<f64>() / iters as f64;
+    let per_rank = gather_pairs(comm, [median(&mut own), own_mean])?;
     let all = gather_i64(comm, &stamps)?;
     let n = comm.size();
     let mut lat: Vec<f64> = (0..iters)
@@ -227,7 +242,7 @@ fn time_sync(comm: &ProcessGroup, plan: &Plan, div: f64, f: &mut dyn FnMut() -> 
         .collect();
     let mean = lat.iter().sum::<f64>() / iters as f64;
     let min = lat.iter().copied().fold(f64::INFINITY, f64::min);
-    Ok(Stats { median_s: median(&mut lat), mean_s: mean, min_s: min, iters })
+    Ok(Stats { median_s: median(&mut lat), mean_s: mean, min_s: min, iters, per_rank })
 }
 
 #[cfg(test)]
@@ -390,6 +405,11 @@ mod tests {
         assert_eq!(stats[0], stats[1], "identical on every rank");
         assert_eq!(stats[0].iters, 5);
         assert!(stats[0].median_s >= 0.003 && stats[0].min_s >= 0.003, "{:?}", stats[0]);
+        // Each rank's own figures: rank 0 does not wait for rank 1 here.
+        let own = &stats[0].per_rank;
+        assert_eq!(own.len(), 2);
+        assert!(own[1][0] >= 0.003 && own[1][1] >= 0.003, "{own:?}");
+        assert!(own[0][0] < 0.003, "{own:?}");
     }
 
     #[test]
@@ -408,6 +428,11 @@ mod tests {
         assert_eq!(stats[0].iters, 4);
         // 4 ms on the slowest rank, halved by div = 2.
         assert!(stats[0].median_s >= 0.002 && stats[0].median_s < 0.05, "{:?}", stats[0]);
+        // Only rank 2's own time holds the sleep.
+        let own = &stats[0].per_rank;
+        assert_eq!(own.len(), 3);
+        assert!(own[2][0] >= 0.002 && own[2][1] >= 0.002, "{own:?}");
+        assert!(own[0][0] < 0.002 && own[1][0] < 0.002, "{own:?}");
     }
 
     #[test]
@@ -422,7 +447,7 @@ mod tests {
             let s = measure(c, Mode::Sync, &plan, 1.0, &mut f).unwrap();
             (l, s)
         });
-        let (l, s) = stats[0];
+        let (l, s) = &stats[0];
         assert!((MIN_ITERS..=30).contains(&l.iters), "{l:?}");
         assert!((MIN_ITERS..=7).contains(&s.iters), "{s:?}");
     }

@@ -156,6 +156,9 @@ pub fn run_suite(
                 wrong_total += wrong;
                 let cell = cell_of(&rec, cfg.check);
                 out.line(&table.row(rec.bytes, rec.count, "object", "none", cfg.root as i64, Some(cell), None));
+                if let Some(line) = per_rank_line(&rec) {
+                    out.line(&line);
+                }
                 records.push(rec);
             }
         } else {
@@ -179,12 +182,15 @@ pub fn run_suite(
                 wrong_total += wrong;
                 bench.prepare_timing();
                 let stats = harness::measure(comm, mode, &cfg.plan, op.time_divisor(), &mut || bench.run(comm))?;
-                let rec = record(op, mode, n, layout.bytes, layout.count as u64, stats, cfg, impl_name, wrong);
+                let rec = record(op, mode, n, layout.bytes, layout.count as u64, &stats, cfg, impl_name, wrong);
                 let cell = cell_of(&rec, cfg.check);
                 let (oop, ip) = if op.in_place() { (None, Some(cell)) } else { (Some(cell), None) };
                 let redop = if op.reduces() { cfg.redop.name() } else { "none" };
                 let root = if op.rooted() { cfg.root as i64 } else { -1 };
                 out.line(&table.row(layout.bytes, layout.count as u64, cfg.dtype.name(), redop, root, oop, ip));
+                if let Some(line) = per_rank_line(&rec) {
+                    out.line(&line);
+                }
                 records.push(rec);
             }
         }
@@ -205,13 +211,13 @@ fn record(
     n: usize,
     bytes: u64,
     count: u64,
-    st: harness::Stats,
+    st: &harness::Stats,
     cfg: &Config,
     impl_name: &str,
     wrong: u64,
 ) -> Record {
     let algbw = if st.median_s > 0.0 { bytes as f64 / st.median_s / 1e9 } else { 0.0 };
-    Record {
+    let mut rec = Record {
         impl_name: impl_name.to_string(),
         op: op.csv_name().to_string(),
         mode: mode.name().to_string(),
@@ -237,7 +243,33 @@ fn record(
         root: if op.rooted() { cfg.root as i64 } else { -1 },
         in_place: op.in_place(),
         wrong,
+    };
+    add_per_rank(&mut rec, st, cfg);
+    rec
+}
+
+/// Where `--per-rank` puts each rank's own figures in a record's note.
+const PER_RANK_TAG: &str = "per-rank median/mean us:";
+
+/// With `--per-rank`: appends each rank's own median and mean to the note
+/// (`r0 5.62/5.84 r1 5.86/5.84`; no commas, so it survives the CSV).
+fn add_per_rank(rec: &mut Record, st: &harness::Stats, cfg: &Config) {
+    if !cfg.per_rank || st.per_rank.is_empty() {
+        return;
     }
+    let figures: Vec<String> = st
+        .per_rank
+        .iter()
+        .enumerate()
+        .map(|(r, [median, mean])| format!("r{r} {:.3}/{:.3}", median * 1e6, mean * 1e6))
+        .collect();
+    let text = format!("{PER_RANK_TAG} {}", figures.join(" "));
+    rec.note = if rec.note.is_empty() { text } else { format!("{}; {text}", rec.note) };
+}
+
+/// The `--per-rank` line printed under a record's row, if its note has one.
+fn per_rank_line(rec: &Record) -> Option<String> {
+    rec.note.find(PER_RANK_TAG).map(|i| format!("#   {}", &rec.note[i..]))
 }
 
 fn measure_object(
@@ -259,8 +291,9 @@ fn measure_object(
     }
     let mut f = || ops::broadcast_object(comm, mine, root).map(|_| ());
     let stats = harness::measure(comm, mode, &cfg.plan, 1.0, &mut f)?;
-    let mut rec = record(op, mode, comm.size(), size.anchor_bytes(), encoded, stats, cfg, impl_name, wrong);
+    let mut rec = record(op, mode, comm.size(), size.anchor_bytes(), encoded, &stats, cfg, impl_name, wrong);
     rec.note = format!("obj={} encoded={encoded}B (postcard); bytes = the anchors' pickled size", size.label());
+    add_per_rank(&mut rec, &stats, cfg);
     Ok((rec, wrong))
 }
 
@@ -289,12 +322,13 @@ fn measure_mq(comm: &ProcessGroup, q: &MessageQueue, cfg: &Config, mode: Mode, s
     }
     let stats = harness::measure(comm, mode, &cfg.plan, 1.0, &mut || once().map(|_| ()))?;
     let mut rec =
-        record(OpKind::Mq, mode, comm.size(), size.anchor_bytes(), encoded, stats, cfg, "rankweave-mq", wrong);
+        record(OpKind::Mq, mode, comm.size(), size.anchor_bytes(), encoded, &stats, cfg, "rankweave-mq", wrong);
     rec.note = format!(
         "obj={} encoded={encoded}B (postcard) readers={}; bytes = the anchors' pickled size",
         size.label(),
         comm.size().saturating_sub(1)
     );
+    add_per_rank(&mut rec, &stats, cfg);
     Ok((rec, wrong))
 }
 
@@ -367,6 +401,32 @@ mod tests {
                 assert_eq!(res[0].1, 0, "{d} {o}: {}", res[0].2.join("\n"));
             }
         }
+    }
+
+    #[test]
+    fn per_rank_figures_are_printed_and_kept_in_the_note_only_when_asked() {
+        let res = suite(3, "all_reduce,sendrecv,bcast_obj --sizes 8,1K -n 2 -w 0 --mode both --per-rank", None);
+        let (recs, wrong, lines) = &res[0];
+        assert_eq!(*wrong, 0);
+        assert!(!recs.is_empty());
+        for r in recs {
+            let i = r.note.find(PER_RANK_TAG).unwrap_or_else(|| panic!("no per-rank figures: {r:?}"));
+            let figures: Vec<&str> = r.note[i + PER_RANK_TAG.len()..].split_whitespace().collect();
+            assert_eq!(figures.len(), 6, "three ranks, a label and a pair each: {}", r.note);
+            for (k, rank) in figures.chunks(2).enumerate() {
+                assert_eq!(rank[0], format!("r{k}"));
+                let (median, mean) = rank[1].split_once('/').unwrap();
+                assert!(median.parse::<f64>().unwrap() >= 0.0 && mean.parse::<f64>().unwrap() >= 0.0, "{}", r.note);
+            }
+            assert!(!r.note.contains(','), "the note stays one CSV field: {}", r.note);
+        }
+        let sr = recs.iter().find(|r| r.op == "sendrecv").unwrap();
+        assert!(sr.note.starts_with("half round trip r0<->r1; per-rank"), "{}", sr.note);
+        let printed = lines.iter().filter(|l| l.starts_with(&format!("#   {PER_RANK_TAG} r0 "))).count();
+        assert_eq!(printed, recs.len(), "{}", lines.join("\n"));
+        let plain = suite(2, "all_reduce --sizes 8 -n 2 -w 0", None);
+        assert!(plain[0].0.iter().all(|r| !r.note.contains(PER_RANK_TAG)));
+        assert!(plain[0].2.iter().all(|l| !l.contains(PER_RANK_TAG)));
     }
 
     #[test]
