@@ -1,7 +1,8 @@
 #!/bin/bash
 # Point-to-point and TCP goals in one run (docs/PERFORMANCE.md run 10): a
-# one-thread memcpy and the host's cross-core copy, rankweave's shared-memory sendrecv (and the zero-copy
-# sendrecv_shm) beside Open MPI's vader, and rankweave's TCP sendrecv,
+# one-thread memcpy and the host's cross-core copy (run 17), rankweave's
+# shared-memory sendrecv (and the zero-copy sendrecv_shm) beside Open
+# MPI's vader, and rankweave's TCP sendrecv,
 # broadcast and all_reduce beside Open MPI's tcp btl, N = 2 and 4, ROUNDS
 # rounds; then the demo with one and two sequences (OLD=binary adds an
 # older build's demo). Tables: python3 docs/bench/p2p-goals.py $OUT.

@@ -103,7 +103,8 @@ pub struct Stats {
     pub per_rank: Vec<[f64; 2]>,
 }
 
-/// Every rank's `[median, mean]`, rank after rank.
+/// Every rank's `[median, mean]`, rank after rank (loop mode; sync mode
+/// has every rank's stamps already).
 fn gather_pairs(comm: &ProcessGroup, mine: [f64; 2]) -> Result<Vec<[f64; 2]>> {
     let mut all = vec![[0f64; 2]; comm.size()];
     comm.all_gather_bytes(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all))?;
@@ -228,11 +229,17 @@ fn time_sync(comm: &ProcessGroup, plan: &Plan, div: f64, f: &mut dyn FnMut() -> 
         f()?;
         stamps[2 * i + 1] = mono_ns();
     }
-    let mut own: Vec<f64> = stamps.chunks_exact(2).map(|p| (p[1] - p[0]).max(0) as f64 * 1e-9 / div).collect();
-    let own_mean = own.iter().sum::<f64>() / iters as f64;
-    let per_rank = gather_pairs(comm, [median(&mut own), own_mean])?;
     let all = gather_i64(comm, &stamps)?;
     let n = comm.size();
+    // Each rank's own entry-to-exit times, from the stamps every rank now has.
+    let per_rank = all
+        .chunks_exact(2 * iters)
+        .map(|rank| {
+            let mut own: Vec<f64> = rank.chunks_exact(2).map(|p| (p[1] - p[0]).max(0) as f64 * 1e-9 / div).collect();
+            let own_mean = own.iter().sum::<f64>() / iters as f64;
+            [median(&mut own), own_mean]
+        })
+        .collect();
     let mut lat: Vec<f64> = (0..iters)
         .map(|i| {
             let t0 = (0..n).map(|r| all[r * 2 * iters + 2 * i]).max().unwrap_or(0);

@@ -254,7 +254,7 @@ const PER_RANK_TAG: &str = "per-rank median/mean us:";
 /// With `--per-rank`: appends each rank's own median and mean to the note
 /// (`r0 5.62/5.84 r1 5.86/5.84`; no commas, so it survives the CSV).
 fn add_per_rank(rec: &mut Record, st: &harness::Stats, cfg: &Config) {
-    if !cfg.per_rank || st.per_rank.is_empty() {
+    if !cfg.per_rank {
         return;
     }
     let figures: Vec<String> = st
