@@ -7,16 +7,21 @@ for f in glob.glob(D+'/*-r*.csv'):
     who,tr=b.split('-')[0],b.split('-')[1]
     for r in csv.DictReader(open(f)):
         if r['mode']!='loop': continue
-        d[(tr,r['op'],int(r['world_size']),int(r['bytes']),who)].append(float(r['median_us']))
+        # rwhuge: rankweave with --huge-pages, its own rows beside Open MPI's sendrecv
+        op=r['op']+'_huge' if who=='rwhuge' else r['op']
+        d[(tr,op,int(r['world_size']),int(r['bytes']),'rw' if who=='rwhuge' else who)].append(float(r['median_us']))
 mem={}
 if os.path.exists(D+'/memcpy.csv'):
     for r in csv.DictReader(open(D+'/memcpy.csv')):
         if r['op']=='copy' and r['threads']=='1': mem[int(r['bytes'])]=float(r['median_s'])*1e6
-# The cross-core copy of docs/bench/xcore_copy.c (sizes 64 KiB x 4^k).
-xc={}
-if os.path.exists(D+'/xcore.csv'):
-    for r in csv.DictReader(open(D+'/xcore.csv')):
-        if r['op']=='cross': xc[int(r['bytes'])]=float(r['median_us'])
+# The cross-core copy of docs/bench/xcore_copy.c (sizes 64 KiB x 4^k), the
+# median over its runs (before and after the rounds), and its 1 MiB windows.
+xcs=collections.defaultdict(list); win=[]
+for f in sorted(glob.glob(D+'/xcore*.csv')):
+    for r in csv.DictReader(open(f)):
+        if r['op']=='cross': xcs[int(r['bytes'])].append(float(r['median_us']))
+        if r['op']=='cross_window': win.append(float(r['median_us']))
+xc={b:st.median(v) for b,v in xcs.items()}
 def fmt(b):
     for u,s in ((1<<20,'MiB'),(1<<10,'KiB')):
         if b>=u: return f"{b//u} {s}"
@@ -41,3 +46,6 @@ for tr in ('shm','tcp'):
             x=xc.get(k[3])
             line+=f" {x:.4g} | {x/wm:.2f} |" if x else " - | - |"
         print(line)
+    if tr=='shm' and win:
+        print(f"\nCross-core copy of 1 MiB in {len(win)} windows of the probe's runs: {min(win):.4g}-{max(win):.4g} us"
+              f" (hot memcpy {mem.get(1<<20,float('nan')):.4g} us).")

@@ -314,6 +314,45 @@ fn send_recv_default_to_next_and_prev() {
 }
 
 #[test]
+fn large_tensors_on_huge_pages_cross_intact_both_ways() {
+    use rankweave::tensor::{Storage, HUGE_PAGE_MIN};
+    // One tensor above the huge-page threshold (its storage is a huge-page
+    // mapping on both sides) and one below, each way.
+    let sizes = [HUGE_PAGE_MIN + 4096 + 12, HUGE_PAGE_MIN / 2 + 8];
+    let pattern = |rank: usize, n: usize| -> Tensor {
+        Tensor::from_vec((0..n as i32).map(|i| i.wrapping_mul(-1640531535) ^ rank as i32).collect::<Vec<_>>(), [n])
+            .unwrap()
+    };
+    let out = run_ranks(2, move |rank, store| {
+        let s = world_state(store, 2, rank);
+        let w = world(&s);
+        let mut got = Vec::new();
+        for bytes in sizes {
+            let n = bytes / 4;
+            let x = pattern(rank, n);
+            let r = if rank == 0 {
+                w.send(&x, None).unwrap();
+                w.recv(&[n], DType::I32, None).unwrap()
+            } else {
+                let r = w.recv(&[n], DType::I32, None).unwrap();
+                w.send(&x, None).unwrap();
+                r
+            };
+            let huge = matches!(r.storage(), Storage::Host(h) if h.on_huge_pages());
+            got.push((r, huge));
+        }
+        got
+    });
+    let on = !matches!(std::env::var("RANKWEAVE_HUGE_PAGES").as_deref(), Ok("0" | "off" | "no" | "false"));
+    for (rank, got) in out.into_iter().enumerate() {
+        for ((r, huge), bytes) in got.into_iter().zip(sizes) {
+            assert_eq!(r, pattern(1 - rank, bytes / 4), "rank {rank}, {bytes} bytes");
+            assert_eq!(huge, on && bytes >= HUGE_PAGE_MIN, "rank {rank}, {bytes} bytes");
+        }
+    }
+}
+
+#[test]
 fn barrier_and_destroy() {
     run_ranks(3, |rank, store| {
         let s = world_state(store, 3, rank);

@@ -184,3 +184,39 @@ fn sizes_that_do_not_fit_in_memory_are_errors() {
     let e = rankweave::tensor::HostBuffer::try_zeroed(usize::MAX).unwrap_err();
     assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
 }
+
+#[test]
+fn large_host_buffers_lie_on_huge_pages_and_behave_like_any_other() {
+    use rankweave::tensor::{HostBuffer, HUGE_PAGE_MIN};
+    // RANKWEAVE_HUGE_PAGES=0 turns the policy off; the rest holds either way.
+    let on = !matches!(std::env::var("RANKWEAVE_HUGE_PAGES").as_deref(), Ok("0" | "off" | "no" | "false"));
+    let small = HostBuffer::try_zeroed(HUGE_PAGE_MIN - 1).unwrap();
+    assert!(!small.on_huge_pages());
+    let len = HUGE_PAGE_MIN + 4096 + 5;
+    let mut big = HostBuffer::try_zeroed(len).unwrap();
+    assert_eq!(big.on_huge_pages(), on);
+    if on {
+        assert_eq!(big.as_bytes().as_ptr() as usize % (2 << 20), 0, "a huge page boundary");
+    }
+    assert_eq!(big.len(), len);
+    assert!(big.as_bytes().iter().all(|&b| b == 0));
+    for (i, b) in big.as_bytes_mut().iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let mut copy = big.clone();
+    assert_eq!(copy.on_huge_pages(), on);
+    assert_eq!(copy.as_bytes(), big.as_bytes());
+    copy.as_bytes_mut()[len - 1] ^= 0xff;
+    assert_ne!(copy.as_bytes()[len - 1], big.as_bytes()[len - 1], "a clone shares no bytes with its source");
+    let from = HostBuffer::from_bytes(big.as_bytes());
+    assert_eq!((from.on_huge_pages(), from.as_bytes()), (on, big.as_bytes()));
+    // Asked for, huge pages whatever the size; the tail past `len` reads zero.
+    let tiny = HostBuffer::try_zeroed_huge(13).unwrap();
+    assert!(tiny.on_huge_pages() && tiny.len() == 13 && tiny.as_bytes().iter().all(|&b| b == 0));
+    assert!(HostBuffer::try_zeroed_huge(0).unwrap().is_empty());
+    // A typed view of a huge-page tensor (8-byte aligned like any other).
+    let t = Tensor::zeros([HUGE_PAGE_MIN / 8 + 1], DType::F64).unwrap();
+    assert_eq!(t.to_vec::<f64>().unwrap().len(), HUGE_PAGE_MIN / 8 + 1);
+    let e = HostBuffer::try_zeroed_huge(usize::MAX).unwrap_err();
+    assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
+}

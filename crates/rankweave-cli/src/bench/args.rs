@@ -139,6 +139,14 @@ pub struct BenchOptions {
     #[arg(long = "per-rank")]
     pub per_rank: bool,
 
+    /// Allocate each rank's buffers on transparent huge pages (a mapping
+    /// of whole 2 MiB pages each) instead of plain heap memory; the CSV's
+    /// note says so. The kernel's copy between processes pins pages one by
+    /// one, so large shared-memory messages between huge-page buffers move
+    /// faster (docs/PERFORMANCE.md, run 18).
+    #[arg(long = "huge-pages")]
+    pub huge_pages: bool,
+
     /// Write the results as CSV (the anchors' columns).
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
@@ -293,6 +301,8 @@ pub struct Config {
     pub timeout: Duration,
     /// `--per-rank`.
     pub per_rank: bool,
+    /// `--huge-pages`.
+    pub huge_pages: bool,
     /// `--csv`.
     pub csv: Option<PathBuf>,
     /// `--json`.
@@ -389,6 +399,7 @@ impl Config {
             bind: a.bind_to,
             timeout: Duration::from_secs_f64(a.timeout),
             per_rank: a.per_rank,
+            huge_pages: a.huge_pages,
             csv: a.csv.clone(),
             json: a.json.clone(),
             plot: a.plot.clone(),

@@ -222,28 +222,51 @@ pub fn layout(op: OpKind, size: u64, dtype: DType, n: usize) -> Layout {
     }
 }
 
-/// A heap buffer aligned for every dtype (8 bytes), viewed as bytes or typed.
+/// A heap buffer aligned for every dtype (8 bytes), viewed as bytes or typed:
+/// plain heap memory (what the anchors' buffers are), or with
+/// `--huge-pages` a mapping on transparent huge pages
+/// ([`rankweave::tensor::HostBuffer::try_zeroed_huge`]).
 pub struct Buf {
-    words: Vec<u64>,
+    words: BufWords,
     len: usize,
 }
 
+enum BufWords {
+    Plain(Vec<u64>),
+    Huge(rankweave::tensor::HostBuffer),
+}
+
 impl Buf {
-    /// `len` zero bytes.
+    /// `len` zero bytes of plain heap memory.
     pub fn zeroed(len: usize) -> Buf {
-        Buf { words: vec![0u64; len.div_ceil(8)], len }
+        Buf { words: BufWords::Plain(vec![0u64; len.div_ceil(8)]), len }
+    }
+    /// `len` zero bytes on huge pages (a whole huge page at least).
+    pub fn zeroed_huge(len: usize) -> Result<Buf> {
+        Ok(Buf { words: BufWords::Huge(rankweave::tensor::HostBuffer::try_zeroed_huge(len)?), len })
+    }
+    /// Whether the bytes lie on huge pages.
+    #[cfg(test)]
+    pub fn huge(&self) -> bool {
+        matches!(self.words, BufWords::Huge(_))
     }
     /// The bytes.
     pub fn bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice(&self.words)[..self.len]
+        match &self.words {
+            BufWords::Plain(w) => &bytemuck::cast_slice(w)[..self.len],
+            BufWords::Huge(h) => h.as_bytes(),
+        }
     }
     /// The bytes, mutable.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+        match &mut self.words {
+            BufWords::Plain(w) => &mut bytemuck::cast_slice_mut(w)[..self.len],
+            BufWords::Huge(h) => h.as_bytes_mut(),
+        }
     }
     /// Sets every byte to zero.
     pub fn zero(&mut self) {
-        self.words.fill(0);
+        self.bytes_mut().fill(0);
     }
 }
 
@@ -473,6 +496,19 @@ impl CollBench {
             zc_check: false,
             zc_wrong: 0,
         })
+    }
+
+    /// With `huge`, puts the buffers on huge pages (`--huge-pages`); the
+    /// zero-copy and object operations keep theirs.
+    pub fn huge_pages(mut self, huge: bool) -> Result<CollBench> {
+        if huge {
+            for buf in [&mut self.a, &mut self.b] {
+                if buf.len > 0 {
+                    *buf = Buf::zeroed_huge(buf.len)?;
+                }
+            }
+        }
+        Ok(self)
     }
 
     /// Fills the inputs with this rank's verifiable pattern and the outputs
@@ -757,6 +793,28 @@ pub fn broadcast_object(comm: &ProcessGroup, obj: Option<&BenchObject>, root: us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_page_buffers_replace_plain_ones_and_keep_their_size() {
+        let layout = layout(OpKind::SendRecv, 3 << 20, DType::F32, 2);
+        let plain = CollBench::new(OpKind::SendRecv, layout, DType::F32, ReduceOp::Sum, 0, 0, 2).unwrap();
+        assert!(!plain.a.huge() && !plain.b.huge());
+        let mut huge = CollBench::new(OpKind::SendRecv, layout, DType::F32, ReduceOp::Sum, 0, 0, 2)
+            .unwrap()
+            .huge_pages(true)
+            .unwrap();
+        assert!(huge.a.huge() && huge.b.huge());
+        assert_eq!((huge.a.bytes().len(), huge.b.bytes().len()), (3 << 20, 3 << 20));
+        huge.a.bytes_mut()[5] = 9;
+        huge.a.zero();
+        assert!(huge.a.bytes().iter().all(|&b| b == 0));
+        // Ranks without buffers (here rank 2 of a sendrecv) keep none.
+        let idle = CollBench::new(OpKind::SendRecv, layout, DType::F32, ReduceOp::Sum, 0, 2, 3)
+            .unwrap()
+            .huge_pages(true)
+            .unwrap();
+        assert!(idle.a.bytes().is_empty() && !idle.a.huge());
+    }
 
     #[test]
     fn busbw_factors_follow_nccl_tests() {

@@ -171,7 +171,8 @@ pub fn run_suite(
                 }
                 seen.push(layout.bytes);
                 out.progress(done, total, &format!("{} {} {}", op.name(), mode.name(), report::fmt_size(layout.bytes)));
-                let mut bench = CollBench::new(op, layout, cfg.dtype, cfg.redop, cfg.root, rank, n)?;
+                let mut bench =
+                    CollBench::new(op, layout, cfg.dtype, cfg.redop, cfg.root, rank, n)?.huge_pages(cfg.huge_pages)?;
                 let wrong = if cfg.check {
                     bench.prepare_check();
                     bench.run(comm)?;
@@ -244,9 +245,15 @@ fn record(
         in_place: op.in_place(),
         wrong,
     };
+    if cfg.huge_pages && !op.is_object() && op != OpKind::SendRecvShm {
+        rec.note = if rec.note.is_empty() { HUGE_TAG.into() } else { format!("{}; {HUGE_TAG}", rec.note) };
+    }
     add_per_rank(&mut rec, st, cfg);
     rec
 }
+
+/// What the note of a record measured with `--huge-pages` says.
+pub const HUGE_TAG: &str = "buffers on huge pages";
 
 /// Where `--per-rank` puts each rank's own figures in a record's note.
 const PER_RANK_TAG: &str = "per-rank median/mean us:";
@@ -427,6 +434,20 @@ mod tests {
         let plain = suite(2, "all_reduce --sizes 8 -n 2 -w 0", None);
         assert!(plain[0].0.iter().all(|r| !r.note.contains(PER_RANK_TAG)));
         assert!(plain[0].2.iter().all(|l| !l.contains(PER_RANK_TAG)));
+    }
+
+    #[test]
+    fn huge_page_buffers_are_checked_and_named_in_the_note() {
+        let res = suite(2, "all_reduce,sendrecv,all_gather,bcast_obj --sizes 8,3M -n 2 -w 0 --huge-pages", None);
+        let (recs, wrong, _) = &res[0];
+        assert_eq!(*wrong, 0);
+        for r in recs {
+            assert_eq!(r.note.contains(HUGE_TAG), r.op != "bcast_obj", "{r:?}");
+        }
+        let sr = recs.iter().find(|r| r.op == "sendrecv" && r.bytes == 3 << 20).unwrap();
+        assert_eq!(sr.note, format!("half round trip r0<->r1; {HUGE_TAG}"));
+        let plain = suite(2, "sendrecv --sizes 8 -n 2 -w 0", None);
+        assert!(plain[0].0.iter().all(|r| !r.note.contains(HUGE_TAG)));
     }
 
     #[test]

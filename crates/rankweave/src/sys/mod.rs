@@ -16,6 +16,9 @@
 //!   checks the remote range), and the caller's protocol must keep the
 //!   remote buffer alive and unchanged during the call.
 //!
+//! - `huge::HugeWords` owns zeroed anonymous memory at a huge page
+//!   boundary, advised as transparent huge pages (large host buffers).
+//!
 //! - `futex::wait`/`wake` sleep on and wake a word of a shared mapping
 //!   (process-shared futexes on the low half of a 64-bit counter).
 //!
@@ -23,6 +26,7 @@
 
 pub(crate) mod cma;
 pub(crate) mod futex;
+pub(crate) mod huge;
 pub(crate) mod net;
 pub(crate) mod proc;
 pub(crate) mod shm;

@@ -240,10 +240,72 @@ impl Storage {
 
 /// Zero-initialized host bytes in `u64` words, so that views of every
 /// element type are aligned; bytes past [`HostBuffer::len`] stay zero.
-#[derive(Clone, Default)]
+///
+/// From [`HUGE_PAGE_MIN`] bytes a buffer is a mapping of its own, of whole
+/// 2 MiB pages advised as transparent huge pages. The kernel's copy between
+/// two processes (the shared-memory point-to-point's split copy of a large
+/// tensor) pins the pages it copies one by one and faults fresh ones in one
+/// by one; on the machine of `docs/PERFORMANCE.md` (run 18) a pipeline
+/// stage's `send` of a tensor and the next stage's `recv` into a fresh one
+/// took 0.39-0.69 of the time between plain buffers at 16 MiB and
+/// 0.22-0.24 at 64 MiB. (At 4-8 MiB it took 0.52-0.98 in two rounds, but
+/// 1.4-3.1x as long in a third that caught the host's slow state, hence
+/// the threshold.) The last huge page is allocated whole, so such a buffer
+/// takes up to 2 MiB (an eighth) more memory than it holds;
+/// `RANKWEAVE_HUGE_PAGES=0` keeps every buffer on the heap.
+#[derive(Default)]
 pub struct HostBuffer {
-    words: Vec<u64>,
+    words: Words,
     len: usize,
+}
+
+/// Where a [`HostBuffer`]'s words are.
+enum Words {
+    Heap(Vec<u64>),
+    Huge(crate::sys::huge::HugeWords),
+}
+
+impl Default for Words {
+    fn default() -> Self {
+        Words::Heap(Vec::new())
+    }
+}
+
+impl Words {
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Words::Heap(v) => v,
+            Words::Huge(h) => h.as_slice(),
+        }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u64] {
+        match self {
+            Words::Heap(v) => v,
+            Words::Huge(h) => h.as_mut_slice(),
+        }
+    }
+}
+
+/// Smallest [`HostBuffer`] that [`HostBuffer::try_zeroed`] puts on huge
+/// pages (eight of them, 16 MiB: the memory a buffer takes beyond its bytes
+/// is then at most an eighth of them).
+pub const HUGE_PAGE_MIN: usize = 8 * crate::sys::huge::HUGE_PAGE;
+
+/// Whether large host buffers go on huge pages: not when
+/// `RANKWEAVE_HUGE_PAGES` is `0`, `off`, `no` or `false`.
+fn huge_pages_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| {
+        std::env::var("RANKWEAVE_HUGE_PAGES")
+            .map(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "off" | "no" | "false"))
+            .unwrap_or(true)
+    })
+}
+
+impl Clone for HostBuffer {
+    fn clone(&self) -> Self {
+        HostBuffer::from_bytes(self.as_bytes())
+    }
 }
 
 impl std::fmt::Debug for HostBuffer {
@@ -264,19 +326,37 @@ impl std::fmt::Debug for Storage {
 
 impl HostBuffer {
     /// `len` zero bytes, or [`Error::OutOfMemory`] when they cannot be
-    /// allocated (the allocator refused, or the size overflows).
+    /// allocated (the allocator refused, or the size overflows). From
+    /// [`HUGE_PAGE_MIN`] bytes they lie on huge pages (see the type's docs).
     pub fn try_zeroed(len: usize) -> Result<HostBuffer> {
-        let words = try_zeroed_vec::<u64>(len.div_ceil(8)).ok_or_else(|| Error::OutOfMemory {
-            ctx: Context::op("alloc"),
-            bytes: len as u64,
-            detail: "host tensor storage".into(),
-        })?;
-        Ok(HostBuffer { words, len })
+        let n = len.div_ceil(8);
+        if len >= HUGE_PAGE_MIN && huge_pages_wanted() {
+            if let Some(h) = crate::sys::huge::HugeWords::zeroed(n) {
+                return Ok(HostBuffer { words: Words::Huge(h), len });
+            }
+        }
+        let words = try_zeroed_vec::<u64>(n).ok_or_else(|| out_of_memory(len))?;
+        Ok(HostBuffer { words: Words::Heap(words), len })
+    }
+    /// `len` zero bytes on huge pages whatever their number (a mapping of
+    /// whole 2 MiB pages, so a small buffer takes a whole huge page of
+    /// memory): for a buffer below [`HUGE_PAGE_MIN`] that carries large
+    /// point-to-point messages again and again (on the machine of
+    /// `docs/PERFORMANCE.md`, run 18, a 1 MiB sendrecv between such buffers
+    /// took 0.5 of the time between plain ones). [`Error::OutOfMemory`] when
+    /// the kernel refuses the mapping; where it has no huge pages the buffer
+    /// keeps base pages.
+    pub fn try_zeroed_huge(len: usize) -> Result<HostBuffer> {
+        let h = crate::sys::huge::HugeWords::zeroed(len.div_ceil(8)).ok_or_else(|| out_of_memory(len))?;
+        Ok(HostBuffer { words: Words::Huge(h), len })
     }
     /// A copy of `bytes` (memory the caller already holds, so this does not
-    /// fail).
+    /// fail), on huge pages from [`HUGE_PAGE_MIN`] bytes.
     pub fn from_bytes(bytes: &[u8]) -> HostBuffer {
-        let mut b = HostBuffer { words: vec![0u64; bytes.len().div_ceil(8)], len: bytes.len() };
+        let mut b = HostBuffer::try_zeroed(bytes.len()).unwrap_or_else(|_| HostBuffer {
+            words: Words::Heap(vec![0u64; bytes.len().div_ceil(8)]),
+            len: bytes.len(),
+        });
         b.as_bytes_mut().copy_from_slice(bytes);
         b
     }
@@ -288,14 +368,23 @@ impl HostBuffer {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Whether the bytes are a mapping advised as huge pages (whether the
+    /// kernel granted them is its choice).
+    pub fn on_huge_pages(&self) -> bool {
+        matches!(self.words, Words::Huge(_))
+    }
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
+        &bytemuck::cast_slice::<u64, u8>(self.words.as_slice())[..self.len]
     }
     /// The bytes, mutable.
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[..self.len]
+        &mut bytemuck::cast_slice_mut::<u64, u8>(self.words.as_mut_slice())[..self.len]
     }
+}
+
+fn out_of_memory(len: usize) -> Error {
+    Error::OutOfMemory { ctx: Context::op("alloc"), bytes: len as u64, detail: "host tensor storage".into() }
 }
 
 fn not_on_host(device: Device) -> Error {
