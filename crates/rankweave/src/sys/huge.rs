@@ -8,7 +8,7 @@
 //! `process_vm_writev`, the split copy of the shared-memory point-to-point)
 //! pins the pages it copies one by one, and on the machine of
 //! `docs/PERFORMANCE.md` (run 18) that pinning made a 4 MiB copy between
-//! base pages 2.1x as long as between huge pages.
+//! base pages 2.1-2.4x as long as between huge pages.
 //!
 //! Where the kernel has no transparent huge pages, or refuses the advice,
 //! the mapping keeps base pages and works the same.
@@ -44,7 +44,7 @@ impl HugeWords {
     /// to whole huge pages: a tail on base pages would be faulted in one
     /// base page at a time, and on the machine of `docs/PERFORMANCE.md`
     /// (run 18) the split copy into a fresh 3 MiB buffer whose last MiB was
-    /// on base pages took 2.8x as long as into one on two huge pages. The
+    /// on base pages took about 3x as long as into one on two huge pages. The
     /// memory past the words is touched by nobody, but a huge page is
     /// allocated whole: up to one huge page more than the words need.
     pub(crate) fn zeroed(n: usize) -> Option<HugeWords> {
