@@ -4,11 +4,11 @@
 //! [`HugeWords`] owns one private anonymous mapping of whole huge pages
 //! that starts at a huge page boundary and is advised `MADV_HUGEPAGE`
 //! before any byte of it is touched, so that the kernel backs each 2 MiB of
-//! it with one huge page where it can. The kernel's copy between two processes (`process_vm_readv` /
-//! `process_vm_writev`, the split copy of the shared-memory point-to-point)
-//! pins the pages it copies one by one, and on the machine of
-//! `docs/PERFORMANCE.md` (run 18) that pinning made a 4 MiB copy between
-//! base pages 2.1-2.4x as long as between huge pages.
+//! it with one huge page where it can. The kernel's copy between two
+//! processes (`process_vm_readv` / `process_vm_writev`, the split copy of
+//! the shared-memory point-to-point) pins the pages it copies one by one,
+//! and on the machine of `docs/PERFORMANCE.md` (run 18) that pinning made a
+//! 4 MiB copy between base pages 2.1-2.4x as long as between huge pages.
 //!
 //! Where the kernel has no transparent huge pages, or refuses the advice,
 //! the mapping keeps base pages and works the same.
@@ -64,9 +64,14 @@ impl HugeWords {
             )
         }
         .ok()?;
-        let start = (base.as_ptr() as usize).next_multiple_of(HUGE_PAGE);
-        let head = start - base.as_ptr() as usize;
+        let head = (base.as_ptr() as usize).next_multiple_of(HUGE_PAGE) - base.as_ptr() as usize;
         let tail = span - head - mapped;
+        // SAFETY: `head < HUGE_PAGE < span`, so both pointers stay inside
+        // the mapping just made (the second at most at its end).
+        let (ptr, end) = unsafe {
+            let ptr = base.cast::<u8>().add(head);
+            (ptr, ptr.add(mapped))
+        };
         // SAFETY: both ranges lie inside the mapping just made, start and end
         // on base page boundaries (mmap returns page-aligned memory, and
         // `mapped` is a multiple of the huge page), and nothing refers to
@@ -76,15 +81,14 @@ impl HugeWords {
                 let _ = munmap(base, head);
             }
             if tail > 0 {
-                let _ = munmap(NonNull::new_unchecked((start + mapped) as *mut std::ffi::c_void), tail);
+                let _ = munmap(end.cast(), tail);
             }
         }
-        let ptr = NonNull::new(start as *mut std::ffi::c_void)?;
         // Refused where the kernel has no transparent huge pages: base pages
         // then, which is what any other buffer has.
         // SAFETY: the advice covers exactly our mapping and changes only how
         // the kernel backs it.
-        let _ = unsafe { madvise(ptr, mapped, MmapAdvise::MADV_HUGEPAGE) };
+        let _ = unsafe { madvise(ptr.cast(), mapped, MmapAdvise::MADV_HUGEPAGE) };
         Some(HugeWords { ptr: ptr.cast(), n, mapped })
     }
 

@@ -251,8 +251,10 @@ impl Storage {
 /// 0.22-0.24 at 64 MiB. (At 4-8 MiB it took 0.52-0.98 in two rounds, but
 /// 1.4-3.1x as long in a third that caught the host's slow state, hence
 /// the threshold.) The last huge page is allocated whole, so such a buffer
-/// takes up to 2 MiB (an eighth) more memory than it holds;
-/// `RANKWEAVE_HUGE_PAGES=0` keeps every buffer on the heap.
+/// takes up to 2 MiB (an eighth) more memory than it holds, and a fresh one
+/// of 16-32 MiB takes longer to fault in than the heap block glibc recycles
+/// for that size (up to about 0.7 ms more there); `RANKWEAVE_HUGE_PAGES=0`
+/// keeps every buffer on the heap.
 #[derive(Default)]
 pub struct HostBuffer {
     words: Words,
