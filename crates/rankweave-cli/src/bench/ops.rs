@@ -222,7 +222,7 @@ pub fn layout(op: OpKind, size: u64, dtype: DType, n: usize) -> Layout {
     }
 }
 
-/// A heap buffer aligned for every dtype (8 bytes), viewed as bytes or typed:
+/// A buffer aligned for every dtype (8 bytes), viewed as bytes or typed:
 /// plain heap memory (what the anchors' buffers are), or with
 /// `--huge-pages` a mapping on transparent huge pages
 /// ([`rankweave::tensor::HostBuffer::try_zeroed_huge`]).
