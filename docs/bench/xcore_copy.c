@@ -122,7 +122,8 @@ static char *thp_buffer(size_t len, int fill) {
 }
 
 /* Median seconds of `reps` process_vm_readv copies between two huge-page
- * buffers of `len` bytes (0 when they cannot be mapped). */
+ * buffers of `len` bytes (0, and no row, when they cannot be mapped or
+ * read). */
 static double cma_thp(size_t len, int reps) {
     static double t[MAX_REPS];
     char *src = thp_buffer(len, 1), *dst = thp_buffer(len, 2);
