@@ -166,6 +166,7 @@ fn bad_arguments_exit_with_2_and_say_why() {
         &["bench", "nope", "--nproc", "2"],
         &["bench", "broadcast", "--nproc", "2", "-r", "5"],
         &["bench", "all_reduce", "-b", "64K", "-e", "1K", "--nproc", "2"],
+        &["bench", "all_reduce", "--nproc", "2", "--busy-threads", "65"],
     ] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
@@ -333,4 +334,49 @@ fn sendrecv_shm_checks_every_element_and_is_refused_over_tcp() {
     let o = run(&["bench", "sendrecv_shm", "--nproc", "2", "--transport", "tcp", "--sizes", "8", "-n", "2"]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("zero-copy shared-memory buffers"), "{}", text(&o));
+}
+
+#[test]
+fn busy_threads_beside_the_ranks_are_named_in_every_row_and_change_no_result() {
+    let csv = tmp("busy.csv");
+    let o = run(&[
+        "bench",
+        "sendrecv,all_reduce",
+        "--nproc",
+        "2",
+        "--transport",
+        "tcp,shm",
+        "--busy-threads",
+        "1",
+        "--sizes",
+        "8,64K",
+        "-n",
+        "20",
+        "-w",
+        "2",
+        "--check",
+        "1",
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("# 1 busy thread beside the ranks"), "{}", text(&o));
+    assert!(out.contains("Out of bounds values : 0 OK"), "{}", text(&o));
+    let body = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = body.lines().skip(1).collect();
+    // two ops, two transports, two sizes
+    assert_eq!(rows.len(), 8, "{body}");
+    assert!(rows.iter().all(|r| r.contains("1 busy thread beside the ranks")), "{body}");
+    // Under a launcher nothing spawns the ranks, so nothing runs the threads.
+    let o = bin()
+        .args(["bench", "all_reduce", "--busy-threads", "1"])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--busy-threads needs --nproc"), "{}", text(&o));
 }

@@ -15,7 +15,8 @@
 //! 2. yield: `yield_now` until the wait has lasted [`YIELD_FOR`], handing
 //!    the core to a runnable peer sharing it. This stage must outlast one
 //!    sleep of the peer: when it is shorter, two ranks fall into a convoy in
-//!    which each one sleeps while the other one arrives;
+//!    which each one sleeps while the other one arrives. While yields are
+//!    costly (see [`yield_core`]) this stage spins instead;
 //! 3. sleep: intervals that double from [`SLEEP_MIN`] up to [`SLEEP_MAX`],
 //!    and up to [`IDLE_SLEEP_MAX`] once the wait has lasted [`LONG_IDLE`]
 //!    (an idle reader polling between requests costs almost nothing).
@@ -24,6 +25,8 @@
 //! an [`Error::Timeout`](crate::Error::Timeout) that names the operation,
 //! the group and the late peer.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Spin iterations before the first yield.
@@ -115,7 +118,7 @@ impl Backoff {
         let started = *self.started.get_or_insert_with(Instant::now);
         if self.step == SPIN_LIMIT {
             if started.elapsed() < YIELD_FOR {
-                std::thread::yield_now();
+                yield_or_spin();
                 return;
             }
             self.step += 1;
@@ -123,6 +126,149 @@ impl Backoff {
         sleep(self.sleep);
         let cap = if started.elapsed() >= LONG_IDLE { IDLE_SLEEP_MAX } else { SLEEP_MAX };
         self.sleep = (self.sleep * 2).min(cap);
+    }
+}
+
+/// A yield that returns after this long handed the core to a task that
+/// kept it for a time slice. Ranks waiting on each other yield back within
+/// microseconds; a busy task of another program (or a busy thread) that
+/// shares the core keeps it until its time slice ends: 2-4 ms on the
+/// project's 2-core VM (`HZ=250`), every time the waiting rank yields.
+pub(crate) const COSTLY_YIELD: Duration = Duration::from_micros(500);
+/// How long yields stay off after the first costly one; each costly yield
+/// right after a hold doubles the next hold, up to [`COSTLY_HOLD_MAX`].
+pub(crate) const COSTLY_HOLD_MIN: Duration = Duration::from_millis(250);
+/// Longest hold: a core that stays shared loses at most one time slice per
+/// hold to the yield that probes it (4 ms in 8 s).
+pub(crate) const COSTLY_HOLD_MAX: Duration = Duration::from_secs(8);
+
+/// When yielding is worth it (see [`yield_core`]): off for a while after a
+/// yield that took longer than [`COSTLY_YIELD`], always on where this
+/// process's ranks outnumber the node's CPUs. Times are nanoseconds since
+/// the guard's epoch; races between threads only move a hold's ends.
+#[derive(Debug)]
+pub(crate) struct YieldGuard {
+    epoch: OnceLock<Instant>,
+    /// Ranks of this node in the largest group this process joined.
+    local_ranks: AtomicUsize,
+    /// Yields are off until this time (0: on).
+    off_until: AtomicU64,
+    /// Length of the last hold.
+    hold: AtomicU64,
+}
+
+impl YieldGuard {
+    pub(crate) const fn new() -> Self {
+        YieldGuard {
+            epoch: OnceLock::new(),
+            local_ranks: AtomicUsize::new(0),
+            off_until: AtomicU64::new(0),
+            hold: AtomicU64::new(0),
+        }
+    }
+
+    fn nanos(&self, t: Instant) -> u64 {
+        let epoch = *self.epoch.get_or_init(|| t);
+        u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Calls `yield_fn` unless yields are off now; returns whether it did.
+    pub(crate) fn yield_with(&self, cpus: usize, yield_fn: impl FnOnce()) -> bool {
+        if self.local_ranks.load(Ordering::Relaxed) > cpus {
+            yield_fn();
+            return true;
+        }
+        let now = Instant::now();
+        let at = self.nanos(now);
+        let off_until = self.off_until.load(Ordering::Relaxed);
+        if at < off_until {
+            return false;
+        }
+        yield_fn();
+        let took = now.elapsed();
+        if took > COSTLY_YIELD {
+            self.costly(at, off_until, took);
+        } else if off_until != 0 {
+            // The first cheap yield after a hold: the core is ours again.
+            self.off_until.store(0, Ordering::Relaxed);
+            self.hold.store(0, Ordering::Relaxed);
+        }
+        true
+    }
+
+    #[cold]
+    fn costly(&self, at: u64, off_until: u64, took: Duration) {
+        let (min, max) = (COSTLY_HOLD_MIN.as_nanos() as u64, COSTLY_HOLD_MAX.as_nanos() as u64);
+        // Costly again right after a hold: hold twice as long.
+        let hold =
+            if off_until != 0 { self.hold.load(Ordering::Relaxed).saturating_mul(2).clamp(min, max) } else { min };
+        self.hold.store(hold, Ordering::Relaxed);
+        self.off_until.store(at.saturating_add(hold), Ordering::Relaxed);
+        tracing::debug!(
+            "a yield kept this rank off its core for {took:.1?}: a busy task shares it; waits spin for {:?} instead",
+            Duration::from_nanos(hold)
+        );
+    }
+
+    /// The length of the current or last hold (zero when none).
+    #[cfg(test)]
+    fn hold(&self) -> Duration {
+        Duration::from_nanos(self.hold.load(Ordering::Relaxed))
+    }
+}
+
+static GUARD: YieldGuard = YieldGuard::new();
+
+/// CPUs online on this node (`sysconf(_SC_NPROCESSORS_ONLN)`), not only
+/// those this process may use: a launcher that binds each rank to a CPU of
+/// its own leaves each rank one, and the ranks together all of them.
+fn node_cpus() -> usize {
+    static CPUS: OnceLock<usize> = OnceLock::new();
+    *CPUS.get_or_init(|| match nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN) {
+        Ok(Some(n)) if n > 0 => usize::try_from(n).unwrap_or(1),
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    })
+}
+
+/// Records that a group of this process has `n` ranks on this node. Where
+/// some group has more ranks here than the node has CPUs, a long yield is
+/// what ranks sharing a core do to each other, and [`yield_core`] always
+/// yields.
+pub(crate) fn note_local_ranks(n: usize) {
+    GUARD.local_ranks.fetch_max(n, Ordering::Relaxed);
+}
+
+/// Hands the core to another runnable task (`sched_yield`), unless yields
+/// were found costly lately; returns whether it yielded.
+///
+/// A waiting rank yields so that a peer queued on its core can run at once.
+/// When the task queued there is a busy task of someone else (a thread of
+/// the engine, another program), the yield gives it the rest of its time
+/// slice, and the rank stays off its core although the message it waits for
+/// arrived microseconds later: an 8 B TCP sendrecv between 2 ranks on 2
+/// cores took 2.0 ms with one busy loop beside them, against 5 us without
+/// (`docs/PERFORMANCE.md`, run 19). A yield that took longer than
+/// [`COSTLY_YIELD`] therefore turns yields off in this process for a hold
+/// ([`COSTLY_HOLD_MIN`], doubling while they stay costly, at most
+/// [`COSTLY_HOLD_MAX`]), and callers spin instead: their busy stage is
+/// bounded, a longer wait still sleeps, and the awaited event's wake-up
+/// preempts the busy task.
+///
+/// Where this process's ranks outnumber the node's CPUs
+/// ([`note_local_ranks`]) every call yields: there a long yield handed the
+/// core to a peer rank doing awaited work, and a rank that spun instead
+/// would keep the peer from it (4 ranks on 2 cores, an 8 B shared-memory
+/// all_reduce 5.6 -> 26-428 us when it did).
+#[inline]
+pub(crate) fn yield_core() -> bool {
+    GUARD.yield_with(node_cpus(), std::thread::yield_now)
+}
+
+/// [`yield_core`], or a spin hint while yields are off.
+#[inline]
+pub(crate) fn yield_or_spin() {
+    if !yield_core() {
+        std::hint::spin_loop();
     }
 }
 
@@ -170,6 +316,61 @@ mod tests {
     #[test]
     fn current_cpu_is_known_on_linux() {
         assert!(current_cpu() < 4096);
+    }
+
+    #[test]
+    fn a_costly_yield_turns_yields_off_for_a_hold_that_doubles_while_they_stay_costly() {
+        let g = YieldGuard::new();
+        let slow = || std::thread::sleep(COSTLY_YIELD + Duration::from_millis(1));
+        // A cheap yield changes nothing.
+        let mut calls = 0;
+        assert!(g.yield_with(2, || calls += 1));
+        assert_eq!((calls, g.hold()), (1, Duration::ZERO));
+        // A costly one: yields are off, and `yield_fn` is not called.
+        assert!(g.yield_with(2, slow));
+        assert_eq!(g.hold(), COSTLY_HOLD_MIN);
+        assert!(!g.yield_with(2, || calls += 1));
+        assert_eq!(calls, 1);
+        // At the end of the hold a costly yield again: twice the hold.
+        g.off_until.store(1, Ordering::Relaxed);
+        assert!(g.yield_with(2, slow));
+        assert_eq!(g.hold(), 2 * COSTLY_HOLD_MIN);
+        assert!(!g.yield_with(2, || calls += 1));
+        // Doubling stops at the cap.
+        for _ in 0..8 {
+            g.off_until.store(1, Ordering::Relaxed);
+            g.yield_with(2, slow);
+        }
+        assert_eq!(g.hold(), COSTLY_HOLD_MAX);
+        // A cheap yield after the hold: yields are on again, from the start.
+        g.off_until.store(1, Ordering::Relaxed);
+        assert!(g.yield_with(2, || calls += 1));
+        assert_eq!((calls, g.hold()), (2, Duration::ZERO));
+        assert!(g.yield_with(2, || calls += 1));
+        assert_eq!(calls, 3);
+        assert!(g.yield_with(2, slow));
+        assert_eq!(g.hold(), COSTLY_HOLD_MIN);
+    }
+
+    #[test]
+    fn ranks_that_outnumber_the_cpus_always_yield() {
+        let g = YieldGuard::new();
+        g.local_ranks.fetch_max(3, Ordering::Relaxed);
+        let slow = || std::thread::sleep(COSTLY_YIELD + Duration::from_millis(1));
+        let mut calls = 0;
+        assert!(g.yield_with(2, slow));
+        assert!(g.yield_with(2, || calls += 1));
+        assert_eq!((calls, g.hold()), (1, Duration::ZERO));
+        // With more CPUs than ranks the same costly yield turns yields off.
+        assert!(g.yield_with(4, slow));
+        assert!(!g.yield_with(4, || calls += 1));
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn node_cpus_counts_at_least_the_cpus_this_process_may_use() {
+        let mine = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(node_cpus() >= mine, "{} online CPUs, {mine} usable", node_cpus());
     }
 
     #[test]

@@ -147,6 +147,12 @@ pub struct BenchOptions {
     #[arg(long = "huge-pages")]
     pub huge_pages: bool,
 
+    /// With --nproc: run this many CPU-bound threads in the spawning
+    /// process while the ranks run (as an engine's other threads or another
+    /// program would); the CSV's note says so.
+    #[arg(long = "busy-threads", value_name = "N", default_value_t = 0)]
+    pub busy_threads: usize,
+
     /// Write the results as CSV (the anchors' columns).
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
@@ -303,6 +309,8 @@ pub struct Config {
     pub per_rank: bool,
     /// `--huge-pages`.
     pub huge_pages: bool,
+    /// `--busy-threads`.
+    pub busy_threads: usize,
     /// `--csv`.
     pub csv: Option<PathBuf>,
     /// `--json`.
@@ -370,6 +378,12 @@ impl Config {
                 _ => Err(Error::invalid(format!("--nproc: `{p}` is not a number of ranks (1..=1024)"))),
             })?,
         };
+        if a.busy_threads > 0 && nproc.is_empty() {
+            return Err(Error::invalid("--busy-threads needs --nproc (the spawning process runs them)"));
+        }
+        if a.busy_threads > 64 {
+            return Err(Error::invalid(format!("--busy-threads {} is more than 64", a.busy_threads)));
+        }
         for &n in &nproc {
             if a.root >= n && ops.iter().any(|o| o.rooted()) {
                 return Err(Error::invalid(format!("-r/--root {} is out of range for {n} ranks", a.root)));
@@ -400,6 +414,7 @@ impl Config {
             timeout: Duration::from_secs_f64(a.timeout),
             per_rank: a.per_rank,
             huge_pages: a.huge_pages,
+            busy_threads: a.busy_threads,
             csv: a.csv.clone(),
             json: a.json.clone(),
             plot: a.plot.clone(),

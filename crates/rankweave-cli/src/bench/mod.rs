@@ -18,6 +18,7 @@
 //! Every operation runs on a [`ProcessGroup`] directly.
 
 pub mod args;
+pub mod busy;
 pub mod harness;
 pub mod ops;
 pub mod plot;
@@ -66,13 +67,29 @@ pub fn run(args: impl std::borrow::Borrow<BenchArgs>) -> Result<i32> {
 fn run_spawner(cfg: &Config) -> Result<i32> {
     let mut records = Vec::new();
     let mut code = 0;
+    let busy = match cfg.busy_threads {
+        0 => None,
+        n => {
+            println!("# {}", busy::tag(n));
+            Some(busy::BusyThreads::start(n, busy::MAX_RUN)?)
+        }
+    };
     for &n in &cfg.nproc {
-        let (c, recs) = spawn::run_world(n, cfg.bind)?;
+        let (c, mut recs) = spawn::run_world(n, cfg.bind)?;
+        if cfg.busy_threads > 0 {
+            let tag = busy::tag(cfg.busy_threads);
+            for r in &mut recs {
+                r.note = if r.note.is_empty() { tag.clone() } else { format!("{}; {tag}", r.note) };
+            }
+        }
         records.extend(recs);
         if c != 0 {
             code = c;
             break;
         }
+    }
+    if let Some(b) = busy {
+        b.stop();
     }
     write_outputs(cfg, &records)?;
     Ok(code)

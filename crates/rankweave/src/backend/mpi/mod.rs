@@ -891,7 +891,7 @@ impl MpiComm {
                 if Instant::now() >= deadline {
                     return false;
                 }
-                std::thread::yield_now();
+                crate::sync::yield_or_spin();
                 true
             })
             .map_err(|c| self.peer_err("recv", c, src))?;
@@ -956,7 +956,7 @@ impl MpiComm {
                     format!("{want} bytes from rank {src}"),
                 ));
             }
-            std::thread::yield_now();
+            crate::sync::yield_or_spin();
         };
         if matched.tag != tag || matched.len != want {
             let (t, len) = (matched.tag, matched.len);
@@ -976,7 +976,7 @@ impl MpiComm {
                 spins += 1;
                 std::hint::spin_loop();
             } else {
-                std::thread::yield_now();
+                crate::sync::yield_or_spin();
             }
         });
         self.slot.disarm();

@@ -349,6 +349,7 @@ impl ShmComm {
         if size == 0 || rank >= size {
             return Err(Error::invalid(format!("shm communicator rank {rank} of {size}")));
         }
+        crate::sync::note_local_ranks(size);
         // A group of one never moves data: keep its segment tiny.
         let slot = if size == 1 { 2 * LINE } else { opts.slot() };
         let len = segment_bytes(size, slot)
