@@ -161,6 +161,8 @@ impl Runtime {
         node.free();
         let (local_rank, local_size) =
             (local.0.map_err(|c| err("MPI_Comm_rank", c))?, local.1.map_err(|c| err("MPI_Comm_size", c))?);
+        // Ranks that outnumber the node's CPUs keep yielding in every wait.
+        crate::sync::note_local_ranks(local_size);
         let tags = Tags::new(ffi::tag_ub().map_err(|c| err("MPI_Comm_get_attr(MPI_TAG_UB)", c))?);
         tracing::debug!(rank, size, local_rank, local_size, serialized = ffi::serialized(), library = %ffi::library_version(), ?tags, "MPI initialized");
         let rt = Arc::new(Runtime {
