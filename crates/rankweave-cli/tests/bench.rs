@@ -29,6 +29,20 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Runs `bench ARGS --check 1 --csv NAME`, which must succeed with every
+/// element right; returns its standard output and the CSV.
+fn run_checked_csv(name: &str, args: &[&str]) -> (String, String) {
+    let csv = tmp(name);
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--check", "1", "--csv", csv.to_str().unwrap()]);
+    let o = run(&all);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("Out of bounds values : 0 OK"), "{}", text(&o));
+    (out, std::fs::read_to_string(&csv).unwrap())
+}
+
 const COLUMNS: &str = "impl,op,mode,world_size,bytes,iters,median_us,mean_us,min_us,algbw_GBps,busbw_GBps,note";
 
 #[test]
@@ -304,29 +318,10 @@ fn shared_memory_transport_checks_out_and_leaves_nothing_in_dev_shm() {
 
 #[test]
 fn sendrecv_shm_checks_every_element_and_is_refused_over_tcp() {
-    let csv = tmp("zc.csv");
-    let o = run(&[
-        "bench",
-        "sendrecv_shm",
-        "--nproc",
-        "2",
-        "--transport",
-        "shm",
-        "--sizes",
-        "8,70K,3M",
-        "-n",
-        "3",
-        "-w",
-        "1",
-        "--check",
-        "1",
-        "--csv",
-        csv.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("Out of bounds values : 0 OK"), "{}", text(&o));
-    let body = std::fs::read_to_string(&csv).unwrap();
+    let (_, body) = run_checked_csv(
+        "zc.csv",
+        &["sendrecv_shm", "--nproc", "2", "--transport", "shm", "--sizes", "8,70K,3M", "-n", "3", "-w", "1"],
+    );
     let rows: Vec<&str> = body.lines().skip(1).filter(|r| r.split(',').nth(1) == Some("sendrecv_shm")).collect();
     assert_eq!(rows.len(), 3, "{body}");
     assert!(rows.iter().all(|r| r.contains("zero-copy")), "{body}");
@@ -338,32 +333,9 @@ fn sendrecv_shm_checks_every_element_and_is_refused_over_tcp() {
 
 #[test]
 fn busy_threads_beside_the_ranks_are_named_in_every_row_and_change_no_result() {
-    let csv = tmp("busy.csv");
-    let o = run(&[
-        "bench",
-        "sendrecv,all_reduce",
-        "--nproc",
-        "2",
-        "--transport",
-        "tcp,shm",
-        "--busy-threads",
-        "1",
-        "--sizes",
-        "8,64K",
-        "-n",
-        "20",
-        "-w",
-        "2",
-        "--check",
-        "1",
-        "--csv",
-        csv.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("# 1 busy thread beside the ranks"), "{}", text(&o));
-    assert!(out.contains("Out of bounds values : 0 OK"), "{}", text(&o));
-    let body = std::fs::read_to_string(&csv).unwrap();
+    let args = "sendrecv,all_reduce --nproc 2 --transport tcp,shm --busy-threads 1 --sizes 8,64K -n 20 -w 2";
+    let (out, body) = run_checked_csv("busy.csv", &args.split(' ').collect::<Vec<_>>());
+    assert!(out.contains("# 1 busy thread beside the ranks"), "{out}");
     let rows: Vec<&str> = body.lines().skip(1).collect();
     // two ops, two transports, two sizes
     assert_eq!(rows.len(), 8, "{body}");
