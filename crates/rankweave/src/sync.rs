@@ -118,7 +118,7 @@ impl Backoff {
         let started = *self.started.get_or_insert_with(Instant::now);
         if self.step == SPIN_LIMIT {
             if started.elapsed() < YIELD_FOR {
-                yield_or_spin();
+                yield_core();
                 return;
             }
             self.step += 1;
@@ -238,8 +238,9 @@ pub(crate) fn note_local_ranks(n: usize) {
     GUARD.local_ranks.fetch_max(n, Ordering::Relaxed);
 }
 
-/// Hands the core to another runnable task (`sched_yield`), unless yields
-/// were found costly lately; returns whether it yielded.
+/// One turn of a polling wait's yield stage: hands the core to another
+/// runnable task (`sched_yield`), or, while yields were found costly lately,
+/// gives a CPU spin hint instead.
 ///
 /// A waiting rank yields so that a peer queued on its core can run at once.
 /// When the task queued there is a busy task of someone else (a thread of
@@ -250,7 +251,7 @@ pub(crate) fn note_local_ranks(n: usize) {
 /// (`docs/PERFORMANCE.md`, run 19). A yield that took longer than
 /// [`COSTLY_YIELD`] therefore turns yields off in this process for a hold
 /// ([`COSTLY_HOLD_MIN`], doubling while they stay costly, at most
-/// [`COSTLY_HOLD_MAX`]), and callers spin instead: their busy stage is
+/// [`COSTLY_HOLD_MAX`]), and the wait spins instead: its busy stage is
 /// bounded, a longer wait still sleeps, and the awaited event's wake-up
 /// preempts the busy task.
 ///
@@ -260,14 +261,8 @@ pub(crate) fn note_local_ranks(n: usize) {
 /// would keep the peer from it (4 ranks on 2 cores, an 8 B shared-memory
 /// all_reduce 5.6 -> 26-428 us when it did).
 #[inline]
-pub(crate) fn yield_core() -> bool {
-    GUARD.yield_with(node_cpus(), std::thread::yield_now)
-}
-
-/// [`yield_core`], or a spin hint while yields are off.
-#[inline]
-pub(crate) fn yield_or_spin() {
-    if !yield_core() {
+pub(crate) fn yield_core() {
+    if !GUARD.yield_with(node_cpus(), std::thread::yield_now) {
         std::hint::spin_loop();
     }
 }

@@ -893,7 +893,7 @@ impl MpiComm {
                 if Instant::now() >= deadline {
                     return false;
                 }
-                crate::sync::yield_or_spin();
+                crate::sync::yield_core();
                 true
             })
             .map_err(|c| self.peer_err("recv", c, src))?;
@@ -958,7 +958,7 @@ impl MpiComm {
                     format!("{want} bytes from rank {src}"),
                 ));
             }
-            crate::sync::yield_or_spin();
+            crate::sync::yield_core();
         };
         if matched.tag != tag || matched.len != want {
             let (t, len) = (matched.tag, matched.len);
@@ -978,7 +978,7 @@ impl MpiComm {
                 spins += 1;
                 std::hint::spin_loop();
             } else {
-                crate::sync::yield_or_spin();
+                crate::sync::yield_core();
             }
         });
         self.slot.disarm();

@@ -196,7 +196,6 @@ const SPIN_BEFORE_POLL: std::time::Duration = std::time::Duration::from_micros(4
 pub(crate) fn spin_budget(local_ranks: usize) -> std::time::Duration {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    crate::sync::note_local_ranks(local_ranks);
     if local_ranks <= cores.saturating_mul(4) {
         SPIN_BEFORE_POLL
     } else {
@@ -264,11 +263,9 @@ pub(crate) fn drive(
             // ranks, one core busy elsewhere: 47 us). With nothing else
             // runnable the yield returns at once, like the retry itself.
             // While yields hand the core to a task of someone else for a
-            // time slice (`yield_core`), spin instead: the busy phase
-            // bounds the spin, and the poll after it sleeps.
-            if !crate::sync::yield_core() {
-                std::hint::spin_loop();
-            }
+            // time slice, `yield_core` spins instead: the busy phase bounds
+            // the spin, and the poll after it sleeps.
+            crate::sync::yield_core();
             continue;
         }
         let waited = now - start;

@@ -179,8 +179,10 @@ impl TcpTransport {
             deadline,
         };
         let peers = mesh::build(&spec)?;
+        let local_ranks = opts.local_ranks.unwrap_or(size);
+        crate::sync::note_local_ranks(local_ranks);
         Ok(TcpTransport {
-            spin: io::spin_budget(opts.local_ranks.unwrap_or(size)),
+            spin: io::spin_budget(local_ranks),
             rank,
             size,
             name: name.to_owned(),
