@@ -75,6 +75,28 @@ fn worker() {
             }
             panic!("rank {rank} never noticed rank {victim} was killed");
         }
+        "kill_bcast_root" | "kill_bcast_reader" => {
+            // Rank 0 broadcasts objects as fast as it can, up to the ring's
+            // entries ahead of its readers; the victim dies mid-stream.
+            let victim = if scenario == "kill_bcast_root" { 0 } else { 1 };
+            let obj: Vec<u32> = (0..16 << 10).collect();
+            let limits = rankweave::tensor::DecodeLimits::default();
+            for step in 0..100_000 {
+                if rank == victim && step == 10 {
+                    nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL).unwrap();
+                }
+                match g.broadcast_object((rank == 0).then_some(&obj), 0, &limits) {
+                    Ok(got) => assert!(got.is_none_or(|v| v == obj), "rank {rank} got another object"),
+                    Err(e) => {
+                        println!("rank {rank} error: {e}");
+                        assert!(matches!(e, Error::PeerLost { .. }), "{e}");
+                        assert_eq!(e.peer(), Some(victim), "{e}");
+                        return;
+                    }
+                }
+            }
+            panic!("rank {rank} never noticed rank {victim} was killed");
+        }
         "kill" | "kill0" => {
             let victim = if scenario == "kill0" { 0 } else { n - 1 };
             let (to, from) = ((rank + 1) % n, (rank + n - 1) % n);
@@ -229,4 +251,18 @@ fn a_zombie_rank_of_a_shared_memory_group_is_lost_within_the_liveness_interval()
         assert!(o.output[rank].contains("(peer rank 1)"), "{}", o.output[rank]);
     }
     assert!(o.elapsed < Duration::from_secs(10), "took {:?}", o.elapsed);
+}
+
+#[test]
+fn a_killed_root_or_reader_of_object_broadcasts_through_shared_memory_is_named_by_every_survivor() {
+    let n = 3;
+    for (scenario, victim) in [("kill_bcast_root", 0), ("kill_bcast_reader", 1)] {
+        let o = launch_env(n, scenario, false, &[("RW_TRANSPORT", "shm")]);
+        assert_eq!(o.codes[victim], None, "{scenario}: rank {victim} died by a signal:\n{}", o.output[victim]);
+        for rank in (0..n).filter(|&r| r != victim) {
+            assert_eq!(o.codes[rank], Some(0), "{scenario}: rank {rank}:\n{}", o.output[rank]);
+            assert!(o.output[rank].contains(&format!("(peer rank {victim})")), "{}", o.output[rank]);
+        }
+        assert!(o.elapsed < Duration::from_secs(10), "{scenario} took {:?}", o.elapsed);
+    }
 }

@@ -2,8 +2,10 @@
 //! threads: blobs in one area (written and read in place) and larger ones
 //! staged through units, from every root; a root that cannot produce its
 //! blob and a receiver that refuses its size or fails to read it each get
-//! an error while the group stays in step; and a mismatch with a plain
-//! broadcast is an error, not garbage.
+//! an error while the group stays in step; the root runs ahead of late
+//! readers through the ring; and a mismatch (a plain broadcast, a skipped
+//! blob, two roots) is an error on the waiting side, not garbage, as is a
+//! peer that never comes.
 
 mod common;
 
@@ -156,15 +158,139 @@ fn wrong_roles_and_roots_are_errors_and_a_plain_broadcast_is_a_mismatch() {
         assert!(matches!(wrong, Err(Error::InvalidArgument(_))), "{wrong:?}");
         let bad_root = comm.broadcast_blob(BlobRole::Send(&mut &b"x"[..]), &mut scratch, 2);
         assert!(bad_root.is_err());
-        // Rank 0 broadcasts a blob, rank 1 calls a plain broadcast.
-        let res = if comm.rank() == 0 {
-            comm.broadcast_blob(BlobRole::Send(&mut &b"hello"[..]), &mut scratch, 0)
+        // Rank 0 broadcasts a blob, which it leaves in the ring and returns;
+        // rank 1 calls a plain broadcast and finds the blob instead of rank 0.
+        if comm.rank() == 0 {
+            comm.broadcast_blob(BlobRole::Send(&mut &b"hello"[..]), &mut scratch, 0).is_ok()
         } else {
-            comm.broadcast(&mut [0u8; 5], 0)
-        };
-        matches!(res, Err(Error::Mismatch { .. }))
+            let err = comm.broadcast(&mut [0u8; 5], 0).unwrap_err();
+            assert!(matches!(err, Error::Mismatch { .. }) && err.peer() == Some(0), "{err:?}");
+            assert!(err.to_string().contains("broadcast an object (blob broadcast number 1)"), "{err}");
+            true
+        }
     });
     assert_eq!(outs, vec![true; 2]);
+}
+
+#[test]
+fn a_plain_broadcast_facing_a_blob_receive_is_a_mismatch_on_both_sides() {
+    let outs = common::run_shm(3, small_opts(), |comm| {
+        let mut scratch = Vec::new();
+        let err = if comm.rank() == 0 {
+            comm.broadcast(&mut [7u8; 5], 0).unwrap_err()
+        } else {
+            let mut read = |_: &[u8]| -> Result<()> { panic!("nothing to read") };
+            comm.broadcast_blob(BlobRole::Receive { limit: 100, read: &mut read }, &mut scratch, 0).unwrap_err()
+        };
+        assert!(matches!(err, Error::Mismatch { .. }), "rank {}: {err:?}", comm.rank());
+        err.to_string()
+    });
+    assert!(outs[0].contains("waits in blob broadcast"), "{}", outs[0]);
+    for text in &outs[1..] {
+        assert!(text.contains("rank 0 called broadcast"), "{text}");
+    }
+}
+
+#[test]
+fn a_skipped_blob_broadcast_is_a_mismatch_at_the_next_step() {
+    let outs = common::run_shm(2, small_opts(), |comm| {
+        let mut scratch = Vec::new();
+        if comm.rank() == 0 {
+            comm.broadcast_blob(BlobRole::Send(&mut &b"plan"[..]), &mut scratch, 0).unwrap();
+        }
+        let err = comm.barrier().unwrap_err();
+        assert!(matches!(err, Error::Mismatch { .. }) && err.peer() == Some(1 - comm.rank()), "{err:?}");
+        err.to_string()
+    });
+    assert!(outs[0].contains("after 0 blob broadcasts (broadcast_object), this rank after 1"), "{}", outs[0]);
+    assert!(outs[1].contains("blob broadcast"), "{}", outs[1]);
+}
+
+#[test]
+fn two_ranks_that_both_take_themselves_for_the_root_are_a_mismatch_not_a_mixed_blob() {
+    let outs = common::run_shm(3, small_opts(), |comm| {
+        let mut scratch = Vec::new();
+        let me = comm.rank();
+        let data = blob(me, 0, 3000);
+        if me < 2 {
+            comm.broadcast_blob(BlobRole::Send(&mut &data[..]), &mut scratch, me).err()
+        } else {
+            let mut read = |b: &[u8]| -> Result<()> {
+                assert!(b == blob(0, 0, 3000), "rank 2 read a blob that is not rank 0's");
+                Ok(())
+            };
+            comm.broadcast_blob(BlobRole::Receive { limit: usize::MAX, read: &mut read }, &mut scratch, 0).err()
+        }
+        .map(|e| (matches!(e, Error::Mismatch { .. }), e.to_string()))
+    });
+    // One of the two roots lost the claim; rank 2, which expects rank 0,
+    // reads rank 0's blob whole or is told that rank 1 broadcast instead.
+    let lost: Vec<_> = outs[..2].iter().filter(|o| o.is_some()).collect();
+    assert_eq!(lost.len(), 1, "{outs:?}");
+    assert!(lost[0].as_ref().is_some_and(|(m, t)| *m && t.contains("is the root of blob broadcast number 1 too")));
+    match &outs[2] {
+        None => assert!(outs[1].is_some(), "rank 2 read rank 0's blob, so rank 1 lost: {outs:?}"),
+        Some((m, t)) => assert!(*m && t.contains("rank 1 broadcast blob number 1 as its root"), "{t}"),
+    }
+}
+
+#[test]
+fn the_root_runs_ahead_of_late_readers_by_the_ring_and_every_blob_arrives_in_order() {
+    let k = rankweave::collectives::shm::RING_ENTRIES;
+    let outs = common::run_shm(3, small_opts(), move |comm| {
+        let mut scratch = Vec::new();
+        let blobs = 5 * k;
+        if comm.rank() == 1 {
+            // The root publishes up to the ring's entries before the readers
+            // start, then waits for them to free entries.
+            let t = std::time::Instant::now();
+            for i in 0..k {
+                comm.broadcast_blob(BlobRole::Send(&mut &blob(1, i, 100 + i)[..]), &mut scratch, 1).unwrap();
+            }
+            let ahead = t.elapsed();
+            for i in k..blobs {
+                comm.broadcast_blob(BlobRole::Send(&mut &blob(1, i, 100 + i)[..]), &mut scratch, 1).unwrap();
+            }
+            return ahead < Duration::from_millis(300);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        (0..blobs).all(|i| cast(comm, &mut scratch, &[], 1, usize::MAX).unwrap() == blob(1, i, 100 + i))
+    });
+    assert_eq!(outs, vec![true; 3]);
+}
+
+#[test]
+fn a_reader_whose_root_never_comes_and_a_root_whose_reader_never_reads_time_out_naming_it() {
+    let opts = ShmOptions { timeout: Duration::from_millis(300), ..small_opts() };
+    let k = rankweave::collectives::shm::RING_ENTRIES;
+    let outs = common::run_shm(2, opts.clone(), |comm| {
+        let mut scratch = Vec::new();
+        if comm.rank() == 0 {
+            std::thread::sleep(Duration::from_millis(700));
+            return None;
+        }
+        let mut read = |_: &[u8]| Ok(());
+        let err = comm.broadcast_blob(BlobRole::Receive { limit: 100, read: &mut read }, &mut scratch, 0).unwrap_err();
+        Some(err)
+    });
+    let err = outs[1].as_ref().unwrap();
+    assert!(matches!(err, Error::Timeout { .. }) && err.peer() == Some(0), "{err:?}");
+    assert!(err.to_string().contains("rank 0 to publish blob broadcast number 1"), "{err}");
+
+    let outs = common::run_shm(2, opts, move |comm| {
+        let mut scratch = Vec::new();
+        if comm.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(700));
+            return None;
+        }
+        for i in 0..k {
+            comm.broadcast_blob(BlobRole::Send(&mut &blob(0, i, 10)[..]), &mut scratch, 0).unwrap();
+        }
+        Some(comm.broadcast_blob(BlobRole::Send(&mut &b"one too many"[..]), &mut scratch, 0).unwrap_err())
+    });
+    let err = outs[0].as_ref().unwrap();
+    assert!(matches!(err, Error::Timeout { .. }) && err.peer() == Some(1), "{err:?}");
+    assert!(err.to_string().contains("rank 1 to read blob broadcast number 1"), "{err}");
 }
 
 /// A source that never writes in place (as one that cannot size itself).

@@ -44,16 +44,17 @@
 //!   this rank (scatter and all_to_all carry `n` blocks per slot half).
 //! - barrier: one step.
 //! - blob broadcast (an encoded object, length known only to the root):
-//!   one step carries the length inline; a blob that fits in the unit's
-//!   area is written there by the root (an object encoded in place) and
-//!   read in place by the others (decoded straight out of the segment), so
-//!   its bytes are written once and read once, and the root encodes the
-//!   next one into the other area while the others still decode. A larger
-//!   blob follows in units of one area.
+//!   no step; through a ring of entries of one slot each (see [`ring`]).
+//!   The root encodes the object in place in the next entry and returns;
+//!   the others decode it straight out of the segment, so its bytes are
+//!   written once and read once, and the root runs up to
+//!   [`RING_ENTRIES`] broadcasts ahead of its slowest reader. A larger
+//!   blob follows in units of one area through steps.
 //!
-//! Every step carries a descriptor (operation, dtype, reduce op, length):
-//! ranks that call different collectives get [`Error::Mismatch`] naming the
-//! peer instead of corrupt data. A rank that does not arrive within the
+//! Every step carries a descriptor (operation, dtype, reduce op, length)
+//! and the count of blob broadcasts the rank has made: ranks that call
+//! different collectives get [`Error::Mismatch`] naming the peer instead of
+//! corrupt data. A rank that does not arrive within the
 //! timeout gets [`Error::Timeout`] naming every late rank. After either, the
 //! communicator is poisoned (see [`Error::Poisoned`]).
 //!
@@ -69,7 +70,6 @@
 //! Rank 0 unlinks the segment's name as soon as every rank has attached, so
 //! nothing stays in `/dev/shm` even when ranks are killed later.
 
-use crate::backend::BlobRole;
 use crate::dtype::DType;
 use crate::error::{Context, Error, Result};
 use crate::reduce::{finish_avg, reduce_into, ReduceOp};
@@ -84,8 +84,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub mod p2p;
+pub mod ring;
 pub mod zc;
 use p2p::P2p;
+pub use ring::RING_ENTRIES;
 pub use zc::ShmBuf;
 
 /// Inline payload bytes per control line (a 64-byte line minus the step,
@@ -101,7 +103,7 @@ const CTRL: usize = 3 * LINE;
 const LIVENESS_EVERY: Duration = Duration::from_millis(100);
 const HEADER: usize = 64;
 const MAGIC: u64 = 0x7261_6e6b_7368_6d31; // "rankshm1"
-const VERSION: u64 = 11;
+const VERSION: u64 = 12;
 /// Offset of the abort word in the header (see [`ShmAbort`]).
 const ABORT_AT: usize = 32;
 /// Offsets in the header of the number of ranks asleep in a step and of
@@ -197,11 +199,15 @@ impl ShmOptions {
 }
 
 /// Bytes of the segment for `size` ranks with `slot_bytes` per slot (the
-/// collectives' slots plus the point-to-point channels).
+/// collectives' slots, the point-to-point channels and the blob
+/// broadcast's ring of [`RING_ENTRIES`] slots).
 /// `None` when it does not fit in the address space.
 pub fn segment_bytes(size: usize, slot_bytes: usize) -> Option<usize> {
     let slot = slot_bytes.max(2 * LINE).checked_next_multiple_of(2 * LINE)?;
-    size.checked_mul(CTRL + slot)?.checked_add(HEADER)?.checked_add(p2p::channels_bytes(size)?)
+    size.checked_mul(CTRL + slot)?
+        .checked_add(HEADER)?
+        .checked_add(p2p::channels_bytes(size)?)?
+        .checked_add(ring::ring_bytes(size, slot)?)
 }
 
 /// Aborts a shared-memory group from any thread: the first failure is
@@ -262,6 +268,10 @@ pub struct ShmComm {
     timeout: Duration,
     step: u64,
     unit: u64,
+    /// Blob broadcasts this rank has finished (see [`ring`]).
+    blobs: u64,
+    /// Offset of the blob broadcast's ring.
+    ring: usize,
     poisoned: Option<String>,
     p2p: P2p,
     watch: Watcher,
@@ -290,6 +300,12 @@ fn desc(op: OpCode, dtype: Option<DType>, rop: Option<ReduceOp>, root: Option<us
 
 fn describe(desc: u64) -> String {
     OpDesc(desc).to_string()
+}
+
+/// A step's CPU word: the CPU in the low half, the count of blob
+/// broadcasts made so far (modulo 2^32) in the high half.
+fn cpu_word(cpu: u32, blobs: u64) -> u64 {
+    (blobs << 32) | u64::from(cpu)
 }
 
 /// The inode of this process's pid namespace (0 when unknown).
@@ -390,6 +406,8 @@ impl ShmComm {
             timeout: opts.timeout,
             step: 0,
             unit: 0,
+            blobs: 0,
+            ring: HEADER + size * (CTRL + slot) + p2p::channels_bytes(size).unwrap_or(0),
             poisoned: None,
             p2p: P2p::new(
                 HEADER + size * (CTRL + slot),
@@ -524,7 +542,36 @@ impl ShmComm {
         })
     }
 
-    /// The CPU rank `j` ran on when it last signalled on line `p` (a hint).
+    /// For a wait on member `j` (`name` in errors) for `what`: the error to
+    /// stop with when `j` closed the group, and, with `liveness` (once per
+    /// liveness interval), when the watch fails or `j`'s process exited.
+    fn peer_gone(
+        &self,
+        j: usize,
+        name: usize,
+        what: &dyn std::fmt::Display,
+        liveness: bool,
+        ctx: impl Fn() -> Context,
+    ) -> Option<Error> {
+        // Acquire: pairs with the Release store in `ShmAbort::close`.
+        if self.info(j, CLOSED_WORD).load(Ordering::Acquire) != 0 {
+            let detail = format!("rank {name} closed the group while this rank waited for it {what}");
+            return Some(Error::PeerLost { ctx: ctx(), detail });
+        }
+        if !liveness {
+            return None;
+        }
+        if let Some(err) = self.watch.0.as_ref().and_then(|w| w()) {
+            return Some(err);
+        }
+        self.vanished(std::iter::once(j)).map(|_| Error::PeerLost {
+            ctx: ctx(),
+            detail: format!("the process of rank {name} exited while this rank waited for it {what}"),
+        })
+    }
+
+    /// The CPU rank `j` ran on when it last signalled on line `p` (a hint;
+    /// the low half, see [`cpu_word`]).
     fn line_cpu(&self, j: usize, p: usize) -> &AtomicU64 {
         self.seg.atomic_u64(self.line(j, p) + 16)
     }
@@ -586,7 +633,7 @@ impl ShmComm {
         }
         self.line_desc(self.rank, p).store(d, Ordering::Relaxed);
         let my_cpu = current_cpu();
-        self.line_cpu(self.rank, p).store(my_cpu as u64, Ordering::Relaxed);
+        self.line_cpu(self.rank, p).store(cpu_word(my_cpu, self.blobs), Ordering::Relaxed);
         // Release: publishes the inline bytes, the descriptor and every slot
         // write of this step; pairs with the Acquire load below on the peers.
         self.line_step(self.rank, p).store(e, Ordering::Release);
@@ -617,7 +664,7 @@ impl ShmComm {
                 hinted = next;
                 // Where the late rank signalled its previous step (the other
                 // line). If that is our core, it cannot run while we spin.
-                if my_cpu != u32::MAX && self.line_cpu(next, 1 - p).load(Ordering::Relaxed) == my_cpu as u64 {
+                if my_cpu != u32::MAX && self.line_cpu(next, 1 - p).load(Ordering::Relaxed) as u32 == my_cpu {
                     backoff.skip_spin();
                 }
             }
@@ -640,6 +687,9 @@ impl ShmComm {
                 if waited >= check_after {
                     check_after = waited + LIVENESS_EVERY;
                     if let Some(err) = self.watch.0.as_ref().and_then(|w| w()) {
+                        return Err(self.fail(err));
+                    }
+                    if let Some(err) = self.ring_strays(op, e, &self.late(p, e)) {
                         return Err(self.fail(err));
                     }
                     if let Some(j) = self.vanished(self.late(p, e).into_iter()) {
@@ -682,6 +732,18 @@ impl ShmComm {
                 let err = Error::Mismatch {
                     ctx: self.ctx(op).with_peer(j),
                     detail: format!("rank {j} called {}, this rank called {}", describe(other), describe(d)),
+                };
+                return Err(self.fail(err));
+            }
+            let blobs = (self.line_cpu(j, p).load(Ordering::Relaxed) >> 32) as u32;
+            if blobs != self.blobs as u32 {
+                let err = Error::Mismatch {
+                    ctx: self.ctx(op).with_peer(j),
+                    detail: format!(
+                        "rank {j} called {} after {blobs} blob broadcasts (broadcast_object), this rank after {}",
+                        describe(other),
+                        self.blobs as u32
+                    ),
                 };
                 return Err(self.fail(err));
             }
@@ -968,136 +1030,6 @@ impl ShmComm {
             off += c;
         }
         Ok(())
-    }
-
-    /// Broadcast of a blob whose length only `root` knows (see the module
-    /// docs): the root passes [`BlobRole::Send`], every other rank
-    /// [`BlobRole::Receive`]; `scratch` stages a blob larger than one area.
-    /// Every rank completes the collective even when its side fails (an
-    /// encoding error on the root, a refused size or a decoding error
-    /// elsewhere), so the group stays in step, and then returns the error.
-    pub fn broadcast_blob(&mut self, role: BlobRole<'_>, scratch: &mut Vec<u8>, root: usize) -> Result<()> {
-        const OP: OpCode = OpCode::Object;
-        self.check()?;
-        self.args(OP).root(root)?;
-        if matches!(role, BlobRole::Send(_)) != (self.rank == root) {
-            return Err(Error::invalid(format!(
-                "blob broadcast in group {}: rank {} must {} since the root is rank {root}",
-                self.group,
-                self.rank,
-                if self.rank == root { "send" } else { "receive" }
-            )));
-        }
-        if self.size == 1 {
-            return Ok(());
-        }
-        let d = desc(OP, None, None, Some(root), 0);
-        let cap = self.size * self.half;
-        let u = self.next_unit();
-        match role {
-            BlobRole::Send(src) => {
-                let area_at = self.unit_area_at(u);
-                // SAFETY: unit `u`'s area, which only the root writes during
-                // the unit (the others write nothing in a broadcast), and
-                // which no rank reads before the step below publishes it:
-                // its last readers (unit u - 2) finished before signalling
-                // the step of unit u - 1, which this rank has passed.
-                let area = unsafe { self.seg.bytes_mut(area_at, cap) };
-                let mut failure = None;
-                let (len, mode) = match src.write_into(area) {
-                    Ok(Some(n)) if n <= cap => (n, BLOB_DIRECT),
-                    Ok(_) => {
-                        scratch.clear();
-                        match src.write_vec(scratch) {
-                            Ok(()) => {
-                                let c = cap.min(scratch.len());
-                                area[..c].copy_from_slice(&scratch[..c]);
-                                // A source that said it does not fit may
-                                // still make a blob that does.
-                                (scratch.len(), if scratch.len() <= cap { BLOB_DIRECT } else { BLOB_STAGED })
-                            }
-                            Err(e) => {
-                                failure = Some(e);
-                                (0, BLOB_FAILED)
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        failure = Some(e);
-                        (0, BLOB_FAILED)
-                    }
-                };
-                let header = [len as u64, mode];
-                self.step(OP, d, Some(bytemuck::bytes_of(&header)))?;
-                if let Some(e) = failure {
-                    return Err(e);
-                }
-                let mut off = cap.min(len);
-                while off < len {
-                    let c = cap.min(len - off);
-                    let u = self.next_unit();
-                    // SAFETY: as above, for unit `u`.
-                    unsafe { self.seg.write(self.unit_area_at(u), &scratch[off..off + c]) };
-                    self.step(OP, d, None)?;
-                    off += c;
-                }
-                Ok(())
-            }
-            BlobRole::Receive { limit, read } => {
-                self.step(OP, d, None)?;
-                let p = (self.step & 1) as usize;
-                let mut header = [0u64; 2];
-                bytemuck::bytes_of_mut(&mut header).copy_from_slice(self.inline(root, p, 16));
-                let [len, mode] = header;
-                let ctx = || self.ctx(OP).with_peer(root);
-                let refused = |len: u64| crate::backend::blob_refused(ctx(), root, len, limit);
-                match mode {
-                    BLOB_FAILED => Err(crate::backend::blob_not_made(ctx(), root)),
-                    BLOB_DIRECT if len as usize <= cap => {
-                        if len > limit as u64 {
-                            return Err(refused(len));
-                        }
-                        // SAFETY: published by the root's step, and not
-                        // written again before this rank's next step (see
-                        // the module docs).
-                        read(unsafe { self.seg.bytes(self.unit_area_at(u), len as usize) })
-                    }
-                    BLOB_STAGED if len as usize > cap => {
-                        let units = (len as usize).div_ceil(cap);
-                        let mut refusal = (len > limit as u64).then(|| refused(len));
-                        if refusal.is_none() {
-                            scratch.clear();
-                            if scratch.try_reserve_exact(len as usize).is_err() {
-                                refusal = Some(crate::backend::blob_no_memory(ctx(), root, len));
-                            }
-                        }
-                        let mut unit = u;
-                        for k in 0..units {
-                            if k > 0 {
-                                unit = self.next_unit();
-                                self.step(OP, d, None)?;
-                            }
-                            if refusal.is_none() {
-                                let c = cap.min(len as usize - k * cap);
-                                // SAFETY: as for the direct blob.
-                                scratch.extend_from_slice(unsafe { self.seg.bytes(self.unit_area_at(unit), c) });
-                            }
-                        }
-                        match refusal {
-                            Some(e) => Err(e),
-                            None => read(scratch),
-                        }
-                    }
-                    _ => {
-                        let e = Error::protocol(
-                            ctx(),
-                            format!("blob broadcast header [{len}, {mode}] from rank {root} is not valid"),
-                        );
-                        Err(self.fail(e))
-                    }
-                }
-            }
-        }
     }
 
     /// all_gather: `output.len() == size * input.len()`, rank order.

@@ -449,30 +449,12 @@ impl ShmComm {
                     return Ok(());
                 }
             }
-            // Acquire: pairs with the Release store in `ShmAbort::close`.
-            if self.info(peer, super::CLOSED_WORD).load(Ordering::Acquire) != 0 {
-                return Err(Error::PeerLost {
-                    ctx: self.p2p_ctx(peer),
-                    detail: format!(
-                        "rank {} closed the group while this rank waited for it {what}",
-                        self.name_of(peer)
-                    ),
-                });
-            }
-            if waited >= check_after {
+            let liveness = waited >= check_after;
+            if liveness {
                 check_after = waited + LIVENESS_EVERY;
-                if let Some(err) = self.watch.0.as_ref().and_then(|w| w()) {
-                    return Err(err);
-                }
-                if self.vanished(std::iter::once(peer)).is_some() {
-                    return Err(Error::PeerLost {
-                        ctx: self.p2p_ctx(peer),
-                        detail: format!(
-                            "the process of rank {} exited while this rank waited for it {what}",
-                            self.name_of(peer)
-                        ),
-                    });
-                }
+            }
+            if let Some(err) = self.peer_gone(peer, self.name_of(peer), &what, liveness, || self.p2p_ctx(peer)) {
+                return Err(err);
             }
             if waited >= timeout {
                 return Err(Error::timeout(self.p2p_ctx(peer), waited, format!("rank {} {what}", self.name_of(peer))));
