@@ -236,24 +236,28 @@ fn two_ranks_that_both_take_themselves_for_the_root_are_a_mismatch_not_a_mixed_b
 
 #[test]
 fn the_root_runs_ahead_of_late_readers_by_the_ring_and_every_blob_arrives_in_order() {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let k = rankweave::collectives::shm::RING_ENTRIES;
+    // The readers start only once the root has returned from its first `k`
+    // broadcasts: a root that waited for them would never get there.
+    let published = std::sync::Arc::new(AtomicBool::new(false));
     let outs = common::run_shm(3, small_opts(), move |comm| {
         let mut scratch = Vec::new();
         let blobs = 5 * k;
         if comm.rank() == 1 {
-            // The root publishes up to the ring's entries before the readers
-            // start, then waits for them to free entries.
-            let t = std::time::Instant::now();
-            for i in 0..k {
+            for i in 0..blobs {
+                if i == k {
+                    published.store(true, Ordering::Release);
+                }
                 comm.broadcast_blob(BlobRole::Send(&mut &blob(1, i, 100 + i)[..]), &mut scratch, 1).unwrap();
             }
-            let ahead = t.elapsed();
-            for i in k..blobs {
-                comm.broadcast_blob(BlobRole::Send(&mut &blob(1, i, 100 + i)[..]), &mut scratch, 1).unwrap();
-            }
-            return ahead < Duration::from_millis(300);
+            return true;
         }
-        std::thread::sleep(Duration::from_millis(500));
+        let waiting_since = std::time::Instant::now();
+        while !published.load(Ordering::Acquire) {
+            assert!(waiting_since.elapsed() < Duration::from_secs(15), "the root waited for its readers");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         (0..blobs).all(|i| cast(comm, &mut scratch, &[], 1, usize::MAX).unwrap() == blob(1, i, 100 + i))
     });
     assert_eq!(outs, vec![true; 3]);
