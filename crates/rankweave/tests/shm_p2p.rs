@@ -17,10 +17,12 @@ const SIZES: [usize; 12] = [0, 1, 8, 64, 65, 1000, 32 << 10, (32 << 10) + 1, 100
 /// How large messages travel.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Path {
-    /// The default: a split copy (the receiver reads the first half from
-    /// the sender's memory, the sender writes the second into the
-    /// receiver's).
+    /// The default: the receiver chooses between the split copy and the
+    /// pipeline by their recent times.
     Default,
+    /// Always a split copy (the receiver reads one half from the sender's
+    /// memory, the sender writes the other into the receiver's).
+    Split,
     /// Every large message by the receiver's cross-memory attach.
     SingleCopy,
     /// Pipelined through the segment; cross-memory attach only when a
@@ -29,12 +31,13 @@ enum Path {
     /// No cross-memory attach at all.
     NoCma,
 }
-const PATHS: [Path; 4] = [Path::Default, Path::SingleCopy, Path::Pipeline, Path::NoCma];
+const PATHS: [Path; 5] = [Path::Default, Path::Split, Path::SingleCopy, Path::Pipeline, Path::NoCma];
 
 fn opts(path: Path) -> ShmOptions {
     let o = ShmOptions { timeout: T, ..ShmOptions::default() };
     match path {
         Path::Default => o,
+        Path::Split => ShmOptions { adaptive_copy: false, ..o },
         Path::SingleCopy => ShmOptions { single_copy_min: 0, ..o },
         Path::Pipeline => ShmOptions { split_copy_min: usize::MAX, ..o },
         Path::NoCma => ShmOptions { cross_memory_attach: false, ..o },

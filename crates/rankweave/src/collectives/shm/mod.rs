@@ -83,6 +83,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod choice;
 pub mod p2p;
 pub mod ring;
 pub mod zc;
@@ -176,6 +177,15 @@ pub struct ShmOptions {
     /// the caches that copy it). Smaller messages take the
     /// pipelined path. `usize::MAX` turns the split off.
     pub split_copy_min: usize,
+    /// Whether the receiver of a large message that may be split chooses
+    /// between the split copy and the pipeline by the time the recent
+    /// messages of that size from that sender took (the default; see
+    /// [`p2p`]). Off, every such message is split. On the machine of
+    /// `docs/PERFORMANCE.md` (run 20) the pipeline took half the split
+    /// copy's time between plain heap buffers and twice it between
+    /// huge-page buffers, and which way is faster changes with the host's
+    /// state.
+    pub adaptive_copy: bool,
 }
 
 impl Default for ShmOptions {
@@ -187,6 +197,7 @@ impl Default for ShmOptions {
             cross_memory_attach: true,
             single_copy_min: usize::MAX,
             split_copy_min: DEFAULT_SPLIT_COPY_MIN,
+            adaptive_copy: true,
         }
     }
 }
@@ -415,6 +426,7 @@ impl ShmComm {
                 opts.cross_memory_attach,
                 opts.single_copy_min,
                 opts.split_copy_min,
+                opts.adaptive_copy,
             ),
             watch: Watcher::default(),
             names: Vec::new(),

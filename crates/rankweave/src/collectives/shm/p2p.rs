@@ -35,14 +35,20 @@
 //! - up to the eager limit (the data area, at most [`EAGER_MAX`]): copied
 //!   into the data area; `send` returns at once.
 //! - larger: `send` posts the address of its buffer and waits until the
-//!   receiver claims the message. By default the receiver asks for a
-//!   *split* copy: it posts the address of its own buffer and reads one
+//!   receiver claims the message, for a *split* copy or for the pipeline
+//!   (below). By default the receiver picks whichever of the two took less
+//!   time per byte for the recent messages of that size from that sender,
+//!   trying the other every 32nd message (`collectives/shm/choice.rs`); with
+//!   [`super::ShmOptions::adaptive_copy`] off it always splits. For a
+//!   split copy it posts the address of its own buffer and reads one
 //!   half straight from the sender's memory (`process_vm_readv`,
 //!   cross-memory attach) while the sender writes the other half
 //!   straight into the receiver's (`process_vm_writev`); `send` returns
 //!   once the receiver has its half. One copy of each byte, half on each
 //!   core: on the machine of `docs/PERFORMANCE.md` (run 12) 0.58-0.82 of
-//!   the pipeline's time from 64 KiB to 64 MiB. The lower-numbered rank of
+//!   the pipeline's time from 64 KiB to 64 MiB, but in run 20 twice the
+//!   pipeline's between plain heap buffers (the kernel copies page by
+//!   page). The lower-numbered rank of
 //!   the pair copies the first half whichever way the message goes, so
 //!   that a buffer sent back and forth keeps each half in the cache of
 //!   the core that copies it (run 13: a ping-pong takes 0.38-0.48 of the
@@ -97,6 +103,7 @@
 //! process exited ([`Error::PeerLost`]). A receive whose length differs
 //! from the message's is an [`Error::Mismatch`] naming both descriptors.
 
+use super::choice::Way;
 use super::{describe, ShmComm, LINE, LIVENESS_EVERY};
 use crate::error::{Context, Error, Result};
 use crate::sync::{current_cpu, Backoff};
@@ -260,13 +267,24 @@ pub(super) struct P2p {
     chunks_in: Vec<u64>,
     /// Whether cross-memory attach may be tried with each rank.
     cma: Vec<bool>,
+    /// Whether the receiver picks the split copy or the pipeline by the
+    /// time recent messages took ([`super::choice`]), and its figures.
+    adaptive: bool,
+    chooser: super::choice::Chooser,
     /// Messages taken in while blocked in a send, per sender, in order,
     /// with their kind.
     pending: Vec<VecDeque<(u64, Vec<u8>)>>,
 }
 
 impl P2p {
-    pub(super) fn new(base: usize, size: usize, cma: bool, single_copy_min: usize, split_copy_min: usize) -> P2p {
+    pub(super) fn new(
+        base: usize,
+        size: usize,
+        cma: bool,
+        single_copy_min: usize,
+        split_copy_min: usize,
+        adaptive: bool,
+    ) -> P2p {
         let area = area_bytes(size);
         let parts = (area / PIPE_CHUNK).clamp(2, MAX_PARTS);
         P2p {
@@ -287,6 +305,8 @@ impl P2p {
             chunks_out: vec![0; size],
             chunks_in: vec![0; size],
             cma: vec![cma; size],
+            adaptive,
+            chooser: super::choice::Chooser::new(size),
             pending: (0..size).map(|_| VecDeque::new()).collect(),
         }
     }
@@ -910,13 +930,30 @@ impl ShmComm {
             if self.read_by_cma(buf, src, k, SLOTS)? {
                 return Ok(());
             }
-        } else if len >= self.p2p.split_copy_min
-            && self.p2p.split[src]
-            && self.p2p.cma[src]
-            && self.recv_split(buf, src, k, timeout, scpu)?
-        {
-            return Ok(());
+        } else if len >= self.p2p.split_copy_min && self.p2p.split[src] && self.p2p.cma[src] {
+            let way = if self.p2p.adaptive { self.p2p.chooser.choose(src, len) } else { Way::Split };
+            let start = Instant::now();
+            match way {
+                Way::Split => {
+                    if self.recv_split(buf, src, k, timeout, scpu)? {
+                        self.p2p.chooser.record(src, len, Way::Split, start.elapsed());
+                        return Ok(());
+                    }
+                }
+                Way::Pipeline => {
+                    self.recv_pipelined(buf, src, k, timeout, scpu)?;
+                    self.p2p.chooser.record(src, len, Way::Pipeline, start.elapsed());
+                    return Ok(());
+                }
+            }
         }
+        self.recv_pipelined(buf, src, k, timeout, scpu)
+    }
+
+    /// Receives large message `k` through the data area's chunks: claims
+    /// it for the pipeline unless a refused copy already did.
+    fn recv_pipelined(&mut self, buf: &mut [u8], src: usize, k: u64, timeout: Duration, scpu: u64) -> Result<()> {
+        let me = self.rank;
         let seg = self.seg.clone();
         let st = seg.atomic_u64(self.chan(src, me) + STATE);
         if st.load(Ordering::Acquire) != state(k, SLOTS) {
@@ -1175,9 +1212,9 @@ mod tests {
     const SPLIT_SIZES: &[usize] = &[super::EAGER_MAX + 1, 1 << 20, 5 << 20, 300_001];
 
     #[test]
-    fn large_messages_are_split_between_the_two_sides_by_default() {
-        let (c0, c1) =
-            transfer(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() }, SPLIT_SIZES, None, None);
+    fn large_messages_are_split_between_the_two_sides_when_the_choice_is_off() {
+        let opts = ShmOptions { timeout: Duration::from_secs(20), adaptive_copy: false, ..ShmOptions::default() };
+        let (c0, c1) = transfer(opts, SPLIT_SIZES, None, None);
         // Nothing went through the chunks, and both halves were copied
         // across (a refusal on either side would have cleared a flag).
         assert_eq!((c0.p2p.chunks_out[1], c1.p2p.chunks_in[0]), (0, 0));
@@ -1185,9 +1222,24 @@ mod tests {
         assert_eq!(c1.p2p.recvd[0], SPLIT_SIZES.len() as u64);
     }
 
+    const REPEATED: &[usize] = &[1 << 20; 2 * super::super::choice::EXPLORE_EVERY as usize];
+
+    #[test]
+    fn by_default_a_size_repeated_tries_both_ways_and_keeps_each_byte() {
+        let (c0, c1) =
+            transfer(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() }, REPEATED, None, None);
+        // The first message was split, the second pipelined, and the later
+        // ones took the cheaper way but for the exploring ones: both ways
+        // carried messages, and every byte arrived (checked in `transfer`).
+        let chunked = c1.p2p.chunks_in[0] / (1u64 << 20).div_ceil(c0.p2p.chunk as u64);
+        assert!(chunked >= 1 && chunked < REPEATED.len() as u64, "{chunked} of {} pipelined", REPEATED.len());
+        assert!(c1.p2p.split[0] && c1.p2p.cma[0]);
+        assert_eq!(c1.p2p.recvd[0], REPEATED.len() as u64);
+    }
+
     #[test]
     fn a_sender_refused_writing_hands_its_half_back_and_is_not_asked_again() {
-        let opts = ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() };
+        let opts = ShmOptions { timeout: Duration::from_secs(20), adaptive_copy: false, ..ShmOptions::default() };
         let (c0, c1) = transfer(opts, SPLIT_SIZES, Some(Errno::EPERM), None);
         // The sender's half of the first message was read by the
         // receiver; the later ones took the pipeline.
@@ -1198,7 +1250,7 @@ mod tests {
 
     #[test]
     fn a_receiver_refused_reading_takes_the_whole_message_by_the_pipeline() {
-        let opts = ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() };
+        let opts = ShmOptions { timeout: Duration::from_secs(20), adaptive_copy: false, ..ShmOptions::default() };
         let (c0, c1) = transfer(opts, SPLIT_SIZES, None, Some(Errno::EPERM));
         assert!(!c1.p2p.cma[0]);
         let chunks: u64 = SPLIT_SIZES.iter().map(|&l| l.div_ceil(c0.p2p.chunk) as u64).sum();
@@ -1211,7 +1263,8 @@ mod tests {
         use super::{Awaiting, ADDR, BYTES, DESC, KIND, LEN, OPEN, REVOKED, STATE};
         use crate::transport::{OpCode, OpDesc};
         use std::sync::atomic::Ordering;
-        let (c0, c1) = pair(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() });
+        let (c0, c1) =
+            pair(ShmOptions { timeout: Duration::from_secs(20), adaptive_copy: false, ..ShmOptions::default() });
         let (mut tx, mut rx) = if from == 0 { (c0, c1) } else { (c1, c0) };
         let to = 1 - from;
         // The sender posts a large message by hand and then does not

@@ -1,0 +1,195 @@
+//! Which way a large point-to-point message goes: the split copy or the
+//! pipeline, chosen by the receiver from the time recent messages took.
+//!
+//! Neither way is faster on every host, nor on one host all the time:
+//! - The split copy's cost is the kernel's page-by-page copy
+//!   (`process_vm_readv`/`writev`). It is about 3.7 memcpys a byte between
+//!   plain 4 KiB pages on the machine of `docs/PERFORMANCE.md`, shared by
+//!   two cores, and far less between huge pages.
+//! - The pipeline's cost is two memcpys a byte, one per core, the second
+//!   reading lines the other core just wrote. How fast that is depends on
+//!   where the hypervisor runs the two vCPUs: run 18 saw it at memcpy speed
+//!   in some starts and 2.4-3.7x slower in others.
+//!
+//! Run 20 measured the pipeline at half the split copy's time between
+//! plain buffers, and the split copy at half the pipeline's between
+//! huge-page buffers, on the same host on the same day.
+//!
+//! So the receiver keeps, per sender and per power-of-two size class, the
+//! time per byte of each way (a moving average of the last messages) and
+//! takes the cheaper. An unmeasured way is tried first, and every
+//! [`EXPLORE_EVERY`]th message of a class takes the other way. A way taken
+//! after the other starts its figure afresh from that message, so a change
+//! of the host's state is seen within that many messages: the way in use
+//! gets slower in its average, the other one faster at its next try.
+
+use std::time::Duration;
+
+/// Every this many messages of a size class takes the way that is not the
+/// cheaper one, to keep its figure current.
+pub const EXPLORE_EVERY: u64 = 32;
+/// Size classes: powers of two from 32 KiB (the eager limit) up; larger
+/// messages share the last class.
+const CLASSES: usize = 14;
+const FIRST_CLASS_LOG2: u32 = 15;
+/// Weight of the newest message in a way's average.
+const NEW_WEIGHT: f64 = 0.25;
+
+/// The two ways of a large message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Way {
+    /// Split between the two sides by cross-memory attach.
+    Split,
+    /// Chunks through the channel's data area.
+    Pipeline,
+}
+
+impl Way {
+    fn index(self) -> usize {
+        match self {
+            Way::Split => 0,
+            Way::Pipeline => 1,
+        }
+    }
+    fn other(self) -> Way {
+        match self {
+            Way::Split => Way::Pipeline,
+            Way::Pipeline => Way::Split,
+        }
+    }
+}
+
+/// What one size class has seen from one sender.
+#[derive(Debug, Clone, Copy, Default)]
+struct Class {
+    /// Nanoseconds per byte of each way, `None` before its first message.
+    cost: [Option<f64>; 2],
+    /// Messages of this class so far.
+    seen: u64,
+    /// The way the last recorded message took.
+    last: Option<Way>,
+}
+
+/// The receiver's figures, per sender and size class.
+#[derive(Debug, Default)]
+pub(super) struct Chooser {
+    classes: Vec<[Class; CLASSES]>,
+}
+
+fn class_of(len: usize) -> usize {
+    let log2 = usize::BITS - 1 - len.max(1).leading_zeros();
+    (log2.saturating_sub(FIRST_CLASS_LOG2) as usize).min(CLASSES - 1)
+}
+
+impl Chooser {
+    /// Figures for `size` senders, none measured.
+    pub(super) fn new(size: usize) -> Chooser {
+        Chooser { classes: vec![[Class::default(); CLASSES]; size] }
+    }
+
+    /// The way message of `len` bytes from `src` should take.
+    pub(super) fn choose(&mut self, src: usize, len: usize) -> Way {
+        let Some(c) = self.classes.get_mut(src).map(|cs| &mut cs[class_of(len)]) else {
+            return Way::Split;
+        };
+        c.seen += 1;
+        match c.cost {
+            [None, _] => Way::Split,
+            [_, None] => Way::Pipeline,
+            [Some(split), Some(pipe)] => {
+                let cheaper = if pipe < split { Way::Pipeline } else { Way::Split };
+                if c.seen % EXPLORE_EVERY == 0 {
+                    cheaper.other()
+                } else {
+                    cheaper
+                }
+            }
+        }
+    }
+
+    /// Records that a message of `len` bytes from `src` took `way` and
+    /// `took` (from the receiver's claim to its last byte).
+    pub(super) fn record(&mut self, src: usize, len: usize, way: Way, took: Duration) {
+        if len == 0 {
+            return;
+        }
+        let Some(c) = self.classes.get_mut(src).map(|cs| &mut cs[class_of(len)]) else {
+            return;
+        };
+        let per_byte = took.as_nanos() as f64 / len as f64;
+        let slot = &mut c.cost[way.index()];
+        // A way taken again moves its average; a way taken after the other
+        // (its first message, an exploring one, a switch) starts afresh,
+        // since its old figure may be from another state of the host.
+        *slot = Some(match (*slot, c.last == Some(way)) {
+            (Some(old), true) => old + NEW_WEIGHT * (per_byte - old),
+            _ => per_byte,
+        });
+        c.last = Some(way);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    /// Runs `n` messages of `len` bytes from sender 0 where the split copy
+    /// takes `split` and the pipeline `pipe`; returns how many took each.
+    fn run(ch: &mut Chooser, n: usize, len: usize, split: Duration, pipe: Duration) -> [usize; 2] {
+        let mut taken = [0; 2];
+        for _ in 0..n {
+            let way = ch.choose(0, len);
+            taken[way.index()] += 1;
+            ch.record(0, len, way, if way == Way::Split { split } else { pipe });
+        }
+        taken
+    }
+
+    #[test]
+    fn each_way_is_tried_once_then_the_cheaper_one_is_taken_but_for_the_exploring_messages() {
+        let mut ch = Chooser::new(2);
+        assert_eq!(ch.choose(0, MIB), Way::Split);
+        ch.record(0, MIB, Way::Split, Duration::from_micros(40));
+        assert_eq!(ch.choose(0, MIB), Way::Pipeline);
+        ch.record(0, MIB, Way::Pipeline, Duration::from_micros(20));
+        let taken = run(&mut ch, 320, MIB, Duration::from_micros(40), Duration::from_micros(20));
+        assert_eq!(taken, [10, 310]);
+        // The other way round for another sender and for another size.
+        let mut ch = Chooser::new(2);
+        let taken = run(&mut ch, 322, 4 * MIB, Duration::from_micros(40), Duration::from_micros(90));
+        assert_eq!(taken, [311, 11]);
+    }
+
+    #[test]
+    fn a_change_of_the_host_moves_the_choice_within_the_exploring_interval() {
+        let mut ch = Chooser::new(1);
+        run(&mut ch, 100, MIB, Duration::from_micros(45), Duration::from_micros(22));
+        // The pipeline becomes slow (the cross-core copy's slow state):
+        // the next message through it raises its figure, and the split copy
+        // takes over at once.
+        let taken = run(&mut ch, 64, MIB, Duration::from_micros(45), Duration::from_micros(90));
+        assert!(taken[0] >= 60, "{taken:?}");
+        // And back: the exploring messages see the pipeline fast again.
+        let taken = run(&mut ch, 3 * EXPLORE_EVERY as usize, MIB, Duration::from_micros(45), Duration::from_micros(22));
+        assert!(taken[1] >= EXPLORE_EVERY as usize, "{taken:?}");
+    }
+
+    #[test]
+    fn senders_and_size_classes_are_kept_apart() {
+        assert_eq!(class_of(32 << 10), 0);
+        assert_eq!(class_of((64 << 10) - 1), 0);
+        assert_eq!(class_of(64 << 10), 1);
+        assert_eq!(class_of(MIB), 5);
+        assert_eq!(class_of(usize::MAX), CLASSES - 1);
+        assert_eq!(class_of(0), 0);
+        let mut ch = Chooser::new(2);
+        run(&mut ch, 10, MIB, Duration::from_micros(40), Duration::from_micros(20));
+        assert_eq!(ch.choose(1, MIB), Way::Split, "sender 1 is unmeasured");
+        assert_eq!(ch.choose(0, 4 * MIB), Way::Split, "4 MiB is unmeasured");
+        // A sender out of range (never the case) takes the split copy.
+        assert_eq!(ch.choose(7, MIB), Way::Split);
+        ch.record(7, MIB, Way::Split, Duration::from_micros(1));
+    }
+}
