@@ -17,7 +17,8 @@
 //!
 //! So the receiver keeps, per sender and per power-of-two size class, the
 //! time per byte of each way (a moving average of the last messages) and
-//! takes the cheaper. An unmeasured way is tried first, and every
+//! takes the cheaper. The first four messages of a class take the two ways
+//! in turn, and every
 //! [`EXPLORE_EVERY`]th message of a class takes the other way. A way taken
 //! after the other starts its figure afresh from that message, so a change
 //! of the host's state is seen within that many messages: the way in use
@@ -32,6 +33,8 @@ pub const EXPLORE_EVERY: u64 = 32;
 /// messages share the last class.
 const CLASSES: usize = 14;
 const FIRST_CLASS_LOG2: u32 = 15;
+/// The first messages of a class, which take the two ways in turn.
+const WARM_UP: u64 = 4;
 /// Weight of the newest message in a way's average.
 const NEW_WEIGHT: f64 = 0.25;
 
@@ -93,6 +96,12 @@ impl Chooser {
             return Way::Split;
         };
         c.seen += 1;
+        if c.seen <= WARM_UP {
+            // Each way twice, in turn: the first message of a way also
+            // pays for mapping what it touches first (the channel's data
+            // area, the peer's pages), and its second sets the figure.
+            return if c.seen % 2 == 1 { Way::Split } else { Way::Pipeline };
+        }
         match c.cost {
             [None, _] => Way::Split,
             [_, None] => Way::Pipeline,
@@ -148,18 +157,21 @@ mod tests {
     }
 
     #[test]
-    fn each_way_is_tried_once_then_the_cheaper_one_is_taken_but_for_the_exploring_messages() {
+    fn each_way_is_tried_twice_then_the_cheaper_one_is_taken_but_for_the_exploring_messages() {
         let mut ch = Chooser::new(2);
-        assert_eq!(ch.choose(0, MIB), Way::Split);
-        ch.record(0, MIB, Way::Split, Duration::from_micros(40));
-        assert_eq!(ch.choose(0, MIB), Way::Pipeline);
-        ch.record(0, MIB, Way::Pipeline, Duration::from_micros(20));
-        let taken = run(&mut ch, 320, MIB, Duration::from_micros(40), Duration::from_micros(20));
-        assert_eq!(taken, [10, 310]);
+        for way in [Way::Split, Way::Pipeline, Way::Split, Way::Pipeline] {
+            assert_eq!(ch.choose(0, MIB), way);
+            // The first message of each way is slow (it maps its pages).
+            let us = if way == Way::Split { 40 } else { 20 };
+            let first = ch.classes[0][class_of(MIB)].cost[way.index()].is_none();
+            ch.record(0, MIB, way, Duration::from_micros(if first { 500 } else { us }));
+        }
+        let taken = run(&mut ch, 316, MIB, Duration::from_micros(40), Duration::from_micros(20));
+        assert_eq!(taken, [10, 306]);
         // The other way round for another sender and for another size.
         let mut ch = Chooser::new(2);
-        let taken = run(&mut ch, 322, 4 * MIB, Duration::from_micros(40), Duration::from_micros(90));
-        assert_eq!(taken, [311, 11]);
+        let taken = run(&mut ch, 324, 4 * MIB, Duration::from_micros(40), Duration::from_micros(90));
+        assert_eq!(taken, [312, 12]);
     }
 
     #[test]
@@ -187,6 +199,7 @@ mod tests {
         let mut ch = Chooser::new(2);
         run(&mut ch, 10, MIB, Duration::from_micros(40), Duration::from_micros(20));
         assert_eq!(ch.choose(1, MIB), Way::Split, "sender 1 is unmeasured");
+        assert_eq!(ch.choose(1, MIB), Way::Pipeline, "and tries both");
         assert_eq!(ch.choose(0, 4 * MIB), Way::Split, "4 MiB is unmeasured");
         // A sender out of range (never the case) takes the split copy.
         assert_eq!(ch.choose(7, MIB), Way::Split);
