@@ -38,7 +38,7 @@
 //!   receiver claims the message, for a *split* copy or for the pipeline
 //!   (below). By default the receiver picks whichever of the two took less
 //!   time per byte for the recent messages of that size from that sender,
-//!   trying the other every 32nd message (`collectives/shm/choice.rs`); with
+//!   trying the other on two messages in every 32 (`collectives/shm/choice.rs`); with
 //!   [`super::ShmOptions::adaptive_copy`] off it always splits. For a
 //!   split copy it posts the address of its own buffer and reads one
 //!   half straight from the sender's memory (`process_vm_readv`,
@@ -1228,9 +1228,10 @@ mod tests {
     fn by_default_a_size_repeated_tries_both_ways_and_keeps_each_byte() {
         let (c0, c1) =
             transfer(ShmOptions { timeout: Duration::from_secs(20), ..ShmOptions::default() }, REPEATED, None, None);
-        // The first message was split, the second pipelined, and the later
-        // ones took the cheaper way but for the exploring ones: both ways
-        // carried messages, and every byte arrived (checked in `transfer`).
+        // The first two messages were split, the next two pipelined, and the
+        // later ones took the cheaper way but for the exploring ones: both
+        // ways carried messages, and every byte arrived (checked in
+        // `transfer`).
         let chunked = c1.p2p.chunks_in[0] / (1u64 << 20).div_ceil(c0.p2p.chunk as u64);
         assert!(chunked >= 1 && chunked < REPEATED.len() as u64, "{chunked} of {} pipelined", REPEATED.len());
         assert!(c1.p2p.split[0] && c1.p2p.cma[0]);
