@@ -701,10 +701,11 @@ impl ShmComm {
                     if let Some(err) = self.watch.0.as_ref().and_then(|w| w()) {
                         return Err(self.fail(err));
                     }
-                    if let Some(err) = self.ring_strays(op, e, &self.late(p, e)) {
+                    let late = self.late(p, e);
+                    if let Some(err) = self.ring_strays(op, e, &late) {
                         return Err(self.fail(err));
                     }
-                    if let Some(j) = self.vanished(self.late(p, e).into_iter()) {
+                    if let Some(j) = self.vanished(late.into_iter()) {
                         let err = Error::PeerLost {
                             ctx: self.ctx(op).with_peer(j),
                             detail: format!("the process of rank {j} exited before step {e}"),

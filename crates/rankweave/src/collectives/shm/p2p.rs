@@ -931,18 +931,21 @@ impl ShmComm {
                 return Ok(());
             }
         } else if len >= self.p2p.split_copy_min && self.p2p.split[src] && self.p2p.cma[src] {
-            let way = if self.p2p.adaptive { self.p2p.chooser.choose(src, len) } else { Way::Split };
-            let start = Instant::now();
-            match way {
-                Way::Split => {
-                    if self.recv_split(buf, src, k, timeout, scpu)? {
-                        self.p2p.chooser.record(src, len, Way::Split, start.elapsed());
-                        return Ok(());
-                    }
+            if !self.p2p.adaptive {
+                if self.recv_split(buf, src, k, timeout, scpu)? {
+                    return Ok(());
                 }
-                Way::Pipeline => {
-                    self.recv_pipelined(buf, src, k, timeout, scpu)?;
-                    self.p2p.chooser.record(src, len, Way::Pipeline, start.elapsed());
+            } else {
+                let way = self.p2p.chooser.choose(src, len);
+                let start = Instant::now();
+                let done = match way {
+                    Way::Split => self.recv_split(buf, src, k, timeout, scpu)?,
+                    Way::Pipeline => self.recv_pipelined(buf, src, k, timeout, scpu).map(|()| true)?,
+                };
+                // A refused split copy continues by the pipeline below and
+                // is no figure for either way.
+                if done {
+                    self.p2p.chooser.record(src, len, way, start.elapsed());
                     return Ok(());
                 }
             }

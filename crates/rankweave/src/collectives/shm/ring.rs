@@ -145,13 +145,13 @@ impl ShmComm {
 
     /// A mismatch for a rank waiting in the ring: `peer`, which it waits
     /// for, is in a step this rank has not entered (it called another
-    /// collective), and `ready` still does not hold after seeing that.
-    fn stepped_ahead(&self, op: OpCode, peer: usize, ready: &impl Fn(&ShmComm) -> bool) -> Option<Error> {
+    /// collective), and the wait is still `pending` after seeing that.
+    fn stepped_ahead(&self, op: OpCode, peer: usize, pending: &impl Fn(&ShmComm) -> Option<usize>) -> Option<Error> {
         let e = self.step + 1;
         let p = (e & 1) as usize;
         // Acquire: what the peer did before that step (its ring stores
         // included) is visible below.
-        if self.line_step(peer, p).load(Ordering::Acquire) < e || ready(self) {
+        if self.line_step(peer, p).load(Ordering::Acquire) < e || pending(self).is_none() {
             return None;
         }
         let theirs = super::describe(self.line_desc(peer, p).load(Ordering::Relaxed));
@@ -201,23 +201,22 @@ impl ShmComm {
         None
     }
 
-    /// Waits until `ready` holds, for the ranks `late` names (none left:
-    /// `None`): spin, yield, sleep on the ring's bell; stops at the
-    /// deadline, at an abort, when a rank it waits for closed the group,
-    /// exited or is in a step this rank has not entered.
+    /// Waits until `pending` (the rank the wait is still for) returns
+    /// `None`: spin, yield, sleep on the ring's bell; stops at the deadline,
+    /// at an abort, when the rank it waits for closed the group, exited or
+    /// is in a step this rank has not entered.
     fn ring_wait(
         &mut self,
         op: OpCode,
         b: u64,
         what: Awaiting,
-        late: impl Fn(&ShmComm) -> Option<usize>,
-        ready: impl Fn(&ShmComm) -> bool,
+        pending: impl Fn(&ShmComm) -> Option<usize>,
     ) -> Result<()> {
-        if ready(self) {
+        if pending(self).is_none() {
             return Ok(());
         }
         self.rank_word(self.rank, WAIT).store(b + 1, Ordering::Release);
-        match self.ring_wait_inner(op, what, &late, &ready) {
+        match self.ring_wait_inner(op, what, &pending) {
             Ok(()) => {
                 self.rank_word(self.rank, WAIT).store(0, Ordering::Relaxed);
                 Ok(())
@@ -228,13 +227,7 @@ impl ShmComm {
         }
     }
 
-    fn ring_wait_inner(
-        &self,
-        op: OpCode,
-        what: Awaiting,
-        late: &impl Fn(&ShmComm) -> Option<usize>,
-        ready: &impl Fn(&ShmComm) -> bool,
-    ) -> Result<()> {
+    fn ring_wait_inner(&self, op: OpCode, what: Awaiting, pending: &impl Fn(&ShmComm) -> Option<usize>) -> Result<()> {
         let mut backoff = Backoff::new();
         let me = current_cpu();
         let mut hinted = usize::MAX;
@@ -242,7 +235,7 @@ impl ShmComm {
         let mut check_after = LIVENESS_EVERY;
         let (sleepers, bell) = (self.ring + SLEEPERS, self.ring + BELL);
         loop {
-            let Some(j) = late(self) else {
+            let Some(j) = pending(self) else {
                 return Ok(());
             };
             if hinted != j {
@@ -252,47 +245,38 @@ impl ShmComm {
                     backoff.skip_spin();
                 }
             }
-            {
-                let seg = &self.seg;
-                backoff.snooze_with(|interval| {
-                    let (sleepers, bell) = (seg.atomic_u64(sleepers), seg.atomic_u64(bell));
-                    // The bell before the count: a waker that sees the count
-                    // rings after this read, and the futex wait returns at once.
-                    let rung = bell.load(Ordering::SeqCst) as u32;
-                    sleepers.fetch_add(1, Ordering::SeqCst);
-                    if !ready(self) {
-                        futex::wait(bell, rung, interval);
-                    }
-                    sleepers.fetch_sub(1, Ordering::Relaxed);
-                });
+            if !backoff.is_spinning() {
+                let now = Instant::now();
+                let waited = now - *start.get_or_insert(now);
+                if let Some(err) = self.aborted(op) {
+                    return Err(err);
+                }
+                if let Some(err) = self.stepped_ahead(op, j, pending) {
+                    return Err(err);
+                }
+                let liveness = waited >= check_after;
+                if liveness {
+                    check_after = waited + LIVENESS_EVERY;
+                }
+                if let Some(err) = self.peer_gone(j, j, &what, liveness, || self.ctx(op).with_peer(j)) {
+                    return Err(err);
+                }
+                if waited >= self.timeout {
+                    return Err(Error::timeout(self.ctx(op).with_peer(j), waited, format!("rank {j} {what}")));
+                }
             }
-            if ready(self) {
-                return Ok(());
-            }
-            if backoff.is_spinning() {
-                continue;
-            }
-            let now = Instant::now();
-            let waited = now - *start.get_or_insert(now);
-            if let Some(err) = self.aborted(op) {
-                return Err(err);
-            }
-            let Some(j) = late(self) else {
-                return Ok(());
-            };
-            if let Some(err) = self.stepped_ahead(op, j, ready) {
-                return Err(err);
-            }
-            let liveness = waited >= check_after;
-            if liveness {
-                check_after = waited + LIVENESS_EVERY;
-            }
-            if let Some(err) = self.peer_gone(j, j, &what, liveness, || self.ctx(op).with_peer(j)) {
-                return Err(err);
-            }
-            if waited >= self.timeout {
-                return Err(Error::timeout(self.ctx(op).with_peer(j), waited, format!("rank {j} {what}")));
-            }
+            let seg = &self.seg;
+            backoff.snooze_with(|interval| {
+                let (sleepers, bell) = (seg.atomic_u64(sleepers), seg.atomic_u64(bell));
+                // The bell before the count: a waker that sees the count
+                // rings after this read, and the futex wait returns at once.
+                let rung = bell.load(Ordering::SeqCst) as u32;
+                sleepers.fetch_add(1, Ordering::SeqCst);
+                if pending(self).is_some() {
+                    futex::wait(bell, rung, interval);
+                }
+                sleepers.fetch_sub(1, Ordering::Relaxed);
+            });
         }
     }
 
@@ -335,7 +319,7 @@ impl ShmComm {
     ) -> Result<()> {
         let me = self.rank;
         let need = (b + 1).saturating_sub(RING_ENTRIES as u64);
-        self.ring_wait(op, b, Awaiting::Read(need), |c| c.unread(me, need), |c| c.unread(me, need).is_none())?;
+        self.ring_wait(op, b, Awaiting::Read(need), |c| c.unread(me, need))?;
         // Claim the entry: a second rank that takes itself for this
         // broadcast's root loses here instead of writing over ours.
         let claim = self.entry_word(b, CLAIM);
@@ -426,8 +410,8 @@ impl ShmComm {
         b: u64,
     ) -> Result<()> {
         // Acquire: pairs with the root's Release store of SEQ.
-        let published = move |c: &ShmComm| c.entry_word(b, SEQ).load(Ordering::Acquire) > b;
-        self.ring_wait(op, b, Awaiting::Published(b), |c| (!published(c)).then_some(root), published)?;
+        let unpublished = |c: &ShmComm| (c.entry_word(b, SEQ).load(Ordering::Acquire) <= b).then_some(root);
+        self.ring_wait(op, b, Awaiting::Published(b), unpublished)?;
         let claim = self.entry_word(b, CLAIM).load(Ordering::Relaxed);
         let by = (claim & ((1 << ROOT_BITS) - 1)) as usize;
         if claim >> ROOT_BITS != b + 1 || by != root {
@@ -505,7 +489,6 @@ impl std::fmt::Display for Awaiting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {
             Awaiting::Published(b) => write!(f, "to publish blob broadcast number {}", b + 1),
-            Awaiting::Read(0) => f.write_str("to read its blob broadcasts"),
             Awaiting::Read(n) => write!(f, "to read blob broadcast number {n}"),
         }
     }
