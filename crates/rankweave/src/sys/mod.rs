@@ -11,6 +11,10 @@
 //!   listing and cleanup live here too. Failures keep the operating
 //!   system's error as an `std::io::Error` inside [`crate::Error::Io`].
 //!
+//! - `stream::copy` copies with streaming (non-temporal) stores and a
+//!   store fence, for bytes that another core reads next
+//!   (`ShmSegment::write_streaming`).
+//!
 //! - `cma::read_from` copies from another process's memory
 //!   (`process_vm_readv`, cross-memory attach); it is safe Rust (the kernel
 //!   checks the remote range), and the caller's protocol must keep the
@@ -30,3 +34,4 @@ pub(crate) mod huge;
 pub(crate) mod net;
 pub(crate) mod proc;
 pub(crate) mod shm;
+pub(crate) mod stream;

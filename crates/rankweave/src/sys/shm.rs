@@ -408,6 +408,19 @@ impl ShmSegment {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
     }
 
+    /// [`ShmSegment::write`] with streaming stores (`sys::stream`): the
+    /// bytes go towards memory instead of into this core's cache, for a
+    /// reader on another core.
+    ///
+    /// # Safety
+    /// As [`ShmSegment::write`].
+    pub unsafe fn write_streaming(&self, off: usize, data: &[u8]) {
+        let p = self.range(off, data.len());
+        // SAFETY: inside the mapping (checked); exclusive access to the
+        // range is the caller's contract; `data` is a distinct local buffer.
+        unsafe { super::stream::copy(data, p) };
+    }
+
     /// Copies `out.len()` bytes at `off` out of the segment (bounds checked).
     ///
     /// # Safety

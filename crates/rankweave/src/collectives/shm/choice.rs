@@ -117,6 +117,12 @@ impl Chooser {
         }
     }
 
+    /// Nanoseconds per byte of the split copy and the pipeline for
+    /// messages like `len` bytes from `src` (for traces).
+    pub(super) fn figures(&self, src: usize, len: usize) -> [Option<f64>; 2] {
+        self.classes.get(src).map_or([None; 2], |cs| cs[class_of(len)].cost)
+    }
+
     /// Records that a message of `len` bytes from `src` took `way` and
     /// `took` (from the receiver's claim to its last byte).
     pub(super) fn record(&mut self, src: usize, len: usize, way: Way, took: Duration) {

@@ -132,6 +132,17 @@ pub const DEFAULT_DIRECT_ALL_REDUCE_BYTES: usize = 8 << 10;
 /// Default [`ShmOptions::split_copy_min`]: every large message (above the
 /// eager limit, [`p2p::EAGER_MAX`]) is split.
 pub const DEFAULT_SPLIT_COPY_MIN: usize = 0;
+/// Default of [`ShmOptions::streaming_store_min`]: 8 KiB.
+///
+/// On the 2-vCPU machine of `docs/PERFORMANCE.md` (run 21, AMD EPYC),
+/// sendrecv ping-pongs at N = 2 and 4, plain / streaming stores, where a
+/// line the other vCPU wrote costs little: 8 KiB 1.4-1.9 / 1.4-1.9 us,
+/// 16 KiB 2.4-3.1 / 2.0-2.6, 32 KiB 4.7-5.7 / 3.0-4.9; in the host's state
+/// where such a line costs several times more (the two vCPUs far apart):
+/// 5.0-5.3 / 1.5-1.9, 9.0-10.6 / 2.3-2.7 and 16.5-18.0 / 3.8-3.9 us. At
+/// 4 KiB streaming stores took 0.8-1.1 us against 0.6-0.8 in the first
+/// state, hence the limit.
+pub const DEFAULT_STREAMING_STORE_MIN: usize = 8 << 10;
 
 /// Settings of a [`ShmComm`]. Every rank must use the same `slot_bytes`.
 #[derive(Debug, Clone)]
@@ -186,6 +197,14 @@ pub struct ShmOptions {
     /// huge-page buffers, and which way is faster changes with the host's
     /// state.
     pub adaptive_copy: bool,
+    /// Smallest point-to-point payload that the sender copies into the
+    /// segment (a queued or eager message, up to 32 KiB) with streaming
+    /// stores, which write whole lines towards memory instead of taking
+    /// them into the sender's cache from the receiver's, where the
+    /// receiver read the same slot the last time round. `usize::MAX`
+    /// turns them off. The default is
+    /// [`DEFAULT_STREAMING_STORE_MIN`].
+    pub streaming_store_min: usize,
 }
 
 impl Default for ShmOptions {
@@ -198,6 +217,7 @@ impl Default for ShmOptions {
             single_copy_min: usize::MAX,
             split_copy_min: DEFAULT_SPLIT_COPY_MIN,
             adaptive_copy: true,
+            streaming_store_min: DEFAULT_STREAMING_STORE_MIN,
         }
     }
 }
@@ -427,6 +447,7 @@ impl ShmComm {
                 opts.single_copy_min,
                 opts.split_copy_min,
                 opts.adaptive_copy,
+                opts.streaming_store_min,
             ),
             watch: Watcher::default(),
             names: Vec::new(),

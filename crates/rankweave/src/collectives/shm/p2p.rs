@@ -34,6 +34,14 @@
 //! - up to [`ShmComm::queued_max`] bytes: queued; `send` returns at once.
 //! - up to the eager limit (the data area, at most [`EAGER_MAX`]): copied
 //!   into the data area; `send` returns at once.
+//! - Both copy payloads from
+//!   [`super::ShmOptions::streaming_store_min`] bytes (8 KiB) with
+//!   streaming stores, unless the receiver last ran on the sender's CPU:
+//!   a plain store would first take each line back from the receiver's
+//!   cache, which read the same slot a few messages before, and on the VM
+//!   of `docs/PERFORMANCE.md` (run 21) that cost 16 KiB messages 2.4-3.1
+//!   us against 2.0-2.6, and 9-10.6 us against 2.3-2.7 while its two vCPUs
+//!   were far apart.
 //! - larger: `send` posts the address of its buffer and waits until the
 //!   receiver claims the message, for a *split* copy or for the pipeline
 //!   (below). By default the receiver picks whichever of the two took less
@@ -246,6 +254,8 @@ pub(super) struct P2p {
     single_copy_min: usize,
     /// Smallest large message whose copy the two sides split.
     split_copy_min: usize,
+    /// Smallest queued or eager payload written with streaming stores.
+    streaming_min: usize,
     /// Whether this rank, receiving, may ask each sender to write its half.
     split: Vec<bool>,
     /// Number of the last exclusive message sent to each rank.
@@ -259,6 +269,8 @@ pub(super) struct P2p {
     /// peer that polls it just to store the same number.
     scpu_said: Vec<u64>,
     rcpu_said: Vec<u64>,
+    /// Each receiver's `RCPU` as this rank last read it (with `TAKEN`).
+    rcpu_seen: Vec<u64>,
     /// Messages sent to / received from each rank.
     sent: Vec<u64>,
     recvd: Vec<u64>,
@@ -284,6 +296,7 @@ impl P2p {
         single_copy_min: usize,
         split_copy_min: usize,
         adaptive: bool,
+        streaming_min: usize,
     ) -> P2p {
         let area = area_bytes(size);
         let parts = (area / PIPE_CHUNK).clamp(2, MAX_PARTS);
@@ -295,11 +308,13 @@ impl P2p {
             chunk: area / parts / LINE * LINE,
             single_copy_min,
             split_copy_min,
+            streaming_min,
             split: vec![cma; size],
             last_exclusive: vec![0; size],
             taken_seen: vec![0; size],
             scpu_said: vec![u64::MAX; size],
             rcpu_said: vec![u64::MAX; size],
+            rcpu_seen: vec![u64::MAX; size],
             sent: vec![0; size],
             recvd: vec![0; size],
             chunks_out: vec![0; size],
@@ -391,6 +406,26 @@ impl ShmComm {
     }
     fn eager_max(&self) -> usize {
         self.p2p.area.min(EAGER_MAX)
+    }
+
+    /// Copies a queued or eager message's payload for `dst` into the
+    /// segment at `off`: with streaming stores from
+    /// [`super::ShmOptions::streaming_store_min`] bytes, unless `dst`
+    /// last received on `cpu` as far as this rank knows (it reads the
+    /// receiver's word when it reads `TAKEN` from the same line), the CPU
+    /// this rank runs on (then the bytes
+    /// it reads next are best left in the cache they share).
+    ///
+    /// # Safety
+    /// As [`ShmSegment::write`](crate::sys::shm::ShmSegment::write).
+    unsafe fn write_payload(&self, off: usize, data: &[u8], dst: usize, cpu: u64) {
+        if data.len() >= self.p2p.streaming_min && self.p2p.rcpu_seen.get(dst) != Some(&cpu) {
+            // SAFETY: the caller's contract.
+            unsafe { self.seg.write_streaming(off, data) }
+        } else {
+            // SAFETY: the caller's contract.
+            unsafe { self.seg.write(off, data) }
+        }
     }
     fn p2p_ctx(&self, peer: usize) -> Context {
         Context::new(OpCode::SendRecv.name(), self.group.clone(), self.name_of(self.rank)).with_peer(self.name_of(peer))
@@ -518,6 +553,8 @@ impl ShmComm {
             })?;
             // Acquire, as above.
             self.p2p.taken_seen[dst] = self.rword(me, dst, TAKEN).load(Ordering::Acquire);
+            // The same line, just read: where the receiver last ran.
+            self.p2p.rcpu_seen[dst] = self.rword(me, dst, RCPU).load(Ordering::Relaxed);
         }
         let d = OpDesc::new(OpCode::SendRecv, None, None, None, len).0;
         let cpu = u64::from(current_cpu());
@@ -536,7 +573,7 @@ impl ShmComm {
             // again only once it sees the slot's number k or our POST of
             // message k (below); `len` fits the slot after its payload
             // offset (queued_max).
-            unsafe { self.seg.write(at + Self::slot_payload(len), data) };
+            unsafe { self.write_payload(at + Self::slot_payload(len), data, dst, cpu) };
             for (w, v) in [(SDESC, d), (SLEN, len as u64), (SKIND, kind)] {
                 self.seg.atomic_u64(at + w).store(v, Ordering::Relaxed);
             }
@@ -553,7 +590,7 @@ impl ShmComm {
             // The data before the words of our line, which the receiver
             // polls (as for a queued message's header line).
             // SAFETY: our own channel's data area, free since TAKEN >= k - 1.
-            unsafe { self.seg.write(self.area_at(me, dst), data) };
+            unsafe { self.write_payload(self.area_at(me, dst), data, dst, cpu) };
         }
         self.sword(me, dst, DESC).store(d, Ordering::Relaxed);
         self.sword(me, dst, LEN).store(len as u64, Ordering::Relaxed);
@@ -945,7 +982,9 @@ impl ShmComm {
                 // A refused split copy continues by the pipeline below and
                 // is no figure for either way.
                 if done {
-                    self.p2p.chooser.record(src, len, way, start.elapsed());
+                    let took = start.elapsed();
+                    self.p2p.chooser.record(src, len, way, took);
+                    tracing::trace!(group = %self.group, rank = me, "large message {k} of {len} B from rank {src}: {way:?} in {took:?}; figures {:?}", self.p2p.chooser.figures(src, len));
                     return Ok(());
                 }
             }
@@ -1213,6 +1252,38 @@ mod tests {
     }
 
     const SPLIT_SIZES: &[usize] = &[super::EAGER_MAX + 1, 1 << 20, 5 << 20, 300_001];
+
+    /// Queued and eager sizes around the line and streaming boundaries.
+    const SMALL_SIZES: &[usize] = &[
+        1,
+        15,
+        17,
+        63,
+        65,
+        4095,
+        8191,
+        8192,
+        8193,
+        12_345,
+        16 << 10,
+        (32 << 10) - 33,
+        super::EAGER_MAX - 1,
+        super::EAGER_MAX,
+        8192,
+        100,
+    ];
+
+    #[test]
+    fn queued_and_eager_messages_keep_every_byte_with_streaming_stores_or_without() {
+        for min in [0, super::super::DEFAULT_STREAMING_STORE_MIN, usize::MAX] {
+            let opts =
+                ShmOptions { timeout: Duration::from_secs(20), streaming_store_min: min, ..ShmOptions::default() };
+            let (c0, c1) = transfer(opts, SMALL_SIZES, None, None);
+            assert_eq!(c1.p2p.recvd[0], SMALL_SIZES.len() as u64, "streaming from {min} B");
+            // None of them was large.
+            assert_eq!((c0.p2p.chunks_out[1], c1.p2p.chunks_in[0]), (0, 0));
+        }
+    }
 
     #[test]
     fn large_messages_are_split_between_the_two_sides_when_the_choice_is_off() {
