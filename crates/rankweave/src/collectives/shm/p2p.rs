@@ -46,7 +46,7 @@
 //!   receiver claims the message, for a *split* copy or for the pipeline
 //!   (below). By default the receiver picks whichever of the two took less
 //!   time per byte for the recent messages of that size from that sender,
-//!   trying the other on two messages in every 32 (`collectives/shm/choice.rs`); with
+//!   trying the other on three messages in every 32 (`collectives/shm/choice.rs`); with
 //!   [`super::ShmOptions::adaptive_copy`] off it always splits. For a
 //!   split copy it posts the address of its own buffer and reads one
 //!   half straight from the sender's memory (`process_vm_readv`,
