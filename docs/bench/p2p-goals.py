@@ -49,3 +49,18 @@ for tr in ('shm','tcp'):
     if tr=='shm' and win:
         print(f"\nCross-core copy of 1 MiB in {len(win)} windows of the probe's runs: {min(win):.4g}-{max(win):.4g} us"
               f" (hot memcpy {mem.get(1<<20,float('nan')):.4g} us).")
+# The vCPU state (docs/bench/vcpu_state.c) before and after each
+# measurement: a run of all sizes can span states, and Open MPI's and
+# ours may sit in different ones (docs/PERFORMANCE.md, run 21).
+if os.path.exists(D+'/state.csv'):
+    def cls(us): return 'close' if us<=1.5 else 'near' if us<=5 else 'far'
+    st_=collections.OrderedDict()
+    for row in csv.reader(open(D+'/state.csv')):
+        if len(row)==3: st_[row[0]]=float(row[2])
+    print("\n### vCPU state around each measurement (16 KiB hand-over, us, before / after)\n")
+    print("| measurement | before | after |"); print("|---|---|---|")
+    for tag,us in st_.items():
+        if tag.endswith('-a'):
+            b=st_.get(tag[:-2]+'-b')
+            print(f"| {tag[:-2]} | {us:.2f} ({cls(us)}) | " + (f"{b:.2f} ({cls(b)})" if b is not None else "-") + " |")
+

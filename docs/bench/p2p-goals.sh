@@ -26,18 +26,23 @@ log memcpy; ./memcpy_bw 2 $OUT/memcpy.csv > $OUT/memcpy.txt 2>&1
 # where the hypervisor puts the two vCPUs (run 17).
 # It runs again after the rounds (xcore-end.csv): the state can change
 # within a run (run 18).
+# The host's vCPU state (docs/bench/vcpu_state.c, run 21) before and
+# after each measurement: state.csv, read by p2p-goals.py. For ratios
+# between figures of one state, docs/bench/paired.sh.
+gcc -O2 -Wall -pthread -o $OUT/vcpu_state $BENCH_DIR/vcpu_state.c || exit 1
+state() { $OUT/vcpu_state "$1" $OUT/state.csv > /dev/null; }
 gcc -O2 -Wall -pthread -o $OUT/xcore_copy $BENCH_DIR/xcore_copy.c \
   && { log xcore; $OUT/xcore_copy $OUT/xcore.csv > $OUT/xcore.txt 2>&1; }
 for r in $(seq 1 $ROUNDS); do
   for n in 2 4; do
     mx=64M; [ $n = 2 ] && mx=256M
-    log "r$r shm n$n ompi"; timeout 300 "${M[@]}" "${SHM[@]}" -np $n ./mpi_bench --impl openmpi-shm --ops sendrecv --time-per-point 0.2 --max-bytes $mx --csv $OUT/ompi-shm-n$n-r$r.csv > /dev/null 2>&1
-    log "r$r shm n$n rw"; timeout 300 $RW bench $SHM_OPS --nproc $n --transport shm --sizes anchors --max-bytes $mx --mode loop --iters-time 0.2 --csv $OUT/rw-shm-n$n-r$r.csv > $OUT/rw-shm-n$n-r$r.txt 2>&1
+    log "r$r shm n$n ompi"; state "r$r-shm-n$n-ompi-a"; timeout 300 "${M[@]}" "${SHM[@]}" -np $n ./mpi_bench --impl openmpi-shm --ops sendrecv --time-per-point 0.2 --max-bytes $mx --csv $OUT/ompi-shm-n$n-r$r.csv > /dev/null 2>&1; state "r$r-shm-n$n-ompi-b"
+    log "r$r shm n$n rw"; state "r$r-shm-n$n-rw-a"; timeout 300 $RW bench $SHM_OPS --nproc $n --transport shm --sizes anchors --max-bytes $mx --mode loop --iters-time 0.2 --csv $OUT/rw-shm-n$n-r$r.csv > $OUT/rw-shm-n$n-r$r.txt 2>&1; state "r$r-shm-n$n-rw-b"
     # The same sendrecv between buffers on transparent huge pages (run 18),
     # from 64 KiB: the rows "sendrecv_huge".
-    log "r$r shm n$n rw huge"; timeout 300 $RW bench sendrecv --huge-pages --nproc $n --transport shm --sizes 64K,256K,1M,4M,16M,64M,256M --max-bytes $mx --mode loop --iters-time 0.2 --csv $OUT/rwhuge-shm-n$n-r$r.csv > $OUT/rwhuge-shm-n$n-r$r.txt 2>&1
-    log "r$r tcp n$n ompi"; timeout 400 "${M[@]}" "${TCP[@]}" -np $n ./mpi_bench --impl openmpi-tcp --ops sendrecv,broadcast,all_reduce --time-per-point 0.2 --max-bytes 64M --csv $OUT/ompi-tcp-n$n-r$r.csv > /dev/null 2>&1
-    log "r$r tcp n$n rw"; timeout 400 $RW bench sendrecv,broadcast,all_reduce --nproc $n --transport tcp --sizes anchors --max-bytes 64M --mode loop --iters-time 0.2 --csv $OUT/rw-tcp-n$n-r$r.csv > $OUT/rw-tcp-n$n-r$r.txt 2>&1
+    log "r$r shm n$n rw huge"; state "r$r-shm-n$n-rw-huge-a"; timeout 300 $RW bench sendrecv --huge-pages --nproc $n --transport shm --sizes 64K,256K,1M,4M,16M,64M,256M --max-bytes $mx --mode loop --iters-time 0.2 --csv $OUT/rwhuge-shm-n$n-r$r.csv > $OUT/rwhuge-shm-n$n-r$r.txt 2>&1; state "r$r-shm-n$n-rw-huge-b"
+    log "r$r tcp n$n ompi"; state "r$r-tcp-n$n-ompi-a"; timeout 400 "${M[@]}" "${TCP[@]}" -np $n ./mpi_bench --impl openmpi-tcp --ops sendrecv,broadcast,all_reduce --time-per-point 0.2 --max-bytes 64M --csv $OUT/ompi-tcp-n$n-r$r.csv > /dev/null 2>&1; state "r$r-tcp-n$n-ompi-b"
+    log "r$r tcp n$n rw"; state "r$r-tcp-n$n-rw-a"; timeout 400 $RW bench sendrecv,broadcast,all_reduce --nproc $n --transport tcp --sizes anchors --max-bytes 64M --mode loop --iters-time 0.2 --csv $OUT/rw-tcp-n$n-r$r.csv > $OUT/rw-tcp-n$n-r$r.txt 2>&1; state "r$r-tcp-n$n-rw-b"
   done
 done
 [ -x $OUT/xcore_copy ] && { log xcore-end; $OUT/xcore_copy $OUT/xcore-end.csv > $OUT/xcore-end.txt 2>&1; }
