@@ -83,7 +83,7 @@ struct Class {
     /// Nanoseconds per byte of each way, `None` before its first message.
     cost: [Option<f64>; 2],
     /// Each way's last counted message (nanoseconds per byte) and when
-    /// (`seen` then); `None` while the figure is to be set afresh.
+    /// (`seen` then); `None` before the first.
     prev: [Option<(f64, u64)>; 2],
     /// Whether each way's figure was set afresh by one message only (the
     /// next one may lower it to its own).
@@ -166,26 +166,23 @@ impl Chooser {
             }
             return;
         }
-        let stale = c.prev[i].map_or(true, |(_, at)| seen.saturating_sub(at) > STALE_AFTER);
-        c.cost[i] = match c.cost[i] {
-            // An old figure (another state of the host, perhaps): afresh.
-            None => Some(per_byte),
-            Some(_) if stale => {
-                c.fresh_one[i] = true;
-                Some(per_byte)
-            }
+        let before = c.prev[i].filter(|&(_, at)| seen.saturating_sub(at) <= STALE_AFTER).map(|(p, _)| p);
+        c.cost[i] = Some(match (c.cost[i], before) {
             // The second message of a fresh figure: the cheaper of the two.
-            Some(old) if c.fresh_one[i] => {
+            (Some(old), Some(_)) if c.fresh_one[i] => {
                 c.fresh_one[i] = false;
-                Some(old.min(per_byte))
+                old.min(per_byte)
             }
-            // Otherwise the cheaper of this message and the one before
-            // moves the average: one slow message alone moves nothing.
-            Some(old) => {
-                let before = c.prev[i].map_or(per_byte, |(p, _)| p);
-                Some(old + NEW_WEIGHT * (per_byte.min(before) - old))
+            // The cheaper of this message and the one before moves the
+            // average: one slow message alone moves nothing.
+            (Some(old), Some(before)) => old + NEW_WEIGHT * (per_byte.min(before) - old),
+            // No recent message of this way (another state of the host,
+            // perhaps): afresh.
+            _ => {
+                c.fresh_one[i] = true;
+                per_byte
             }
-        };
+        });
         c.prev[i] = Some((per_byte, seen));
     }
 }

@@ -216,6 +216,15 @@ fn state(k: u64, phase: u64) -> u64 {
     (k << PHASE_BITS) | phase
 }
 
+/// Whether a queued or eager payload of `len` bytes goes with streaming
+/// stores: from `min` bytes, unless the receiver last ran on `cpu`, the
+/// sender's CPU (`receiver_cpu`: its `RCPU` as the sender last read it,
+/// with `TAKEN` from the same line); there the bytes it reads next are
+/// best left in the cache both share.
+fn streams(len: usize, min: usize, receiver_cpu: Option<u64>, cpu: u64) -> bool {
+    len >= min && receiver_cpu != Some(cpu)
+}
+
 /// The phase of state word `st` when it is message `k`'s.
 fn phase_of(st: u64, k: u64) -> Option<u64> {
     (st >> PHASE_BITS == k).then_some(st & ((1 << PHASE_BITS) - 1))
@@ -409,17 +418,13 @@ impl ShmComm {
     }
 
     /// Copies a queued or eager message's payload for `dst` into the
-    /// segment at `off`: with streaming stores from
-    /// [`super::ShmOptions::streaming_store_min`] bytes, unless `dst`
-    /// last received on `cpu` as far as this rank knows (it reads the
-    /// receiver's word when it reads `TAKEN` from the same line), the CPU
-    /// this rank runs on (then the bytes
-    /// it reads next are best left in the cache they share).
+    /// segment at `off`, with streaming stores where [`streams`] says so;
+    /// `cpu` is the CPU this rank runs on.
     ///
     /// # Safety
     /// As [`ShmSegment::write`](crate::sys::shm::ShmSegment::write).
     unsafe fn write_payload(&self, off: usize, data: &[u8], dst: usize, cpu: u64) {
-        if data.len() >= self.p2p.streaming_min && self.p2p.rcpu_seen.get(dst) != Some(&cpu) {
+        if streams(data.len(), self.p2p.streaming_min, self.p2p.rcpu_seen.get(dst).copied(), cpu) {
             // SAFETY: the caller's contract.
             unsafe { self.seg.write_streaming(off, data) }
         } else {
@@ -1272,6 +1277,16 @@ mod tests {
         8192,
         100,
     ];
+
+    #[test]
+    fn streaming_stores_from_the_limit_unless_the_receiver_shares_the_cpu() {
+        let min = super::super::DEFAULT_STREAMING_STORE_MIN;
+        assert!(super::streams(min, min, Some(1), 0));
+        assert!(super::streams(min, min, Some(u64::MAX), 0), "the receiver's CPU not read yet");
+        assert!(!super::streams(min - 1, min, Some(1), 0), "below the limit");
+        assert!(!super::streams(min, min, Some(3), 3), "the receiver last ran on our CPU");
+        assert!(!super::streams(super::EAGER_MAX, usize::MAX, Some(1), 0), "turned off");
+    }
 
     #[test]
     fn queued_and_eager_messages_keep_every_byte_with_streaming_stores_or_without() {
